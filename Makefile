@@ -1,0 +1,35 @@
+# The two commands: `make submission` and `make test`. Every target that needs the environment depends on setup.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/demo
+# The tested pair; pyproject.toml states ranges so an image with its own torch keeps it.
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup test folds train predict ensemble submission leaderboard ui clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PAIR)
+	$(PY) -m pip install -q -e '.[dev,lite0]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+folds: setup
+	$(PY) -m pipeline.folds --config $(CONFIG)/base.yaml
+
+submission: setup
+	$(PY) -m pipeline.submit --config-dir $(CONFIG)
+
+leaderboard: setup
+	$(PY) -m pipeline.leaderboard show
+
+ui: setup
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf runs mlruns mlflow.db data/demo

@@ -1,0 +1,1 @@
+"""Cross-validated object-detection ensembles for Kaggle."""

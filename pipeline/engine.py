@@ -1,0 +1,174 @@
+"""The training step and evaluation, in the style of torchvision's references/detection engine.py.
+
+``train_one_epoch`` runs one epoch and returns its stats; ``predict`` turns a loader into a prediction table in
+original-image pixels; ``evaluate`` scores that table with the competition metric.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline import distributed as dist
+from pipeline.config import TrainConfig
+from pipeline.data.table import AnnotationTable
+from pipeline.metrics import MetricResult, evaluate as score_predictions
+from pipeline.predictions import PREDICTION_COLUMNS, empty_predictions, normalise_predictions
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class Precision:
+    """How tensors meet the device: autocast dtype (None: fp32) and memory format."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True).float().div_(255.0)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
+    cuda = device.type == "cuda"
+    if cfg.amp == "off" or (cfg.amp == "auto" and not cuda):
+        amp = None
+    elif cfg.amp == "fp16":
+        amp = torch.float16
+    elif cfg.amp == "bf16" or (cuda and torch.cuda.is_bf16_supported()):
+        amp = torch.bfloat16
+    else:
+        amp = torch.float16
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
+    return Precision(device, amp, channels_last)
+
+
+class LossModule(nn.Module):
+    """``forward`` = the detector's losses, so DistributedDataParallel can wrap it and sync gradients."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        return self.detector.forward_loss(images, targets)
+
+
+def train_one_epoch(
+    loss_module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    ema,
+    loader: Iterable,
+    precision: Precision,
+    cfg: TrainConfig,
+    epoch: int,
+    global_step: int,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[dict[str, float], int]:
+    """One epoch; returns mean losses, lr and throughput, and the new global optimizer step."""
+    loss_module.train()
+    sums: dict[str, float] = {}
+    n_batches, n_images, start = 0, 0, time.perf_counter()
+    steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch * cfg.grad_accum)
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", leave=False, disable=not (cfg.progress and dist.is_main()))
+    optimizer.zero_grad(set_to_none=True)
+    for i, (images, targets, _) in enumerate(bar):
+        if i >= steps:
+            break
+        images = precision.images(images)
+        targets = [{k: v.to(precision.device) for k, v in t.items()} for t in targets]
+        accumulate = (i + 1) % cfg.grad_accum != 0 and i + 1 < steps
+        sync = contextlib.nullcontext() if not accumulate or not hasattr(loss_module, "no_sync") else loss_module.no_sync()
+        with sync:
+            with precision.autocast():
+                losses = loss_module(images, targets)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at epoch {epoch}, step {i} (global step {global_step}): "
+                    f"{ {k: round(v.item(), 4) for k, v in losses.items()} }; the best checkpoint is untouched. "
+                    "Try a lower train.lr, train.amp=off, or check the boxes of this batch."
+                )
+            scaler.scale(loss / cfg.grad_accum).backward()
+        if not accumulate:
+            if cfg.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(loss_module.parameters(), cfg.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            global_step += 1
+            if ema is not None:
+                ema.update(unwrap(loss_module).detector, step=global_step)
+            if on_step is not None:
+                on_step(global_step)
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        n_batches += 1
+        n_images += images.shape[0]
+        bar.set_postfix(loss=f"{sums['loss'] / n_batches:.3f}")
+    elapsed = time.perf_counter() - start
+    stats = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
+    stats.update(lr=optimizer.param_groups[0]["lr"], train_images_per_s=n_images * dist.world_size() / elapsed)
+    return stats, global_step
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+@torch.no_grad()
+def predict(detector: nn.Module, loader: Iterable, precision: Precision, size: int,
+            model_name: str = "", fold: int = -1, tta: str = "none", progress: bool = False) -> pd.DataFrame:
+    """Prediction table (original-image pixels) for every image of ``loader``; resize is inverted per axis."""
+    detector.eval()
+    frames = []
+    for images, _, metas in tqdm(loader, desc="predict", leave=False, disable=not progress):
+        with precision.autocast():
+            outputs = detector.predict(precision.images(images))
+        for out, meta in zip(outputs, metas):
+            frames.append(to_table(out, meta, size, model_name, fold, tta))
+    frames = [f for f in frames if len(f)]
+    return normalise_predictions(pd.concat(frames, ignore_index=True)) if frames else empty_predictions()
+
+
+def to_table(out: dict, meta: dict, size: int, model_name: str, fold: int, tta: str) -> pd.DataFrame:
+    boxes = out["boxes"].float().cpu().numpy().reshape(-1, 4)
+    scale = np.array([meta["width"] / size, meta["height"] / size] * 2)
+    boxes = boxes * scale
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, meta["width"])
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, meta["height"])
+    n = len(boxes)
+    return pd.DataFrame({
+        "image_id": [meta["image_id"]] * n, "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
+        "score": out["scores"].float().cpu().numpy(), "label": out["labels"].cpu().numpy().astype(np.int64),
+        "model": model_name, "fold": fold, "tta": tta,
+    })[PREDICTION_COLUMNS]
+
+
+def evaluate(metric: str, table: AnnotationTable, preds: pd.DataFrame, image_ids) -> MetricResult:
+    return score_predictions(metric, table, preds, image_ids)
+
+
+def is_finite_number(x: float) -> bool:
+    return isinstance(x, float) and math.isfinite(x)

@@ -1,0 +1,128 @@
+"""COCO box mAP@[.50:.95] and mAP@.50 through ``faster_coco_eval`` (same numbers as ``pycocotools``).
+
+Conventions:
+
+- Class-aware; COCO category id = class index + 1 (every class of the class list is a category); COCO image id =
+  position in the scored image list + 1. Every scored image is listed, also those without ground truth or
+  predictions (an image with predictions and no ground truth contributes false positives).
+- Boxes are converted in memory from ``x1, y1, x2, y2`` pixels to COCO ``[x, y, w, h]``; GT ``area = w * h``,
+  ``iscrowd = 0``. IoU is the continuous COCO box IoU, a match needs ``IoU >= t`` (the library's rule), 101-point
+  interpolated precision, area range "all" only (the small/medium/large ranges are not computed).
+- ``maxDets``: the library default ``[1, 10, 100]`` would silently drop detections beyond the 100 best per image
+  and category; we use ``[1, 10, max(100, largest per-image detection count)]`` and report the last one, so every
+  detection counts. The parity test against pycocotools uses the same setting.
+- Headline numbers are read from the accumulated precision array: mean over categories with ground truth of the
+  101-point precision at IoU 0.50:0.95 (``map``), 0.50 (``map50``) and 0.75 (``map75``); categories without
+  ground truth are skipped (as in COCO). No ground truth at all: every number is 0.0.
+- The library's stdout/log chatter is silenced.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from faster_coco_eval import COCO, COCOeval_faster
+
+
+def _quiet(*args: object, **kwargs: object) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """Pause the cyclic GC while ~10^5 small dicts are built (it would rescan them over and over)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def coco_images(n_images: int) -> list[dict]:
+    """Image entries; width/height are placeholders (only mask/RLE evaluation reads them, box IoU does not)."""
+    return [{"id": i + 1, "width": 1, "height": 1} for i in range(n_images)]
+
+
+def coco_categories(classes: Sequence[str]) -> list[dict]:
+    return [{"id": c + 1, "name": str(name)} for c, name in enumerate(classes)]
+
+
+def coco_annotations(boxes: np.ndarray, labels: np.ndarray, image: np.ndarray,
+                     scores: np.ndarray | None = None) -> list[dict]:
+    """COCO annotation dicts (ids from 1); ``scores`` given: detections, else ground truth."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    wh = boxes[:, 2:] - boxes[:, :2]
+    xywh = np.column_stack([boxes[:, :2], wh]).tolist()
+    area = (wh[:, 0] * wh[:, 1]).tolist()
+    cats = (np.asarray(labels, dtype=np.int64) + 1).tolist()
+    imgs = (np.asarray(image, dtype=np.int64) + 1).tolist()
+    ids = range(1, len(xywh) + 1)
+    if scores is None:
+        return [{"id": k, "image_id": i, "category_id": c, "bbox": b, "area": a, "iscrowd": 0}
+                for k, i, c, b, a in zip(ids, imgs, cats, xywh, area)]
+    scores = np.asarray(scores, dtype=np.float64).tolist()
+    return [{"id": k, "image_id": i, "category_id": c, "bbox": b, "area": a, "iscrowd": 0, "score": s}
+            for k, i, c, b, a, s in zip(ids, imgs, cats, xywh, area, scores)]
+
+
+def make_coco(images: list[dict], categories: list[dict], annotations: list[dict]) -> COCO:
+    coco = COCO(print_function=_quiet)
+    coco.dataset = {"images": images, "categories": categories, "annotations": annotations}
+    coco.createIndex()
+    return coco
+
+
+def max_dets(det_image: np.ndarray) -> list[int]:
+    """``[1, 10, max(100, largest per-image detection count)]``."""
+    largest = int(np.bincount(np.asarray(det_image, dtype=np.int64), minlength=1).max()) if len(det_image) else 0
+    return [1, 10, max(100, largest)]
+
+
+def summarize(precision: np.ndarray, iou_thrs: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    """map / map50 / map75 and per-class AP ("ap_<class>") from precision ``[T, R, K, A, M]`` (A=all, M=last)."""
+    p = precision[:, :, :, 0, -1]
+
+    def mean(x: np.ndarray) -> float:
+        x = x[x > -1]
+        return float(x.mean()) if x.size else 0.0
+
+    out = {"map": mean(p), "map50": mean(p[np.isclose(iou_thrs, 0.5)]), "map75": mean(p[np.isclose(iou_thrs, 0.75)])}
+    for k, name in enumerate(classes):
+        if (p[:, :, k] > -1).any():
+            out[f"ap_{name}"] = mean(p[:, :, k])
+    return out
+
+
+class CocoEvaluator:
+    """Holds the ground truth as a COCO object; each call scores one set of detections."""
+
+    def __init__(self, gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_image: np.ndarray, n_images: int,
+                 classes: Sequence[str]) -> None:
+        self.classes = list(classes)
+        self.n_images = n_images
+        self.images = coco_images(n_images)
+        self.categories = coco_categories(self.classes)
+        with _no_gc():
+            self.gt = make_coco(self.images, self.categories, coco_annotations(gt_boxes, gt_labels, gt_image))
+        self.n_gt = len(gt_labels)
+
+    def __call__(self, det_boxes: np.ndarray, det_scores: np.ndarray, det_labels: np.ndarray,
+                 det_image: np.ndarray) -> dict[str, float]:
+        if self.n_gt == 0:
+            return {"map": 0.0, "map50": 0.0, "map75": 0.0}
+        with _no_gc(), contextlib.redirect_stdout(io.StringIO()):
+            dets = coco_annotations(det_boxes, det_labels, det_image, det_scores)
+            ev = COCOeval_faster(self.gt, make_coco(self.images, self.categories, dets), iouType="bbox",
+                                 print_function=_quiet)
+            ev.params.imgIds = list(range(1, self.n_images + 1))
+            ev.params.catIds = [c["id"] for c in self.categories]
+            ev.params.areaRng, ev.params.areaRngLbl = [[0.0, 1e5**2]], ["all"]
+            ev.params.maxDets = max_dets(det_image)
+            ev.evaluate()
+            ev.accumulate()
+        return summarize(np.asarray(ev.eval["precision"]), np.asarray(ev.params.iouThrs), self.classes)

@@ -1,0 +1,144 @@
+"""The detector interface every model family implements, and the helpers they share.
+
+A `Detector` keeps the raw network (`self.net`) apart from the loss and post-processing around it, so its
+`state_dict` holds only the network's weights and loads into a fresh model of the same config.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+Target = dict[str, Tensor]
+Detections = dict[str, Tensor]
+
+
+@dataclass
+class ModelConfig:
+    """What `create_model` reads. `pipeline.config` defines the validated version; any object with these
+    attributes works."""
+
+    name: str
+    arch: str = ""
+    image_size: int = 512
+    pretrained: bool = False
+    backbone_weights: str | None = None
+    init_checkpoint: str | None = None
+    max_detections: int = 300
+    score_threshold: float = 0.001
+    nms_iou: float = 0.5
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Detector(nn.Module):
+    """Input: float32 (B,3,S,S) RGB in [0,1], not normalised. Boxes are x1,y1,x2,y2 in input pixels and
+    labels 0-based class indices, both in targets and in predictions.
+
+    Subclasses set `net` and implement `_losses` and `_detect`; the public methods check inputs and fix
+    the output format so every family behaves the same for the engine.
+    """
+
+    # state_dict key prefixes of the class-dependent head: a checkpoint trained with another number of
+    # classes loads everything but these (see weights.load_model_state).
+    head_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, num_classes: int, image_size: int, max_detections: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.max_detections = max_detections
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The ImageNet-style feature extractor that `backbone_weights` loads into."""
+        raise NotImplementedError
+
+    def forward_loss(self, images: Tensor, targets: list[Target]) -> dict[str, Tensor]:
+        """Individual losses plus "loss" (their sum), all scalars. Works in train mode and, for a validation
+        loss, in eval mode (normalisation layers then use their running statistics)."""
+        self._check_images(images)
+        if len(targets) != images.shape[0]:
+            raise ValueError(f"got {images.shape[0]} images but {len(targets)} targets")
+        losses = self._losses(images, [clean_target(t) for t in targets])
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> list[Detections]:
+        """Per image {"boxes" (M,4) float32, "scores" (M,) in [0,1], "labels" (M,) int64 0-based},
+        M <= max_detections, sorted by score. Always runs the network in eval mode."""
+        self._check_images(images)
+        with eval_mode(self):
+            detections = self._detect(images)
+        return [self._finish(d) for d in detections]
+
+    def forward(self, images: Tensor, targets: list[Target] | None = None) -> Any:
+        # DDP and torch.compile only see `forward`: route to the losses when targets are given.
+        if targets is not None:
+            return self.forward_loss(images, targets)
+        return self.predict(images)
+
+    def _losses(self, images: Tensor, targets: list[Target]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _detect(self, images: Tensor) -> list[Detections]:
+        raise NotImplementedError
+
+    def _check_images(self, images: Tensor) -> None:
+        s = self.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
+            raise ValueError(f"expected images of shape (B, 3, {s}, {s}), got {tuple(images.shape)}")
+
+    def _finish(self, d: Detections) -> Detections:
+        # Clamp to the image and cap the count here, once, so no family can leak boxes outside [0, S].
+        keep = torch.argsort(d["scores"], descending=True)[: self.max_detections]
+        return {
+            "boxes": d["boxes"][keep].float().clamp(0, self.image_size),
+            "scores": d["scores"][keep].float(),
+            "labels": d["labels"][keep].long(),
+        }
+
+
+def clean_target(target: Target) -> Target:
+    """Boxes as float (N,4) and labels as int64 (N,), without degenerate boxes.
+
+    A zero-width box (a crop edge, a rounding) makes torchvision raise mid-run and gives effdet a
+    meaningless regression target; dropping it here keeps a rare data quirk from killing a long run.
+    """
+    boxes = torch.as_tensor(target["boxes"]).float().reshape(-1, 4)
+    labels = torch.as_tensor(target["labels"]).long().reshape(-1)
+    if boxes.shape[0] != labels.shape[0]:
+        raise ValueError(f"{boxes.shape[0]} boxes but {labels.shape[0]} labels")
+    ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return {"boxes": boxes[ok], "labels": labels[ok]}
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode inside, and afterwards every submodule's own flag back (an engine may keep some frozen
+    layers in eval while training; `module.train(True)` would undo that)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def check_divisible(image_size: int, stride: int, name: str) -> None:
+    if image_size % stride:
+        lower, upper = image_size // stride * stride, (image_size // stride + 1) * stride
+        raise ValueError(
+            f"{name}: image_size must be divisible by {stride} (its deepest feature stride), "
+            f"got {image_size}; use {lower or upper} or {upper}"
+        )
+
+
+def config_value(cfg: Any, name: str, default: Any) -> Any:
+    """Read a ModelConfig field from any config object (dataclass, pydantic model, namespace)."""
+    value = getattr(cfg, name, default)
+    return default if value is None and default is not None else value

@@ -1,0 +1,130 @@
+"""EfficientDet (effdet) behind the Detector interface.
+
+One raw `EfficientDet` network (`self.net`) is shared by the effdet training bench (anchor labeler + focal
+loss) and by our prediction path. The bench is deliberately not a submodule: it holds the network too, and
+registering it would put every weight twice into the state_dict. The anchors it uses are registered here
+instead, as a non-persistent buffer, so `.to(device)` moves them with the network (the DetBenchPredict
+device trap) and checkpoints stay free of derived tensors.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from effdet import DetBenchTrain, EfficientDet, get_efficientdet_config
+from effdet.anchors import Anchors, decode_box_outputs
+from effdet.bench import _post_process
+from effdet.config.model_config import efficientdet_model_param_dict
+from effdet.helpers import load_pretrained
+from omegaconf import DictConfig
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from .base import Detections, Detector, Target, check_divisible, config_value
+from .weights import hub_download
+
+COCO_CLASSES = 90  # the class count of effdet's published checkpoints
+
+
+class EfficientDetDetector(Detector):
+    head_prefixes = ("net.class_net.predict.",)
+
+    def __init__(self, net: EfficientDet, image_size: int, max_detections: int,
+                 score_threshold: float, nms_iou: float) -> None:
+        super().__init__(net.config.num_classes, image_size, max_detections)
+        self.net = net
+        self.score_threshold = score_threshold
+        self.nms_iou = nms_iou
+        config = net.config
+        self.register_buffer("mean", _channel_tensor(config.get("mean", IMAGENET_DEFAULT_MEAN)), persistent=False)
+        self.register_buffer("std", _channel_tensor(config.get("std", IMAGENET_DEFAULT_STD)), persistent=False)
+        bench = DetBenchTrain(net, create_labeler=True)  # the labeler matches boxes to anchors in the forward
+        bench.anchors.register_buffer("boxes", bench.anchors.boxes, persistent=False)
+        self.anchors = bench.anchors  # registered: moves with .to(); the bench and its labeler share it
+        object.__setattr__(self, "_train_bench", bench)  # not a submodule (see the module docstring)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.net.backbone
+
+    def _losses(self, images: Tensor, targets: list[Target]) -> dict[str, Tensor]:
+        device = images.device
+        effdet_targets = {
+            "bbox": [t["boxes"][:, [1, 0, 3, 2]].to(device) for t in targets],  # effdet wants y1,x1,y2,x2
+            "cls": [(t["labels"] + 1).float().to(device) for t in targets],  # and 1-based classes
+        }
+        out = self._train_bench(self._normalise(images), effdet_targets)
+        # effdet's total is class_loss + box_loss_weight * box_loss; report the weighted term so the parts
+        # add up to "loss" like every other family's.
+        return {"class_loss": out["class_loss"], "box_loss": self.net.config.box_loss_weight * out["box_loss"]}
+
+    def _detect(self, images: Tensor) -> list[Detections]:
+        config = self.net.config
+        class_out, box_out = self.net(self._normalise(images))
+        scores, box_codes, indices, classes = _post_process(
+            class_out, box_out, num_levels=config.num_levels, num_classes=config.num_classes,
+            max_detection_points=config.max_detection_points)
+        return [self._detect_one(scores[i], box_codes[i], indices[i], classes[i]) for i in range(images.shape[0])]
+
+    def _detect_one(self, logits: Tensor, box_codes: Tensor, indices: Tensor, classes: Tensor) -> Detections:
+        # effdet's own generate_detections hard-codes NMS IoU 0.5, has no score threshold and pads with zero
+        # rows; this is the same decode with our thresholds.
+        boxes = decode_box_outputs(box_codes.float(), self.anchors.boxes[indices], output_xyxy=True)
+        boxes = boxes.clamp(0, self.image_size)
+        scores = logits.float().sigmoid().squeeze(1)
+        keep = torch.nonzero(scores > self.score_threshold).squeeze(1)
+        keep = keep[batched_nms(boxes[keep], scores[keep], classes[keep], self.nms_iou)]
+        keep = keep[: self.max_detections]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": classes[keep]}  # classes are 0-based
+
+    def _normalise(self, images: Tensor) -> Tensor:
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+
+def build_efficientdet(cfg: Any, num_classes: int) -> EfficientDetDetector:
+    config = efficientdet_config(cfg, num_classes)
+    if cfg.pretrained:
+        net = _pretrained_net(config, num_classes)
+    else:
+        net = EfficientDet(config, pretrained_backbone=False)
+    return EfficientDetDetector(net, cfg.image_size, cfg.max_detections, cfg.score_threshold, cfg.nms_iou)
+
+
+def efficientdet_config(cfg: Any, num_classes: int) -> DictConfig:
+    """effdet's config for `cfg.arch` with our image size, classes, detection limits and `options`
+    (any effdet config key, e.g. fpn_channels, fpn_cell_repeats, box_class_repeats for tiny models)."""
+    if cfg.arch not in efficientdet_model_param_dict:
+        raise ValueError(f"unknown effdet arch {cfg.arch!r}; known: {', '.join(sorted(efficientdet_model_param_dict))}")
+    config = get_efficientdet_config(cfg.arch)
+    options = dict(config_value(cfg, "options", {}))
+    unknown = sorted(set(options) - set(config))
+    if unknown:
+        raise ValueError(f"efficientdet options {unknown} are not effdet config keys; known: {', '.join(sorted(config))}")
+    config.update(options)
+    config.num_levels = config.max_level - config.min_level + 1
+    check_divisible(cfg.image_size, 2 ** config.max_level, cfg.arch)
+    config.image_size = (cfg.image_size, cfg.image_size)
+    config.num_classes = num_classes
+    config.max_det_per_image = cfg.max_detections  # effdet's default of 100 caps recall on crowded images
+    config.soft_nms = False  # far too slow, and the ensemble's WBF does the fusing
+    # top-k over anchors fails ("selected index k out of range") when fewer anchors than k exist (small inputs)
+    n_anchors = Anchors.from_config(config).boxes.shape[0]
+    config.max_detection_points = min(config.max_detection_points, n_anchors)
+    return config
+
+
+def _pretrained_net(config: DictConfig, num_classes: int) -> EfficientDet:
+    """effdet's COCO checkpoint (90 classes) with a fresh class head; the ImageNet backbone alone where
+    effdet publishes no detector weights for the arch."""
+    config.num_classes = COCO_CLASSES
+    with hub_download(f"the weights of {config.name}"):
+        net = EfficientDet(config, pretrained_backbone=not config.url)
+        if config.url:
+            load_pretrained(net, config.url)
+    net.reset_head(num_classes=num_classes)
+    return net
+
+
+def _channel_tensor(values: Any) -> Tensor:
+    return torch.tensor([float(v) for v in values]).view(1, 3, 1, 1)

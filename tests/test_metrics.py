@@ -1,0 +1,409 @@
+"""Metrics: hand-computed cases, plain-Python references (hypothesis) and pycocotools parity."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.data.table import AnnotationTable
+from pipeline.metrics import METRICS, MetricResult, Scorer, evaluate, higher_is_better
+from pipeline.metrics.gwd import IOU_THRESHOLDS, group_by_image, gwd_score
+from pipeline.metrics.voc import average_precision
+
+THRESHOLDS = [0.50, 0.55, 0.60, 0.65, 0.70, 0.75]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def make_gt(gt: dict[str, list], classes: tuple[str, ...] = ("wheat",)) -> AnnotationTable:
+    """``gt``: image_id -> list of (x1, y1, x2, y2[, label]); every key is an image, empty lists included."""
+    images = pd.DataFrame({"image_id": list(gt), "path": list(gt), "width": 1000, "height": 1000})
+    rows = [(i, *b[:4], b[4] if len(b) > 4 else 0) for i, bs in gt.items() for b in bs]
+    boxes = pd.DataFrame(rows, columns=["image_id", "x1", "y1", "x2", "y2", "label"])
+    return AnnotationTable(images, boxes, list(classes))
+
+
+def make_preds(rows: list[tuple]) -> pd.DataFrame:
+    """rows: (image_id, x1, y1, x2, y2, score[, label])."""
+    full = [(*r[:6], r[6] if len(r) > 6 else 0) for r in rows]
+    return pd.DataFrame(full, columns=["image_id", "x1", "y1", "x2", "y2", "score", "label"])
+
+
+def ref_iou(a, b) -> float:
+    # Same float operations as the kernel: areas, inter = iw * ih, union = (area_a + area_b) - inter.
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = max(a[2] - a[0], 0.0) * max(a[3] - a[1], 0.0) + max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def ref_gwd_image(gts, preds, scores) -> float:
+    """Plain-Python GWD for one image: stable descending-score order, best free GT with IoU > t."""
+    order = sorted(range(len(preds)), key=lambda i: -scores[i])
+    values = []
+    for t in THRESHOLDS:
+        free = [True] * len(gts)
+        tp = 0
+        for p in order:
+            best, best_iou = -1, t
+            for g, gt in enumerate(gts):
+                iou = ref_iou(preds[p], gt)
+                if free[g] and iou > best_iou:
+                    best, best_iou = g, iou
+            if best >= 0:
+                free[best] = False
+                tp += 1
+        denom = len(preds) + len(gts) - tp
+        values.append(1.0 if denom == 0 else tp / denom)
+    return sum(values) / len(values)
+
+
+def gwd_one(gts, preds, scores=None) -> float:
+    scores = [1.0] * len(preds) if scores is None else scores
+    return gwd_score([np.array(gts, float).reshape(-1, 4)], [np.array(preds, float).reshape(-1, 4)],
+                     [np.array(scores, float)]).score
+
+
+# ----------------------------------------------------------------------------------------------- gwd by hand
+
+
+def test_gwd_perfect_prediction_scores_one():
+    assert gwd_one([[0, 0, 10, 10], [20, 0, 30, 10]], [[20, 0, 30, 10], [0, 0, 10, 10]]) == 1.0
+
+
+def test_gwd_hand_computed_mixed_case():
+    # GT A=[0,0,10,10], B=[20,0,30,10].
+    # p1 (0.9) [0,0,10,8]  : IoU(A) = 80/100 = 0.80 -> hit at every threshold.
+    # p2 (0.8) [20,0,30,6] : IoU(B) = 60/100 = 0.60 -> hit at 0.50, 0.55 only (0.60 is not > 0.60).
+    # p3 (0.7) far away    : FP everywhere.
+    # t=0.50, 0.55: TP=2 FP=1 FN=0 -> 2/3 ; t=0.60..0.75: TP=1 FP=2 FN=1 -> 1/4
+    # image = (2 * 2/3 + 4 * 1/4) / 6 = (4/3 + 1) / 6 = 7/18
+    gt = make_gt({"a": [(0, 0, 10, 10), (20, 0, 30, 10)]})
+    preds = make_preds([("a", 0, 0, 10, 8, 0.9), ("a", 20, 0, 30, 6, 0.8), ("a", 50, 50, 60, 60, 0.7)])
+    r = evaluate("gwd", gt, preds)
+    assert r.score == pytest.approx(7 / 18)
+    assert [r.details[f"iou{t:.2f}"] for t in THRESHOLDS] == pytest.approx([2 / 3, 2 / 3] + [1 / 4] * 4)
+
+
+def test_gwd_prediction_takes_the_highest_iou_ground_truth():
+    # GT A=[0,0,10,10], B=[5,0,15,10]; p1 (0.9) [4,0,14,10]: IoU(A) = 60/140 = 0.43, IoU(B) = 90/110 = 0.82 -> B.
+    # p2 (0.8) = A exactly -> A. Both TP at every threshold -> 1.
+    assert gwd_one([[0, 0, 10, 10], [5, 0, 15, 10]], [[4, 0, 14, 10], [0, 0, 10, 10]], [0.9, 0.8]) == 1.0
+
+
+def test_gwd_iou_tie_goes_to_lower_gt_index():
+    # GT A=[0,0,10,10], B=[6,0,16,10]; p1 (0.9) [3,0,13,10]: IoU(A) = IoU(B) = 70/130 = 0.538 (exact tie).
+    # p2 (0.8) = A exactly; IoU(p2, B) = 40/160 = 0.25.
+    # Tie -> A (lower index). t=0.50: p1 takes A, p2 finds A taken and B too far -> TP=1 FP=1 FN=1 -> 1/3.
+    # t>=0.55: p1 misses (0.538), p2 takes A -> TP=1 FP=1 FN=1 -> 1/3. Image = 1/3.
+    # (Had the tie gone to B: t=0.50 gives 2/2 = 1 and the image (1 + 5/3)/6 = 4/9.)
+    score = gwd_one([[0, 0, 10, 10], [6, 0, 16, 10]], [[3, 0, 13, 10], [0, 0, 10, 10]], [0.9, 0.8])
+    assert score == pytest.approx(1 / 3)
+
+
+def test_gwd_equal_scores_keep_table_order():
+    # Same boxes as the tie test, same score: table order decides who goes first.
+    # order (p1, p2) -> 1/3 as above; order (p2, p1): t=0.50 p2 takes A, p1 takes B (0.538 > 0.5) -> 1;
+    # t>=0.55 -> 1/3; image = (1 + 5 * 1/3) / 6 = 4/9.
+    gts = [[0, 0, 10, 10], [6, 0, 16, 10]]
+    assert gwd_one(gts, [[3, 0, 13, 10], [0, 0, 10, 10]], [0.5, 0.5]) == pytest.approx(1 / 3)
+    assert gwd_one(gts, [[0, 0, 10, 10], [3, 0, 13, 10]], [0.5, 0.5]) == pytest.approx(4 / 9)
+
+
+def test_gwd_confidence_order_decides_matching():
+    # Boxes of the tie test, scores swapped: q = [3,0,13,10] (IoU 0.538 with A and B), e = A exactly.
+    # q first (0.9 > 0.8): 1/3 as in the tie test. e first: t=0.50: e takes A, q takes B -> 2/2 = 1;
+    # t>=0.55: e takes A, q misses -> TP=1 FP=1 FN=1 -> 1/3; image = (1 + 5/3) / 6 = 4/9.
+    gts = [[0, 0, 10, 10], [6, 0, 16, 10]]
+    assert gwd_one(gts, [[3, 0, 13, 10], [0, 0, 10, 10]], [0.9, 0.8]) == pytest.approx(1 / 3)
+    assert gwd_one(gts, [[3, 0, 13, 10], [0, 0, 10, 10]], [0.8, 0.9]) == pytest.approx(4 / 9)
+    # Duplicates: GT once, two exact copies and one far box: TP=1 FP=2 FN=0 -> 1/3 at every threshold.
+    assert gwd_one([[0, 0, 10, 10]], [[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]]) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("t_index", range(6))
+def test_gwd_threshold_boundary_is_strict(t_index):
+    # GT [0,0,100,100], prediction [0,0,100,h] inside it: IoU = 100*h / 10000 = h/100 exactly equal to threshold t.
+    # With ``IoU > t`` (our convention, Kaggle's wording) it is a hit at the thresholds below t only:
+    # score = t_index / 6 (hits at t_index thresholds, 0 elsewhere: TP=0 FP=1 FN=1).
+    # With ``IoU >= t`` it would be (t_index + 1) / 6.
+    h = round(THRESHOLDS[t_index] * 100)
+    assert gwd_one([[0, 0, 100, 100]], [[0, 0, 100, h]]) == pytest.approx(t_index / 6)
+
+
+def test_gwd_empty_images_and_missing_predictions():
+    # a: perfect -> 1 ; b: no GT, no prediction -> 1 ; c: no GT, one prediction -> 0 ; d: GT, no prediction -> 0
+    gt = make_gt({"a": [(0, 0, 10, 10)], "b": [], "c": [], "d": [(0, 0, 10, 10)]})
+    preds = make_preds([("a", 0, 0, 10, 10, 0.9), ("c", 0, 0, 10, 10, 0.9)])
+    r = evaluate("gwd", gt, preds)
+    assert r.per_image.to_dict() == {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.0}
+    assert r.score == pytest.approx(0.5)
+    assert all(v == pytest.approx(0.5) for v in r.details.values())
+
+
+def test_gwd_ignores_labels():
+    gt = make_gt({"a": [(0, 0, 10, 10, 1)]}, classes=("x", "y"))
+    assert evaluate("gwd", gt, make_preds([("a", 0, 0, 10, 10, 0.9, 0)])).score == 1.0
+
+
+def test_gwd_thresholds_are_literal_decimals():
+    assert IOU_THRESHOLDS.tolist() == THRESHOLDS
+
+
+# ----------------------------------------------------------------------------------------------- gwd vs reference
+
+_coord = st.integers(0, 12)
+_box = st.tuples(_coord, _coord, st.integers(1, 8), st.integers(1, 8)).map(
+    lambda b: [b[0], b[1], b[0] + b[2], b[1] + b[3]]
+)
+_image = st.tuples(
+    st.lists(_box, max_size=6),
+    st.lists(st.tuples(_box, st.sampled_from([0.1, 0.5, 0.5, 0.9])), max_size=8),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_image, min_size=1, max_size=6))
+def test_gwd_matches_plain_python_reference(images):
+    # Integer grid -> IoUs exactly at thresholds happen often; few score values -> score ties happen often.
+    gts = [g for g, _ in images]
+    preds = [[b for b, _ in p] for _, p in images]
+    scores = [[s for _, s in p] for _, p in images]
+    r = gwd_score([np.array(g, float).reshape(-1, 4) for g in gts], [np.array(p, float).reshape(-1, 4) for p in preds],
+                  [np.array(s, float) for s in scores])
+    expected = [ref_gwd_image(g, p, s) for g, p, s in zip(gts, preds, scores)]
+    assert r.per_image.tolist() == pytest.approx(expected, abs=1e-12)
+    assert r.score == pytest.approx(sum(expected) / len(expected), abs=1e-12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.sampled_from([0.0, 0.3, 0.3, 0.7, 1.0])), max_size=40))
+def test_group_by_image_is_a_stable_lexsort(rows):
+    image = np.array([r[0] for r in rows], dtype=np.int64)
+    scores = np.array([r[1] for r in rows], dtype=np.float64)
+    order, offsets = group_by_image(image, scores, 5)
+    assert order.tolist() == np.lexsort((-scores, image)).tolist()
+    assert offsets.tolist() == [0, *np.cumsum(np.bincount(image, minlength=5)).tolist()]
+
+
+# ----------------------------------------------------------------------------------------------- evaluate / Scorer
+
+
+def test_image_ids_restrict_scoring():
+    # Scored {a, b}: a perfect (1), b has GT but no prediction (0) -> 0.5; the wrong box on c is ignored.
+    gt = make_gt({"a": [(0, 0, 10, 10)], "b": [(0, 0, 10, 10)], "c": [(0, 0, 10, 10)]})
+    preds = make_preds([("a", 0, 0, 10, 10, 0.9), ("c", 50, 50, 60, 60, 0.9), ("zz", 0, 0, 1, 1, 0.9)])
+    r = evaluate("gwd", gt, preds, image_ids=["a", "b"])
+    assert r.score == pytest.approx(0.5)
+    assert list(r.per_image.index) == ["a", "b"]
+
+
+def test_scorer_is_reusable_and_matches_evaluate():
+    gt = make_gt({"a": [(0, 0, 10, 10)], "b": [(0, 0, 10, 10)]})
+    preds = make_preds([("a", 0, 0, 10, 10, 0.9), ("b", 0, 0, 10, 7, 0.9)])
+    for metric in METRICS:
+        scorer = Scorer(metric, gt)
+        first, second = scorer(preds), scorer(preds)
+        assert first == second == evaluate(metric, gt, preds)
+        assert scorer(preds.iloc[:0]).score == 0.0  # no predictions at all
+
+
+def test_api_contract():
+    gt = make_gt({"a": [(0, 0, 10, 10)]})
+    assert METRICS == ("gwd", "coco_map", "coco_map50", "voc_map50")
+    assert all(higher_is_better(m) for m in METRICS)
+    with pytest.raises(ValueError, match="nope"):
+        evaluate("nope", gt, make_preds([]))
+    with pytest.raises(ValueError, match="nope"):
+        higher_is_better("nope")
+    with pytest.raises(ValueError, match="not in the annotation table"):
+        Scorer("gwd", gt, ["a", "missing"])
+    with pytest.raises(ValueError, match="duplicate"):
+        Scorer("gwd", gt, ["a", "a"])
+    with pytest.raises(ValueError, match="label"):
+        evaluate("voc_map50", gt, make_preds([("a", 0, 0, 1, 1, 0.5)]).drop(columns="label"))
+    with pytest.raises(ValueError, match="class list"):
+        evaluate("coco_map", gt, make_preds([("a", 0, 0, 1, 1, 0.5, 3)]))
+    r = evaluate("gwd", gt, make_preds([("a", 0, 0, 10, 10, 0.5)]).assign(model="m", fold=0, tta="none"))
+    assert isinstance(r, MetricResult) and r.name == "gwd" and r.score == 1.0
+    with pytest.raises(AttributeError):
+        r.score = 0.0  # frozen
+
+
+# ----------------------------------------------------------------------------------------------- voc
+
+
+def test_voc_hand_computed_ap():
+    # One class, GT A=[0,0,10,10], B=[20,0,30,10]. d1 (0.9) = A: TP; d2 (0.8) far: FP; d3 (0.7) = B: TP.
+    # precision 1, 1/2, 2/3 ; recall 1/2, 1/2, 1. Envelope: 1 up to recall 1/2, 2/3 up to recall 1.
+    # AP = 1/2 * 1 + 1/2 * 2/3 = 5/6
+    gt = make_gt({"a": [(0, 0, 10, 10), (20, 0, 30, 10)]})
+    preds = make_preds([("a", 0, 0, 10, 10, 0.9), ("a", 50, 50, 60, 60, 0.8), ("a", 20, 0, 30, 10, 0.7)])
+    assert evaluate("voc_map50", gt, preds).score == pytest.approx(5 / 6)
+
+
+def test_voc_duplicate_on_taken_gt_is_false_positive():
+    # GT A=[0,0,10,10], B=[4,0,14,10]. d1 (0.9) = A: TP. d2 (0.8) = [1,0,11,10]: IoU(A) = 90/110 = 0.82,
+    # IoU(B) = 70/130 = 0.54. Devkit rule: best GT is A, already taken -> FP (COCO would give it B).
+    # precision 1, 1/2 ; recall 1/2, 1/2 -> AP = 1/2 * 1 = 0.5
+    gt = make_gt({"a": [(0, 0, 10, 10), (4, 0, 14, 10)]})
+    preds = make_preds([("a", 0, 0, 10, 10, 0.9), ("a", 1, 0, 11, 10, 0.8)])
+    assert evaluate("voc_map50", gt, preds).score == pytest.approx(0.5)
+
+
+def test_voc_mean_over_classes_with_ground_truth():
+    # class x: one GT, exact hit -> AP 1. class y: GT A, B as in the duplicate test -> AP 0.5.
+    # class z: no GT, one prediction (on the empty image b) -> skipped. mAP = (1 + 0.5) / 2 = 0.75
+    gt = make_gt({"a": [(0, 0, 10, 10, 0), (0, 0, 10, 10, 1), (4, 0, 14, 10, 1)], "b": []}, classes=("x", "y", "z"))
+    preds = make_preds([("a", 0, 0, 10, 10, 0.9, 0), ("a", 0, 0, 10, 10, 0.9, 1), ("a", 1, 0, 11, 10, 0.8, 1),
+                        ("b", 0, 0, 10, 10, 0.9, 2)])
+    r = evaluate("voc_map50", gt, preds)
+    assert r.score == pytest.approx(0.75)
+    assert r.details == pytest.approx({"map50": 0.75, "ap50_x": 1.0, "ap50_y": 0.5})
+
+
+def test_voc_strict_iou_threshold():
+    # IoU exactly 0.5 ([0,0,10,5] inside [0,0,10,10]) is not a match -> AP 0.
+    gt = make_gt({"a": [(0, 0, 10, 10)]})
+    assert evaluate("voc_map50", gt, make_preds([("a", 0, 0, 10, 5, 0.9)])).score == 0.0
+    assert evaluate("voc_map50", gt, make_preds([("a", 0, 0, 10, 6, 0.9)])).score == 1.0
+
+
+def ref_voc_ap(gts, dets, n_gt) -> float:
+    """Devkit-style reference, one class. gts: image -> boxes; dets: (image, box, score) list."""
+    taken = {i: [False] * len(b) for i, b in gts.items()}
+    flags = []
+    for i, box, _ in sorted(dets, key=lambda d: -d[2]):
+        ious = [ref_iou(box, g) for g in gts.get(i, [])]
+        j = max(range(len(ious)), key=lambda k: (ious[k], -k)) if ious else -1
+        hit = j >= 0 and ious[j] > 0.5 and not taken[i][j]
+        if hit:
+            taken[i][j] = True
+        flags.append(hit)
+    # all-point AP by the textbook loop
+    tp = fp = 0
+    rec, prec = [], []
+    for f in flags:
+        tp, fp = tp + f, fp + (not f)
+        rec.append(tp / n_gt)
+        prec.append(tp / (tp + fp))
+    ap, prev_r = 0.0, 0.0
+    for k, r in enumerate(rec):
+        if r > prev_r:
+            ap += (r - prev_r) * max(prec[k:])
+            prev_r = r
+    return ap
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_image, min_size=1, max_size=5))
+def test_voc_matches_reference_single_class(images):
+    gts = {str(i): g for i, (g, _) in enumerate(images)}
+    dets = [(str(i), b, s) for i, (_, p) in enumerate(images) for b, s in p]
+    n_gt = sum(len(g) for g in gts.values())
+    gt = make_gt({i: [tuple(b) for b in g] for i, g in gts.items()})
+    r = evaluate("voc_map50", gt, make_preds([(i, *b, s) for i, b, s in dets]))
+    assert r.score == pytest.approx(ref_voc_ap(gts, dets, n_gt) if n_gt else 0.0, abs=1e-12)
+
+
+def test_average_precision_edge_cases():
+    assert np.isnan(average_precision(np.array([], bool), 0))
+    assert average_precision(np.array([], bool), 3) == 0.0
+    assert average_precision(np.array([True, True]), 2) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------- coco
+
+
+def random_dataset(seed: int, n_images: int = 14, classes: tuple[str, ...] = ("a", "b", "c")):
+    """Realistic-ish: jittered true positives, label swaps, background FPs, empty images, one crowded image."""
+    rng = np.random.default_rng(seed)
+    gt, pred_rows = {}, []
+    for k in range(n_images):
+        image_id = f"img{k}"
+        n = 0 if k in (0, 1, 2) else (130 if k == 3 else int(rng.integers(1, 25)))
+        xy = rng.uniform(0, 800, (n, 2))
+        wh = rng.uniform(8, 200, (n, 2))
+        labels = rng.integers(0, len(classes), n)
+        gt[image_id] = [(*xy[j], *(xy[j] + wh[j]), int(labels[j])) for j in range(n)]
+        for j in range(n):
+            if rng.random() < 0.85:
+                jit = rng.normal(0, 0.08, 4) * np.r_[wh[j], wh[j]]
+                box = np.r_[xy[j], xy[j] + wh[j]] + jit
+                lab = labels[j] if rng.random() < 0.9 else rng.integers(0, len(classes))
+                pred_rows.append((image_id, *box, rng.random(), int(lab)))
+        n_fp = 0 if k in (0, 1) else int(rng.integers(0, 12))  # img2: no GT but false positives
+        for _ in range(n_fp):
+            x, y = rng.uniform(0, 800, 2)
+            w, h = rng.uniform(8, 150, 2)
+            pred_rows.append((image_id, x, y, x + w, y + h, rng.random() * 0.6, int(rng.integers(0, len(classes)))))
+    return make_gt(gt, classes), make_preds(pred_rows)
+
+
+def pycocotools_map(table: AnnotationTable, preds: pd.DataFrame, image_ids: list[str]) -> dict[str, float]:
+    """Independent conversion + pycocotools, maxDets = [1, 10, max(100, largest per-image count)]."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    img_id = {i: n + 1 for n, i in enumerate(image_ids)}
+    gts = table.boxes[table.boxes.image_id.isin(img_id)]
+    anns = [{"id": n + 1, "image_id": img_id[r.image_id], "category_id": int(r.label) + 1,
+             "bbox": [r.x1, r.y1, r.x2 - r.x1, r.y2 - r.y1], "area": (r.x2 - r.x1) * (r.y2 - r.y1), "iscrowd": 0}
+            for n, r in enumerate(gts.itertuples())]
+    dataset = {"images": [{"id": v, "width": 1000, "height": 1000} for v in img_id.values()],
+               "categories": [{"id": k + 1, "name": c} for k, c in enumerate(table.classes)], "annotations": anns}
+    dts = preds[preds.image_id.isin(img_id)]
+    res = [{"image_id": img_id[r.image_id], "category_id": int(r.label) + 1,
+            "bbox": [r.x1, r.y1, r.x2 - r.x1, r.y2 - r.y1], "score": r.score} for r in dts.itertuples()]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = dataset
+        coco_gt.createIndex()
+        ev = COCOeval(coco_gt, coco_gt.loadRes(res), "bbox")
+        ev.params.maxDets = [1, 10, max(100, int(dts.image_id.value_counts().max()))]
+        ev.evaluate()
+        ev.accumulate()
+    p = ev.eval["precision"][:, :, :, 0, -1]
+    return {"map": p[p > -1].mean(), "map50": p[0][p[0] > -1].mean(), "map75": p[5][p[5] > -1].mean()}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_coco_parity_with_pycocotools(seed):
+    table, preds = random_dataset(seed)
+    image_ids = list(table.images.image_id[:-2])  # the last two images are left out: their predictions must not count
+    ours = evaluate("coco_map", table, preds, image_ids)
+    ref = pycocotools_map(table, preds, image_ids)
+    assert 0.2 < ref["map"] < 0.95  # a non-trivial case
+    for key in ("map", "map50", "map75"):
+        assert ours.details[key] == pytest.approx(ref[key], abs=1e-9), key
+    assert ours.score == ours.details["map"]
+    assert evaluate("coco_map50", table, preds, image_ids).score == pytest.approx(ref["map50"], abs=1e-9)
+
+
+def test_coco_counts_more_than_100_detections_per_image():
+    # 150 GT, 150 exact predictions with decreasing scores: with maxDets=100 recall would stop at 100/150.
+    boxes = [(20 * (j % 15), 20 * (j // 15), 20 * (j % 15) + 15, 20 * (j // 15) + 15) for j in range(150)]
+    gt = make_gt({"a": boxes})
+    preds = make_preds([("a", *b, 1 - j / 1000) for j, b in enumerate(boxes)])
+    assert evaluate("coco_map", gt, preds).score == pytest.approx(1.0)
+
+
+def test_coco_is_class_aware_and_handles_empty_cases():
+    gt = make_gt({"a": [(0, 0, 10, 10, 0)], "b": []}, classes=("x", "y"))
+    assert evaluate("coco_map", gt, make_preds([("a", 0, 0, 10, 10, 0.9, 0)])).score == pytest.approx(1.0)
+    assert evaluate("coco_map", gt, make_preds([("a", 0, 0, 10, 10, 0.9, 1)])).score == 0.0  # wrong class
+    assert evaluate("coco_map", gt, make_preds([])).score == 0.0  # no predictions
+    # scored set without any ground truth: 0.0 by convention
+    assert evaluate("coco_map50", gt, make_preds([("b", 0, 0, 10, 10, 0.9, 0)]), image_ids=["b"]).score == 0.0
+    # a false positive on an empty image lowers AP: precision 1/2 at full recall when it outranks the TP
+    r = evaluate("coco_map50", gt, make_preds([("a", 0, 0, 10, 10, 0.5, 0), ("b", 0, 0, 10, 10, 0.9, 0)]))
+    assert r.score == pytest.approx(0.5)
