@@ -7,9 +7,9 @@ Views (the names configs use in ``predict.tta``):
   **counter-clockwise as the image is displayed** (row 0 at the top): the top-right corner goes to the top-left.
   A point ``(x, y)`` goes to ``(y, S - x)`` for one turn.
 - ``scale<f>`` (e.g. ``scale0.8``, ``scale1.25``): bilinear resize (``align_corners=False``, no antialias, the
-  same sampling as OpenCV's ``INTER_LINEAR``) to ``S' = round(S * f / m) * m`` (at least ``m``), where ``m`` is
-  the model's ``size_multiple`` (default 32; EfficientDet needs 128). The box map uses the realised ratio
-  ``S' / S``, not ``f``, so it stays exact after the rounding.
+  same sampling as OpenCV's ``INTER_LINEAR``) to ``S' = m * round(S * f / m)`` (halves up, at least ``m``),
+  where ``m`` is the model's ``size_multiple`` (default 32; EfficientDet needs 128). The box map uses the
+  realised ratio ``S' / S``, not ``f``, so it stays exact after the rounding.
 - compositions joined by ``+``, applied left to right: ``hflip+rot90_1`` flips, then turns.
 
 Coordinates are continuous pixel coordinates: pixel ``(col, row)`` covers ``[col, col+1) x [row, row+1)``, a box
@@ -70,8 +70,9 @@ def is_scale_view(view: str) -> bool:
 
 
 def scaled_size(size: int, factor: float, size_multiple: int = DEFAULT_SIZE_MULTIPLE) -> int:
-    """``round(size * factor)`` to the nearest multiple of ``size_multiple``, and at least one multiple."""
-    return max(size_multiple, int(round(size * factor / size_multiple)) * size_multiple)
+    """``size * factor`` to the nearest multiple of ``size_multiple`` (halves round up), at least one multiple."""
+    # half up, not Python's half-to-even: scale1.25 of 64 (80, 2.5 multiples of 32) should enlarge, to 96
+    return max(size_multiple, int(size * factor / size_multiple + 0.5) * size_multiple)
 
 
 def _sizes(ops: tuple[_Op, ...], size: int, size_multiple: int) -> list[int]:
@@ -209,9 +210,10 @@ def predict_views(model: Any, images: Tensor, views: list[str], batch_size: int,
     """Per image, per view (in the order of ``views``): the model's detections on that view, with boxes mapped
     back to the input frame of ``images`` (B, 3, S, S). Results are CPU tensors (boxes float32, labels int64).
 
-    Work items (image, view) go through ``model.predict`` image-major, at most ``batch_size`` per call, so the
-    views of one image share a batch when they fit; items whose view changes the size batch separately, since
-    one batch is one tensor. ``size_multiple`` defaults to the model's attribute of that name, else 32.
+    A call to ``model.predict`` takes at most ``batch_size`` (image, view) items: whole images with all their
+    views when the views fit in ``batch_size`` (so one image's views are in one batch), else full batches that
+    split an image's views. Views that change the size batch apart, since one batch is one tensor.
+    ``size_multiple`` defaults to the model's attribute of that name, else 32.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -226,8 +228,10 @@ def predict_views(model: Any, images: Tensor, views: list[str], batch_size: int,
             groups.setdefault(view_size(view, size, multiple), []).append((i, view))
     found: dict[tuple[int, str], Detections] = {}
     for items in groups.values():
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
+        per_image = len(items) // images.shape[0]  # the group's views; items are image-major
+        step = batch_size // per_image * per_image if per_image <= batch_size else batch_size
+        for start in range(0, len(items), step):
+            chunk = items[start:start + step]
             batch = torch.cat([apply_view(images[i:i + 1], view, multiple) for i, view in chunk])
             detections = model.predict(batch)
             if len(detections) != len(chunk):

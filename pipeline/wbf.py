@@ -99,43 +99,86 @@ _NJIT = dict(cache=True, nogil=True, error_model="numpy")
 # compiled kernel
 # ----------------------------------------------------------------------------------------------------------------
 @numba.njit(**_NJIT)
-def _pairwise_sum(a, lo, n):
-    """numpy's pairwise summation of ``a[lo:lo+n]`` (float64, contiguous): bit-identical to ``ndarray.sum()``."""
+def _pairwise_block(a, lo, n):
+    """numpy's pairwise summation of a block of at most 128 elements ``a[lo:lo+n]``."""
     if n < 8:
         res = -0.0
         for i in range(n):
             res += a[lo + i]
         return res
-    elif n <= 128:
-        r0 = a[lo]
-        r1 = a[lo + 1]
-        r2 = a[lo + 2]
-        r3 = a[lo + 3]
-        r4 = a[lo + 4]
-        r5 = a[lo + 5]
-        r6 = a[lo + 6]
-        r7 = a[lo + 7]
-        i = 8
-        stop = n - (n % 8)
-        while i < stop:
-            r0 += a[lo + i]
-            r1 += a[lo + i + 1]
-            r2 += a[lo + i + 2]
-            r3 += a[lo + i + 3]
-            r4 += a[lo + i + 4]
-            r5 += a[lo + i + 5]
-            r6 += a[lo + i + 6]
-            r7 += a[lo + i + 7]
-            i += 8
-        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-        while i < n:
-            res += a[lo + i]
-            i += 1
-        return res
-    else:
-        n2 = n // 2
-        n2 -= n2 % 8
-        return _pairwise_sum(a, lo, n2) + _pairwise_sum(a, lo + n2, n - n2)
+    r0 = a[lo]
+    r1 = a[lo + 1]
+    r2 = a[lo + 2]
+    r3 = a[lo + 3]
+    r4 = a[lo + 4]
+    r5 = a[lo + 5]
+    r6 = a[lo + 6]
+    r7 = a[lo + 7]
+    i = 8
+    stop = n - (n % 8)
+    while i < stop:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@numba.njit(**_NJIT)
+def _pairwise_sum(a, lo, n):
+    """numpy's pairwise summation of ``a[lo:lo+n]`` (float64, contiguous): bit-identical to ``ndarray.sum()``.
+
+    numpy splits ``n > 128`` into ``n2 = n // 2 - (n // 2) % 8`` and the rest and adds the two halves; the recursion
+    is unrolled with an explicit stack here (numba's cache cannot reload self-recursive functions safely).
+    """
+    if n <= 128:
+        return _pairwise_block(a, lo, n)
+    st_lo = np.empty(192, np.int64)
+    st_n = np.empty(192, np.int64)
+    st_stage = np.empty(192, np.int64)
+    vals = np.empty(96)
+    sp = 0
+    vp = 0
+    st_lo[0] = lo
+    st_n[0] = n
+    st_stage[0] = 0
+    sp = 1
+    while sp > 0:
+        sp -= 1
+        l0 = st_lo[sp]
+        n0 = st_n[sp]
+        if n0 <= 128:
+            vals[vp] = _pairwise_block(a, l0, n0)
+            vp += 1
+        elif st_stage[sp] == 1:
+            right = vals[vp - 1]
+            left = vals[vp - 2]
+            vp -= 2
+            vals[vp] = left + right
+            vp += 1
+        else:
+            n2 = n0 // 2
+            n2 -= n2 % 8
+            st_stage[sp] = 1
+            sp += 1
+            st_lo[sp] = l0 + n2
+            st_n[sp] = n0 - n2
+            st_stage[sp] = 0
+            sp += 1
+            st_lo[sp] = l0
+            st_n[sp] = n2
+            st_stage[sp] = 0
+            sp += 1
+    return vals[0]
 
 
 @numba.njit(inline="always", **_NJIT)

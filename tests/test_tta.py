@@ -172,19 +172,17 @@ class RectFinder(nn.Module):
 
 
 def synthetic_batch(n: int, size: int, seed: int) -> Tensor:
-    """Rectangles on an 8-pixel grid (even edges survive scale0.5 exactly), at least 8 px apart, each with
-    its own score and label value."""
+    """One to four rectangles per image, each inside its own 16-pixel cell with edges on a 4-pixel grid (even
+    edges survive scale0.5 exactly) and at least 4 px from the next, each with its own score and label value."""
     rng = np.random.default_rng(seed)
     images = torch.zeros(n, 3, size, size)
     cells = size // 16
     for b in range(n):
         for k, cell in enumerate(rng.choice(cells * cells, size=rng.integers(1, 5), replace=False)):
             cy, cx = divmod(int(cell), cells)
-            x1, y1 = cx * 16 + 8 * rng.integers(0, 2), cy * 16 + 8 * rng.integers(0, 2)
-            w, h = 8 * rng.integers(1, 2 + (x1 % 16 == 0)), 8 * rng.integers(1, 2 + (y1 % 16 == 0))
-            images[b, 0, y1:y1 + h - 4 * (y1 + h < size), x1:x1 + w] = 1.0  # some edges at 4 px
-            images[b, 1, y1:y1 + h, x1:x1 + w] = 0.9 - 0.1 * k
-            images[b, 2, y1:y1 + h, x1:x1 + w] = 0.1 * (k + 1)
+            x1, y1 = cx * 16 + 4 * rng.integers(0, 2), cy * 16 + 4 * rng.integers(0, 2)
+            w, h = 4 * rng.integers(1, 3), 4 * rng.integers(1, 3)
+            images[b, :, y1:y1 + h, x1:x1 + w] = torch.tensor([1.0, 0.9 - 0.1 * k, 0.1 * (k + 1)])[:, None, None]
     return images
 
 
@@ -238,8 +236,11 @@ def test_batch_size_does_not_change_the_output_and_is_respected():
 
 def test_views_of_one_image_share_a_batch():
     model = RectFinder(64)
-    predict_views(model, synthetic_batch(2, 64, 1), ["none", "hflip", "rot90_2"], batch_size=3)
-    assert model.batches == [3, 3]
+    predict_views(model, synthetic_batch(3, 64, 1), ["none", "hflip", "rot90_2"], batch_size=7)
+    assert model.batches == [6, 3]  # two whole images, then the third; never an image split across calls
+    model = RectFinder(64)
+    predict_views(model, synthetic_batch(2, 64, 1), ["none", "hflip", "rot90_2"], batch_size=2)
+    assert model.batches == [2, 2, 2]  # more views than batch_size: full batches, an image's views split
 
 
 class FixedSize(RectFinder):
