@@ -30,6 +30,7 @@ from pipeline.io import atomic_write_text
 from pipeline.metrics import Scorer
 from pipeline.predict import fuse_views, predictions_path
 from pipeline.predictions import normalise_predictions, read_predictions, write_predictions
+from pipeline.tracking import log_ensemble
 from pipeline.wbf import fuse_predictions
 
 
@@ -206,6 +207,12 @@ def run(config_path: Path, overrides: list[str], write_submission: bool = True) 
             result["submission"] = str(submit(cfg, fused_test, test_table, result))
     rows += [default_row, full]
     result["table"] = rows
+    if cfg.tracking.enabled:
+        result["mlflow_run_id"] = log_ensemble(
+            cfg, members=result["members"], fusion_params=asdict(params), ensemble_score=oof_score,
+            member_scores={r["row"]: r["oof"] for r in rows if "fold ensemble" in r["row"]}, metric=cfg.metric)
+    if "submission" in result:
+        register(cfg, Path(result["submission"]), result, config_path)
     atomic_write_text(out_dir / "result.json", json.dumps(result, indent=2))
     print_table(rows, cfg.metric, params, evaluations)
     return result
@@ -222,6 +229,20 @@ def submit(cfg: ExperimentConfig, fused_test: pd.DataFrame, test_table, result: 
                      image_sizes=sizes)
     print(f"wrote {path} (validated)")
     return path
+
+
+def register(cfg: ExperimentConfig, path: Path, result: dict, config_path: Path) -> None:
+    """The sidecar ``<file>.meta.json`` and the ledger row: which ensemble made this file, with what CV."""
+    from pipeline.leaderboard import register_submission
+    from pipeline.submission import content_hash
+
+    meta = {"file": str(path), "created": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
+            "ensemble": cfg.ensemble.name, "members": result["members"], "cv": result["oof"], "metric": cfg.metric,
+            "format": cfg.submission.format, "content_hash": content_hash(path), "config": str(config_path),
+            "mlflow_run_id": result.get("mlflow_run_id")}
+    atomic_write_text(path.with_name(path.name + ".meta.json"), json.dumps(meta, indent=2))
+    register_submission(meta, cfg.tracking, experiment=cfg.experiment,
+                        ledger_dir=cfg.submission.dir)
 
 
 def print_table(rows: list[dict], metric: str, params: FusionParams, evaluations: int) -> None:

@@ -21,6 +21,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from pipeline.config import ConfigError, ExperimentConfig, add_config_args, load_config
 from pipeline.data import AnnotationTable, DataError, load_dataset
 from pipeline.io import atomic_write_text
+from pipeline.tracking import log_folds
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ def run(cfg: ExperimentConfig, force: bool = False) -> tuple[Path, pd.DataFrame]
     print(message)
     print(f"{len(folds)} images, {table.images.group.ne('').sum()} with a group, k={cfg.folds.k}, seed={cfg.folds.seed}")
     print(balance.to_string())
+    if cfg.tracking.enabled:
+        log_folds(cfg, k=cfg.folds.k, seed=cfg.folds.seed, file=cfg.folds_path, balance=balance, n_images=len(folds))
     return cfg.folds_path, balance
 
 

@@ -29,7 +29,8 @@ from pipeline.engine import resolve_precision, to_table
 from pipeline.folds import FoldsError, read_folds
 from pipeline.metrics import Scorer
 from pipeline.models import create_model
-from pipeline.predictions import empty_predictions, normalise_predictions, read_predictions, write_predictions
+from pipeline.predictions import empty_predictions, normalise_predictions, write_predictions
+from pipeline.tracking import log_prediction
 from pipeline.train import fold_dir
 from pipeline.tta import check_views, predict_views
 from pipeline.wbf import fuse_predictions
@@ -102,8 +103,11 @@ def run(cfg: ExperimentConfig, split: str, views: list[str], fold_list: list[int
     preds = normalise_predictions(pd.concat(frames, ignore_index=True)) if frames else empty_predictions()
     path = write_predictions(preds, predictions_path(cfg, split))
     print(f"wrote {path}")
-    if split == "oof":
-        report_oof(cfg, train_table, folds[folds.fold.isin(fold_list)], preds, views)
+    scores = report_oof(cfg, train_table, folds[folds.fold.isin(fold_list)], preds, views) if split == "oof" else {}
+    if cfg.tracking.enabled:
+        log_prediction(cfg, split=split, tta_views=views, files=[path], n_images=preds.image_id.nunique(),
+                       n_boxes=len(preds), score=scores.get("tta (wbf)", scores.get(views[0])),
+                       extra={f"oof_{k}": v for k, v in scores.items()})
     return path
 
 

@@ -57,6 +57,7 @@ MAX_PER_BATCH = 100  # params or tags per log_batch call
 # "database is locked" on SQLite: a few retries with backoff, then the fallback file
 RETRIES = 3
 BACKOFF_S = 0.25
+RETRY_DEADLINE_S = 15.0
 PROBE_TIMEOUT_S = 2.0
 
 # Errors of one logging call (a param logged twice with another value, ...): that call goes to the fallback file,
@@ -164,10 +165,9 @@ def _now_iso() -> str:
 def _sqlite_problem(uri: str) -> str | None:
     """Why a ``sqlite:///`` store cannot be opened, or None. Checked up front: MLflow retries a failing engine
     for ~100 s before giving up, which would stall the stage."""
-    path_text = uri.removeprefix("sqlite:///").split("?", 1)[0]
-    if not uri.startswith("sqlite:///") or not path_text or path_text == ":memory:":
+    path = _sqlite_file(uri)
+    if path is None:
         return None
-    path = Path(path_text)
     if path.exists():
         if path.is_dir():
             return f"{path} is a folder, not a database file"
@@ -205,10 +205,13 @@ def store_problem(uri: str) -> str | None:
     """A quick check of the store at ``uri`` before MLflow touches it; None when it looks usable."""
     if uri in _dead_uris:
         return _dead_uris[uri]
-    if uri.startswith("sqlite:"):
-        return _sqlite_problem(uri)
-    if uri.startswith(("http://", "https://")):
-        return _http_problem(uri)
+    try:
+        if uri.startswith("sqlite:"):
+            return _sqlite_problem(uri)
+        if uri.startswith(("http://", "https://")):
+            return _http_problem(uri)
+    except (ValueError, OSError) as exc:  # "http://host:abc", a path the OS rejects, ...
+        return f"unusable tracking URI ({exc})"
     return None
 
 
@@ -219,12 +222,17 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _with_retries(fn: Callable[[], T]) -> T:
-    """``fn()``, retried with backoff on SQLite's 'database is locked' (two processes writing at once)."""
+    """``fn()``, retried with backoff on SQLite's 'database is locked' (two processes writing at once).
+
+    MLflow already waits up to 20 s on a locked SQLite file per call; no retry starts after RETRY_DEADLINE_S, so
+    a store locked for good costs a stage well under a minute before the fallback file takes over.
+    """
+    deadline = time.monotonic() + RETRY_DEADLINE_S
     for attempt in range(RETRIES + 1):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
-            if attempt == RETRIES or not _is_transient(exc):
+            if attempt == RETRIES or not _is_transient(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(BACKOFF_S * 2**attempt * (1 + random.random()))
     raise AssertionError("unreachable")
@@ -293,13 +301,18 @@ class Tracker:
         """Create the run (or attach to the existing ``run_id``); on failure switch to the fallback file."""
         if not self.enabled:
             return self
-        all_tags = self._standard_tags() | {_key(k): _tag(v) for k, v in (tags or {}).items()}
+        all_tags = self._standard_tags() | {_key(k): _tag(v) for k, v in (tags or {}).items() if v is not None}
         problem = store_problem(self.uri)
         if problem is None:
             try:
                 self._client = self._make_client()
                 if run_id is not None:
-                    _with_retries(lambda: self._client.get_run(run_id))
+                    if not self._run_exists(run_id):  # a stale id (store replaced): this run only, not the store
+                        log.warning("tracking: run %s is not in %s; its data goes to %s", run_id,
+                                    _safe_uri(self.uri), self.fallback_path)
+                        self._client, self.run_id = None, run_id
+                        self._fallback("start", {"tags": all_tags})
+                        return self
                     self.run_id = run_id
                     self._call(lambda: self._set_tags_now(all_tags), "tags", all_tags)
                     return self
@@ -337,24 +350,19 @@ class Tracker:
         flat = flatten_params(params)
         if not self.enabled or not flat:
             return
-        from mlflow.entities import Param
-
         items = list(flat.items())
         for i in range(0, len(items), MAX_PER_BATCH):
             chunk = dict(items[i : i + MAX_PER_BATCH])
-            batch = [Param(k, v) for k, v in chunk.items()]
-            self._call(lambda b=batch: self._client.log_batch(self.run_id, params=b), "params", chunk)
+            self._call(lambda c=chunk: self._log_batch(params=c), "params", chunk)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log numeric metrics at ``step``; None, text and non-finite values are skipped."""
         values = _finite_metrics(metrics)
         if not self.enabled or not values:
             return
-        from mlflow.entities import Metric
-
         stamp = _now_ms()
-        batch = [Metric(k, v, stamp, int(step or 0)) for k, v in values.items()]
-        self._call(lambda: self._client.log_batch(self.run_id, metrics=batch), "metrics", values, step=step)
+        self._call(lambda: self._log_batch(metrics=values, step=int(step or 0), stamp=stamp), "metrics", values,
+                   step=step)
 
     def log_epoch(self, record: Mapping[str, Any]) -> None:
         """One row of a fold's ``metrics.jsonl`` (``{"epoch": 3, "train_loss": ..., "val_score": ...}``)."""
@@ -367,21 +375,22 @@ class Tracker:
         if self.enabled and clean:
             self._call(lambda: self._set_tags_now(clean), "tags", clean)
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Copy a file (or a folder's files) into the run's artifacts; the fallback file records the path."""
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> bool:
+        """Copy a file (or a folder's files) into the run's artifacts; the fallback file records the path.
+        True when MLflow has it."""
         path = Path(path)
         if not self.enabled:
-            return
+            return False
         if not path.exists():
             log.warning("tracking: artifact %s does not exist; not logged", path)
-            return
+            return False
         data = {"path": str(path.resolve()), "artifact_path": artifact_path}
-        if path.is_dir():
-            self._call(lambda: self._client.log_artifacts(self.run_id, str(path), artifact_path), "artifact", data,
-                       store_level=False)
-        else:
-            self._call(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path), "artifact", data,
-                       store_level=False)
+
+        def upload() -> None:
+            send = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
+            send(self.run_id, str(path), artifact_path)
+
+        return self._call(upload, "artifact", data, store_level=False)
 
     def log_dict(self, data: Any, name: str) -> None:
         """Write ``data`` as a JSON (``.json``) or CSV (a DataFrame, ``.csv``) artifact called ``name``."""
@@ -390,13 +399,18 @@ class Tracker:
         if not self.active:  # keep the content itself: there is no artifact store to hold it
             self._fallback("artifact", {"name": name, "content": _jsonable(data)})
             return
-        with tempfile.TemporaryDirectory(prefix="pipeline-artifact-") as tmp:
-            target = Path(tmp) / name
-            if hasattr(data, "to_csv"):
-                data.to_csv(target, index=False)
-            else:
-                target.write_text(json.dumps(_jsonable(data), indent=2, default=str), encoding="utf-8")
-            self.log_artifact(target)
+        try:
+            with tempfile.TemporaryDirectory(prefix="pipeline-artifact-") as tmp:
+                target = Path(tmp) / name
+                if hasattr(data, "to_csv"):
+                    data.to_csv(target, index=False)
+                else:
+                    target.write_text(json.dumps(_jsonable(data), indent=2, default=str), encoding="utf-8")
+                if self.log_artifact(target):
+                    return
+        except Exception as exc:  # noqa: BLE001 - a local write failed
+            log.warning("tracking: could not write artifact %s (%s)", name, exc)
+        self._fallback("artifact", {"name": name, "content": _jsonable(data)})  # the temp file is gone: keep content
 
     # ----------------------------------------------------------------- internals
 
@@ -411,9 +425,16 @@ class Tracker:
         return tags
 
     def _make_client(self) -> Any:
-        from mlflow import MlflowClient
+        return make_client(self.uri)
 
-        return MlflowClient(tracking_uri=self.uri)
+    def _run_exists(self, run_id: str) -> bool:
+        try:
+            _with_retries(lambda: self._client.get_run(run_id))
+        except Exception as exc:
+            if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
 
     def _experiment_id(self) -> str:
         cache_key = (self.uri, self.experiment)
@@ -459,6 +480,13 @@ class Tracker:
                     self._client.delete_run(mine.info.run_id)
                 return found[0].info.run_id
             return mine.info.run_id
+
+    def _log_batch(self, *, params: Mapping[str, str] | None = None, metrics: Mapping[str, float] | None = None,
+                   step: int = 0, stamp: int = 0) -> None:
+        from mlflow.entities import Metric, Param  # here, not at the top: only reached while MLflow works
+
+        self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in (params or {}).items()],
+                               metrics=[Metric(k, v, stamp, step) for k, v in (metrics or {}).items()])
 
     def _set_tags_now(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -510,14 +538,32 @@ class Tracker:
                         self.fallback_path, exc, self.name)
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not uri.startswith("sqlite:///") or not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
+def make_client(uri: str) -> Any:
+    """An ``MlflowClient`` whose store is open. A SQLite store is first opened under a lock file
+    (``<db>-lock``): MLflow creates a fresh database's tables on first use, and two processes doing that at
+    once (folds started together) break each other's migrations."""
+    from mlflow import MlflowClient
+
+    db = _sqlite_file(uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    with file_lock(db.with_name(db.name + "-lock")):
+        client = MlflowClient(tracking_uri=uri)
+        _with_retries(lambda: client.search_experiments(max_results=1))  # opens (and migrates) the store
+    return client
+
+
 def _artifact_location(uri: str) -> str | None:
     """For a SQLite store, artifacts next to the database (``<db folder>/mlruns``) whatever the working directory."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
-    if not path or path == ":memory:":
-        return None
-    return (Path(path).resolve().parent / "mlruns").as_uri()
+    db = _sqlite_file(uri)
+    return (db.resolve().parent / "mlruns").as_uri() if db is not None else None
 
 
 def _safe_uri(uri: str) -> str:
@@ -612,7 +658,8 @@ def log_train_result(tracker: Tracker, *, best_score: float | None, best_epoch: 
                      metrics_jsonl: str | Path | None = None) -> None:
     """End of a fold: best score / epoch as metrics, checkpoint paths as tags (files stay where they are: too big
     to copy), and ``metrics.jsonl`` plus its curves PNG as artifacts."""
-    tracker.log_metrics({"best_score": best_score, "best_epoch": best_epoch})
+    # at the best epoch's step: the per-epoch rows may carry best_score too, and this point must not bend the curve
+    tracker.log_metrics({"best_score": best_score, "best_epoch": best_epoch}, step=best_epoch)
     named = dict(checkpoints) if isinstance(checkpoints, Mapping) else {
         Path(p).stem: p for p in checkpoints}
     tracker.set_tags({f"pipeline.checkpoint.{_key(n)}": str(Path(p).resolve()) for n, p in named.items()})
@@ -630,7 +677,7 @@ def log_prediction(cfg: ExperimentConfig, *, split: str, tta_views: Sequence[str
     score when ``split == "oof"``. Returns the run id."""
     with stage_run(cfg, "predict", name=f"predict-{split}", parent=model_key(cfg),
                    tags={"pipeline.split": split}) as tracker:
-        tracker.log_params({"predict.split": split, "predict.tta": list(tta_views),
+        tracker.log_params({"predict.run": cfg.run, "predict.split": split, "predict.tta": list(tta_views),
                             "predict.files": [str(f) for f in files], **(extra or {})})
         tracker.log_metrics({f"{split}_score": score, "n_images": n_images, "n_boxes": n_boxes})
         return tracker.run_id
@@ -661,7 +708,8 @@ def log_submission(meta: Mapping[str, Any], tracking: TrackingConfig | None = No
     content_hash = str(meta.get("content_hash") or "")
     run_id = find_submission_run(tracking, content_hash) if content_hash else None
     tags = {"pipeline.submission_hash": content_hash, "pipeline.submission_file": meta.get("file"),
-            "pipeline.members": ",".join(meta.get("members") or []), "pipeline.source_run_id": meta.get("mlflow_run_id")}
+            "pipeline.members": ",".join(str(m) for m in meta.get("members") or []),
+            "pipeline.source_run_id": meta.get("mlflow_run_id")}
     tracker = open_run(tracking, experiment, "submission", Path(str(meta.get("file", "submission"))).name,
                        tags=tags, fallback_dir=fallback_dir, run_id=run_id)
     if run_id is None:  # a new run: log its content once (params cannot change)
@@ -678,12 +726,11 @@ def find_submission_run(tracking: TrackingConfig | None, content_hash: str) -> s
     uri = resolve_uri(tracking)
     if not tracking.enabled or not content_hash or store_problem(uri) is not None:
         return None
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///").split("?")[0]).exists():
+    db = _sqlite_file(uri)
+    if db is not None and not db.exists():
         return None  # no store yet: do not create an empty one just to look
     try:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
+        client = make_client(uri)
         ids = [e.experiment_id for e in _with_retries(client.search_experiments)]
         query = f"tags.`pipeline.submission_hash` = '{content_hash.replace(chr(39), '_')}'"
         runs = _with_retries(lambda: client.search_runs(ids, query, max_results=1,
@@ -740,6 +787,8 @@ def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path
     losses = {k: v for k, v in series.items() if "loss" in k}
     scores = {k: v for k, v in series.items()
               if k not in losses and (k.startswith("val") or "score" in k or k.startswith("map"))}
+    if len(scores) > 6:  # the metric's details (val_iou0.50 ...) would bury the headline curve
+        scores = {k: v for k, v in scores.items() if k in ("val_score", "best_score")} or scores
     lr = {k: v for k, v in series.items() if k == "lr" or k.startswith("lr_")}
     panels = [("loss", losses), ("validation metric", scores)] + ([("learning rate", lr)] if lr else [])
     fig = Figure(figsize=(5 * len(panels), 4), dpi=100)

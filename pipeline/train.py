@@ -10,6 +10,7 @@ line per epoch), oof.parquet (the best checkpoint's predictions on fold K, origi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from pipeline.folds import FoldsError, read_folds
 from pipeline.io import atomic_write_text
 from pipeline.models import create_model
 from pipeline.predictions import read_predictions, write_predictions
+from pipeline.tracking import log_train_result, plot_training_curves, train_run
 
 log = logging.getLogger(__name__)
 
@@ -161,45 +163,54 @@ def train_fold(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFram
         if kill_at and step == kill_at:
             os._exit(137)
 
-    eval_model = ema.module if ema is not None else model
-    for epoch in range(start_epoch, cfg.train.epochs):
-        t0 = time.perf_counter()
-        sampler.set_epoch(epoch)
-        train_ds.set_epoch(epoch)
-        stats, global_step = train_one_epoch(loss_module, optimizer, scheduler, scaler, ema, train_loader,
-                                             precision, cfg.train, epoch, global_step, on_step)
-        row = {"epoch": epoch, **stats}
-        if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
-            _, result = validate(eval_model, val_loader, precision, cfg, table, val_ids, fold)
-            row.update(val_score=result.score, **{f"val_{k}": v for k, v in result.details.items()})
-            if result.score > best["score"]:
-                best, stale = {"score": result.score, "epoch": epoch}, 0
-                if dist.is_main():
-                    checkpoint.save({"model": eval_model.state_dict(), "epoch": epoch, "score": result.score,
-                                     "metric": cfg.metric, "config": cfg.model_dump(mode="json")}, out / "best.pt")
-            else:
-                stale += 1
-        row.update(best_score=best["score"], best_epoch=best["epoch"], epoch_time_s=time.perf_counter() - t0)
-        stop = cfg.train.patience is not None and stale >= cfg.train.patience
-        if dist.is_main():
-            checkpoint.save({
-                "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "global_step": global_step, "best": best,
-                "stale": stale, "rng": checkpoint.rng_state(), "config": config_fingerprint(cfg), "stopped": stop,
-            }, last_path)
-            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps({"fold": fold, **{k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}}))
-        if stop:
-            print(f"fold {fold}: early stop after epoch {epoch} ({stale} validations without improvement)")
-            break
+    # Rank 0 alone logs; a store that is down never stops training (pipeline.tracking falls back to a file).
+    logging_here = dist.is_main() and cfg.tracking.enabled
+    with (train_run(cfg, fold, fallback_dir=out) if logging_here else contextlib.nullcontext()) as tracker:
+        eval_model = ema.module if ema is not None else model
+        for epoch in range(start_epoch, cfg.train.epochs):
+            t0 = time.perf_counter()
+            sampler.set_epoch(epoch)
+            train_ds.set_epoch(epoch)
+            stats, global_step = train_one_epoch(loss_module, optimizer, scheduler, scaler, ema, train_loader,
+                                                 precision, cfg.train, epoch, global_step, on_step)
+            row = {"epoch": epoch, **stats}
+            if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
+                _, result = validate(eval_model, val_loader, precision, cfg, table, val_ids, fold)
+                row.update(val_score=result.score, **{f"val_{k}": v for k, v in result.details.items()})
+                if result.score > best["score"]:
+                    best, stale = {"score": result.score, "epoch": epoch}, 0
+                    if dist.is_main():
+                        checkpoint.save({"model": eval_model.state_dict(), "epoch": epoch, "score": result.score,
+                                         "metric": cfg.metric, "config": cfg.model_dump(mode="json")}, out / "best.pt")
+                else:
+                    stale += 1
+            row.update(best_score=best["score"], best_epoch=best["epoch"], epoch_time_s=time.perf_counter() - t0)
+            stop = cfg.train.patience is not None and stale >= cfg.train.patience
+            if dist.is_main():
+                checkpoint.save({
+                    "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "epoch": epoch, "global_step": global_step, "best": best,
+                    "stale": stale, "rng": checkpoint.rng_state(), "config": config_fingerprint(cfg), "stopped": stop,
+                }, last_path)
+                if tracker is not None:
+                    tracker.log_epoch(row)
+                with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps({"fold": fold, **{k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}}))
+            if stop:
+                print(f"fold {fold}: early stop after epoch {epoch} ({stale} validations without improvement)")
+                break
 
-    summary = write_oof(cfg, table, val_ids, fold, model, val_loader, precision, best)
-    if dist.is_main():
-        state = checkpoint.load(last_path)
-        state["summary"] = summary
-        checkpoint.save(state, last_path)
+        summary = write_oof(cfg, table, val_ids, fold, model, val_loader, precision, best)
+        if tracker is not None:
+            plot_training_curves(out / "metrics.jsonl", out / "curves.png")
+            log_train_result(tracker, best_score=best["score"], best_epoch=best["epoch"],
+                             checkpoints={"best": out / "best.pt", "last": last_path}, metrics_jsonl=out / "metrics.jsonl")
+        if dist.is_main():
+            state = checkpoint.load(last_path)
+            state["summary"] = summary
+            checkpoint.save(state, last_path)
     dist.barrier()
     return summary
 

@@ -12,7 +12,8 @@ Two entry points:
 What the library does, and what is replicated here (ensemble-boxes 1.0.9, ``ensemble_boxes_wbf.py``):
 
 1. Prefilter, per set ``t`` (one entry of ``boxes_list``) and box ``j`` in input order: a box whose *raw* score
-   is ``< skip_box_thr`` is dropped; ``label = int(label)`` (truncation); ``x2 < x1`` / ``y2 < y1`` are swapped,
+   is ``< skip_box_thr`` is dropped (compared under numpy's promotion rules: float32 score arrays against a Python
+   float threshold compare in float32); ``label = int(label)`` (truncation); ``x2 < x1`` / ``y2 < y1`` are swapped,
    then every coordinate is clipped to ``[0, 1]``; a box whose clipped area ``(x2-x1)*(y2-y1) == 0`` is dropped
    (the library warns once per box; here one ``UserWarning`` per call summarises the counts). A kept box carries
    the weighted score ``score * weights[t]``, the weight ``weights[t]`` and the set index ``t``.
@@ -47,9 +48,10 @@ documented rule: **reverse of a stable ascending sort** -- among equal scores th
 first. This is what numpy produces for arrays of at most 16 elements (insertion sort), so small inputs agree
 exactly even with ties; on larger inputs with tied weighted scores the output may differ from the library's in
 the order of the tied boxes and, through the clustering order, in the clusters. Inputs without tied weighted
-scores give identical results.
+scores give identical clusters. Because fused scores are rounded to float32, two *output* rows can still tie
+(rare); their relative order is then the rule above, where the library's is undefined -- compare such rows as a set.
 
-Deviations (invalid inputs only): non-finite coordinates/scores and a NaN ``iou_thr`` raise ``ValueError`` (the
+Deviations: non-finite coordinates/scores and a NaN ``iou_thr`` raise ``ValueError`` (the
 library silently produces garbage); an unknown ``conf_type`` or mismatched list lengths raise ``ValueError``
 (the library calls ``exit()``); a wrong number of weights warns (the library prints) and uses ones like the
 library. Weights are converted to float64 (a float32 ``weights`` array makes the library compute weighted scores
@@ -66,12 +68,16 @@ admissible ``w_A`` (``t w_B < w_A < w_B / t``) is ``k * w_B``. ``t`` is lowered 
 widened by 1e-9 relative + 1e-12 absolute, far beyond the rounding of the float IoU (~1e-15 relative), so no
 cluster whose computed IoU could exceed ``iou_thr`` is ever skipped. For ``iou_thr < 0.1`` (bound too loose) and
 whenever the grid query would visit more cells than there are clusters, every cluster is scanned as the library
-does.
+does. The rest avoids per-call overhead: both sorts are an allocation-free stable LSD radix sort on the float bits,
+the kernel's scratch is cached per thread (no allocation or page faults on repeated calls), and
+:func:`fuse_predictions` groups, normalises and fuses the whole table in compiled code, splitting the images over
+threads (the kernel releases the GIL).
 """
 from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -206,61 +212,133 @@ def _cell_index(v, g):
     return k
 
 
+_SIGN = -9223372036854775808  # int64 with only the sign bit set
+
+
 @numba.njit(**_NJIT)
-def _fuse_range(offs, img_lo, img_hi, bx1, by1, bx2, by2, bscore, blabel, bset, weights, wsum, wmax,
+def _float_keys(a, n, out):
+    """``out[:n]``: int64 whose *unsigned* bit order is the numeric order of the float64 ``a[:n]`` (-0.0 == 0.0)."""
+    bits = a.view(np.int64)
+    for i in range(n):
+        if a[i] == 0.0:
+            b = np.int64(_SIGN)
+        else:
+            b = bits[i]
+            if b < 0:
+                b = ~b
+            else:
+                b = b | np.int64(_SIGN)
+        out[i] = b
+
+
+@numba.njit(**_NJIT)
+def _int_keys(a, n, out):
+    """``out[:n]``: int64 whose unsigned bit order is the signed order of the int64 ``a[:n]``."""
+    for i in range(n):
+        out[i] = a[i] ^ np.int64(_SIGN)
+
+
+@numba.njit(**_NJIT)
+def _radix_argsort(keys, n, idx, ka, kb, ib, hist):
+    """Stable ascending argsort of ``keys[:n]`` (unsigned bit order, see ``_float_keys``) into ``idx[:n]``.
+
+    LSD radix sort, 8-bit digits, passes whose digit is constant are skipped; ``ka, kb, ib`` are scratch of
+    length >= n and ``hist`` of length 2048. Stable, so equal keys keep their index order. No allocation.
+    """
+    for j in range(2048):
+        hist[j] = 0
+    for i in range(n):
+        k = keys[i]
+        ka[i] = k
+        idx[i] = i
+        for d in range(8):
+            hist[d * 256 + ((k >> (8 * d)) & 255)] += 1
+    src_k = ka
+    dst_k = kb
+    src_i = idx
+    dst_i = ib
+    flip = False
+    for d in range(8):
+        sh = 8 * d
+        base = d * 256
+        if n == 0 or hist[base + ((src_k[0] >> sh) & 255)] == n:
+            continue
+        tot = 0
+        for q in range(256):
+            c = hist[base + q]
+            hist[base + q] = tot
+            tot += c
+        for i in range(n):
+            k = src_k[i]
+            q = base + ((k >> sh) & 255)
+            p = hist[q]
+            hist[q] = p + 1
+            dst_k[p] = k
+            dst_i[p] = src_i[i]
+        src_k, dst_k = dst_k, src_k
+        src_i, dst_i = dst_i, src_i
+        flip = not flip
+    if flip:
+        for i in range(n):
+            idx[i] = src_i[i]
+
+
+@numba.njit(**_NJIT)
+def _fuse_range(offs, img_lo, img_hi, boxes, bscore, blabel, bset, weights, wsum, wmax,
                 iou_thr, skip_thr, conf_code, allows_overflow,
-                ox1, oy1, ox2, oy2, oscore, olabel, ocount, stats):
+                obox, oscore, olabel, ocount, stats, box8, acc, fw, iw):
     """Fuse images ``img_lo..img_hi-1``; image ``i``'s boxes are rows ``offs[i]:offs[i+1]`` in (set, input) order.
 
-    Outputs of image ``i`` are written to rows ``offs[i] : offs[i] + ocount[i]`` of the output arrays.
-    ``stats`` (int64[3]) accumulates the number of swapped pairs, clipped coordinates and zero-area boxes.
+    ``boxes``: (n, 4) float64 ``x1, y1, x2, y2`` normalised; ``bset``: set index per row. Outputs of image ``i`` go
+    to rows ``offs[i] : offs[i] + ocount[i]``. ``stats`` (int64[3]) accumulates the number of swapped pairs,
+    clipped coordinates and zero-area boxes. ``box8, acc, fw, iw``: scratch sized by :func:`_scratch_sizes` for the
+    largest image of the range (owned by the caller so that repeated calls do not allocate).
     """
     n_sets = weights.shape[0]
-    m_max = 0
-    for img in range(img_lo, img_hi):
-        m_max = max(m_max, offs[img + 1] - offs[img])
-    m_max = max(m_max, 1)
-
-    # scratch, allocated once for the range
-    kx1 = np.empty(m_max)
-    ky1 = np.empty(m_max)
-    kx2 = np.empty(m_max)
-    ky2 = np.empty(m_max)
-    kws = np.empty(m_max)
-    kset = np.empty(m_max, np.int64)
-    klab = np.empty(m_max, np.int64)
-    krank = np.empty(m_max, np.int64)
-    seq = np.empty(m_max, np.int64)
-    gfirst = np.empty(m_max, np.int64)
-    gid = np.empty(m_max, np.int64)
-    bstart = np.empty(m_max + 1, np.int64)
-    # clusters
-    fx1 = np.empty(m_max)
-    fy1 = np.empty(m_max)
-    fx2 = np.empty(m_max)
-    fy2 = np.empty(m_max)
-    acc = np.empty((m_max, 4), np.float32)
-    cconf = np.empty(m_max)
-    cw = np.empty(m_max)
-    cmax = np.empty(m_max)
-    cnt = np.empty(m_max, np.int64)
-    cs1 = np.empty(m_max)
-    cw2 = np.empty(m_max)
-    clab = np.empty(m_max, np.int64)
-    mhead = np.empty(m_max, np.int64)
-    mtail = np.empty(m_max, np.int64)
-    mnext = np.empty(m_max, np.int64)
-    fs = np.empty(m_max)
-    # grid
-    ccell = np.empty(m_max, np.int64)
-    cnxt = np.empty(m_max, np.int64)
-    cprv = np.empty(m_max, np.int64)
-    head = np.empty(_GRID_MAX * _GRID_MAX, np.int64)
-    # model bookkeeping for the rescaling formulas
-    mark = np.zeros(max(n_sets, 1), np.int64)
+    cap = acc.shape[0]
+    # ---- scratch views ---------------------------------------------------------------------------------------
+    kbox = box8[:cap]  # kept boxes
+    fbox = box8[cap:2 * cap]  # fused box per cluster
+    kws = fw[0:cap]
+    cconf = fw[cap:2 * cap]
+    cw = fw[2 * cap:3 * cap]
+    cmax = fw[3 * cap:4 * cap]
+    cs1 = fw[4 * cap:5 * cap]
+    cw2 = fw[5 * cap:6 * cap]
+    fs = fw[6 * cap:7 * cap]
+    wbuf = fw[7 * cap:7 * cap + n_sets]
+    kset = iw[0:cap]
+    klab = iw[cap:2 * cap]
+    krank = iw[2 * cap:3 * cap]
+    seq = iw[3 * cap:4 * cap]
+    gfirst = iw[4 * cap:5 * cap]
+    gid = iw[5 * cap:6 * cap]
+    cnt = iw[6 * cap:7 * cap]
+    clab = iw[7 * cap:8 * cap]
+    mhead = iw[8 * cap:9 * cap]
+    mtail = iw[9 * cap:10 * cap]
+    mnext = iw[10 * cap:11 * cap]
+    ccell = iw[11 * cap:12 * cap]
+    cnxt = iw[12 * cap:13 * cap]
+    cprv = iw[13 * cap:14 * cap]
+    ord_s = iw[14 * cap:15 * cap]
+    ord_l = iw[15 * cap:16 * cap]
+    skey = iw[16 * cap:17 * cap]
+    ska = iw[17 * cap:18 * cap]
+    skb = iw[18 * cap:19 * cap]
+    sib = iw[19 * cap:20 * cap]
+    p0 = 20 * cap
+    hist = iw[p0:p0 + 2048]
+    p0 += 2048
+    bstart = iw[p0:p0 + cap + 1]
+    p0 += cap + 1
+    head = iw[p0:p0 + _GRID_MAX * _GRID_MAX]
+    p0 += _GRID_MAX * _GRID_MAX
+    mark = iw[p0:p0 + n_sets]
+    uniq = iw[p0 + n_sets:p0 + 2 * n_sets]
+    for t in range(n_sets):
+        mark[t] = 0
     stamp = 0
-    uniq = np.empty(max(n_sets, 1), np.int64)
-    wbuf = np.empty(max(n_sets, 1))
 
     # exact pruning radius factor (see module docstring)
     t_b = min(iou_thr * (1.0 - 1e-9) - 1e-12, 0.999)
@@ -280,12 +358,12 @@ def _fuse_range(offs, img_lo, img_hi, bx1, by1, bx2, by2, bscore, blabel, bset, 
         m = 0
         for i in range(s, e):
             sc = bscore[i]
-            if sc < skip_thr:
+            if sc < skip_thr[bset[i]]:
                 continue
-            x1 = bx1[i]
-            y1 = by1[i]
-            x2 = bx2[i]
-            y2 = by2[i]
+            x1 = boxes[i, 0]
+            y1 = boxes[i, 1]
+            x2 = boxes[i, 2]
+            y2 = boxes[i, 3]
             if x2 < x1:
                 x1, x2 = x2, x1
                 stats[0] += 1
@@ -320,10 +398,10 @@ def _fuse_range(offs, img_lo, img_hi, bx1, by1, bx2, by2, bscore, blabel, bset, 
                 stats[2] += 1
                 continue
             t = bset[i]
-            kx1[m] = x1
-            ky1[m] = y1
-            kx2[m] = x2
-            ky2[m] = y2
+            kbox[m, 0] = x1
+            kbox[m, 1] = y1
+            kbox[m, 2] = x2
+            kbox[m, 3] = y2
             kws[m] = sc * weights[t]
             kset[m] = t
             klab[m] = blabel[i]
@@ -333,7 +411,8 @@ def _fuse_range(offs, img_lo, img_hi, bx1, by1, bx2, by2, bscore, blabel, bset, 
             continue
 
         # ---- 2. label groups in first-appearance order, boxes by weighted score descending -------------------
-        order = np.argsort(kws[:m], kind="mergesort")  # stable ascending; walked backwards = the tie rule
+        _float_keys(kws, m, skey)
+        _radix_argsort(skey, m, ord_s, ska, skb, sib, hist)  # stable ascending; walked backwards = the tie rule
         same = True
         for i in range(1, m):
             if klab[i] != klab[0]:
@@ -342,34 +421,36 @@ def _fuse_range(offs, img_lo, img_hi, bx1, by1, bx2, by2, bscore, blabel, bset, 
         if same:
             n_groups = 1
             for i in range(m):
-                seq[i] = order[m - 1 - i]
+                seq[i] = ord_s[m - 1 - i]
             bstart[0] = 0
             bstart[1] = m
         else:
-            lorder = np.argsort(klab[:m], kind="mergesort")
+            _int_keys(klab, m, skey)
+            _radix_argsort(skey, m, ord_l, ska, skb, sib, hist)
             n_groups = 0
             prev = 0
             for r in range(m):
-                i = lorder[r]
+                i = ord_l[r]
                 if r == 0 or klab[i] != prev:
                     gfirst[n_groups] = i  # stable sort: first row of a label group is its first appearance
                     n_groups += 1
                     prev = klab[i]
                 gid[i] = n_groups - 1
-            gorder = np.argsort(gfirst[:n_groups])
+            # groups ordered by first appearance (distinct positions, any sort will do)
+            _int_keys(gfirst, n_groups, skey)
+            _radix_argsort(skey, n_groups, ord_l, ska, skb, sib, hist)
             for g in range(n_groups):
-                krank[gorder[g]] = g
+                krank[ord_l[g]] = g
             for g in range(n_groups + 1):
                 bstart[g] = 0
             for i in range(m):
                 bstart[krank[gid[i]] + 1] += 1
             for g in range(n_groups):
                 bstart[g + 1] += bstart[g]
-            # fill: gfirst reused as the per-group write cursor
-            for g in range(n_groups):
+            for g in range(n_groups):  # gfirst reused as the per-group write cursor
                 gfirst[g] = bstart[g]
             for r in range(m):
-                i = order[m - 1 - r]
+                i = ord_s[m - 1 - r]
                 g = krank[gid[i]]
                 seq[gfirst[g]] = i
                 gfirst[g] += 1
@@ -388,7 +469,7 @@ def _fuse_range(offs, img_lo, img_hi, bx1, by1, bx2, by2, bscore, blabel, bset, 
                 msize = 0.0
                 for r in range(gs, ge):
                     i = seq[r]
-                    msize += (kx2[i] - kx1[i]) + (ky2[i] - ky1[i])
+                    msize += (kbox[i, 2] - kbox[i, 0]) + (kbox[i, 3] - kbox[i, 1])
                 msize = msize / (2.0 * ng)
                 gcap = min(_GRID_MAX, int(2.0 * math.sqrt(ng)) + 1)
                 target = 1.0 / (kfac * msize + 1e-12)
@@ -400,10 +481,10 @@ def _fuse_range(offs, img_lo, img_hi, bx1, by1, bx2, by2, bscore, blabel, bset, 
                     head[k] = -1
             for r in range(gs, ge):
                 i = seq[r]
-                x1 = kx1[i]
-                y1 = ky1[i]
-                x2 = kx2[i]
-                y2 = ky2[i]
+                x1 = kbox[i, 0]
+                y1 = kbox[i, 1]
+                x2 = kbox[i, 2]
+                y2 = kbox[i, 3]
                 ws = kws[i]
                 best_c = -1
                 if nan_c >= 0:
@@ -413,12 +494,10 @@ def _fuse_range(offs, img_lo, img_hi, bx1, by1, bx2, by2, bscore, blabel, bset, 
                     n_open = nc - cb
                     scan_all = True
                     if use_grid and n_open > 0:
-                        bw = x2 - x1
-                        bh = y2 - y1
+                        rx = (x2 - x1) * kfac + 1e-12
+                        ry = (y2 - y1) * kfac + 1e-12
                         cx = (x1 + x2) * 0.5
                         cy = (y1 + y2) * 0.5
-                        rx = bw * kfac + 1e-12
-                        ry = bh * kfac + 1e-12
                         gx0 = _cell_index(cx - rx, G)
                         gx1 = _cell_index(cx + rx, G)
                         gy0 = _cell_index(cy - ry, G)
@@ -429,26 +508,27 @@ def _fuse_range(offs, img_lo, img_hi, bx1, by1, bx2, by2, bscore, blabel, bset, 
                                 for gx in range(gx0, gx1 + 1):
                                     c = head[gy * G + gx]
                                     while c != -1:
-                                        v = _iou(fx1[c], fy1[c], fx2[c], fy2[c], x1, y1, x2, y2)
+                                        v = _iou(fbox[c, 0], fbox[c, 1], fbox[c, 2], fbox[c, 3], x1, y1, x2, y2)
                                         if v > best_iou or (v == best_iou and c < best_c):
                                             best_iou = v
                                             best_c = c
                                         c = cnxt[c]
                     if scan_all:
                         for c in range(cb, nc):
-                            v = _iou(fx1[c], fy1[c], fx2[c], fy2[c], x1, y1, x2, y2)
+                            v = _iou(fbox[c, 0], fbox[c, 1], fbox[c, 2], fbox[c, 3], x1, y1, x2, y2)
                             if v > best_iou:
                                 best_iou = v
                                 best_c = c
                     if best_c != -1 and not (best_iou > iou_thr):
                         best_c = -1
                 if best_c == -1:
+                    # new cluster: the library appends the box itself (float64, unrounded)
                     c = nc
                     nc += 1
-                    fx1[c] = x1
-                    fy1[c] = y1
-                    fx2[c] = x2
-                    fy2[c] = y2
+                    fbox[c, 0] = x1
+                    fbox[c, 1] = y1
+                    fbox[c, 2] = x2
+                    fbox[c, 3] = y2
                     acc[c, 0] = np.float32(ws * x1)
                     acc[c, 1] = np.float32(ws * y1)
                     acc[c, 2] = np.float32(ws * x2)
@@ -473,6 +553,7 @@ def _fuse_range(offs, img_lo, img_hi, bx1, by1, bx2, by2, bscore, blabel, bset, 
                             cprv[h] = c
                         head[k] = c
                 else:
+                    # join: get_weighted_box's float32 arithmetic, continued from the stored partial sums
                     c = best_c
                     a0 = np.float32(np.float64(acc[c, 0]) + ws * x1)
                     a1 = np.float32(np.float64(acc[c, 1]) + ws * y1)
@@ -489,10 +570,14 @@ def _fuse_range(offs, img_lo, img_hi, bx1, by1, bx2, by2, bscore, blabel, bset, 
                         cmax[c] = ws
                     n_c = cnt[c] + 1
                     cnt[c] = n_c
-                    fx1[c] = np.float64(np.float32(np.float64(a0) / conf))
-                    fy1[c] = np.float64(np.float32(np.float64(a1) / conf))
-                    fx2[c] = np.float64(np.float32(np.float64(a2) / conf))
-                    fy2[c] = np.float64(np.float32(np.float64(a3) / conf))
+                    f0 = np.float64(np.float32(np.float64(a0) / conf))
+                    f1 = np.float64(np.float32(np.float64(a1) / conf))
+                    f2 = np.float64(np.float32(np.float64(a2) / conf))
+                    f3 = np.float64(np.float32(np.float64(a3) / conf))
+                    fbox[c, 0] = f0
+                    fbox[c, 1] = f1
+                    fbox[c, 2] = f2
+                    fbox[c, 3] = f3
                     if conf_code == 1:
                         cs1[c] = np.float64(np.float32(cmax[c]))
                     else:
@@ -501,13 +586,12 @@ def _fuse_range(offs, img_lo, img_hi, bx1, by1, bx2, by2, bscore, blabel, bset, 
                     mnext[mtail[c]] = i
                     mnext[i] = -1
                     mtail[c] = i
-                    is_nan = fx1[c] != fx1[c] or fy1[c] != fy1[c] or fx2[c] != fx2[c] or fy2[c] != fy2[c]
+                    is_nan = f0 != f0 or f1 != f1 or f2 != f2 or f3 != f3
                     if use_grid:
                         if is_nan:
                             newk = -1  # NaN clusters live outside the grid (found through nan_c)
                         else:
-                            newk = (_cell_index((fy1[c] + fy2[c]) * 0.5, G) * G
-                                    + _cell_index((fx1[c] + fx2[c]) * 0.5, G))
+                            newk = _cell_index((f1 + f3) * 0.5, G) * G + _cell_index((f0 + f2) * 0.5, G)
                         if newk != ccell[c]:
                             if ccell[c] != -1:  # unlink
                                 p = cprv[c]
@@ -545,8 +629,7 @@ def _fuse_range(offs, img_lo, img_hi, bx1, by1, bx2, by2, bscore, blabel, bset, 
                         t = kset[j]
                         if mark[t] != stamp:
                             mark[t] = stamp
-                            # insertion into the sorted list of distinct sets
-                            p = nu
+                            p = nu  # insertion into the sorted list of distinct sets
                             while p > 0 and uniq[p - 1] > t:
                                 uniq[p] = uniq[p - 1]
                                 p -= 1
@@ -577,23 +660,102 @@ def _fuse_range(offs, img_lo, img_hi, bx1, by1, bx2, by2, bscore, blabel, bset, 
                 fs[c] = sc
 
         # ---- 5. final sort over all labels, same tie rule --------------------------------------------------------
-        forder = np.argsort(fs[:nc], kind="mergesort")
+        _float_keys(fs, nc, skey)
+        _radix_argsort(skey, nc, ord_s, ska, skb, sib, hist)
         o = s
         for r in range(nc):
-            c = forder[nc - 1 - r]
-            ox1[o] = fx1[c]
-            oy1[o] = fy1[c]
-            ox2[o] = fx2[c]
-            oy2[o] = fy2[c]
+            c = ord_s[nc - 1 - r]
+            obox[o, 0] = fbox[c, 0]
+            obox[o, 1] = fbox[c, 1]
+            obox[o, 2] = fbox[c, 2]
+            obox[o, 3] = fbox[c, 3]
             oscore[o] = fs[c]
             olabel[o] = clab[c]
             o += 1
         ocount[img] = nc
 
 
+@numba.njit(**_NJIT)
+def _group_order(img_codes, set_codes, n_img, n_sets):
+    """Rows ordered by (image, set, row) with two stable counting sorts; returns (order, image offsets)."""
+    n = img_codes.shape[0]
+    cnt = np.zeros(max(n_sets, n_img) + 1, np.int64)
+    tmp = np.empty(n, np.int64)
+    for i in range(n):
+        cnt[set_codes[i] + 1] += 1
+    for k in range(n_sets):
+        cnt[k + 1] += cnt[k]
+    for i in range(n):
+        k = set_codes[i]
+        tmp[cnt[k]] = i
+        cnt[k] += 1
+    offs = np.zeros(n_img + 1, np.int64)
+    for i in range(n):
+        offs[img_codes[i] + 1] += 1
+    for k in range(n_img):
+        offs[k + 1] += offs[k]
+    pos = offs[:n_img].copy()
+    order = np.empty(n, np.int64)
+    for r in range(n):
+        i = tmp[r]
+        k = img_codes[i]
+        order[pos[k]] = i
+        pos[k] += 1
+    return order, offs
+
+
+@numba.njit(**_NJIT)
+def _gather(order, offs, x1, y1, x2, y2, score, label, set_codes, width, height):
+    """Rows in ``order``, coordinates divided by their image's (width, height); also whether all are finite."""
+    n = order.shape[0]
+    bx = np.empty((n, 4))
+    sc = np.empty(n)
+    lb = np.empty(n, np.int64)
+    st = np.empty(n, np.int64)
+    finite = True
+    for img in range(offs.shape[0] - 1):
+        w = width[img]
+        h = height[img]
+        for r in range(offs[img], offs[img + 1]):
+            i = order[r]
+            bx[r, 0] = x1[i] / w
+            bx[r, 1] = y1[i] / h
+            bx[r, 2] = x2[i] / w
+            bx[r, 3] = y2[i] / h
+            sc[r] = score[i]
+            lb[r] = label[i]
+            st[r] = set_codes[i]
+            if not (np.isfinite(bx[r, 0]) and np.isfinite(bx[r, 1]) and np.isfinite(bx[r, 2])
+                    and np.isfinite(bx[r, 3]) and np.isfinite(sc[r])):
+                finite = False
+    return bx, sc, lb, st, finite
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Python drivers
 # ----------------------------------------------------------------------------------------------------------------
+_TLS = threading.local()
+
+
+def _scratch(cap: int, n_sets: int, reuse: bool = True):
+    """Kernel scratch for images of up to ``cap`` boxes: (box8, acc, fw, iw).
+
+    Cached per thread and grown geometrically, so repeated single-image calls neither allocate nor page-fault.
+    """
+    cap = max(int(cap), 1)
+    cached = getattr(_TLS, "scratch", None) if reuse else None
+    if cached is not None and cached[0] >= cap and cached[1] >= n_sets:
+        return cached[2]
+    if reuse and cached is not None:
+        cap = max(cap, int(cached[0] * 1.5))
+        n_sets = max(n_sets, cached[1])
+    bufs = (np.empty((2 * cap, 4)), np.empty((cap, 4), np.float32), np.empty(7 * cap + n_sets),
+            np.empty(21 * cap + 1 + 2048 + _GRID_MAX * _GRID_MAX + 2 * n_sets, np.int64))
+    if reuse:
+        _TLS.scratch = (cap, n_sets, bufs)
+    return bufs
+
+
 def _n_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -626,26 +788,31 @@ def _warn_stats(stats: np.ndarray) -> None:
         warnings.warn(f"WBF: {zero} zero-area box(es) skipped.", stacklevel=3)
 
 
-def _run_kernel(offs, x1, y1, x2, y2, score, label, set_idx, weights, iou_thr, skip_thr, conf_code,
-                allows_overflow, threads: int = 1):
-    """Run the kernel over all images; returns (x1, y1, x2, y2, score, label, count per image)."""
+def _run_kernel(offs, boxes, score, label, set_idx, weights, iou_thr, skip_thr, conf_code, allows_overflow,
+                threads: int = 1):
+    """Run the kernel over all images; returns (boxes (n, 4), score, label, count per image).
+
+    ``skip_thr``: a scalar or one threshold per set (see :func:`_effective_skip_thr`).
+
+    Image ``i``'s output rows are ``offs[i] : offs[i] + count[i]``.
+    """
     n_img = len(offs) - 1
-    n = len(x1)
-    ox1 = np.empty(n)
-    oy1 = np.empty(n)
-    ox2 = np.empty(n)
-    oy2 = np.empty(n)
+    n = len(score)
+    obox = np.empty((n, 4))
     osc = np.empty(n)
     olab = np.empty(n, np.int64)
     ocount = np.zeros(n_img, np.int64)
     weights = np.ascontiguousarray(weights, dtype=np.float64)
-    wsum = float(weights.sum()) if len(weights) else 0.0  # numpy's own sum: bit-identical to the library's
-    wmax = float(weights.max()) if len(weights) else 0.0
-    args = (x1, y1, x2, y2, score, label, set_idx, weights, wsum, wmax, float(iou_thr), float(skip_thr),
-            int(conf_code), bool(allows_overflow), ox1, oy1, ox2, oy2, osc, olab, ocount)
-    if threads <= 1 or n_img < 2 * threads:
+    n_sets = len(weights)
+    wsum = float(weights.sum()) if n_sets else 0.0  # numpy's own sum: bit-identical to the library's
+    wmax = float(weights.max()) if n_sets else 0.0
+    skip_thr = np.broadcast_to(np.asarray(skip_thr, np.float64), (n_sets,)).copy()  # per-set thresholds
+    args = (boxes, score, label, set_idx, weights, wsum, wmax, float(iou_thr), skip_thr,
+            int(conf_code), bool(allows_overflow), obox, osc, olab, ocount)
+    sizes = np.diff(offs)
+    if threads <= 1 or n_img < 4 * threads:
         stats = np.zeros(3, np.int64)
-        _fuse_range(offs, 0, n_img, *args, stats)
+        _fuse_range(offs, 0, n_img, *args, stats, *_scratch(sizes.max(initial=1), n_sets))
     else:
         # chunks of roughly equal box counts, several per thread for balance
         n_chunks = min(n_img, 8 * threads)
@@ -656,13 +823,28 @@ def _run_kernel(offs, x1, y1, x2, y2, score, label, set_idx, weights, iou_thr, s
 
         def work(k):
             lo, hi = ranges[k]
-            _fuse_range(offs, lo, hi, *args, all_stats[k])
+            scratch = _scratch(sizes[lo:hi].max(initial=1), n_sets, reuse=False)
+            _fuse_range(offs, lo, hi, *args, all_stats[k], *scratch)
 
         with ThreadPoolExecutor(max_workers=threads) as ex:
             list(ex.map(work, range(len(ranges))))
         stats = all_stats.sum(axis=0)
     _warn_stats(stats)
-    return ox1, oy1, ox2, oy2, osc, olab, ocount
+    return obox, osc, olab, ocount
+
+
+def _effective_skip_thr(score_dtype: np.dtype, thr) -> float:
+    """The float64 threshold that reproduces the library's ``score < skip_box_thr`` for one set's scores.
+
+    The library compares each element of ``scores_list[t]`` with the threshold under numpy's promotion rules: a
+    float32 score array against a Python float compares in float32 (NEP 50: the Python float is "weak"), so the
+    threshold is effectively ``float32(thr)``; a float64 array, a list of Python floats or a float64 threshold
+    compare in float64.
+    """
+    if score_dtype.kind != "f" or score_dtype.itemsize >= 8:
+        return float(thr)
+    ct = np.result_type(score_dtype, thr)
+    return float(ct.type(thr)) if ct.kind == "f" and ct.itemsize < 8 else float(thr)
 
 
 def weighted_boxes_fusion(boxes_list, scores_list, labels_list, weights=None, iou_thr=0.55, skip_box_thr=0.0,
@@ -674,6 +856,7 @@ def weighted_boxes_fusion(boxes_list, scores_list, labels_list, weights=None, io
     labels (m,))``, float64, sorted by score descending (ties: see the module docstring).
     """
     conf_code = _conf_code(conf_type)
+    skip_thr_in = skip_box_thr
     iou_thr, skip_box_thr = _check_thr(iou_thr, skip_box_thr)
     n_sets = len(boxes_list)
     if weights is None:
@@ -697,10 +880,12 @@ def weighted_boxes_fusion(boxes_list, scores_list, labels_list, weights=None, io
     if isinstance(scores_list, np.ndarray) and scores_list.ndim == 2:
         sc = scores_list.reshape(-1)
         slen = np.full(n_sets, scores_list.shape[1] if n_sets else 0, np.int64)
+        thr_set = np.full(n_sets, _effective_skip_thr(scores_list.dtype, skip_thr_in))
     else:
-        sparts = [np.asarray(s, dtype=np.float64).reshape(-1) for s in scores_list]
+        sparts = [np.asarray(s).reshape(-1) for s in scores_list]
+        thr_set = np.array([_effective_skip_thr(p.dtype, skip_thr_in) for p in sparts], np.float64)
         slen = np.array([len(p) for p in sparts], np.int64)
-        sc = np.concatenate(sparts) if sparts else np.zeros(0)
+        sc = np.concatenate([p.astype(np.float64) for p in sparts]) if sparts else np.zeros(0)
     if isinstance(labels_list, np.ndarray) and labels_list.ndim == 2:
         lab = labels_list.reshape(-1)
         llen = np.full(n_sets, labels_list.shape[1] if n_sets else 0, np.int64)
@@ -714,23 +899,18 @@ def weighted_boxes_fusion(boxes_list, scores_list, labels_list, weights=None, io
     n = int(lens.sum())
     if n == 0:
         return np.zeros((0, 4)), np.zeros((0,)), np.zeros((0,))
-    b = np.asarray(b, dtype=np.float64)
+    b = np.ascontiguousarray(b, dtype=np.float64)
     sc = np.ascontiguousarray(sc, dtype=np.float64)
     if not (np.isfinite(b).all() and np.isfinite(sc).all()):
         raise ValueError("boxes and scores must be finite")
     lab = np.ascontiguousarray(lab.astype(np.int64))  # int() truncation, like the library
     set_idx = np.repeat(np.arange(n_sets, dtype=np.int64), lens)
     offs = np.array([0, n], np.int64)
-    ox1, oy1, ox2, oy2, osc, olab, ocount = _run_kernel(
-        offs, np.ascontiguousarray(b[:, 0]), np.ascontiguousarray(b[:, 1]), np.ascontiguousarray(b[:, 2]),
-        np.ascontiguousarray(b[:, 3]), sc, lab, set_idx, w, iou_thr, skip_box_thr, conf_code, allows_overflow)
+    obox, osc, olab, ocount = _run_kernel(offs, b, sc, lab, set_idx, w, iou_thr, thr_set, conf_code,
+                                          allows_overflow)
     m = int(ocount[0])
-    boxes = np.empty((m, 4))
-    boxes[:, 0] = ox1[:m]
-    boxes[:, 1] = oy1[:m]
-    boxes[:, 2] = ox2[:m]
-    boxes[:, 3] = oy2[:m]
-    return boxes, osc[:m].copy(), olab[:m].astype(np.float64)
+    boxes = obox[:m]
+    return boxes, osc[:m], olab[:m].astype(np.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -745,7 +925,8 @@ def _image_size_arrays(image_sizes, image_ids: np.ndarray) -> tuple[np.ndarray, 
         sizes = sizes.set_index("image_id")
         idx = sizes.index.get_indexer(image_ids)
         if (idx < 0).any():
-            raise ValueError(f"image_sizes lacks {int((idx < 0).sum())} image(s), e.g. {image_ids[idx < 0][:3].tolist()}")
+            raise ValueError(f"image_sizes lacks {int((idx < 0).sum())} image(s), "
+                             f"e.g. {image_ids[idx < 0][:3].tolist()}")
         w = sizes["width"].to_numpy(np.float64)[idx]
         h = sizes["height"].to_numpy(np.float64)[idx]
     else:
@@ -769,40 +950,36 @@ def _image_size_arrays(image_sizes, image_ids: np.ndarray) -> tuple[np.ndarray, 
 
 def _set_codes(preds: pd.DataFrame, cols: list[str], sets) -> tuple[np.ndarray, list]:
     """Row -> set index, and the ordered list of set keys (scalars for one column, tuples for several)."""
-    if len(cols) == 1:
-        values = preds[cols[0]]
-        if sets is None:
-            uniques = pd.unique(values)
-            try:
-                keys = sorted(uniques.tolist())
-            except TypeError:
-                keys = uniques.tolist()
-        else:
-            keys = list(sets)
-        index = pd.Index(keys)
-        if not index.is_unique:
-            raise ValueError("sets contains duplicates")
-        codes = index.get_indexer(values)
-    else:
-        frame = preds[cols]
-        if sets is None:
-            uniq = frame.drop_duplicates()
-            keys = list(uniq.itertuples(index=False, name=None))
-            try:
-                keys = sorted(keys)
-            except TypeError:
-                pass
-        else:
-            keys = [tuple(k) for k in sets]
-        index = pd.MultiIndex.from_tuples(keys, names=cols) if keys else pd.MultiIndex.from_arrays(
-            [[] for _ in cols], names=cols)
-        if not index.is_unique:
-            raise ValueError("sets contains duplicates")
-        codes = index.get_indexer(pd.MultiIndex.from_frame(frame))
-    if (codes < 0).any():
-        bad = preds.loc[codes < 0, cols].drop_duplicates().head(3).values.tolist()
-        raise ValueError(f"the table has set keys that are not in `sets`: {bad}")
-    return codes.astype(np.int64), keys
+    codes = np.zeros(len(preds), np.int64)
+    uniques = []
+    for c in cols:  # mixed-radix code over the per-column factorisations (sorted: lexicographic set order)
+        cc, uu = pd.factorize(preds[c], sort=True)
+        if (cc < 0).any():
+            raise ValueError(f"group column {c!r} has missing values")
+        codes = codes * max(len(uu), 1) + cc
+        uniques.append(uu.tolist())
+    codes, combos = pd.factorize(codes, sort=True)
+    combos = np.asarray(combos, np.int64)
+    found = []
+    for combo in combos.tolist():
+        parts = []
+        for uu in reversed(uniques):
+            combo, r = divmod(combo, len(uu))
+            parts.append(uu[r])
+        found.append(parts[0] if len(cols) == 1 else tuple(reversed(parts)))
+    if sets is None:
+        return codes.astype(np.int64), found
+    keys = [k for k in sets] if len(cols) == 1 else [tuple(k) for k in sets]
+    position = {}
+    for i, k in enumerate(keys):
+        if k in position:
+            raise ValueError(f"sets contains {k!r} twice")
+        position[k] = i
+    bad = [k for k in found if k not in position]
+    if bad:
+        raise ValueError(f"the table has set keys that are not in `sets`: {bad[:3]}")
+    remap = np.array([position[k] for k in found], np.int64)
+    return remap[codes], keys
 
 
 def _set_weights(keys: list, weights: Mapping | None, multi: bool) -> np.ndarray:
@@ -865,39 +1042,35 @@ def fuse_predictions(preds: pd.DataFrame, image_sizes: Mapping[str, tuple[int, i
     if len(preds) == 0 or len(keys) == 0:
         return empty_predictions()
 
-    img_codes, image_ids = pd.factorize(preds["image_id"].astype(str), sort=True)
-    image_ids = np.asarray(image_ids, dtype=object)
-    width, height = _image_size_arrays(image_sizes, image_ids)
+    img_codes, uniq_ids = pd.factorize(preds["image_id"], sort=True)
+    if (img_codes < 0).any():
+        raise ValueError("image_id has missing values")
+    image_ids = pd.Index(uniq_ids).astype(str)
+    width, height = _image_size_arrays(image_sizes, np.asarray(image_ids, dtype=object))
     n_sets = len(keys)
-    order = np.argsort(img_codes.astype(np.int64) * n_sets + set_codes, kind="stable")
-    img_sorted = img_codes[order]
-    offs = np.searchsorted(img_sorted, np.arange(len(image_ids) + 1)).astype(np.int64)
-    iw = width[img_sorted]
-    ih = height[img_sorted]
-    x1 = preds["x1"].to_numpy(np.float64)[order] / iw
-    y1 = preds["y1"].to_numpy(np.float64)[order] / ih
-    x2 = preds["x2"].to_numpy(np.float64)[order] / iw
-    y2 = preds["y2"].to_numpy(np.float64)[order] / ih
-    score = preds["score"].to_numpy(np.float64)[order]
-    label = preds["label"].to_numpy().astype(np.int64)[order]
-    set_idx = set_codes[order]
-    if not (np.isfinite(x1).all() and np.isfinite(y1).all() and np.isfinite(x2).all() and np.isfinite(y2).all()
-            and np.isfinite(score).all()):
+    n_img = len(image_ids)
+    order, offs = _group_order(img_codes.astype(np.int64), set_codes, n_img, n_sets)
+    cols_xyxys = [np.ascontiguousarray(preds[c].to_numpy(np.float64)) for c in ("x1", "y1", "x2", "y2", "score")]
+    label_in = np.ascontiguousarray(preds["label"].to_numpy().astype(np.int64))
+    bx, score, label, set_idx, finite = _gather(order, offs, *cols_xyxys, label_in, set_codes, width, height)
+    if not finite:
         raise ValueError("boxes and scores must be finite")
 
     if backend == "numba":
-        ox1, oy1, ox2, oy2, osc, olab, ocount = _run_kernel(
-            offs, x1, y1, x2, y2, score, label, set_idx, w, iou_thr, skip_box_thr, conf_code, allows_overflow,
+        obox, osc, olab, ocount = _run_kernel(
+            offs, bx, score, label, set_idx, w, iou_thr, skip_box_thr, conf_code, allows_overflow,
             threads=_n_threads() if threads is None else int(threads))
         total = int(ocount.sum())
         starts = np.cumsum(ocount) - ocount
         rows = np.repeat(offs[:-1] - starts, ocount) + np.arange(total)
         img_out = np.repeat(np.arange(len(image_ids)), ocount)
-        ox1, oy1, ox2, oy2, osc, olab = (a[rows] for a in (ox1, oy1, ox2, oy2, osc, olab))
+        obox = obox[rows]
+        ox1, oy1, ox2, oy2 = obox[:, 0], obox[:, 1], obox[:, 2], obox[:, 3]
+        osc = osc[rows]
+        olab = olab[rows]
     else:
         from ensemble_boxes import weighted_boxes_fusion as eb_wbf
 
-        bx = np.stack([x1, y1, x2, y2], axis=1)
         out = []
         for k in range(len(image_ids)):
             s, e = offs[k], offs[k + 1]
@@ -929,15 +1102,15 @@ def fuse_predictions(preds: pd.DataFrame, image_sizes: Mapping[str, tuple[int, i
     ww = width[img_out]
     hh = height[img_out]
     df = pd.DataFrame({
-        "image_id": image_ids[img_out],
+        "image_id": image_ids.take(img_out),
         "x1": ox1 * ww,
         "y1": oy1 * hh,
         "x2": ox2 * ww,
         "y2": oy2 * hh,
         "score": osc,
         "label": olab,
-        "model": model_name,
-        "fold": -1,
-        "tta": "wbf",
+        "model": pd.array([model_name], dtype="str").take(np.zeros(len(img_out), np.int64)),
+        "fold": np.full(len(img_out), -1, np.int64),
+        "tta": pd.array(["wbf"], dtype="str").take(np.zeros(len(img_out), np.int64)),
     }, columns=PREDICTION_COLUMNS)
     return normalise_predictions(df)

@@ -187,13 +187,16 @@ def read_fallback(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("kind", ["server_down", "uncreatable_sqlite", "bad_scheme"])
-def test_unusable_store_falls_back_quickly_with_one_warning(tmp_path, caplog, kind):
+@pytest.mark.parametrize("kind", ["server_down", "uncreatable_sqlite", "bad_scheme", "mlflow_missing"])
+def test_unusable_store_falls_back_quickly_with_one_warning(tmp_path, caplog, monkeypatch, kind):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     uri = {"server_down": "http://127.0.0.1:9",  # a closed local port
            "uncreatable_sqlite": f"sqlite:///{blocker}/sub/mlflow.db",
-           "bad_scheme": "nosuchscheme://x"}[kind]
+           "bad_scheme": "nosuchscheme://x",
+           "mlflow_missing": f"sqlite:///{tmp_path / 'ok.db'}"}[kind]
+    if kind == "mlflow_missing":
+        monkeypatch.setitem(sys.modules, "mlflow", None)  # as if the import failed
     cfg = make_cfg(tmp_path, uri, "fallback-exp")
     caplog.set_level(logging.WARNING, logger="pipeline.tracking")
     t0 = time.monotonic()
@@ -247,7 +250,10 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_two_processes_write_one_sqlite_store_at_once(store, tmp_path):
+@pytest.mark.slow
+def test_two_processes_write_one_sqlite_store_at_once(tmp_path):
+    # a fresh store: both processes also race to create its tables (MLflow's migrations) and the parent run
+    store = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, store, str(tmp_path), str(fold)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for fold in (0, 1)]
     outputs = [p.communicate(timeout=180) for p in procs]
@@ -279,3 +285,26 @@ def test_training_curves_png_tolerates_missing_keys(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert tracking.plot_training_curves(empty, tmp_path / "empty.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_briefly_locked_sqlite_store_waits_instead_of_losing_data(store, tmp_path):
+    import sqlite3
+    import threading
+
+    cfg = make_cfg(tmp_path, store, "locked-exp")
+    with tracking.stage_run(cfg, "train", name="locked") as tracker:
+        holder = sqlite3.connect(store.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN EXCLUSIVE")  # another process in the middle of a write
+        threading.Timer(1.0, lambda: holder.execute("COMMIT")).start()
+        tracker.log_metrics({"loss": 0.5}, step=0)
+        assert tracker.active
+    holder.close()
+    assert client(store).get_run(tracker.run_id).data.metrics == {"loss": 0.5}
+    assert not (cfg.run_dir / tracking.FALLBACK_NAME).exists()
+
+
+def test_attaching_to_an_unknown_run_does_not_condemn_the_store(store, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking")
+    assert not tracking.log_lb_scores(TrackingConfig(uri=store), "0" * 32, {"lb_public": 0.5}, fallback_dir=tmp_path)
+    assert "is not in" in caplog.text and store not in tracking._dead_uris
+    assert read_fallback(tmp_path / tracking.FALLBACK_NAME)[-1]["data"] == {"lb_public": 0.5}

@@ -62,7 +62,7 @@ class Detector(nn.Module):
         self._check_images(images)
         if len(targets) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(targets)} targets")
-        losses = self._losses(images, [clean_target(t) for t in targets])
+        losses = self._losses(images, [clean_target(t, self.num_classes) for t in targets])
         losses["loss"] = sum(losses.values())
         return losses
 
@@ -102,8 +102,9 @@ class Detector(nn.Module):
         }
 
 
-def clean_target(target: Target) -> Target:
-    """Boxes as float (N,4) and labels as int64 (N,), without degenerate boxes.
+def clean_target(target: Target, num_classes: int) -> Target:
+    """Boxes as float (N,4) and labels as int64 (N,), without degenerate boxes; labels out of range (the
+    usual cause: 1-based class ids) raise.
 
     A zero-width box (a crop edge, a rounding) makes torchvision raise mid-run and gives effdet a
     meaningless regression target; dropping it here keeps a rare data quirk from killing a long run.
@@ -112,6 +113,8 @@ def clean_target(target: Target) -> Target:
     labels = torch.as_tensor(target["labels"]).long().reshape(-1)
     if boxes.shape[0] != labels.shape[0]:
         raise ValueError(f"{boxes.shape[0]} boxes but {labels.shape[0]} labels")
+    if ((labels < 0) | (labels >= num_classes)).any():
+        raise ValueError(f"labels must be 0-based class indices in [0, {num_classes}), got {labels.unique().tolist()}")
     ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     return {"boxes": boxes[ok], "labels": labels[ok]}
 

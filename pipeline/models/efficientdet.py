@@ -1,21 +1,24 @@
 """EfficientDet (effdet) behind the Detector interface.
 
-One raw `EfficientDet` network (`self.net`) is shared by the effdet training bench (anchor labeler + focal
-loss) and by our prediction path. The bench is deliberately not a submodule: it holds the network too, and
-registering it would put every weight twice into the state_dict. The anchors it uses are registered here
-instead, as a non-persistent buffer, so `.to(device)` moves them with the network (the DetBenchPredict
-device trap) and checkpoints stay free of derived tensors.
+The raw `EfficientDet` network (`self.net`) sits next to the pieces of effdet's benches, not inside them:
+the training side is DetBenchTrain's labeler and focal loss (`create_labeler=True`: boxes are matched to
+anchors in the forward), the predict side DetBenchPredict's top-k and box decoding. Holding the network in
+a bench would repeat its weights in the state_dict under a second prefix, and a bench would keep calling
+the old network after the engine swaps in `torch.compile(model.net)`. The anchors are registered here as a
+non-persistent buffer, so `.to(device)` moves them with the network (the DetBenchPredict device trap) and
+checkpoints hold only learned weights.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from effdet import DetBenchTrain, EfficientDet, get_efficientdet_config
-from effdet.anchors import Anchors, decode_box_outputs
+from effdet import EfficientDet, get_efficientdet_config
+from effdet.anchors import AnchorLabeler, Anchors, decode_box_outputs
 from effdet.bench import _post_process
 from effdet.config.model_config import efficientdet_model_param_dict
 from effdet.helpers import load_pretrained
+from effdet.loss import DetectionLoss
 from omegaconf import DictConfig
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
@@ -39,10 +42,11 @@ class EfficientDetDetector(Detector):
         config = net.config
         self.register_buffer("mean", _channel_tensor(config.get("mean", IMAGENET_DEFAULT_MEAN)), persistent=False)
         self.register_buffer("std", _channel_tensor(config.get("std", IMAGENET_DEFAULT_STD)), persistent=False)
-        bench = DetBenchTrain(net, create_labeler=True)  # the labeler matches boxes to anchors in the forward
-        bench.anchors.register_buffer("boxes", bench.anchors.boxes, persistent=False)
-        self.anchors = bench.anchors  # registered: moves with .to(); the bench and its labeler share it
-        object.__setattr__(self, "_train_bench", bench)  # not a submodule (see the module docstring)
+        self.anchors = Anchors.from_config(config)
+        self.anchors.register_buffer("boxes", self.anchors.boxes, persistent=False)
+        # as in DetBenchTrain(create_labeler=True); the labeler is a plain object sharing our anchors
+        self.labeler = AnchorLabeler(self.anchors, config.num_classes, match_threshold=0.5)
+        self.loss_fn = DetectionLoss(config)
 
     @property
     def backbone(self) -> nn.Module:
@@ -50,14 +54,14 @@ class EfficientDetDetector(Detector):
 
     def _losses(self, images: Tensor, targets: list[Target]) -> dict[str, Tensor]:
         device = images.device
-        effdet_targets = {
-            "bbox": [t["boxes"][:, [1, 0, 3, 2]].to(device) for t in targets],  # effdet wants y1,x1,y2,x2
-            "cls": [(t["labels"] + 1).float().to(device) for t in targets],  # and 1-based classes
-        }
-        out = self._train_bench(self._normalise(images), effdet_targets)
+        yxyx = [t["boxes"][:, [1, 0, 3, 2]].to(device) for t in targets]  # effdet wants y1,x1,y2,x2
+        classes = [(t["labels"] + 1).float().to(device) for t in targets]  # and 1-based classes
+        class_out, box_out = self.net(self._normalise(images))
+        cls_targets, box_targets, num_positives = self.labeler.batch_label_anchors(yxyx, classes)
+        _, class_loss, box_loss = self.loss_fn(class_out, box_out, cls_targets, box_targets, num_positives)
         # effdet's total is class_loss + box_loss_weight * box_loss; report the weighted term so the parts
         # add up to "loss" like every other family's.
-        return {"class_loss": out["class_loss"], "box_loss": self.net.config.box_loss_weight * out["box_loss"]}
+        return {"class_loss": class_loss, "box_loss": self.net.config.box_loss_weight * box_loss}
 
     def _detect(self, images: Tensor) -> list[Detections]:
         config = self.net.config

@@ -111,6 +111,10 @@ def read_state_dict(source: str | Path | Mapping[str, Any], use_ema: bool = True
 
 
 def _torch_load(path: Path) -> Mapping[str, Any]:
+    if path.suffix == ".safetensors":  # how timm's weights come from the Hugging Face hub
+        from safetensors.torch import load_file
+
+        return load_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -1,0 +1,686 @@
+"""The ledger from submission file to leaderboard score: is CV telling the truth about the LB?
+
+    python -m pipeline.leaderboard show [--csv]
+    python -m pipeline.leaderboard record 20261123-101500_demo-ens.csv --public 0.7123 [--private 0.6901]
+    python -m pipeline.leaderboard sync --competition global-wheat-detection      # needs `pip install kaggle`
+    python -m pipeline.leaderboard score 20261123-101500_demo-ens.csv --config configs/demo/base.yaml [--labels F]
+    python -m pipeline.leaderboard plot [--out submissions/cv_vs_lb.png]
+
+Every submission in ``submissions/`` has a sidecar ``<file>.meta.json`` (written by the submission stage) and a
+row in ``submissions/ledger.csv``: a plain CSV, written atomically, that works without MLflow and diffs well.
+The same facts are in MLflow as the "submission" runs (tags ``pipeline.stage=submission``,
+``pipeline.submission_hash``), which get the metrics ``lb_public`` / ``lb_private`` once scores are known.
+A sidecar without a ledger row (a ``submissions/`` folder copied from a Kaggle notebook) is picked up as well.
+
+Linking Kaggle to the ledger (``sync``): a Kaggle submission matches the ledger row whose file name (or its
+stem, or the first 12 characters of its content hash) appears in the submission's description, else the one
+row with the same file name. Code competitions name every file ``submission.csv``, so put the ledger's file
+name in the message: ``kaggle competitions submit -c SLUG -f submissions/X.csv -m "X.csv"``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.config import ConfigError, TrackingConfig
+from pipeline.io import atomic_write_text
+from pipeline import tracking
+
+log = logging.getLogger(__name__)
+
+LEDGER_NAME = "ledger.csv"
+META_SUFFIX = ".meta.json"
+DEFAULT_DIR = Path("submissions")
+LEDGER_COLUMNS = [
+    "file", "created", "experiment", "ensemble", "members", "cv", "metric", "format", "content_hash", "config",
+    "mlflow_run_id", "source_run_id", "tracking_uri", "public", "private", "lb_source", "lb_updated", "kaggle_ref",
+]
+LB_COLUMNS = ["public", "private", "lb_source", "lb_updated", "kaggle_ref"]
+_HASH_PREFIX = 12  # characters of the content hash that identify a submission in a Kaggle description
+
+
+class LeaderboardError(RuntimeError):
+    """A user error: printed as one clear line, exit code 1, no traceback."""
+
+
+# --------------------------------------------------------------------------------------------- ledger file
+
+
+def _num(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ""
+    if isinstance(value, (list, tuple)):
+        return ";".join(str(v) for v in value)
+    return str(value)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _when(values: Any) -> Any:
+    """Dates as UTC timestamps (NaT when unreadable): ISO strings, Kaggle's dates and naive dates all compare."""
+    return pd.to_datetime(pd.Series(values, dtype="object"), errors="coerce", utc=True, format="mixed")
+
+
+def _newer(a: str, b: str) -> bool:
+    ta, tb = _when([a, b])
+    return not pd.isna(ta) and (pd.isna(tb) or ta > tb)
+
+
+def ledger_path(ledger_dir: str | Path = DEFAULT_DIR) -> Path:
+    return Path(ledger_dir) / LEDGER_NAME
+
+
+def _read_ledger_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            return []
+        if "file" not in reader.fieldnames:
+            raise LeaderboardError(f"{path}: not a ledger (no 'file' column; found {reader.fieldnames})")
+        # columns added in later versions read as empty, unknown columns are kept
+        return [{c: row.get(c) or "" for c in LEDGER_COLUMNS} | {k: v or "" for k, v in row.items()
+                                                                   if k not in LEDGER_COLUMNS and k}
+                for row in reader]
+
+
+def _row_from_meta(meta: Mapping[str, Any]) -> dict[str, str]:
+    row = {c: "" for c in LEDGER_COLUMNS}
+    for key in ("created", "experiment", "ensemble", "members", "cv", "metric", "format", "content_hash", "config"):
+        row[key] = _text(meta.get(key))
+    row["file"] = Path(str(meta["file"])).name
+    row["source_run_id"] = _text(meta.get("mlflow_run_id"))
+    return row
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LeaderboardError(f"{path}: not a readable submission sidecar ({exc})") from None
+    if not isinstance(meta, dict):
+        raise LeaderboardError(f"{path}: expected a JSON object")
+    meta.setdefault("file", path.name.removesuffix(META_SUFFIX))
+    return meta
+
+
+def load_ledger(ledger_dir: str | Path = DEFAULT_DIR) -> list[dict[str, str]]:
+    """The ledger rows (oldest first), plus a row for every ``*.meta.json`` sidecar the CSV does not list yet."""
+    ledger_dir = Path(ledger_dir)
+    rows = _read_ledger_csv(ledger_path(ledger_dir))
+    known = {r["file"] for r in rows}
+    for sidecar in sorted(ledger_dir.glob(f"*{META_SUFFIX}")):
+        try:
+            row = _row_from_meta(_read_meta(sidecar))
+        except LeaderboardError as exc:
+            log.warning("skipped: %s", exc)
+            continue
+        if row["file"] not in known:
+            log.info("ledger: added %s from its sidecar", row["file"])
+            rows.append(row)
+            known.add(row["file"])
+    return rows
+
+
+def save_ledger(rows: Sequence[Mapping[str, str]], ledger_dir: str | Path = DEFAULT_DIR) -> Path:
+    """Write the ledger atomically (a reader never sees half a file)."""
+    extra = sorted({k for r in rows for k in r} - set(LEDGER_COLUMNS))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LEDGER_COLUMNS + extra, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in LEDGER_COLUMNS + extra})
+    return atomic_write_text(ledger_path(ledger_dir), buffer.getvalue())
+
+
+def _ledger_lock(ledger_dir: Path):
+    return tracking.file_lock(Path(ledger_dir) / ".ledger.lock")  # two stages writing the ledger at once
+
+
+# --------------------------------------------------------------------------------------------- registering
+
+
+def register_submission(meta: Mapping[str, Any], tracking_cfg: TrackingConfig | None = None, *,
+                        experiment: str | None = None, ledger_dir: str | Path | None = None) -> dict[str, str]:
+    """Add a submission to the ledger (``<ledger_dir>/ledger.csv``) and log its MLflow "submission" run.
+
+    ``meta``: the sidecar's content (file, created, ensemble, members, cv, metric, format, content_hash, config,
+    mlflow_run_id: the run that made the predictions, or None). ``ledger_dir``: default the folder of
+    ``meta["file"]`` when it has one, else ``submissions/``. Registering a file again updates its row; its
+    leaderboard scores are kept unless the content changed. Never fails on MLflow: see :mod:`pipeline.tracking`.
+    """
+    if not meta.get("file"):
+        raise ValueError("submission meta has no 'file'")
+    if ledger_dir is None:
+        parent = Path(str(meta["file"])).parent
+        ledger_dir = parent if parent != Path(".") else DEFAULT_DIR
+    ledger_dir = Path(ledger_dir)
+    experiment = experiment or str(meta.get("experiment") or "submissions")
+    row = _row_from_meta(meta) | {"experiment": experiment}
+    run_id = tracking.log_submission(meta, tracking_cfg, experiment=experiment, fallback_dir=ledger_dir)
+    row["mlflow_run_id"] = run_id or ""
+    row["tracking_uri"] = tracking._safe_uri(tracking.resolve_uri(tracking_cfg)) if run_id else ""
+    with _ledger_lock(ledger_dir):
+        rows = load_ledger(ledger_dir)
+        old = next((r for r in rows if r["file"] == row["file"]), None)
+        if old is None:
+            rows.append(row)
+        else:
+            if old["content_hash"] == row["content_hash"]:  # same content: its LB scores still hold
+                row |= {k: old[k] for k in LB_COLUMNS}
+            old.clear()
+            old.update(row)
+        save_ledger(rows, ledger_dir)
+    return row
+
+
+# --------------------------------------------------------------------------------------------- finding rows
+
+
+def _content_hash(path: Path) -> str | None:
+    try:
+        from pipeline.submission import content_hash  # lazy: written by the submission stage's module
+    except ImportError:
+        return None
+    try:
+        return content_hash(path)
+    except Exception:  # noqa: BLE001 - a file we cannot hash just does not match by hash
+        return None
+
+
+def find_rows(rows: Sequence[Mapping[str, str]], ident: str, ledger_dir: Path) -> list[int]:
+    """Indices of the rows ``ident`` names: a file name or path, a content hash or a hash prefix (>= 6 chars).
+    Several rows only when ``ident`` is a hash that several registered copies share."""
+    name = Path(ident).name
+    by_name = [i for i, r in enumerate(rows) if r["file"] == name]
+    if by_name:
+        return by_name
+    key = ident.strip().lower()
+    by_hash = [i for i, r in enumerate(rows)
+               if r["content_hash"] and (r["content_hash"].lower() == key
+                                         or (len(key) >= 6 and r["content_hash"].lower().startswith(key)))]
+    if by_hash:
+        return by_hash
+    path = Path(ident)
+    digest = _content_hash(path) if path.is_file() else None
+    if digest:
+        return [i for i, r in enumerate(rows) if r["content_hash"] == digest]
+    return []
+
+
+def _require_rows(rows: Sequence[Mapping[str, str]], ident: str, ledger_dir: Path) -> list[int]:
+    found = find_rows(rows, ident, ledger_dir)
+    if not found:
+        listed = ", ".join(r["file"] for r in rows[-5:]) or "none yet"
+        raise LeaderboardError(
+            f"unknown submission {ident!r}: not in {ledger_path(ledger_dir)} by file name or content hash "
+            f"(latest: {listed}); the submission stage registers files, or use --dir to point at another folder")
+    return found
+
+
+# --------------------------------------------------------------------------------------------- scores -> MLflow
+
+
+def _store_exists(uri: str) -> bool:
+    """False for a SQLite store whose file is missing: recording a score must not create an empty store."""
+    db = tracking._sqlite_file(uri)
+    return db is None or db.is_file()
+
+
+def _log_lb(row: Mapping[str, str], ledger_dir: Path, tracking_uri: str | None) -> None:
+    uri = tracking_uri or row.get("tracking_uri") or tracking.resolve_uri()
+    if not _store_exists(uri):
+        return
+    cfg = TrackingConfig(uri=uri)
+    run_id = row.get("mlflow_run_id") or tracking.find_submission_run(cfg, row.get("content_hash", ""))
+    scores = {"lb_public": _num(row.get("public")), "lb_private": _num(row.get("private"))}
+    tags = {"pipeline.lb_source": row.get("lb_source"), "pipeline.kaggle_ref": row.get("kaggle_ref") or None}
+    if run_id and tracking.log_lb_scores(cfg, run_id, scores, experiment=row.get("experiment") or "submissions",
+                                         fallback_dir=ledger_dir, tags=tags):
+        log.info("MLflow: lb scores logged on run %s", run_id)
+
+
+def set_scores(rows: list[dict[str, str]], index: int, *, public: float | None = None,
+               private: float | None = None, source: str, ref: str = "") -> dict[str, str]:
+    row = rows[index]
+    if public is not None:
+        row["public"] = _text(float(public))
+    if private is not None:
+        row["private"] = _text(float(private))
+    row["lb_source"], row["lb_updated"] = source, _now()
+    if ref:
+        row["kaggle_ref"] = ref
+    return row
+
+
+def record(ident: str, *, public: float | None, private: float | None, ledger_dir: Path = DEFAULT_DIR,
+           source: str = "manual", tracking_uri: str | None = None) -> list[dict[str, str]]:
+    """Attach leaderboard scores to a submission (ledger row and its MLflow run). Returns the updated rows."""
+    if public is None and private is None:
+        raise LeaderboardError("give --public and/or --private")
+    with _ledger_lock(ledger_dir):
+        rows = load_ledger(ledger_dir)
+        updated = [set_scores(rows, i, public=public, private=private, source=source)
+                   for i in _require_rows(rows, ident, ledger_dir)]
+        save_ledger(rows, ledger_dir)
+    for row in updated:
+        _log_lb(row, ledger_dir, tracking_uri)
+    return updated
+
+
+# --------------------------------------------------------------------------------------------- local scoring
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def read_labels_csv(path: str | Path, classes: Sequence[str] | None):
+    """A train.csv-style GWD file (``image_id[,width,height],bbox[,source][,label]``, bbox ``"[x, y, w, h]"``)
+    as an AnnotationTable. A row with an empty bbox lists an image without boxes. Without ``classes``: the sorted
+    names of the ``label`` column, else ``["wheat"]``."""
+    from pipeline.data import AnnotationTable, DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LeaderboardError(f"labels file not found: {path}")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV ({exc})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    if not {"image_id", "bbox"} <= set(df.columns):
+        raise DataError(f"{path}: expected columns image_id,bbox (train.csv format); found {list(df.columns)}")
+    df["image_id"] = df.image_id.str.strip()
+    has_label = "label" in df.columns
+    if classes is None:
+        classes = sorted(set(df.label.str.strip()) - {""}) if has_label else ["wheat"]
+    images = df.drop_duplicates("image_id").assign(path="")
+    for col in ("width", "height"):
+        images[col] = pd.to_numeric(images[col], errors="coerce").fillna(0) if col in images else 0
+    boxes = []
+    for line, (image_id, bbox, label) in enumerate(
+            zip(df.image_id, df.bbox, df.label if has_label else [""] * len(df)), start=2):
+        if not bbox.strip() or bbox.strip() == "[]":
+            continue
+        numbers = [float(n) for n in _NUMBER.findall(bbox)]
+        if len(numbers) != 4:
+            raise DataError(f"{path} line {line}: bbox {bbox!r} is not [x, y, w, h]")
+        x, y, w, h = numbers
+        name = label.strip() if has_label else classes[0]
+        if name not in classes:
+            raise DataError(f"{path} line {line}: label {name!r} is not one of the classes {list(classes)}")
+        if w > 0 and h > 0:
+            boxes.append((image_id, x, y, x + w, y + h, list(classes).index(name)))
+    boxes_df = pd.DataFrame(boxes, columns=["image_id", "x1", "y1", "x2", "y2", "label"])
+    return AnnotationTable(images[["image_id", "path", "width", "height"]], boxes_df, list(classes))
+
+
+def _with_images(table, image_ids: Sequence[str]):
+    """``table`` plus the images of ``image_ids`` it lacks, as images without boxes."""
+    from pipeline.data import AnnotationTable
+
+    missing = sorted(set(image_ids) - set(table.images.image_id))
+    if not missing:
+        return table
+    extra = pd.DataFrame({"image_id": missing, "path": "", "width": 0, "height": 0})
+    return AnnotationTable(pd.concat([table.images, extra], ignore_index=True), table.boxes, table.classes)
+
+
+def score_submission(submission: Path, *, fmt: str, cfg, labels: Path | None = None):
+    """Score a submission file against held-out labels with ``cfg.metric``: the GWD-style ``labels`` CSV (images
+    only in the submission count as empty images), or the config's test split (``load_dataset(cfg.data, "test")``,
+    whose boxes come from ``data.test_csv`` & co). Returns the ``MetricResult``."""
+    from pipeline.data import load_dataset
+    from pipeline.metrics import evaluate  # lazy: heavy, and only this command needs it
+    from pipeline.submission import read_submission
+
+    try:
+        if labels is not None:
+            gt = read_labels_csv(labels, cfg.data.classes)
+            preds = read_submission(submission, fmt, gt.classes)
+            gt = _with_images(gt, [str(i) for i in pd.unique(preds["image_id"])])
+            return evaluate(cfg.metric, gt, preds)
+        gt = load_dataset(cfg.data, "test")
+        if len(gt.boxes) == 0:
+            raise LeaderboardError(
+                f"the test split of {cfg.data.name} has no labels (data.test_csv / test_json / test_split): "
+                "pass --labels FILE")
+        preds = read_submission(submission, fmt, gt.classes)
+        return evaluate(cfg.metric, gt, preds, list(gt.images.image_id))
+    except ValueError as exc:  # bad labels, a submission that does not fit the classes: the user's to fix
+        raise LeaderboardError(f"cannot score {submission.name}: {exc}") from None
+
+
+def score(ident: str, *, config: Path, overrides: Sequence[str] = (), labels: Path | None = None,
+          as_: str = "public", ledger_dir: Path = DEFAULT_DIR, tracking_uri: str | None = None) -> float:
+    """``score`` command: score the submission locally and record the score as its public or private LB."""
+    from pipeline.config import load_config
+
+    cfg = load_config(config, list(overrides))
+    rows = load_ledger(ledger_dir)
+    index = _require_rows(rows, ident, ledger_dir)[0]
+    row = rows[index]
+    path = Path(ledger_dir) / row["file"]
+    if not path.is_file():
+        raise LeaderboardError(f"submission file {path} not found")
+    if row["metric"] and row["metric"] != cfg.metric:
+        log.warning("%s was made for metric %s; scoring with the config's %s", row["file"], row["metric"],
+                    cfg.metric)
+    result = score_submission(path, fmt=row["format"] or cfg.submission.format, cfg=cfg, labels=labels)
+    source = f"local:{labels.name if labels else cfg.data.name + '/test'}"
+    record(row["file"], public=result.score if as_ == "public" else None,
+           private=result.score if as_ == "private" else None, ledger_dir=ledger_dir, source=source,
+           tracking_uri=tracking_uri)
+    return float(result.score)
+
+
+# --------------------------------------------------------------------------------------------- Kaggle sync
+
+
+def kaggle_credentials() -> str | None:
+    """Where Kaggle credentials are (env vars or a token file), or None."""
+    import os
+
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        return "KAGGLE_USERNAME/KAGGLE_KEY"
+    if os.environ.get("KAGGLE_API_TOKEN"):
+        return "KAGGLE_API_TOKEN"
+    folders = [Path(os.environ["KAGGLE_CONFIG_DIR"])] if os.environ.get("KAGGLE_CONFIG_DIR") else []
+    folders += [Path.home() / ".kaggle", Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "kaggle"]
+    for folder in folders:
+        for name in ("kaggle.json", "access_token"):
+            if (folder / name).is_file():
+                return str(folder / name)
+    return None
+
+
+def kaggle_api() -> Any:
+    """An authenticated ``kaggle`` API client; LeaderboardError with what to do when that is impossible."""
+    import importlib.util
+
+    try:
+        installed = importlib.util.find_spec("kaggle") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        installed = False
+    if kaggle_credentials() is None:
+        raise LeaderboardError(
+            "no Kaggle credentials: create an API token on kaggle.com (Settings > API) and save it as "
+            "~/.kaggle/kaggle.json (chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY"
+            + ("" if installed else "; the kaggle package is also needed: pip install kaggle"))
+    try:
+        from kaggle.api.kaggle_api_extended import KaggleApi
+    except ImportError:
+        raise LeaderboardError("the kaggle package is not installed: pip install kaggle") from None
+    api = KaggleApi()
+    try:
+        api.authenticate()
+    except Exception as exc:  # noqa: BLE001 - kaggle raises OSError/ValueError/SystemExit-like errors
+        raise LeaderboardError(f"Kaggle authentication failed: {exc}") from None
+    return api
+
+
+def _field(obj: Any, *names: str) -> Any:
+    """A field of a Kaggle submission: a dict (recorded JSON) or an object, camelCase (kaggle <= 1.6) or
+    snake_case (kaggle >= 1.7, kagglesdk ``ApiSubmission``)."""
+    for name in names:
+        value = obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+        if value not in (None, ""):
+            return value
+    return None
+
+
+def normalise_kaggle(sub: Any) -> dict[str, Any]:
+    """Fields used from ``api.competition_submissions(slug)``: ref, fileName, date, description, status,
+    publicScore, privateScore (snake_case twins accepted)."""
+    status = _field(sub, "status")
+    status = getattr(status, "name", status)  # kagglesdk: SubmissionStatus.COMPLETE
+    date = _field(sub, "date")
+    return {
+        "ref": _text(_field(sub, "ref")),
+        "file_name": _text(_field(sub, "fileName", "file_name")),
+        "date": date.isoformat() if hasattr(date, "isoformat") else _text(date),
+        "description": _text(_field(sub, "description")),
+        "status": str(status or "").rsplit(".", 1)[-1].lower(),
+        "public": _num(_field(sub, "publicScore", "public_score")),
+        "private": _num(_field(sub, "privateScore", "private_score")),
+    }
+
+
+def match_kaggle(rows: Sequence[Mapping[str, str]], sub: Mapping[str, Any]) -> int | None:
+    """The ledger row a normalised Kaggle submission belongs to (see the module docstring), or None."""
+    desc = sub["description"]
+    best, best_len = None, 0
+    for i, row in enumerate(rows):
+        keys = [row["file"], Path(row["file"]).stem]
+        if len(row["content_hash"]) >= _HASH_PREFIX:
+            keys.append(row["content_hash"][:_HASH_PREFIX])
+        for key in keys:
+            if key and key in desc and len(key) > best_len:  # the longest match: "ens-2" over "ens"
+                best, best_len = i, len(key)
+    if best is not None:
+        return best
+    same_name = [i for i, r in enumerate(rows) if sub["file_name"] and r["file"] == sub["file_name"]]
+    return same_name[0] if len(same_name) == 1 else None
+
+
+def sync(competition: str, *, ledger_dir: Path = DEFAULT_DIR, api: Any = None,
+         tracking_uri: str | None = None) -> dict[str, list]:
+    """Fetch the user's Kaggle submissions and copy their scores into the ledger.
+
+    Only scored (complete) submissions update rows; for a row matched by several, the newest wins. kaggle >= 1.7
+    returns the most recent page of submissions (about 20), which is what a running competition needs.
+    Returns ``{"updated": [(file, public, private)], "unmatched": [kaggle dicts], "pending": [kaggle dicts]}``.
+    """
+    api = api if api is not None else kaggle_api()
+    try:
+        raw = api.competition_submissions(competition)
+    except Exception as exc:  # noqa: BLE001 - network / 403 / unknown competition, all reported the same way
+        raise LeaderboardError(f"Kaggle: cannot list submissions of {competition!r}: {exc}") from None
+    subs = [normalise_kaggle(s) for s in raw or []]
+    report: dict[str, list] = {"updated": [], "unmatched": [], "pending": []}
+    with _ledger_lock(ledger_dir):
+        rows = load_ledger(ledger_dir)
+        chosen: dict[int, dict[str, Any]] = {}
+        for sub in subs:
+            if sub["status"] != "complete" or (sub["public"] is None and sub["private"] is None):
+                report["pending"].append(sub)
+                continue
+            index = match_kaggle(rows, sub)
+            if index is None:
+                report["unmatched"].append(sub)
+            elif index not in chosen or _newer(sub["date"], chosen[index]["date"]):
+                chosen[index] = sub
+        for index, sub in sorted(chosen.items()):
+            row = set_scores(rows, index, public=sub["public"], private=sub["private"], source="kaggle",
+                             ref=sub["ref"])
+            report["updated"].append((row["file"], sub["public"], sub["private"]))
+        if chosen:
+            save_ledger(rows, ledger_dir)
+    for index in chosen:
+        _log_lb(rows[index], ledger_dir, tracking_uri)
+    return report
+
+
+# --------------------------------------------------------------------------------------------- show / plot
+
+
+def ledger_table(rows: Sequence[Mapping[str, str]]) -> pd.DataFrame:
+    """submission, date, members, cv, public, private, gap (public - cv), metric, lb_source; newest first."""
+    df = pd.DataFrame({
+        "submission": [r["file"] for r in rows],
+        "date": [r["created"] for r in rows],
+        "members": [r["members"].replace(";", ",") for r in rows],
+        "cv": [_num(r["cv"]) for r in rows],
+        "public": [_num(r["public"]) for r in rows],
+        "private": [_num(r["private"]) for r in rows],
+        "metric": [r["metric"] for r in rows],
+        "lb_source": [r["lb_source"] for r in rows],
+    }, columns=["submission", "date", "members", "cv", "public", "private", "metric", "lb_source"])
+    for col in ("cv", "public", "private"):
+        df[col] = df[col].astype("float64")
+    df.insert(6, "gap", df.public - df.cv)
+    df["_when"] = _when(df.date)
+    df = df.sort_values(["_when", "submission"], ascending=False, na_position="last", kind="stable")
+    return df.drop(columns="_when").reset_index(drop=True)
+
+
+def show(ledger_dir: Path = DEFAULT_DIR, *, as_csv: bool = False) -> str:
+    rows = load_ledger(ledger_dir)
+    if not rows:
+        return f"no submissions in {ledger_path(ledger_dir)} yet"
+    table = ledger_table(rows)
+    if as_csv:
+        return table.to_csv(index=False)
+    return table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}")
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson's r, or None with fewer than 2 points or no spread."""
+    if len(x) < 2:
+        return None
+    s = pd.Series(list(x), dtype="float64")
+    t = pd.Series(list(y), dtype="float64")
+    if s.std() == 0 or t.std() == 0:
+        return None
+    return float(s.corr(t))
+
+
+def plot(ledger_dir: Path = DEFAULT_DIR, out: Path | None = None) -> tuple[Path, float | None]:
+    """A PNG scatter of CV against public LB (y = x line, Pearson r, one label per point). Returns (png, r)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend switch
+    from matplotlib.figure import Figure
+
+    table = ledger_table(load_ledger(ledger_dir)).dropna(subset=["cv", "public"])
+    if table.empty:
+        raise LeaderboardError(
+            f"nothing to plot: no submission in {ledger_path(ledger_dir)} has both a CV and a public LB score; "
+            "add scores with `record FILE --public X` or `sync --competition SLUG`")
+    r = pearson(table.cv, table.public)
+    fig = Figure(figsize=(6.5, 6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(table.cv, table.public, zorder=3)
+    for name, x, y in zip(table.submission, table.cv, table.public):
+        ax.annotate(Path(name).stem, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    lo = min(table.cv.min(), table.public.min())
+    hi = max(table.cv.max(), table.public.max())
+    pad = max(hi - lo, 1e-3) * 0.1
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "--", color="grey", label="y = x (LB = CV)")
+    metric = next((m for m in table.metric if m), "score")
+    ax.set_xlabel(f"CV ({metric}, out-of-fold)")
+    ax.set_ylabel("public LB")
+    ax.set_title(f"CV vs public LB: n = {len(table)}, Pearson r = {r:.3f}" if r is not None
+                 else f"CV vs public LB: n = {len(table)}, Pearson r needs 2+ distinct points")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out = Path(out) if out is not None else Path(ledger_dir) / "cv_vs_lb.png"
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    from pipeline.io import atomic_write
+
+    with atomic_write(out, "wb") as f:
+        f.write(buffer.getvalue())
+    return out, r
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="submissions folder (default: submissions)")
+    common.add_argument("--tracking-uri", help="MLflow store for lb metrics (default: the one the row was logged to)")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.leaderboard", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("show", parents=[common], help="print the ledger, newest first")
+    p.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    p = sub.add_parser("record", parents=[common], help="attach leaderboard scores to a submission")
+    p.add_argument("submission", help="file name, path or content hash")
+    p.add_argument("--public", type=float)
+    p.add_argument("--private", type=float)
+    p = sub.add_parser("sync", parents=[common], help="copy scores from your Kaggle submissions (pip install kaggle)")
+    p.add_argument("--competition", required=True, help="competition slug, e.g. global-wheat-detection")
+    p = sub.add_parser("score", parents=[common], help="score a submission locally and record it as the LB")
+    p.add_argument("submission")
+    p.add_argument("--config", required=True, type=Path, help="YAML config (metric, classes, test split)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--labels", type=Path, help="train.csv-style GWD labels (default: the config's test split)")
+    p.add_argument("--as", dest="as_", choices=["public", "private"], default="public")
+    p = sub.add_parser("plot", parents=[common], help="PNG of CV against public LB")
+    p.add_argument("--out", type=Path, help="PNG path (default: <dir>/cv_vs_lb.png)")
+    return parser
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "show":
+        print(show(args.dir, as_csv=args.csv), end="" if args.csv else "\n")
+    elif args.command == "record":
+        for row in record(args.submission, public=args.public, private=args.private, ledger_dir=args.dir,
+                          tracking_uri=args.tracking_uri):
+            cv, public = _num(row["cv"]), _num(row["public"])
+            gap = f", gap {public - cv:+.4f}" if cv is not None and public is not None else ""
+            print(f"{row['file']}: CV {_fmt(cv)}, public {_fmt(public)}, private {_fmt(_num(row['private']))}{gap}")
+    elif args.command == "sync":
+        report = sync(args.competition, ledger_dir=args.dir, tracking_uri=args.tracking_uri)
+        for file, public, private in report["updated"]:
+            print(f"updated {file}: public {_fmt(public)}, private {_fmt(private)}")
+        for s in report["unmatched"]:
+            print(f"not in the ledger: Kaggle {s['ref'] or '?'} {s['file_name']!r} ({s['description']!r}) "
+                  f"public {_fmt(s['public'])}; put the ledger file name in the submission message to link it")
+        if report["pending"]:
+            print(f"{len(report['pending'])} submission(s) not scored yet (pending or failed)")
+        if not report["updated"]:
+            print("no ledger row updated")
+    elif args.command == "score":
+        value = score(args.submission, config=args.config, overrides=args.overrides, labels=args.labels,
+                      as_=args.as_, ledger_dir=args.dir, tracking_uri=args.tracking_uri)
+        print(f"{Path(args.submission).name}: local {args.as_} score {value:.4f}")
+    elif args.command == "plot":
+        out, r = plot(args.dir, args.out)
+        print(f"wrote {out} (Pearson r = {'n/a' if r is None else f'{r:.3f}'})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.data import DataError
+
+    try:
+        return _run(args)
+    except (LeaderboardError, ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny generated dataset, tiny model configs, and an MLflow store that is never the user's."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ExperimentConfig, SyntheticConfig, load_config
+from pipeline.data.synthetic import generate
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SYNTHETIC = SyntheticConfig(seed=1, n_train=24, n_test=6, image_size=128, max_objects=8)
+FRCNN_TINY = {
+    "name": "fasterrcnn_timm", "arch": "mobilenetv3_small_050", "image_size": 128,
+    "options": {"fpn_channels": 32, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
+                "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100,
+                "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 64,
+                "anchor_sizes": [[8], [16], [32], [64], [128]]},
+}
+EFFDET_TINY = {
+    "name": "efficientdet", "arch": "tf_efficientdet_lite0", "image_size": 128,
+    "options": {"fpn_channels": 32, "fpn_cell_repeats": 1, "box_class_repeats": 1},
+}
+
+
+@pytest.fixture(autouse=True)
+def _private_mlflow_store(tmp_path_factory, monkeypatch):
+    """Every test logs to one throwaway SQLite store, never to the project's mlflow.db."""
+    store = tmp_path_factory.getbasetemp() / "mlflow-session.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("tiny_data"), TINY_SYNTHETIC)
+
+
+def write_config(tmp_path: Path, data_root: Path, model: dict | None = None, **sections) -> Path:
+    """A config YAML in ``tmp_path`` for the tiny dataset; ``sections`` override top-level keys."""
+    tree = yaml.safe_load((REPO / "configs/demo/base.yaml").read_text())
+    tree["data"]["root"] = str(data_root)
+    tree["data"]["synthetic"] = TINY_SYNTHETIC.model_dump()
+    tree.update(runs_dir=str(tmp_path / "runs"), run="tiny", model=model or FRCNN_TINY)
+    tree["folds"] = {"k": 2, "seed": 0, "box_count_bins": [0, 1], "dir": str(tmp_path / "folds")}
+    tree["train"] = {"epochs": 2, "batch_size": 4, "lr": 0.002, "warmup_epochs": 0.5, "num_workers": 0,
+                     "max_steps_per_epoch": 2, "progress": False, **sections.pop("train", {})}
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def tiny_config(tmp_path: Path, data_root: Path, model: dict | None = None, **sections) -> ExperimentConfig:
+    return load_config(write_config(tmp_path, data_root, model, **sections))

