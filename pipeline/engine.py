@@ -89,7 +89,7 @@ def train_one_epoch(
     sums: dict[str, float] = {}
     n_batches, n_images, start = 0, 0, time.perf_counter()
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch * cfg.grad_accum)
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", leave=False, disable=not (cfg.progress and dist.is_main()))
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", leave=False, disable=None if cfg.progress and dist.is_main() else True)  # None: off when not a terminal
     optimizer.zero_grad(set_to_none=True)
     for i, (images, targets, _) in enumerate(bar):
         if i >= steps:
@@ -143,7 +143,7 @@ def predict(detector: nn.Module, loader: Iterable, precision: Precision, size: i
     """Prediction table (original-image pixels) for every image of ``loader``; resize is inverted per axis."""
     detector.eval()
     frames = []
-    for images, _, metas in tqdm(loader, desc="predict", leave=False, disable=not progress):
+    for images, _, metas in tqdm(loader, desc="predict", leave=False, disable=None if progress else True):
         with precision.autocast():
             outputs = detector.predict(precision.images(images))
         for out, meta in zip(outputs, metas):

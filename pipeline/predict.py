@@ -62,7 +62,7 @@ def predict_images(model, records, cfg: ExperimentConfig, views: list[str], fold
     loader = DataLoader(EvalDataset(records, size), batch_size=cfg.predict.batch_size,
                         num_workers=cfg.train.num_workers, collate_fn=collate)
     frames = []
-    for images, _, metas in tqdm(loader, desc=f"fold {fold}", leave=False, disable=not cfg.train.progress):
+    for images, _, metas in tqdm(loader, desc=f"fold {fold}", leave=False, disable=None if cfg.train.progress else True):
         with precision.autocast():
             per_image = predict_views(model, precision.images(images), views, cfg.predict.batch_size)
         for detections, meta in zip(per_image, metas):

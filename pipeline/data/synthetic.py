@@ -97,7 +97,7 @@ def make_image(rng: np.random.Generator, cfg: SyntheticConfig, source: int) -> t
     n_classes = len(cfg.classes)
     for _ in range(_object_count(rng, cfg.max_objects)):
         cls = int(rng.integers(0, n_classes))
-        r = float(np.exp(rng.uniform(np.log(size / 48), np.log(size / 12))))  # 4x scale range
+        r = float(np.exp(rng.uniform(np.log(size / 36), np.log(size / 10))))  # 3.6x scale range
         cx, cy = rng.uniform(r * 0.6, size - r * 0.6, 2)  # may be cut by the border a little
         colour = np.asarray(_CLASS_COLOURS[cls % len(_CLASS_COLOURS)], np.float32)
         colour = colour + rng.normal(0, 12, 3)

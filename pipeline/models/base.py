@@ -94,9 +94,13 @@ class Detector(nn.Module):
 
     def _finish(self, d: Detections) -> Detections:
         # Clamp to the image and cap the count here, once, so no family can leak boxes outside [0, S].
-        keep = torch.argsort(d["scores"], descending=True)[: self.max_detections]
+        # A box squeezed to zero width or height by the clamp (an untrained regressor points outside the image)
+        # is no detection: it would only be counted and skipped downstream by WBF and the submission writer.
+        boxes = d["boxes"].float().clamp(0, self.image_size)
+        valid = torch.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).flatten()
+        keep = valid[torch.argsort(d["scores"][valid], descending=True)][: self.max_detections]
         return {
-            "boxes": d["boxes"][keep].float().clamp(0, self.image_size),
+            "boxes": boxes[keep],
             "scores": d["scores"][keep].float(),
             "labels": d["labels"][keep].long(),
         }
