@@ -29,9 +29,13 @@ from pipeline.folds import FoldsError, read_folds
 from pipeline.io import atomic_write_text
 from pipeline.metrics import Scorer
 from pipeline.predict import fuse_views, predictions_path
-from pipeline.predictions import normalise_predictions, read_predictions, write_predictions
+from pipeline.predictions import read_predictions, write_predictions
+from pipeline.report import write_ensemble_report
 from pipeline.tracking import log_ensemble
 from pipeline.wbf import fuse_predictions
+
+
+REPORT_SCORE_THR = 0.3
 
 
 class EnsembleError(RuntimeError):
@@ -192,8 +196,15 @@ def run(config_path: Path, overrides: list[str], write_submission: bool = True) 
     default_oof = oof_scorer(fuse(oof_all, train.images, defaults, oof_sets(members), ("model", "tta"),
                                   cfg.ensemble.wbf_backend, "ensemble")).score
     out_dir = ensemble_dir(cfg)
+    fused_oof = fuse(oof_all, train.images, params, oof_sets(members), ("model", "tta"), cfg.ensemble.wbf_backend,
+                     cfg.ensemble.name)
+    write_predictions(fused_oof, out_dir / "oof_fused.parquet")
+    # The picture and breakdown at a working threshold: at the tuned one (often 0 for mAP) every box would be drawn.
+    report = write_ensemble_report(train, fused_oof, folds.image_id.tolist(), out_dir / "report",
+                                   max(params.score_thr, REPORT_SCORE_THR))
     result = {"ensemble": cfg.ensemble.name, "metric": cfg.metric, "members": [m.name for m in members],
-              "params": asdict(params), "oof": oof_score, "oof_defaults": default_oof, "evaluations": evaluations}
+              "test_labelled": labelled,
+              "params": asdict(params), "oof": oof_score, "report": report, "oof_defaults": default_oof, "evaluations": evaluations}
     full = {"row": "ensemble, WBF tuned on OOF", "oof": oof_score}
     default_row = {"row": "ensemble, ensemble-boxes defaults", "oof": default_oof}
     if all(m.test is not None for m in members) and test_table is not None:

@@ -31,6 +31,13 @@ def run(config_dir: Path, overrides: list[str]) -> dict:
             predict.run(cfg, split, list(cfg.predict.tta))
     print("\n=== ensemble ===", flush=True)
     result = ensemble.run(ensemble_path, overrides)
+    if result.get("submission") and result.get("test_labelled"):
+        # the test split carries labels (a local hidden split): score the file and record it as its public LB
+        from pipeline.leaderboard import score
+
+        lb = score(Path(result["submission"]).name, config=ensemble_path, overrides=overrides,
+                   ledger_dir=ens_cfg.submission.dir)
+        print(f"local leaderboard ({ens_cfg.metric} on the hidden test labels): {lb:.4f}  (OOF CV {result['oof']:.4f})")
     print(f"\nsubmission chain done in {time.perf_counter() - t0:.0f} s: {result.get('submission')}")
     return result
 

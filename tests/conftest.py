@@ -55,3 +55,20 @@ def write_config(tmp_path: Path, data_root: Path, model: dict | None = None, **s
 
 def tiny_config(tmp_path: Path, data_root: Path, model: dict | None = None, **sections) -> ExperimentConfig:
     return load_config(write_config(tmp_path, data_root, model, **sections))
+
+
+def write_config_dir(tmp_path: Path, data_root: Path, members: dict[str, dict], **sections) -> Path:
+    """A config folder like configs/demo: base.yaml, one YAML per member and ensemble.yaml."""
+    base = write_config(tmp_path, data_root, None, **sections)
+    tree = yaml.safe_load(base.read_text())
+    tree.pop("model")
+    tree["submission"] = {"format": "label_conf_xyxy", "dir": str(tmp_path / "submissions")}
+    tree["ensemble"] = {"tune": {"iou_thr": [0.5, 0.6], "skip_box_thr": [0.0], "score_thr": [0.0, 0.1],
+                                 "weight_steps": 2}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tree))
+    for name, model in members.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(
+            {"base": "base.yaml", "run": name, "model": model, "predict": {"tta": ["none", "hflip"]}}))
+    (tmp_path / "ensemble.yaml").write_text(yaml.safe_dump(
+        {"base": "base.yaml", "ensemble": {"name": "tiny-ens", "members": [{"config": f"{n}.yaml"} for n in members]}}))
+    return tmp_path

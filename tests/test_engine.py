@@ -1,0 +1,47 @@
+"""Predictions come back in original-image pixels: the resize is inverted per axis."""
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from pipeline.config import TrainConfig
+from pipeline.data.table import AnnotationTable
+from pipeline.dataset import EvalDataset, collate, make_records
+from pipeline.engine import predict, resolve_precision
+
+
+class CornerDetector(torch.nn.Module):
+    """Finds the bright rectangle: its extent in the (resized) input, score 0.9, label 1."""
+
+    def predict(self, images):
+        out = []
+        for image in images:
+            ys, xs = torch.nonzero(image.mean(0) > 0.5, as_tuple=True)
+            box = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+            out.append({"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([1])})
+        return out
+
+
+def test_predictions_are_mapped_back_to_original_pixels(tmp_path):
+    pixels = np.zeros((120, 200, 3), np.uint8)  # 200 wide, 120 high: not square, not the model size
+    pixels[30:90, 40:120] = 255
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    images = __import__("pandas").DataFrame({"image_id": ["a"], "path": [str(tmp_path / "a.png")], "width": [200], "height": [120]})
+    table = AnnotationTable(images, None, ["x", "y"])
+    loader = DataLoader(EvalDataset(make_records(table, ["a"]), 64), batch_size=1, collate_fn=collate)
+    preds = predict(CornerDetector(), loader, resolve_precision(TrainConfig(), torch.device("cpu")), 64, "m", 2, "none")
+    row = preds.iloc[0]
+    # 64 px input: x scale 200/64, y scale 120/64; the rectangle edges survive the resize within a pixel
+    assert abs(row.x1 - 40) <= 200 / 64 and abs(row.x2 - 120) <= 200 / 64
+    assert abs(row.y1 - 30) <= 120 / 64 and abs(row.y2 - 90) <= 120 / 64
+    assert (row.model, row.fold, row.tta, row.label) == ("m", 2, "none", 1)
+
+
+def test_eval_dataset_scales_ground_truth_into_the_input_frame(tmp_path):
+    Image.fromarray(np.zeros((100, 300, 3), np.uint8)).save(tmp_path / "b.jpg")
+    images = __import__("pandas").DataFrame({"image_id": ["b"], "path": [str(tmp_path / "b.jpg")], "width": [300], "height": [100]})
+    boxes = __import__("pandas").DataFrame({"image_id": ["b"], "x1": [30.0], "y1": [10.0], "x2": [150.0], "y2": [50.0], "label": [0]})
+    image, target, meta = EvalDataset(make_records(AnnotationTable(images, boxes, ["x"]), ["b"]), 60)[0]
+    assert image.shape == (3, 60, 60) and image.dtype == torch.uint8
+    assert torch.allclose(target["boxes"], torch.tensor([[6.0, 6.0, 30.0, 30.0]]))
+    assert meta == {"image_id": "b", "width": 300, "height": 100}

@@ -1,0 +1,56 @@
+"""Tuning on OOF: a deterministic, monotone search that finds the better member."""
+import numpy as np
+import pandas as pd
+
+from pipeline.config import MemberConfig, load_config
+from pipeline.data.table import AnnotationTable
+from pipeline.ensemble import FusionParams, Member, fuse, oof_sets, tune
+from pipeline.metrics import Scorer
+
+
+def synthetic(n_images=30, seed=0):
+    rng = np.random.default_rng(seed)
+    images = pd.DataFrame({"image_id": [f"i{i}" for i in range(n_images)], "path": "x", "width": 200, "height": 100})
+    gt, good, bad = [], [], []
+    for image_id in images.image_id:
+        for _ in range(int(rng.integers(1, 6))):
+            x, y, w, h, label = rng.uniform(0, 150), rng.uniform(0, 60), rng.uniform(10, 40), rng.uniform(10, 30), int(rng.integers(0, 2))
+            gt.append((image_id, x, y, x + w, y + h, label))
+            j = rng.normal(0, 1.5, 4)  # a good model: small jitter, confident
+            good.append((image_id, x + j[0], y + j[1], x + w + j[2], y + h + j[3], rng.uniform(0.6, 0.95), label))
+        for _ in range(4):  # a poor model: mostly noise
+            x, y = rng.uniform(0, 150), rng.uniform(0, 60)
+            bad.append((image_id, x, y, x + 30, y + 20, rng.uniform(0.3, 0.9), int(rng.integers(0, 2))))
+    table = AnnotationTable(images, pd.DataFrame(gt, columns=["image_id", "x1", "y1", "x2", "y2", "label"]), ["a", "b"])
+    cols = ["image_id", "x1", "y1", "x2", "y2", "score", "label"]
+
+    def preds(rows, name):
+        return pd.DataFrame(rows, columns=cols).assign(model=name, fold=0, tta="none")
+
+    return table, preds(good, "good"), preds(bad, "bad")
+
+
+def test_tuning_is_monotone_deterministic_and_favours_the_better_member():
+    table, good, bad = synthetic()
+    cfg = load_config("configs/demo/ensemble.yaml")
+    cfg.ensemble.members = [MemberConfig(config="good.yaml"), MemberConfig(config="bad.yaml")]
+    members = [Member("good", cfg, good, None, ["none"]), Member("bad", cfg, bad, None, ["none"])]
+    scorer = Scorer("coco_map", table)
+    params, score, evaluations = tune(members, table.images, scorer, cfg)
+    defaults = FusionParams(weights={"good": 1.0, "bad": 1.0})
+    oof = pd.concat([good, bad])
+    default_score = scorer(fuse(oof, table.images, defaults, oof_sets(members), ("model", "tta"), "numba", "e")).score
+    assert score >= default_score  # every search step includes the current point
+    assert params.weights["good"] > params.weights["bad"]
+    assert evaluations > 1
+    again = tune(members, table.images, scorer, cfg)
+    assert again[0] == params and again[1] == score
+
+
+def test_fixed_member_weights_are_not_tuned():
+    table, good, bad = synthetic(12)
+    cfg = load_config("configs/demo/ensemble.yaml")
+    cfg.ensemble.members = [MemberConfig(config="good.yaml", weight=1.0), MemberConfig(config="bad.yaml", weight=5.0)]
+    members = [Member("good", cfg, good, None, ["none"]), Member("bad", cfg, bad, None, ["none"])]
+    params, _, _ = tune(members, table.images, Scorer("coco_map", table), cfg)
+    assert params.weights == {"good": 1.0, "bad": 5.0}
