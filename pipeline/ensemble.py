@@ -237,7 +237,7 @@ def submit(cfg: ExperimentConfig, fused_test: pd.DataFrame, test_table, result: 
     path = submission_path(cfg.submission.dir, cfg.ensemble.name, format=cfg.submission.format)
     write_submission(fused_test, test_table.images.image_id.tolist(), path, cfg.submission.format,
                      test_table.classes, sample_submission=sample if sample and sample.exists() else None,
-                     image_sizes=sizes)
+                     image_sizes=sizes, coord_decimals=cfg.submission.coord_decimals)
     print(f"wrote {path} (validated)")
     return path
 
