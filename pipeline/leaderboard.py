@@ -335,6 +335,8 @@ def read_labels_csv(path: str | Path, classes: Sequence[str] | None):
             raise DataError(f"{path} line {line}: label {name!r} is not one of the classes {list(classes)}")
         if w > 0 and h > 0:
             boxes.append((image_id, x, y, x + w, y + h, list(classes).index(name)))
+        else:  # counted and logged, never silent (the same repair the readers make)
+            log.warning("%s line %d: box %s has no area; dropped", path, line, bbox)
     boxes_df = pd.DataFrame(boxes, columns=["image_id", "x1", "y1", "x2", "y2", "label"])
     return AnnotationTable(images[["image_id", "path", "width", "height"]], boxes_df, list(classes))
 
