@@ -29,7 +29,7 @@ leaderboard: setup
 	$(PY) -m pipeline.leaderboard show
 
 ui: setup
-	$(PY) -m mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(PY) -m mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf runs mlruns mlflow.db data/demo

@@ -54,10 +54,6 @@ def build_train(cfg: AugmentConfig, size: int, mosaic: bool = False) -> A.Compos
     return A.Compose(steps, bbox_params=bbox_params(cfg), strict=True)
 
 
-def build_eval(size: int) -> A.Compose:
-    return A.Compose([A.Resize(size, size)], bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"]))
-
-
 def mixup(a: dict, b: dict, lam: float) -> dict:
     """Blend two transformed samples; both sets of boxes stay (the Global Wheat winners' variant)."""
     image = (a["image"].astype(np.float32) * lam + b["image"].astype(np.float32) * (1 - lam)).astype(np.uint8)

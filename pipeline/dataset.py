@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.augment import build_eval, build_train, cutmix, mixup
+from pipeline.augment import build_train, cutmix, mixup
 from pipeline.config import AugmentConfig
 from pipeline.data.images import read_image
 from pipeline.data.table import AnnotationTable

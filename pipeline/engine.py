@@ -6,7 +6,6 @@ original-image pixels; ``evaluate`` scores that table with the competition metri
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -168,7 +167,3 @@ def to_table(out: dict, meta: dict, size: int, model_name: str, fold: int, tta: 
 
 def evaluate(metric: str, table: AnnotationTable, preds: pd.DataFrame, image_ids) -> MetricResult:
     return score_predictions(metric, table, preds, image_ids)
-
-
-def is_finite_number(x: float) -> bool:
-    return isinstance(x, float) and math.isfinite(x)
