@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -118,6 +118,12 @@ class TrainConfig(Strict):
     patience: int | None = None  # epochs without improvement before stopping; None: never stop early
     max_steps_per_epoch: int | None = None  # cap for smoke tests
     progress: bool = True
+
+    @field_validator("amp", "channels_last", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as true/false; the user meant the words
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class PredictConfig(Strict):

@@ -57,3 +57,11 @@ def test_every_shipped_config_loads_and_builds_its_augmentation(path):
 
     cfg = load_config(path)
     build_train(cfg.augment, cfg.model.image_size, mosaic=cfg.augment.mosaic_prob > 0)
+
+
+def test_bare_on_off_mean_the_words(tmp_path):
+    path = write(tmp_path / "c.yaml", "data: {name: d, format: voc, root: x}\ntrain: {amp: off, channels_last: on}\n")
+    cfg = load_config(path, ["train.channels_last=off"])
+    assert cfg.train.amp == "off" and cfg.train.channels_last == "off"
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config(path, ["train.amp=on"])  # "on" is not an AMP mode: still an error, naming the key
