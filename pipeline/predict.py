@@ -106,7 +106,7 @@ def run(cfg: ExperimentConfig, split: str, views: list[str], fold_list: list[int
     scores = report_oof(cfg, train_table, folds[folds.fold.isin(fold_list)], preds, views) if split == "oof" else {}
     if cfg.tracking.enabled:
         log_prediction(cfg, split=split, tta_views=views, files=[path], n_images=preds.image_id.nunique(),
-                       n_boxes=len(preds), score=scores.get("tta (wbf)", scores.get(views[0])),
+                       n_boxes=len(preds), score=scores.get("tta_wbf", scores.get(views[0])),
                        extra={f"oof_{k}": v for k, v in scores.items()})
     return path
 
@@ -116,7 +116,7 @@ def report_oof(cfg, table, folds: pd.DataFrame, preds: pd.DataFrame, views: list
     scorer = Scorer(cfg.metric, table, folds.image_id.tolist())
     scores = {view: scorer(preds[preds.tta == view]).score for view in views}
     if len(views) > 1:
-        scores["tta (wbf)"] = scorer(fuse_views(preds, table.images, cfg, views)).score
+        scores["tta_wbf"] = scorer(fuse_views(preds, table.images, cfg, views)).score
     for name, value in scores.items():
         print(f"OOF {cfg.metric} {name:>12}: {value:.4f}")
     return scores
