@@ -93,13 +93,22 @@ def validate(model, val_loader, precision: Precision, cfg: ExperimentConfig, tab
     return preds, evaluate(cfg.metric, table, preds, val_ids)
 
 
+# The sections that decide the trained weights; prediction, ensemble, submission and tracking settings may change
+# between a run and its resume.
+TRAINING_SECTIONS = ("metric", "data", "folds", "model", "augment", "train")
+
+
 def config_fingerprint(cfg: ExperimentConfig) -> dict:
     """What must match between a run and its resume (epochs may grow; workers and progress bars may change)."""
     d = cfg.model_dump(mode="json")
     for key in ("epochs", "num_workers", "progress"):
         d["train"].pop(key)
-    d.pop("tracking")
-    return d
+    return {k: d[k] for k in TRAINING_SECTIONS}
+
+
+def same_training(saved: dict, cfg: ExperimentConfig) -> bool:
+    current = config_fingerprint(cfg)
+    return {k: saved.get(k) for k in current} == current
 
 
 def train_fold(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFrame, fold: int,
@@ -118,7 +127,7 @@ def train_fold(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFram
         if not resume:
             raise TrainError(f"{out} already holds a run: pass --resume to continue it, or delete the folder")
         state = checkpoint.load(last_path)
-        if state["config"] != config_fingerprint(cfg):
+        if not same_training(state["config"], cfg):
             raise TrainError(f"{out}: the config differs from the run being resumed; use another `run:` name")
         finished = state["epoch"] + 1 >= cfg.train.epochs or state["stopped"]
         if finished and (out / "oof.parquet").exists() and "summary" in state:

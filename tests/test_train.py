@@ -125,3 +125,17 @@ def test_ddp_with_gloo_on_two_processes(tmp_path, tiny_data):
     assert oof.image_id.nunique() >= 0.8 * (folds.fold == 0).sum()
     summary = json.loads([line for line in proc.stdout.splitlines() if '"oof"' in line][-1])
     assert summary["fold"] == 0
+
+
+def test_resume_accepts_changed_prediction_settings_but_not_a_changed_model(tmp_path, tiny_data, capsys):
+    cfg = prepared(tmp_path, tiny_data, train={"epochs": 1})
+    train.run(cfg, "0", resume=False)
+    changed = cfg.model_copy(deep=True)
+    changed.predict.tta = ["none", "vflip"]
+    changed.submission.coord_decimals = 2
+    train.run(changed, "0", resume=True)
+    assert "nothing to do" in capsys.readouterr().out
+    other = cfg.model_copy(deep=True)
+    other.model.max_detections = 50
+    with pytest.raises(train.TrainError, match="config differs"):
+        train.run(other, "0", resume=True)
