@@ -54,6 +54,18 @@ def build_train(cfg: AugmentConfig, size: int, mosaic: bool = False) -> A.Compos
     return A.Compose(steps, bbox_params=bbox_params(cfg), strict=True)
 
 
+def reseed(transform: A.Compose, rng: np.random.Generator) -> None:
+    """Seed ``transform`` and each of its steps from its own draw of ``rng``.
+
+    ``Compose.set_random_seed(s)`` hands the same ``s`` to every step, so their first draws coincide: with one
+    reseed per sample, HorizontalFlip(p=0.5), VerticalFlip(p=0.5) and RandomRotate90(p=0.5) fired all together or
+    not at all, and a lone flip was never trained on.
+    """
+    transform.set_random_seed(int(rng.integers(0, 2**31)))
+    for step in transform.transforms:
+        step.set_random_seed(int(rng.integers(0, 2**31)))
+
+
 def mixup(a: dict, b: dict, lam: float) -> dict:
     """Blend two transformed samples; both sets of boxes stay (the Global Wheat winners' variant)."""
     image = (a["image"].astype(np.float32) * lam + b["image"].astype(np.float32) * (1 - lam)).astype(np.uint8)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.augment import build_train, cutmix, mixup
+from pipeline.augment import build_train, cutmix, mixup, reseed
 from pipeline.config import AugmentConfig
 from pipeline.data.images import read_image
 from pipeline.data.table import AnnotationTable
@@ -89,7 +89,7 @@ class TrainDataset(Dataset):
         if self.mosaic_transform is not None and rng.random() < self.cfg.mosaic_prob:
             transform = self.mosaic_transform
             data["mosaic_metadata"] = [self._raw(int(j)) for j in rng.integers(0, len(self), 3)]
-        transform.set_random_seed(int(rng.integers(0, 2**31)))
+        reseed(transform, rng)
         out = transform(**data)
         return {"image": out["image"], "bboxes": np.asarray(out["bboxes"]).reshape(-1, 4),
                 "labels": np.asarray(out["labels"], dtype=np.int64)}

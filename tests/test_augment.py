@@ -44,6 +44,33 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(tiny_data):
     assert not (a[5][0] == b[5][0]).all()
 
 
+def _flips_seen(ds: TrainDataset, reference: np.ndarray, epochs: int) -> dict[str, int]:
+    """How often each flip combination produced sample 0, told apart by where its boxes went."""
+    size, seen = ds.size, {}
+    candidates = {"none": lambda b: b, "h": lambda b: b[:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [size, 0, size, 0],
+                  "v": lambda b: b[:, [0, 3, 2, 1]] * [1, -1, 1, -1] + [0, size, 0, size]}
+    candidates["hv"] = lambda b: candidates["v"](candidates["h"](b))
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        boxes = ds[0][1]["boxes"].numpy()
+        (name,) = [n for n, f in candidates.items() if np.allclose(np.sort(f(reference), 0), np.sort(boxes, 0), atol=1e-3)]
+        seen[name] = seen.get(name, 0) + 1
+    return seen
+
+
+def test_steps_of_a_pipeline_draw_independently(tiny_data):
+    # albumentations seeds every step of a Compose alike; two p=0.5 flips then fire together or not at all
+    ds = dataset(tiny_data)
+    ds.cfg = AugmentConfig(train=[TransformSpec(name="HorizontalFlip", params={"p": 0.5}),
+                                  TransformSpec(name="VerticalFlip", params={"p": 0.5})])
+    ds.transform = build_train(ds.cfg, ds.size)
+    rec = ds.records[0]
+    assert len(rec.boxes) > 0
+    reference = rec.boxes * np.array([ds.size / rec.width, ds.size / rec.height] * 2)
+    seen = _flips_seen(ds, reference, epochs=80)
+    assert set(seen) == {"none", "h", "v", "hv"} and min(seen.values()) >= 8, seen
+
+
 def test_mixup_keeps_both_sets_of_boxes():
     a = {"image": np.zeros((8, 8, 3), np.uint8), "bboxes": np.array([[0, 0, 4, 4]]), "labels": np.array([0])}
     b = {"image": np.full((8, 8, 3), 200, np.uint8), "bboxes": np.array([[2, 2, 6, 6]]), "labels": np.array([1])}
