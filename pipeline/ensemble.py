@@ -27,7 +27,7 @@ from pipeline.config import ConfigError, ExperimentConfig, add_config_args, load
 from pipeline.data import DataError, load_dataset
 from pipeline.folds import FoldsError, read_folds
 from pipeline.io import atomic_write_text
-from pipeline.metrics import Scorer
+from pipeline.metrics import MetricResult, Scorer
 from pipeline.predict import fuse_views, predictions_path
 from pipeline.predictions import read_predictions, write_predictions
 from pipeline.report import write_ensemble_report
@@ -144,32 +144,41 @@ def test_fusion(members: list[Member], sizes: pd.DataFrame, p: FusionParams, bac
     return fuse(test, sizes, p, sets, ("model", "fold", "tta"), backend, name)
 
 
+def cells(split: str, results: list[MetricResult]) -> dict[str, float]:
+    """A table row's cells for one split: the metric, averaged over ``results``, and next to COCO mAP its mAP50
+    (the number Kaggle write-ups quote beside it)."""
+    row = {split: float(np.mean([r.score for r in results]))}
+    if results and all(r.name == "coco_map" for r in results):
+        row[f"{split} map50"] = float(np.mean([r.details["map50"] for r in results]))
+    return row
+
+
 def member_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None, sizes_test, folds) -> list[dict]:
     """Per member: mean single-fold model, fold ensemble without and with TTA (OOF and, with labels, test)."""
     cfg, rows = m.cfg, []
     plain = m.oof[m.oof.tta == "none"] if "none" in m.views else m.oof[m.oof.tta == m.views[0]]
-    per_fold = [Scorer(cfg.metric, train, folds.image_id[folds.fold == f].tolist())(plain).score
+    per_fold = [Scorer(cfg.metric, train, folds.image_id[folds.fold == f].tolist())(plain)
                 for f in sorted(folds.fold.unique())]
-    row = {"row": f"{m.name}: mean single-fold model", "oof": float(np.mean(per_fold))}
+    row = {"row": f"{m.name}: mean single-fold model", **cells("oof", per_fold)}
     if test_scorer is not None and m.test is not None:
         test_plain = m.test[m.test.tta == plain.tta.iloc[0]] if len(plain) else m.test.iloc[:0]
-        row["test"] = float(np.mean([test_scorer(test_plain[test_plain.fold == f]).score for f in sorted(m.test.fold.unique())]))
+        row |= cells("test", [test_scorer(test_plain[test_plain.fold == f]) for f in sorted(m.test.fold.unique())])
     rows.append(row)
-    row = {"row": f"{m.name}: fold ensemble, no TTA", "oof": oof_scorer(plain).score}
+    row = {"row": f"{m.name}: fold ensemble, no TTA", **cells("oof", [oof_scorer(plain)])}
     if test_scorer is not None and m.test is not None:
         folds_sets = sorted(m.test.fold.unique())
         fused = fuse_predictions(test_plain, sizes_test, group_col="fold", sets=folds_sets, model_name=m.name,
                                  iou_thr=cfg.predict.tta_iou_thr, conf_type=cfg.predict.tta_conf_type)
-        row["test"] = test_scorer(fused).score
+        row |= cells("test", [test_scorer(fused)])
     rows.append(row)
     if len(m.views) > 1:
         row = {"row": f"{m.name}: fold ensemble, TTA {'+'.join(m.views)}",
-               "oof": oof_scorer(fuse_views(m.oof, train.images, cfg, m.views)).score}
+               **cells("oof", [oof_scorer(fuse_views(m.oof, train.images, cfg, m.views))])}
         if test_scorer is not None and m.test is not None:
             sets = [(f, v) for f in sorted(m.test.fold.unique()) for v in m.views]
             fused = fuse_predictions(m.test, sizes_test, group_col=("fold", "tta"), sets=sets, model_name=m.name,
                                      iou_thr=cfg.predict.tta_iou_thr, conf_type=cfg.predict.tta_conf_type)
-            row["test"] = test_scorer(fused).score
+            row |= cells("test", [test_scorer(fused)])
         rows.append(row)
     return rows
 
@@ -194,7 +203,7 @@ def run(config_path: Path, overrides: list[str], write_submission: bool = True) 
     defaults = FusionParams(weights={m.name: 1.0 for m in members}, conf_type=cfg.ensemble.conf_type)
     oof_all = pd.concat([m.oof for m in members], ignore_index=True)
     default_oof = oof_scorer(fuse(oof_all, train.images, defaults, oof_sets(members), ("model", "tta"),
-                                  cfg.ensemble.wbf_backend, "ensemble")).score
+                                  cfg.ensemble.wbf_backend, "ensemble"))
     out_dir = ensemble_dir(cfg)
     fused_oof = fuse(oof_all, train.images, params, oof_sets(members), ("model", "tta"), cfg.ensemble.wbf_backend,
                      cfg.ensemble.name)
@@ -204,16 +213,17 @@ def run(config_path: Path, overrides: list[str], write_submission: bool = True) 
                                    max(params.score_thr, REPORT_SCORE_THR))
     result = {"ensemble": cfg.ensemble.name, "metric": cfg.metric, "members": [m.name for m in members],
               "test_labelled": labelled,
-              "params": asdict(params), "oof": oof_score, "report": report, "oof_defaults": default_oof, "evaluations": evaluations}
-    full = {"row": "ensemble, WBF tuned on OOF", "oof": oof_score}
-    default_row = {"row": "ensemble, ensemble-boxes defaults", "oof": default_oof}
+              "params": asdict(params), "oof": oof_score, "report": report, "oof_defaults": default_oof.score, "evaluations": evaluations}
+    # tune() keeps only the score; the tuned fusion is rescored once for the other cells
+    full = {"row": "ensemble, WBF tuned on OOF", **cells("oof", [oof_scorer(fused_oof)])}
+    default_row = {"row": "ensemble, ensemble-boxes defaults", **cells("oof", [default_oof])}
     if all(m.test is not None for m in members) and test_table is not None:
         fused_test = test_fusion(members, test_table.images, params, cfg.ensemble.wbf_backend, cfg.ensemble.name)
         write_predictions(fused_test, out_dir / "test_fused.parquet")
         if test_scorer is not None:
-            full["test"] = test_scorer(fused_test).score
-            default_row["test"] = test_scorer(test_fusion(members, test_table.images, defaults,
-                                                          cfg.ensemble.wbf_backend, "defaults")).score
+            full |= cells("test", [test_scorer(fused_test)])
+            default_row |= cells("test", [test_scorer(test_fusion(members, test_table.images, defaults,
+                                                                  cfg.ensemble.wbf_backend, "defaults"))])
         if write_submission:
             result["submission"] = str(submit(cfg, fused_test, test_table, result))
     rows += [default_row, full]

@@ -1,6 +1,7 @@
 """Tuning on OOF: a deterministic, monotone search that finds the better member."""
 import numpy as np
 import pandas as pd
+import pytest
 
 from pipeline.config import MemberConfig, load_config
 from pipeline.data.table import AnnotationTable
@@ -54,3 +55,12 @@ def test_fixed_member_weights_are_not_tuned():
     members = [Member("good", cfg, good, None, ["none"]), Member("bad", cfg, bad, None, ["none"])]
     params, _, _ = tune(members, table.images, Scorer("coco_map", table), cfg)
     assert params.weights == {"good": 1.0, "bad": 5.0}
+
+
+def test_cells_average_the_metric_and_add_map50_only_for_coco_map():
+    from pipeline.ensemble import cells
+    from pipeline.metrics import MetricResult
+
+    folds = [MetricResult("coco_map", 0.4, {"map50": 0.8}), MetricResult("coco_map", 0.6, {"map50": 0.9})]
+    assert cells("oof", folds) == pytest.approx({"oof": 0.5, "oof map50": 0.85})
+    assert cells("test", [MetricResult("gwd", 0.7, {"iou0.50": 0.9})]) == {"test": 0.7}

@@ -57,6 +57,9 @@ def test_result_table_has_every_row(chain):
         assert f"{member}: fold ensemble, TTA none+hflip" in rows
     assert rows[-2:] == ["ensemble, ensemble-boxes defaults", "ensemble, WBF tuned on OOF"]
     assert all(0.0 <= r["oof"] <= 1.0 and "test" in r for r in result["table"])
+    # COCO mAP rows carry mAP50 beside it; the tuned row's OOF is the CV the ledger records
+    assert all(0.0 <= r[f"{split} map50"] <= 1.0 for r in result["table"] for split in ("oof", "test"))
+    assert result["table"][-1]["oof"] == pytest.approx(result["oof"])
 
 
 def test_rerun_resumes_finished_folds_instead_of_retraining(chain, capsys):
