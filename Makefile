@@ -6,7 +6,7 @@ CONFIG ?= configs/demo
 # The tested pair; pyproject.toml states ranges so an image with its own torch keeps it.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test folds train predict ensemble submission leaderboard ui clean
+.PHONY: setup test test-fast folds submission pseudo bundle leaderboard ui clean
 
 setup: $(VENV)/.installed
 
@@ -19,11 +19,24 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+# every module, without the end-to-end runs marked slow: under a minute on 2 cores
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
 folds: setup
 	$(PY) -m pipeline.folds --config $(CONFIG)/base.yaml
 
 submission: setup
 	$(PY) -m pipeline.submit --config-dir $(CONFIG)
+
+# a pseudo-label round from CONFIG's ensemble: make pseudo ROUND=1
+ROUND ?= 1
+pseudo: setup
+	$(PY) -m pipeline.pseudo --config $(CONFIG)/ensemble.yaml --round $(ROUND)
+
+# the offline inference bundle of CONFIG's ensemble (Kaggle code competitions); BUNDLE_ARGS=--half for fp16 weights
+bundle: setup
+	$(PY) -m pipeline.bundle --config $(CONFIG)/ensemble.yaml --out bundles/$(notdir $(CONFIG)) --overwrite $(BUNDLE_ARGS)
 
 leaderboard: setup
 	$(PY) -m pipeline.leaderboard show

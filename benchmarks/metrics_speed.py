@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.table import AnnotationTable
-from pipeline.metrics import Scorer, _pack_preds
+from pipeline.metrics import Scorer, pack_predictions
 from pipeline.metrics.gwd import gwd_packed
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     gt, preds = synthetic(args.images, args.gt, args.preds)
     rows = []
     gwd = Scorer("gwd", gt)
-    p = _pack_preds(preds, gwd.index, 1, class_aware=False)
+    p = pack_predictions(preds, gwd.index, 1, class_aware=False)
     kernel = best_seconds(lambda: gwd_packed(gwd.gt.boxes, gwd.gt.offsets, p.boxes, p.offsets), args.repeat)
     rows.append(("gwd", "kernel (packed arrays)", kernel, gwd(preds).score))
     rows.append(("gwd", "Scorer call", best_seconds(lambda: gwd(preds), args.repeat), gwd(preds).score))

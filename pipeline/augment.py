@@ -2,17 +2,30 @@
 
 ``augment.train`` lists albumentations transforms by class name with their parameters; every pipeline ends with a
 resize to the model's square input, so boxes come out in input pixels. Validation and prediction use the resize
-alone (no crop, no pad): its inverse for boxes is a per-axis scale, exact.
+alone (no crop): its inverse for boxes is a per-axis scale, exact.
+
+The resize (``model.resize``) is ``square`` (stretch to side x side; the aspect ratio changes) or ``letterbox``
+(scale the longer side to the side, keep the ratio, pad the bottom/right with the ImageNet mean colour). The image
+then fills the top-left ``content`` rectangle of the input, so the inverse is still a per-axis scale, from the
+content rectangle to the original image, and a box in the padding maps to nothing (``pipeline.engine.to_table``).
 
 Randomness is a pure function of (seed, epoch, sample index): each sample reseeds the pipeline, so a resumed run
 and a run with a different number of loader workers see the same augmentations.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import albumentations as A
+import cv2
 import numpy as np
 
 from pipeline.config import AugmentConfig, TransformSpec
+
+Resize = Literal["square", "letterbox"]
+RESIZE_MODES = ("square", "letterbox")
+# letterbox padding: the ImageNet mean, which the models' normalisation turns into ~0 (no edge, no signal)
+LETTERBOX_FILL = (124, 116, 104)
 
 # A Kaggle-style starting recipe, used by configs that say `train: default`.
 DEFAULT_TRAIN = [
@@ -44,14 +57,51 @@ def make_transform(spec: TransformSpec) -> A.BasicTransform:
         raise ValueError(f"augment.train: {spec.name}({spec.params}) is invalid: {exc}") from None
 
 
-def build_train(cfg: AugmentConfig, size: int, mosaic: bool = False) -> A.Compose:
-    """The training pipeline; with ``mosaic``, an ``A.Mosaic`` (fed 3 more images via metadata) comes first."""
+def build_train(cfg: AugmentConfig, size: int, mosaic: bool = False, resize: Resize = "square") -> A.Compose:
+    """The training pipeline; with ``mosaic``, an ``A.Mosaic`` (fed 3 more images via metadata) comes first.
+    It ends with the ``resize`` to ``size`` x ``size``."""
     steps: list[A.BasicTransform] = []
     if mosaic:
         steps.append(A.Mosaic(grid_yx=(2, 2), target_size=(size, size), cell_shape=(size, size), p=1.0))
     steps += [make_transform(s) for s in cfg.train]
-    steps.append(A.Resize(size, size))
+    steps += resize_steps(size, resize)
     return A.Compose(steps, bbox_params=bbox_params(cfg), strict=True)
+
+
+def resize_steps(size: int, resize: Resize) -> list[A.BasicTransform]:
+    """The albumentations steps that bring any image to the square model input, as ``fit_to_input`` does."""
+    if resize == "square":
+        return [A.Resize(size, size)]
+    if resize == "letterbox":
+        return [A.LongestMaxSize(max_size=size),
+                A.PadIfNeeded(min_height=size, min_width=size, position="top_left", border_mode=cv2.BORDER_CONSTANT,
+                              fill=LETTERBOX_FILL)]
+    raise ValueError(f"model.resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+
+
+def content_size(width: int, height: int, size: int, resize: Resize) -> tuple[int, int]:
+    """Width and height (input pixels) of the image inside the size x size input: all of it for ``square``, the
+    longer side scaled to ``size`` and the other rounded for ``letterbox``."""
+    if resize == "square":
+        return size, size
+    if resize == "letterbox":
+        scale = size / max(width, height)
+        return max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale)))
+    raise ValueError(f"model.resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+
+
+def fit_to_input(image: np.ndarray, size: int, resize: Resize) -> tuple[np.ndarray, tuple[int, int]]:
+    """An HxWx3 image as the size x size model input (bilinear, like ``A.Resize``), and its content size: the
+    image fills the top-left content_width x content_height, the rest (``letterbox`` only) is padding."""
+    height, width = image.shape[:2]
+    cw, ch = content_size(width, height, size, resize)
+    resized = cv2.resize(image, (cw, ch), interpolation=cv2.INTER_LINEAR)
+    if (cw, ch) == (size, size):
+        return resized, (cw, ch)
+    canvas = np.empty((size, size, image.shape[2]), dtype=image.dtype)
+    canvas[...] = np.asarray(LETTERBOX_FILL[: image.shape[2]], dtype=image.dtype)
+    canvas[:ch, :cw] = resized
+    return canvas, (cw, ch)
 
 
 def reseed(transform: A.Compose, rng: np.random.Generator) -> None:

@@ -7,11 +7,14 @@ are resolved against the working directory (the project root), as the Makefile r
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from pipeline.io import TextDecodeError, read_text
 
 
 class ConfigError(ValueError):
@@ -34,9 +37,59 @@ class SyntheticConfig(Strict):
     max_objects: int = 30
 
 
+class CsvLayout(Strict):
+    """``data.format: csv``: which columns of a competition's CSV hold what (``pipeline.data.readers.csv``).
+
+    One row per box (VinBigData), or per image with a column holding the image's list of boxes (SIIM, GBR).
+    Paths are relative to ``data.root``; the CSV files are ``data.train_csv`` and (hidden labels) ``data.test_csv``.
+    """
+
+    id_column: str = "image_id"
+    # the image file of a row: ``{id}`` (the id, less ``id_suffix``) and ``{<column>}`` (any column of the row) are
+    # filled in; ``*`` / ``?`` glob and must match exactly one file. E.g. "train/{id}.dicom",
+    # "train_images/video_{video_id}/{video_frame}.jpg", "train/{StudyInstanceUID}/*/{id}.dcm"
+    image_pattern: str = "train/{id}.jpg"
+    # the test split's images: every file the pattern matches ({...} fields match any name), id from ``{id}``
+    # (plus ``id_suffix``); or, when ``data.test_csv`` exists, the rows of that file in this layout
+    test_image_pattern: str | None = None
+    id_suffix: str = ""  # text the id carries that the file name does not (SIIM's "_image"); kept in the table's id
+    # boxes: four columns (one box per row) or one column holding a list of boxes, never both
+    box_columns: list[str] | None = None  # the four columns in ``box_format`` order
+    boxes_column: str | None = None  # JSON / Python-literal list of dicts or of [4 numbers], or one "[x, y, w, h]"
+    box_keys: list[str] | None = None  # the dicts' four keys in box_format order; default by box_format (reader)
+    box_format: Literal["xyxy", "xywh", "cxcywh"] = "xyxy"
+    normalised: bool = False  # coordinates are fractions of the image's width and height
+    # classes: a column of class names, or one class for every box
+    label_column: str | None = None
+    fixed_class: str | None = None
+    empty_labels: list[str] = Field(default_factory=list)  # labels that mean "no box here" (VinBigData "No finding")
+    group_column: str | None = None  # patient / study / video: never split across folds (the table's `group`)
+    source_column: str | None = None  # the table's `source` (folds stratify on it)
+    annotator_column: str | None = None  # kept per box (the boxes' `annotator` column)
+    width_column: str | None = None  # declared sizes, checked against the real image
+    height_column: str | None = None
+    # fuse each image's boxes (one list per annotator) with weighted boxes fusion before training
+    fuse_annotators: bool = False
+    fuse_iou_thr: float = Field(0.6, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CsvLayout":
+        if (self.box_columns is None) == (self.boxes_column is None):
+            raise ValueError("name either box_columns (four columns) or boxes_column (a list of boxes), not both")
+        for key in ("box_columns", "box_keys"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != 4 or len(set(value)) != 4):
+                raise ValueError(f"{key} must be four different names in {self.box_format} order, got {value}")
+        if (self.label_column is None) == (self.fixed_class is None):
+            raise ValueError("name either label_column (a column of class names) or fixed_class, not both")
+        if (self.width_column is None) != (self.height_column is None):
+            raise ValueError("width_column and height_column go together")
+        return self
+
+
 class DataConfig(Strict):
     name: str
-    format: Literal["gwd_csv", "coco", "voc", "yolo"]
+    format: str  # a registered reader: pipeline.data.readers.READERS
     root: Path
     classes: list[str] | None = None  # required for yolo; read from the data otherwise (then checked if given)
     # gwd_csv
@@ -58,8 +111,20 @@ class DataConfig(Strict):
     labels: str = "labels"
     # any format: an optional CSV (image_id, group) whose groups never cross folds
     groups_csv: str | None = None
+    csv: CsvLayout | None = None  # data.format csv: the column mapping
     skip_bad_images: bool = False  # True: skip (and count) unreadable images instead of stopping
+    # a folder of images without labels (relative to root), a pseudo-label source (pipeline.pseudo); never in folds
+    unlabelled: str | None = None
     synthetic: SyntheticConfig | None = None  # set: the dataset is generated under root when missing
+
+    @field_validator("format")
+    @classmethod
+    def _known_reader(cls, value: str) -> str:
+        from pipeline.data.readers import READERS  # the registry decides; a reader added there is valid here
+
+        if value not in READERS:
+            raise ValueError(f"unknown data format {value!r}; known: {', '.join(READERS)}")
+        return value
 
 
 class FoldsConfig(Strict):
@@ -80,6 +145,9 @@ class ModelConfig(Strict):
     score_threshold: float = Field(0.001, ge=0.0, le=1.0)
     nms_iou: float = Field(0.5, gt=0.0, le=1.0)
     options: dict[str, Any] = Field(default_factory=dict)
+    # square: stretch every image to image_size x image_size (the aspect ratio changes); letterbox: scale the
+    # longer side to image_size, keep the ratio and pad the rest (bottom/right); boxes map back exactly either way
+    resize: Literal["square", "letterbox"] = "square"
 
 
 class TransformSpec(Strict):
@@ -118,6 +186,37 @@ class TrainConfig(Strict):
     patience: int | None = None  # epochs without improvement before stopping; None: never stop early
     max_steps_per_epoch: int | None = None  # cap for smoke tests
     progress: bool = True
+    # multi-scale training: the sides a batch may take (one per batch, drawn from (seed, epoch, batch)); null or
+    # empty: every batch at model.image_size. The model must take each side (e.g. multiples of 32 for Faster R-CNN)
+    multiscale: list[int] | None = None
+    # pseudo-labelled images added to every fold's training set (never to its validation set): a round number
+    # (runs/<experiment>/pseudo/round<N>, pipeline.layout.pseudo_dir) or the path of a round's folder
+    pseudo: int | str | None = None
+
+    @field_validator("pseudo", mode="before")
+    @classmethod
+    def _pseudo_round_or_path(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML reads yes/true as a bool: neither a round nor a path
+            raise ValueError(f"pseudo must be a round number or the path of a round's folder, got {value!r}")
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"a pseudo-label round is a number >= 1, got {value}")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("pseudo must be a round number or the path of a round's folder, got an empty string")
+        return value
+
+    @field_validator("multiscale")
+    @classmethod
+    def _multiscale_sides(cls, value: list[int] | None) -> list[int] | None:
+        if not value:
+            return None
+        bad = [v for v in value if v < 32]
+        if bad:
+            raise ValueError(f"multiscale sides must be >= 32 px, got {bad}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"multiscale sides repeated: {value}")
+        return list(value)
 
     @field_validator("amp", "channels_last", mode="before")
     @classmethod
@@ -135,16 +234,42 @@ class PredictConfig(Strict):
 
 
 class SubmissionConfig(Strict):
-    format: Literal["gwd", "label_conf_xyxy", "coco_json"] = "gwd"
+    format: str = "gwd"  # a registered format: pipeline.formats.format_names()
     # decimals of box coordinates; None: the format's custom (whole pixels for the CSV formats, 2 for COCO JSON).
     # On small images whole pixels cost real score: 0.007 COCO mAP on the 256 px demo.
     coord_decimals: int | None = Field(None, ge=0, le=6)
     dir: Path = Path("submissions")
+    # boxes kept per image, the most confident first: "metric" = what the metric's scorer reads (100 for COCO mAP,
+    # every box for GWD, whose false positives cost score); a number; or null for every box
+    max_boxes_per_image: int | Literal["metric"] | None = "metric"
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        from pipeline.formats import format_names  # the registry decides; a format added there is valid here
+
+        if value not in format_names():
+            raise ValueError(f"unknown submission format {value!r}; known: {', '.join(format_names())}")
+        return value
 
 
 class MemberConfig(Strict):
-    config: str  # a model config, relative to the ensemble config's folder
+    """A model config of ours, or a folder of predictions made by another tool on our folds
+    (see pipeline.external for the layout and formats)."""
+
+    config: str | None = None  # a model config, relative to the ensemble config's folder
+    predictions: str | None = None  # or: a folder of another tool's OOF (per fold) and test predictions
+    name: str | None = None  # the member's name (required with predictions; default: the config's `run`)
+    format: Literal["table", "coco_json", "yolo_txt"] = "table"  # of the predictions folder's files
     weight: float | None = None  # fixed weight; None: tuned on OOF
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "MemberConfig":
+        if (self.config is None) == (self.predictions is None):
+            raise ValueError("a member names either `config` (a model of ours) or `predictions` (a folder), not both")
+        if self.predictions is not None and not self.name:
+            raise ValueError(f"member with predictions {self.predictions!r} needs a `name`")
+        return self
 
 
 class TuneConfig(Strict):
@@ -162,6 +287,38 @@ class EnsembleConfig(Strict):
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
 
+class PseudoConfig(Strict):
+    """Pseudo-label rounds (pipeline.pseudo): which images, which teacher, which boxes and images are kept.
+
+    Two operating points are read off the ensemble's fused OOF predictions (precision at IoU 0.5, class-aware): the
+    *label* threshold, the lowest score whose OOF precision reaches ``precision_target`` (boxes at or above it become
+    labels), and the *likely* threshold, the lowest score whose OOF precision reaches ``likely_precision``. A box
+    between the two is one the teacher half-sees; leaving it unlabelled would teach the student that a probable
+    object is background. So an image is kept when at most ``max_uncertain_fraction`` of its boxes at or above the
+    likely threshold fall below the label threshold, and it has at least one label (``keep_empty``: also keep
+    images with no box at or above the likely threshold, as background examples)."""
+
+    sources: list[Literal["test", "unlabelled"]] = Field(default_factory=lambda: ["test"], min_length=1)
+    # fold: fold K's pseudo-labels come only from the members' fold-K models (which never saw fold K's images), so
+    # a round-2 fold-K model learns nothing derived from its own validation labels and OOF stays out-of-fold;
+    # ensemble: every fold gets the full ensemble's labels (stronger teacher, but they carry the validation labels
+    # of every fold into every fold's training: the CV of the next round is optimistic)
+    teacher: Literal["fold", "ensemble"] = "fold"
+    precision_target: float = Field(0.9, gt=0.0, le=1.0)
+    likely_precision: float = Field(0.5, gt=0.0, le=1.0)
+    max_uncertain_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    keep_empty: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PseudoConfig":
+        if self.likely_precision > self.precision_target:
+            raise ValueError(f"likely_precision {self.likely_precision} is above precision_target "
+                             f"{self.precision_target}: the likely threshold must not be stricter than the label one")
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"sources repeated: {self.sources}")
+        return self
+
+
 class TrackingConfig(Strict):
     enabled: bool = True
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project root
@@ -170,7 +327,7 @@ class TrackingConfig(Strict):
 class ExperimentConfig(Strict):
     experiment: str = "default"
     run: str = "run"
-    metric: Literal["gwd", "coco_map", "coco_map50", "voc_map50"] = "coco_map"
+    metric: str = "coco_map"  # a registered metric: pipeline.metrics.metric_names()
     runs_dir: Path = Path("runs")
     data: DataConfig
     folds: FoldsConfig = Field(default_factory=FoldsConfig)
@@ -181,6 +338,21 @@ class ExperimentConfig(Strict):
     submission: SubmissionConfig = Field(default_factory=SubmissionConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    pseudo: PseudoConfig = Field(default_factory=PseudoConfig)
+
+    # where the config was read from and the overrides applied to it: an ensemble's members are read relative to
+    # its file, with the same overrides (set by load_config; never part of the dump, so never part of a resume check)
+    _source: Path | None = PrivateAttr(default=None)
+    _overrides: tuple[str, ...] = PrivateAttr(default=())
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        from pipeline.metrics import metric_names  # the registry decides; a metric registered there is valid here
+
+        if value not in metric_names():
+            raise ValueError(f"unknown metric {value!r}; known: {', '.join(metric_names())}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "ExperimentConfig":
@@ -189,12 +361,19 @@ class ExperimentConfig(Strict):
         return self
 
     @property
-    def folds_path(self) -> Path:
-        return self.folds.dir / f"{self.data.name}_k{self.folds.k}_s{self.folds.seed}.csv"
+    def source(self) -> Path | None:
+        """The YAML file this config was loaded from (None when built in code)."""
+        return self._source
 
     @property
-    def run_dir(self) -> Path:
-        return self.runs_dir / self.experiment / self.run
+    def overrides(self) -> list[str]:
+        return list(self._overrides)
+
+    def load_sibling(self, name: str | Path) -> "ExperimentConfig":
+        """Another config named relative to this one's file (an ensemble's member), with the same overrides."""
+        if self._source is None:
+            raise ConfigError(f"{name}: a config built in code has no folder to find it in")
+        return load_config(self._source.parent / name, self.overrides)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -213,22 +392,41 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _config_text(path: Path) -> str:
+    """The config file's text: UTF-8, or the encoding its byte-order mark declares (YAML allows UTF-16/32); a
+    ConfigError naming the file for anything else (a folder, a missing or unreadable file, Latin-1 bytes)."""
+    if path.is_dir():
+        configs = sorted(p.name for p in path.glob("*.y*ml"))
+        listed = f"; it holds {', '.join(configs[:8])}" if configs else ""
+        raise ConfigError(f"{path} is a folder, not a config file: pass --config <folder>/<file>.yaml{listed}")
+    try:
+        return read_text(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except TextDecodeError as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
 def read_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """The YAML at ``path`` merged over its ``base:`` chain."""
     path = Path(path)
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raw = yaml.safe_load(_config_text(path)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     base = raw.pop("base", None)
     if base is None:
         return raw
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base must be the file name of another config, got {base!r}")
     parent = read_yaml_tree(path.parent / base, _seen + (path.resolve(),))
     return _deep_merge(parent, raw)
 
@@ -256,7 +454,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     for assignment in overrides or []:
         apply_override(tree, assignment)
     try:
-        return ExperimentConfig.model_validate(tree)
+        cfg = ExperimentConfig.model_validate(tree)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -265,10 +463,39 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
             problems.append(f"  {key}: {msg} (got {err.get('input')!r})")
         where = f"{path}" + (f" with --set {' '.join(overrides)}" if overrides else "")
         raise ConfigError(f"invalid config {where}:\n" + "\n".join(problems)) from None
+    cfg._source, cfg._overrides = Path(path), tuple(overrides or ())
+    return cfg
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config file")
+# Without --config a stage reads ./pipeline.yaml, else the embedded demo's config for that stage, and says which.
+PROJECT_CONFIG = Path("pipeline.yaml")
+DEMO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+
+
+def add_config_args(parser: argparse.ArgumentParser, demo: str = "base.yaml") -> None:
+    """``--config`` and ``--set``; ``demo`` is the file of configs/demo this stage falls back to."""
+    parser.add_argument("--config", default=None,
+                        help=f"YAML config file (default: ./{PROJECT_CONFIG} if present, else configs/demo/{demo})")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
+    parser.set_defaults(demo_config=demo)
+
+
+def config_path_from_args(args: argparse.Namespace) -> Path:
+    """The config a command was given, or the default it falls back to (announced on stderr)."""
+    if args.config:
+        return Path(args.config)
+    if PROJECT_CONFIG.is_file():
+        path, why = PROJECT_CONFIG, "found in the working directory"
+    else:
+        path, why = DEMO_CONFIGS / args.demo_config, "the embedded demo"
+        if not path.is_file():
+            raise ConfigError(f"no --config given, no ./{PROJECT_CONFIG}, and the demo configs are not beside this "
+                              f"installation ({DEMO_CONFIGS.name}/ not found): pass --config FILE")
+    print(f"using config {path} ({why}; pass --config FILE to choose another)", file=sys.stderr)
+    return path
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(config_path_from_args(args), args.overrides)

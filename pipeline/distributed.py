@@ -49,14 +49,6 @@ def gather_objects(obj) -> list:
     return out
 
 
-def broadcast_object(obj):
-    if not is_enabled():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def shutdown() -> None:
     if is_enabled():
         tdist.destroy_process_group()

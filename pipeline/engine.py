@@ -1,30 +1,41 @@
 """The training step and evaluation, in the style of torchvision's references/detection engine.py.
 
 ``train_one_epoch`` runs one epoch and returns its stats; ``predict`` turns a loader into a prediction table in
-original-image pixels; ``evaluate`` scores that table with the competition metric.
+original-image pixels; ``evaluate`` scores that table with the competition metric. ``load_fold_model`` and
+``predict_with_views`` are what every stage that runs a trained fold model shares (prediction, and any later
+stage that explains or re-runs a fold's model).
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import distributed as dist
-from pipeline.config import TrainConfig
+from pipeline import checkpoint, distributed as dist
+from pipeline.config import ExperimentConfig, ModelConfig, TrainConfig
 from pipeline.data.table import AnnotationTable
+from pipeline.dataset import EvalDataset, collate
+from pipeline.layout import BEST_CHECKPOINT, PREDICTION_COLUMNS, empty_predictions, fold_dir, normalise_predictions
 from pipeline.metrics import MetricResult, evaluate as score_predictions
-from pipeline.predictions import PREDICTION_COLUMNS, empty_predictions, normalise_predictions
+from pipeline.models import Detector, create_model
+from pipeline.tta import predict_views
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class MissingCheckpointError(RuntimeError):
+    """A fold model asked for before it was trained; the message says which command makes it."""
 
 
 @dataclass
@@ -152,18 +163,69 @@ def predict(detector: nn.Module, loader: Iterable, precision: Precision, size: i
 
 
 def to_table(out: dict, meta: dict, size: int, model_name: str, fold: int, tta: str) -> pd.DataFrame:
-    boxes = out["boxes"].float().cpu().numpy().reshape(-1, 4)
-    scale = np.array([meta["width"] / size, meta["height"] / size] * 2)
-    boxes = boxes * scale
-    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, meta["width"])
-    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, meta["height"])
+    """One image's detections (input pixels of a ``size`` x ``size`` input) as prediction rows in original pixels."""
+    boxes, keep = input_to_original(out["boxes"].float().cpu().numpy().reshape(-1, 4), meta, size)
+    boxes = boxes[keep]
     n = len(boxes)
     return pd.DataFrame({
         "image_id": [meta["image_id"]] * n, "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
-        "score": out["scores"].float().cpu().numpy(), "label": out["labels"].cpu().numpy().astype(np.int64),
+        "score": out["scores"].float().cpu().numpy()[keep],
+        "label": out["labels"].cpu().numpy().astype(np.int64)[keep],
         "model": model_name, "fold": fold, "tta": tta,
     })[PREDICTION_COLUMNS]
 
 
+def input_to_original(boxes: np.ndarray, meta: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (N, 4) from input pixels to original pixels, and which of them to keep.
+
+    The image fills the top-left ``content_width`` x ``content_height`` of the input (the meta's, default the whole
+    ``size`` x ``size``: a square resize; less along one axis for a letterbox, whose rest is padding). Boxes are
+    clipped to the content, then scaled per axis by original / content, the exact inverse of the resize. A box
+    that lies in the padding is clipped to zero width or height and not kept: padding never produces a box."""
+    cw, ch = meta.get("content_width", size), meta.get("content_height", size)
+    out = boxes.astype(np.float64, copy=True)
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, cw) * (meta["width"] / cw)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, ch) * (meta["height"] / ch)
+    keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    return out, keep
+
+
 def evaluate(metric: str, table: AnnotationTable, preds: pd.DataFrame, image_ids) -> MetricResult:
     return score_predictions(metric, table, preds, image_ids)
+
+
+def load_model_checkpoint(path: str | Path, model_cfg: ModelConfig, num_classes: int,
+                          device: torch.device) -> Detector:
+    """The weights of the checkpoint at ``path`` (its ``model`` entry: a fold's ``best.pt``, or a bundle's weights
+    file, fp32 or fp16) in the architecture ``model_cfg`` describes, in eval mode on ``device``."""
+    # The checkpoint holds every weight: build the bare architecture, never touch a hub or a backbone file.
+    bare = model_cfg.model_copy(update={"pretrained": False, "backbone_weights": None, "init_checkpoint": None})
+    model = create_model(bare, num_classes)
+    model.load_state_dict(checkpoint.load(path)["model"])  # fp16 tensors are cast into the fp32 parameters
+    return model.to(device).eval()
+
+
+def load_fold_model(cfg: ExperimentConfig, fold: int, num_classes: int, device: torch.device) -> Detector:
+    """Fold ``fold``'s best checkpoint in eval mode on ``device``."""
+    path = fold_dir(cfg, fold) / BEST_CHECKPOINT
+    if not path.exists():
+        raise MissingCheckpointError(f"{path} not found: train fold {fold} first "
+                                     f"(python -m pipeline.train --config ... --fold {fold})")
+    return load_model_checkpoint(path, cfg.model, num_classes, device)
+
+
+def predict_with_views(model: Detector, records: list, cfg: ExperimentConfig, views: list[str], fold: int,
+                       precision: Precision) -> pd.DataFrame:
+    """Prediction table for ``records`` under every TTA view (original-image pixels, one ``tta`` value per view)."""
+    size = cfg.model.image_size
+    loader = DataLoader(EvalDataset(records, size, cfg.model.resize), batch_size=cfg.predict.batch_size,
+                        num_workers=cfg.train.num_workers, collate_fn=collate)
+    frames = []
+    for images, _, metas in tqdm(loader, desc=f"fold {fold}", leave=False, disable=None if cfg.train.progress else True):
+        with precision.autocast():
+            per_image = predict_views(model, precision.images(images), views, cfg.predict.batch_size)
+        for detections, meta in zip(per_image, metas):
+            for view, det in detections.items():
+                frames.append(to_table(det, meta, size, cfg.run, fold, view))
+    frames = [f for f in frames if len(f)]
+    return normalise_predictions(pd.concat(frames, ignore_index=True)) if frames else empty_predictions()

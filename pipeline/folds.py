@@ -6,6 +6,11 @@ Writes ``folds/<dataset>_k<K>_s<seed>.csv`` (image_id, fold) with scikit-learn's
 on source x box-count bin, grouped on the optional ``group`` column (patient, video, ...) so that a group never
 crosses folds. Images without boxes are part of the split (they are scored). The same inputs give the same file;
 replacing an existing, different split needs ``--force`` and reports how many images change fold.
+
+    python -m pipeline.folds export --config configs/demo/base.yaml --to yolo|coco DIR
+
+writes the same split in the layout another tool trains from (:mod:`pipeline.external`), so a model trained
+there (Ultralytics, MMDetection, detectron2) joins the ensemble on exactly these folds.
 """
 from __future__ import annotations
 
@@ -18,16 +23,13 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pipeline.config import ConfigError, ExperimentConfig, add_config_args, load_config
+from pipeline.config import ConfigError, ExperimentConfig, add_config_args, config_from_args
 from pipeline.data import AnnotationTable, DataError, load_dataset
-from pipeline.io import atomic_write_text
-from pipeline.tracking import log_folds
+from pipeline.external import EXPORTERS
+from pipeline.layout import FoldsError, folds_path, read_folds, write_folds_file
+from pipeline.tracking import stage_run
 
 log = logging.getLogger(__name__)
-
-
-class FoldsError(RuntimeError):
-    pass
 
 
 def strata(table: AnnotationTable, box_count_bins: list[int]) -> pd.Series:
@@ -73,18 +75,6 @@ def balance_table(table: AnnotationTable, folds: pd.DataFrame) -> pd.DataFrame:
     return out.fillna(0).astype(int)
 
 
-def read_folds(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.exists():
-        raise FoldsError(f"folds file not found: {path} (run `python -m pipeline.folds --config ...` first)")
-    df = pd.read_csv(path, dtype={"image_id": str})
-    if list(df.columns[:2]) != ["image_id", "fold"]:
-        raise FoldsError(f"{path}: expected columns image_id,fold, got {list(df.columns)}")
-    if df.image_id.duplicated().any():
-        raise FoldsError(f"{path}: image {df.image_id[df.image_id.duplicated()].iloc[0]!r} appears twice")
-    return df
-
-
 def describe_change(old: pd.DataFrame, new: pd.DataFrame) -> str:
     merged = old.merge(new, on="image_id", how="outer", suffixes=("_old", "_new"), indicator=True)
     added = int((merged._merge == "right_only").sum())
@@ -103,33 +93,72 @@ def write_folds(folds: pd.DataFrame, path: Path, force: bool) -> str:
         change = describe_change(old, folds)
         if not force:
             raise FoldsError(f"{path} holds a different split ({change}); pass --force to replace it")
-        atomic_write_text(path, folds.to_csv(index=False))
+        write_folds_file(folds, path)
         return f"replaced {path}: {change}"
-    atomic_write_text(path, folds.to_csv(index=False))
+    write_folds_file(folds, path)
     return f"wrote {path}"
 
 
 def run(cfg: ExperimentConfig, force: bool = False) -> tuple[Path, pd.DataFrame]:
     table = load_dataset(cfg.data, "train")
     folds = make_folds(table, cfg.folds.k, cfg.folds.seed, cfg.folds.box_count_bins)
-    message = write_folds(folds, cfg.folds_path, force)
+    path = folds_path(cfg)
+    message = write_folds(folds, path, force)
     balance = balance_table(table, folds)
     print(message)
     print(f"{len(folds)} images, {table.images.group.ne('').sum()} with a group, k={cfg.folds.k}, seed={cfg.folds.seed}")
     print(balance.to_string())
     if cfg.tracking.enabled:
-        log_folds(cfg, k=cfg.folds.k, seed=cfg.folds.seed, file=cfg.folds_path, balance=balance, n_images=len(folds))
-    return cfg.folds_path, balance
+        log_folds(cfg, path, balance, n_images=len(folds))
+    return path, balance
+
+
+def log_folds(cfg: ExperimentConfig, path: Path, balance: pd.DataFrame, n_images: int) -> str | None:
+    """MLflow: k, seed, the folds file and the per-fold balance table as an artifact. Returns the run id."""
+    k, seed = cfg.folds.k, cfg.folds.seed
+    with stage_run(cfg, "folds", name=f"folds-k{k}-s{seed}", fallback_dir=cfg.folds.dir) as tracker:
+        tracker.log_params({"folds.k": k, "folds.seed": seed, "folds.file": str(path), "data.name": cfg.data.name})
+        tracker.set_tags({"pipeline.folds_file": str(path)})
+        tracker.log_metrics({"n_images": n_images})
+        tracker.log_dict(balance, "fold_balance.csv")
+        return tracker.run_id
+
+
+def export(cfg: ExperimentConfig, to: str, out: Path) -> list[Path]:
+    """The folds file's split written in another tool's layout (``pipeline.external``), test split included."""
+    train = load_dataset(cfg.data, "train")
+    folds = read_folds(folds_path(cfg))
+    test = load_dataset(cfg.data, "test")
+    missing = set(folds.image_id) - set(train.images.image_id)
+    if missing:
+        raise FoldsError(f"{folds_path(cfg)} names images the dataset lacks, e.g. {sorted(missing)[:3]}")
+    written = EXPORTERS[to](train, folds, out, test)
+    print(f"exported {folds.fold.nunique()} folds of {len(folds)} images in the {to} layout to {out} "
+          f"({len(written)} files)")
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write the k-fold split of the training images.")
-    add_config_args(parser)
-    parser.add_argument("--force", action="store_true", help="replace an existing, different split")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    exporting = bool(argv) and argv[0] == "export"
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.folds" + (" export" if exporting else ""),
+        description="Export the folds for a model trained in another tool." if exporting
+        else "Write the k-fold split of the training images (`export` writes it in a YOLO or COCO layout).")
+    add_config_args(parser, demo="base.yaml")
+    if exporting:
+        parser.add_argument("--to", choices=sorted(EXPORTERS), required=True)
+        parser.add_argument("out", type=Path, help="output folder")
+    else:
+        parser.add_argument("--force", action="store_true", help="replace an existing, different split")
+    args = parser.parse_args(argv[1:] if exporting else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run(load_config(args.config, args.overrides), force=args.force)
+        cfg = config_from_args(args)
+        if exporting:
+            export(cfg, args.to, args.out)
+        else:
+            run(cfg, force=args.force)
     except (ConfigError, DataError, FoldsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

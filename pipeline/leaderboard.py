@@ -7,10 +7,11 @@
     python -m pipeline.leaderboard plot [--out submissions/cv_vs_lb.png]
 
 Every submission in ``submissions/`` has a sidecar ``<file>.meta.json`` (written by the submission stage) and a
-row in ``submissions/ledger.csv``: a plain CSV, written atomically, that works without MLflow and diffs well.
-The same facts are in MLflow as the "submission" runs (tags ``pipeline.stage=submission``,
-``pipeline.submission_hash``), which get the metrics ``lb_public`` / ``lb_private`` once scores are known.
-A sidecar without a ledger row (a ``submissions/`` folder copied from a Kaggle notebook) is picked up as well.
+row in ``submissions/ledger.csv``: a plain CSV, written atomically, that works without MLflow and diffs well
+(the files and their columns: :mod:`pipeline.ledger`). The same facts are in MLflow as the "submission" runs
+(tags ``pipeline.stage=submission``, ``pipeline.submission_hash``), which get the metrics ``lb_public`` /
+``lb_private`` once scores are known. A sidecar without a ledger row (a ``submissions/`` folder copied from a
+Kaggle notebook) is picked up as well.
 
 Linking Kaggle to the ledger (``sync``): a Kaggle submission matches the ledger row whose file name (or its
 stem, or the first 12 characters of its content hash) appears in the submission's description, else the one
@@ -20,64 +21,40 @@ name in the message: ``kaggle competitions submit -c SLUG -f submissions/X.csv -
 from __future__ import annotations
 
 import argparse
-import csv
 import io
-import json
 import logging
-import math
-import re
+import os
 import sys
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from pipeline.config import ConfigError, TrackingConfig
-from pipeline.io import atomic_write_text
 from pipeline import tracking
+from pipeline.config import ConfigError, TrackingConfig
+from pipeline.formats import read_submission
+from pipeline.io import atomic_write
+from pipeline.ledger import (
+    DEFAULT_DIR,
+    LedgerError,
+    cell_number,
+    cell_text,
+    find_rows,
+    ledger_lock,
+    ledger_path,
+    load_ledger,
+    save_ledger,
+    set_scores,
+)
 
 log = logging.getLogger(__name__)
 
-LEDGER_NAME = "ledger.csv"
-META_SUFFIX = ".meta.json"
-DEFAULT_DIR = Path("submissions")
-LEDGER_COLUMNS = [
-    "file", "created", "experiment", "ensemble", "members", "cv", "metric", "format", "content_hash", "config",
-    "mlflow_run_id", "source_run_id", "tracking_uri", "public", "private", "lb_source", "lb_updated", "kaggle_ref",
-]
-LB_COLUMNS = ["public", "private", "lb_source", "lb_updated", "kaggle_ref"]
 _HASH_PREFIX = 12  # characters of the content hash that identify a submission in a Kaggle description
 
 
 class LeaderboardError(RuntimeError):
     """A user error: printed as one clear line, exit code 1, no traceback."""
-
-
-# --------------------------------------------------------------------------------------------- ledger file
-
-
-def _num(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ""
-    if isinstance(value, (list, tuple)):
-        return ";".join(str(v) for v in value)
-    return str(value)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _when(values: Any) -> Any:
@@ -90,151 +67,11 @@ def _newer(a: str, b: str) -> bool:
     return not pd.isna(ta) and (pd.isna(tb) or ta > tb)
 
 
-def ledger_path(ledger_dir: str | Path = DEFAULT_DIR) -> Path:
-    return Path(ledger_dir) / LEDGER_NAME
-
-
-def _read_ledger_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            return []
-        if "file" not in reader.fieldnames:
-            raise LeaderboardError(f"{path}: not a ledger (no 'file' column; found {reader.fieldnames})")
-        # columns added in later versions read as empty, unknown columns are kept
-        return [{c: row.get(c) or "" for c in LEDGER_COLUMNS} | {k: v or "" for k, v in row.items()
-                                                                   if k not in LEDGER_COLUMNS and k}
-                for row in reader]
-
-
-def _row_from_meta(meta: Mapping[str, Any]) -> dict[str, str]:
-    row = {c: "" for c in LEDGER_COLUMNS}
-    for key in ("created", "experiment", "ensemble", "members", "cv", "metric", "format", "content_hash", "config"):
-        row[key] = _text(meta.get(key))
-    row["file"] = Path(str(meta["file"])).name
-    row["source_run_id"] = _text(meta.get("mlflow_run_id"))
-    return row
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LeaderboardError(f"{path}: not a readable submission sidecar ({exc})") from None
-    if not isinstance(meta, dict):
-        raise LeaderboardError(f"{path}: expected a JSON object")
-    meta.setdefault("file", path.name.removesuffix(META_SUFFIX))
-    return meta
-
-
-def load_ledger(ledger_dir: str | Path = DEFAULT_DIR) -> list[dict[str, str]]:
-    """The ledger rows (oldest first), plus a row for every ``*.meta.json`` sidecar the CSV does not list yet."""
-    ledger_dir = Path(ledger_dir)
-    rows = _read_ledger_csv(ledger_path(ledger_dir))
-    known = {r["file"] for r in rows}
-    for sidecar in sorted(ledger_dir.glob(f"*{META_SUFFIX}")):
-        try:
-            row = _row_from_meta(_read_meta(sidecar))
-        except LeaderboardError as exc:
-            log.warning("skipped: %s", exc)
-            continue
-        if row["file"] not in known:
-            log.info("ledger: added %s from its sidecar", row["file"])
-            rows.append(row)
-            known.add(row["file"])
-    return rows
-
-
-def save_ledger(rows: Sequence[Mapping[str, str]], ledger_dir: str | Path = DEFAULT_DIR) -> Path:
-    """Write the ledger atomically (a reader never sees half a file)."""
-    extra = sorted({k for r in rows for k in r} - set(LEDGER_COLUMNS))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LEDGER_COLUMNS + extra, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in LEDGER_COLUMNS + extra})
-    return atomic_write_text(ledger_path(ledger_dir), buffer.getvalue())
-
-
-def _ledger_lock(ledger_dir: Path):
-    return tracking.file_lock(Path(ledger_dir) / ".ledger.lock")  # two stages writing the ledger at once
-
-
-# --------------------------------------------------------------------------------------------- registering
-
-
-def register_submission(meta: Mapping[str, Any], tracking_cfg: TrackingConfig | None = None, *,
-                        experiment: str | None = None, ledger_dir: str | Path | None = None) -> dict[str, str]:
-    """Add a submission to the ledger (``<ledger_dir>/ledger.csv``) and log its MLflow "submission" run.
-
-    ``meta``: the sidecar's content (file, created, ensemble, members, cv, metric, format, content_hash, config,
-    mlflow_run_id: the run that made the predictions, or None). ``ledger_dir``: default the folder of
-    ``meta["file"]`` when it has one, else ``submissions/``. Registering a file again updates its row; its
-    leaderboard scores are kept unless the content changed. Never fails on MLflow: see :mod:`pipeline.tracking`.
-    """
-    if not meta.get("file"):
-        raise ValueError("submission meta has no 'file'")
-    if ledger_dir is None:
-        parent = Path(str(meta["file"])).parent
-        ledger_dir = parent if parent != Path(".") else DEFAULT_DIR
-    ledger_dir = Path(ledger_dir)
-    experiment = experiment or str(meta.get("experiment") or "submissions")
-    row = _row_from_meta(meta) | {"experiment": experiment}
-    run_id = tracking.log_submission(meta, tracking_cfg, experiment=experiment, fallback_dir=ledger_dir)
-    row["mlflow_run_id"] = run_id or ""
-    row["tracking_uri"] = tracking._safe_uri(tracking.resolve_uri(tracking_cfg)) if run_id else ""
-    with _ledger_lock(ledger_dir):
-        rows = load_ledger(ledger_dir)
-        old = next((r for r in rows if r["file"] == row["file"]), None)
-        if old is None:
-            rows.append(row)
-        else:
-            if old["content_hash"] == row["content_hash"]:  # same content: its LB scores still hold
-                row |= {k: old[k] for k in LB_COLUMNS}
-            old.clear()
-            old.update(row)
-        save_ledger(rows, ledger_dir)
-    return row
-
-
 # --------------------------------------------------------------------------------------------- finding rows
 
 
-def _content_hash(path: Path) -> str | None:
-    try:
-        from pipeline.submission import content_hash  # lazy: written by the submission stage's module
-    except ImportError:
-        return None
-    try:
-        return content_hash(path)
-    except Exception:  # noqa: BLE001 - a file we cannot hash just does not match by hash
-        return None
-
-
-def find_rows(rows: Sequence[Mapping[str, str]], ident: str, ledger_dir: Path) -> list[int]:
-    """Indices of the rows ``ident`` names: a file name or path, a content hash or a hash prefix (>= 6 chars).
-    Several rows only when ``ident`` is a hash that several registered copies share."""
-    name = Path(ident).name
-    by_name = [i for i, r in enumerate(rows) if r["file"] == name]
-    if by_name:
-        return by_name
-    key = ident.strip().lower()
-    by_hash = [i for i, r in enumerate(rows)
-               if r["content_hash"] and (r["content_hash"].lower() == key
-                                         or (len(key) >= 6 and r["content_hash"].lower().startswith(key)))]
-    if by_hash:
-        return by_hash
-    path = Path(ident)
-    digest = _content_hash(path) if path.is_file() else None
-    if digest:
-        return [i for i, r in enumerate(rows) if r["content_hash"] == digest]
-    return []
-
-
 def _require_rows(rows: Sequence[Mapping[str, str]], ident: str, ledger_dir: Path) -> list[int]:
-    found = find_rows(rows, ident, ledger_dir)
+    found = find_rows(rows, ident)
     if not found:
         listed = ", ".join(r["file"] for r in rows[-5:]) or "none yet"
         raise LeaderboardError(
@@ -248,7 +85,7 @@ def _require_rows(rows: Sequence[Mapping[str, str]], ident: str, ledger_dir: Pat
 
 def _store_exists(uri: str) -> bool:
     """False for a SQLite store whose file is missing: recording a score must not create an empty store."""
-    db = tracking._sqlite_file(uri)
+    db = tracking.sqlite_file(uri)
     return db is None or db.is_file()
 
 
@@ -258,24 +95,11 @@ def _log_lb(row: Mapping[str, str], ledger_dir: Path, tracking_uri: str | None) 
         return
     cfg = TrackingConfig(uri=uri)
     run_id = row.get("mlflow_run_id") or tracking.find_submission_run(cfg, row.get("content_hash", ""))
-    scores = {"lb_public": _num(row.get("public")), "lb_private": _num(row.get("private"))}
+    scores = {"lb_public": cell_number(row.get("public")), "lb_private": cell_number(row.get("private"))}
     tags = {"pipeline.lb_source": row.get("lb_source"), "pipeline.kaggle_ref": row.get("kaggle_ref") or None}
     if run_id and tracking.log_lb_scores(cfg, run_id, scores, experiment=row.get("experiment") or "submissions",
                                          fallback_dir=ledger_dir, tags=tags):
         log.info("MLflow: lb scores logged on run %s", run_id)
-
-
-def set_scores(rows: list[dict[str, str]], index: int, *, public: float | None = None,
-               private: float | None = None, source: str, ref: str = "") -> dict[str, str]:
-    row = rows[index]
-    if public is not None:
-        row["public"] = _text(float(public))
-    if private is not None:
-        row["private"] = _text(float(private))
-    row["lb_source"], row["lb_updated"] = source, _now()
-    if ref:
-        row["kaggle_ref"] = ref
-    return row
 
 
 def record(ident: str, *, public: float | None, private: float | None, ledger_dir: Path = DEFAULT_DIR,
@@ -283,7 +107,7 @@ def record(ident: str, *, public: float | None, private: float | None, ledger_di
     """Attach leaderboard scores to a submission (ledger row and its MLflow run). Returns the updated rows."""
     if public is None and private is None:
         raise LeaderboardError("give --public and/or --private")
-    with _ledger_lock(ledger_dir):
+    with ledger_lock(ledger_dir):
         rows = load_ledger(ledger_dir)
         updated = [set_scores(rows, i, public=public, private=private, source=source)
                    for i in _require_rows(rows, ident, ledger_dir)]
@@ -294,52 +118,6 @@ def record(ident: str, *, public: float | None, private: float | None, ledger_di
 
 
 # --------------------------------------------------------------------------------------------- local scoring
-
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
-
-
-def read_labels_csv(path: str | Path, classes: Sequence[str] | None):
-    """A train.csv-style GWD file (``image_id[,width,height],bbox[,source][,label]``, bbox ``"[x, y, w, h]"``)
-    as an AnnotationTable. A row with an empty bbox lists an image without boxes. Without ``classes``: the sorted
-    names of the ``label`` column, else ``["wheat"]``."""
-    from pipeline.data import AnnotationTable, DataError
-
-    path = Path(path)
-    if not path.is_file():
-        raise LeaderboardError(f"labels file not found: {path}")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV ({exc})") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    if not {"image_id", "bbox"} <= set(df.columns):
-        raise DataError(f"{path}: expected columns image_id,bbox (train.csv format); found {list(df.columns)}")
-    df["image_id"] = df.image_id.str.strip()
-    has_label = "label" in df.columns
-    if classes is None:
-        classes = sorted(set(df.label.str.strip()) - {""}) if has_label else ["wheat"]
-    images = df.drop_duplicates("image_id").assign(path="")
-    for col in ("width", "height"):
-        images[col] = pd.to_numeric(images[col], errors="coerce").fillna(0) if col in images else 0
-    boxes = []
-    for line, (image_id, bbox, label) in enumerate(
-            zip(df.image_id, df.bbox, df.label if has_label else [""] * len(df)), start=2):
-        if not bbox.strip() or bbox.strip() == "[]":
-            continue
-        numbers = [float(n) for n in _NUMBER.findall(bbox)]
-        if len(numbers) != 4:
-            raise DataError(f"{path} line {line}: bbox {bbox!r} is not [x, y, w, h]")
-        x, y, w, h = numbers
-        name = label.strip() if has_label else classes[0]
-        if name not in classes:
-            raise DataError(f"{path} line {line}: label {name!r} is not one of the classes {list(classes)}")
-        if w > 0 and h > 0:
-            boxes.append((image_id, x, y, x + w, y + h, list(classes).index(name)))
-        else:  # counted and logged, never silent (the same repair the readers make)
-            log.warning("%s line %d: box %s has no area; dropped", path, line, bbox)
-    boxes_df = pd.DataFrame(boxes, columns=["image_id", "x1", "y1", "x2", "y2", "label"])
-    return AnnotationTable(images[["image_id", "path", "width", "height"]], boxes_df, list(classes))
-
 
 def _with_images(table, image_ids: Sequence[str]):
     """``table`` plus the images of ``image_ids`` it lacks, as images without boxes."""
@@ -357,12 +135,12 @@ def score_submission(submission: Path, *, fmt: str, cfg, labels: Path | None = N
     only in the submission count as empty images), or the config's test split (``load_dataset(cfg.data, "test")``,
     whose boxes come from ``data.test_csv`` & co). Returns the ``MetricResult``."""
     from pipeline.data import load_dataset
+    from pipeline.data.readers.gwd import read_gwd_labels
     from pipeline.metrics import evaluate  # lazy: heavy, and only this command needs it
-    from pipeline.submission import read_submission
 
     try:
         if labels is not None:
-            gt = read_labels_csv(labels, cfg.data.classes)
+            gt = read_gwd_labels(labels, cfg.data.classes)
             preds = read_submission(submission, fmt, gt.classes)
             gt = _with_images(gt, [str(i) for i in pd.unique(preds["image_id"])])
             return evaluate(cfg.metric, gt, preds)
@@ -405,8 +183,6 @@ def score(ident: str, *, config: Path, overrides: Sequence[str] = (), labels: Pa
 
 def kaggle_credentials() -> str | None:
     """Where Kaggle credentials are (env vars or a token file), or None."""
-    import os
-
     if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
         return "KAGGLE_USERNAME/KAGGLE_KEY"
     if os.environ.get("KAGGLE_API_TOKEN"):
@@ -462,13 +238,13 @@ def normalise_kaggle(sub: Any) -> dict[str, Any]:
     status = getattr(status, "name", status)  # kagglesdk: SubmissionStatus.COMPLETE
     date = _field(sub, "date")
     return {
-        "ref": _text(_field(sub, "ref")),
-        "file_name": _text(_field(sub, "fileName", "file_name")),
-        "date": date.isoformat() if hasattr(date, "isoformat") else _text(date),
-        "description": _text(_field(sub, "description")),
+        "ref": cell_text(_field(sub, "ref")),
+        "file_name": cell_text(_field(sub, "fileName", "file_name")),
+        "date": date.isoformat() if hasattr(date, "isoformat") else cell_text(date),
+        "description": cell_text(_field(sub, "description")),
         "status": str(status or "").rsplit(".", 1)[-1].lower(),
-        "public": _num(_field(sub, "publicScore", "public_score")),
-        "private": _num(_field(sub, "privateScore", "private_score")),
+        "public": cell_number(_field(sub, "publicScore", "public_score")),
+        "private": cell_number(_field(sub, "privateScore", "private_score")),
     }
 
 
@@ -504,7 +280,7 @@ def sync(competition: str, *, ledger_dir: Path = DEFAULT_DIR, api: Any = None,
         raise LeaderboardError(f"Kaggle: cannot list submissions of {competition!r}: {exc}") from None
     subs = [normalise_kaggle(s) for s in raw or []]
     report: dict[str, list] = {"updated": [], "unmatched": [], "pending": []}
-    with _ledger_lock(ledger_dir):
+    with ledger_lock(ledger_dir):
         rows = load_ledger(ledger_dir)
         chosen: dict[int, dict[str, Any]] = {}
         for sub in subs:
@@ -536,9 +312,9 @@ def ledger_table(rows: Sequence[Mapping[str, str]]) -> pd.DataFrame:
         "submission": [r["file"] for r in rows],
         "date": [r["created"] for r in rows],
         "members": [r["members"].replace(";", ",") for r in rows],
-        "cv": [_num(r["cv"]) for r in rows],
-        "public": [_num(r["public"]) for r in rows],
-        "private": [_num(r["private"]) for r in rows],
+        "cv": [cell_number(r["cv"]) for r in rows],
+        "public": [cell_number(r["public"]) for r in rows],
+        "private": [cell_number(r["private"]) for r in rows],
         "metric": [r["metric"] for r in rows],
         "lb_source": [r["lb_source"] for r in rows],
     }, columns=["submission", "date", "members", "cv", "public", "private", "metric", "lb_source"])
@@ -603,8 +379,6 @@ def plot(ledger_dir: Path = DEFAULT_DIR, out: Path | None = None) -> tuple[Path,
     out = Path(out) if out is not None else Path(ledger_dir) / "cv_vs_lb.png"
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    from pipeline.io import atomic_write
-
     with atomic_write(out, "wb") as f:
         f.write(buffer.getvalue())
     return out, r
@@ -648,9 +422,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "record":
         for row in record(args.submission, public=args.public, private=args.private, ledger_dir=args.dir,
                           tracking_uri=args.tracking_uri):
-            cv, public = _num(row["cv"]), _num(row["public"])
+            cv, public, private = (cell_number(row[c]) for c in ("cv", "public", "private"))
             gap = f", gap {public - cv:+.4f}" if cv is not None and public is not None else ""
-            print(f"{row['file']}: CV {_fmt(cv)}, public {_fmt(public)}, private {_fmt(_num(row['private']))}{gap}")
+            print(f"{row['file']}: CV {_fmt(cv)}, public {_fmt(public)}, private {_fmt(private)}{gap}")
     elif args.command == "sync":
         report = sync(args.competition, ledger_dir=args.dir, tracking_uri=args.tracking_uri)
         for file, public, private in report["updated"]:
@@ -679,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _run(args)
-    except (LeaderboardError, ConfigError, DataError, FileNotFoundError) as exc:
+    except (LeaderboardError, LedgerError, ConfigError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

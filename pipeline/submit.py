@@ -6,6 +6,8 @@ folds (base.yaml) → train every member of ensemble.yaml on every fold (resumin
 test with the member's TTA views → ensemble tuned on OOF → validated submission in submissions/ → the ledger;
 when the test split has labels (BCCD's published test split, the demo's test_labels.csv), the submission is
 scored against them as the local leaderboard. Overrides given with --set apply to every stage.
+
+The one module that imports stages: every other module talks to a stage only through its files.
 """
 from __future__ import annotations
 
@@ -14,31 +16,33 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import ensemble, folds, predict, train
+from pipeline import ensemble, folds, leaderboard, predict, submission, train
 from pipeline.config import ConfigError, load_config
+from pipeline.layout import FoldsError
 
 
 def run(config_dir: Path, overrides: list[str]) -> dict:
     t0 = time.perf_counter()
-    ensemble_path = config_dir / "ensemble.yaml"
-    ens_cfg = load_config(ensemble_path, overrides)
+    ens_cfg = load_config(config_dir / "ensemble.yaml", overrides)
     folds.run(load_config(config_dir / "base.yaml", overrides))
     for member in ens_cfg.ensemble.members:
-        cfg = load_config(config_dir / member.config, overrides)
+        if member.config is None:  # predictions made by another tool: nothing to train or predict here
+            continue
+        cfg = ens_cfg.load_sibling(member.config)
         print(f"\n=== {member.config}: train {cfg.folds.k} folds ===", flush=True)
         train.run(cfg, "all", resume=True)
         for split in ("oof", "test"):
             predict.run(cfg, split, list(cfg.predict.tta))
     print("\n=== ensemble ===", flush=True)
-    result = ensemble.run(ensemble_path, overrides)
-    if result.get("submission") and result.get("test_labelled"):
+    result = ensemble.run(ens_cfg)
+    print("\n=== submission ===", flush=True)
+    result |= submission.run(ens_cfg)
+    if result["test_labelled"]:
         # the test split carries labels (a local hidden split): score the file and record it as its public LB
-        from pipeline.leaderboard import score
-
-        lb = score(Path(result["submission"]).name, config=ensemble_path, overrides=overrides,
-                   ledger_dir=ens_cfg.submission.dir)
+        lb = leaderboard.score(Path(result["submission"]).name, config=ens_cfg.source, overrides=overrides,
+                               ledger_dir=ens_cfg.submission.dir)
         print(f"local leaderboard ({ens_cfg.metric} on the hidden test labels): {lb:.4f}  (OOF CV {result['oof']:.4f})")
-    print(f"\nsubmission chain done in {time.perf_counter() - t0:.0f} s: {result.get('submission')}")
+    print(f"\nsubmission chain done in {time.perf_counter() - t0:.0f} s: {result['submission']}")
     return result
 
 
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args.config_dir, args.overrides)
-    except (ConfigError, RuntimeError, ValueError) as exc:
+    except (ConfigError, FoldsError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -42,6 +42,7 @@ from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
 
 from pipeline.config import ExperimentConfig, TrackingConfig
+from pipeline.layout import run_dir
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def _now_iso() -> str:
 def _sqlite_problem(uri: str) -> str | None:
     """Why a ``sqlite:///`` store cannot be opened, or None. Checked up front: MLflow retries a failing engine
     for ~100 s before giving up, which would stall the stage."""
-    path = _sqlite_file(uri)
+    path = sqlite_file(uri)
     if path is None:
         return None
     if path.exists():
@@ -309,7 +310,7 @@ class Tracker:
                 if run_id is not None:
                     if not self._run_exists(run_id):  # a stale id (store replaced): this run only, not the store
                         log.warning("tracking: run %s is not in %s; its data goes to %s", run_id,
-                                    _safe_uri(self.uri), self.fallback_path)
+                                    safe_uri(self.uri), self.fallback_path)
                         self._client, self.run_id = None, run_id
                         self._fallback("start", {"tags": all_tags})
                         return self
@@ -516,13 +517,13 @@ class Tracker:
         _dead_uris.setdefault(self.uri, reason)
         self._client = None
         where = self.fallback_path or "nowhere (no fallback folder given)"
-        _warn_once(f"MLflow tracking store {_safe_uri(self.uri)} is unusable ({reason}); training goes on and "
+        _warn_once(f"MLflow tracking store {safe_uri(self.uri)} is unusable ({reason}); training goes on and "
                    f"tracking data goes to {where} (replay it with: python -m pipeline.tracking replay FILE)")
 
     def _fallback(self, op: str, data: Any, *, step: int | None = None) -> None:
         if self.fallback_path is None or self._fallback_failed:
             return
-        record = {"time": _now_iso(), "uid": self.uid, "uri": _safe_uri(self.uri), "experiment": self.experiment,
+        record = {"time": _now_iso(), "uid": self.uid, "uri": safe_uri(self.uri), "experiment": self.experiment,
                   "stage": self.stage, "name": self.name, "parent": self.parent, "run_id": self.run_id,
                   "op": op, "data": _jsonable(data)}
         if step is not None:
@@ -538,7 +539,8 @@ class Tracker:
                         self.fallback_path, exc, self.name)
 
 
-def _sqlite_file(uri: str) -> Path | None:
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for any other store and for an in-memory one."""
     path = uri.removeprefix("sqlite:///").split("?", 1)[0]
     if not uri.startswith("sqlite:///") or not path or path == ":memory:":
         return None
@@ -551,7 +553,7 @@ def make_client(uri: str) -> Any:
     once (folds started together) break each other's migrations."""
     from mlflow import MlflowClient
 
-    db = _sqlite_file(uri)
+    db = sqlite_file(uri)
     if db is None:
         return MlflowClient(tracking_uri=uri)
     with file_lock(db.with_name(db.name + "-lock")):
@@ -562,11 +564,11 @@ def make_client(uri: str) -> Any:
 
 def _artifact_location(uri: str) -> str | None:
     """For a SQLite store, artifacts next to the database (``<db folder>/mlruns``) whatever the working directory."""
-    db = _sqlite_file(uri)
+    db = sqlite_file(uri)
     return (db.resolve().parent / "mlruns").as_uri() if db is not None else None
 
 
-def _safe_uri(uri: str) -> str:
+def safe_uri(uri: str) -> str:
     """The URI without a password (it ends up in log lines and files)."""
     parsed = urlparse(uri)
     if parsed.password:
@@ -610,9 +612,9 @@ def stage_run(cfg: ExperimentConfig, stage: str, name: str | None = None, *, par
               tags: Mapping[str, Any] | None = None, fallback_dir: str | Path | None = None) -> Iterator[Tracker]:
     """A run of ``stage`` in ``cfg.experiment``, ended FINISHED (FAILED / KILLED if the body raises; the body's
     exception always propagates). ``parent``: a model key (``model_key(cfg)``) to nest the run under that model's
-    parent run. Fallback file: ``<fallback_dir or cfg.run_dir>/tracking_fallback.jsonl``."""
+    parent run. Fallback file: ``<fallback_dir or the run directory>/tracking_fallback.jsonl``."""
     tracker = open_run(cfg.tracking, cfg.experiment, stage, name, parent=parent, tags=tags,
-                       fallback_dir=fallback_dir if fallback_dir is not None else cfg.run_dir)
+                       fallback_dir=fallback_dir if fallback_dir is not None else run_dir(cfg))
     status = "FINISHED"
     try:
         yield tracker
@@ -629,82 +631,11 @@ def stage_run(cfg: ExperimentConfig, stage: str, name: str | None = None, *, par
 # --------------------------------------------------------------------------------------------- per-stage helpers
 
 
-def log_folds(cfg: ExperimentConfig, *, k: int, seed: int, file: str | Path, balance: Any = None,
-              n_images: int | None = None) -> str | None:
-    """The folds stage: k, seed, the folds file and the per-fold balance summary (a DataFrame or dict) as an
-    artifact. Returns the run id (None when the store was unusable)."""
-    with stage_run(cfg, "folds", name=f"folds-k{k}-s{seed}", fallback_dir=cfg.folds.dir) as tracker:
-        tracker.log_params({"folds.k": k, "folds.seed": seed, "folds.file": str(file), "data.name": cfg.data.name})
-        tracker.set_tags({"pipeline.folds_file": str(file)})
-        if n_images is not None:
-            tracker.log_metrics({"n_images": n_images})
-        if balance is not None:
-            tracker.log_dict(balance, "fold_balance.csv" if hasattr(balance, "to_csv") else "fold_balance.json")
-        return tracker.run_id
-
-
-@contextlib.contextmanager
-def train_run(cfg: ExperimentConfig, fold: int, *, fallback_dir: str | Path | None = None) -> Iterator[Tracker]:
-    """The run of one training fold, a child of the model's parent run: the resolved config as params, git commit
-    and dirty flag as tags. Log epochs with ``tracker.log_epoch(row)``, finish with :func:`log_train_result`."""
-    with stage_run(cfg, "train", name=f"fold{fold}", parent=model_key(cfg), tags={"pipeline.fold": fold},
-                   fallback_dir=fallback_dir) as tracker:
-        tracker.log_params(cfg.model_dump(mode="json"))
-        yield tracker
-
-
-def log_train_result(tracker: Tracker, *, best_score: float | None, best_epoch: int | None = None,
-                     checkpoints: Mapping[str, str | Path] | Sequence[str | Path] = (),
-                     metrics_jsonl: str | Path | None = None) -> None:
-    """End of a fold: best score / epoch as metrics, checkpoint paths as tags (files stay where they are: too big
-    to copy), and ``metrics.jsonl`` plus its curves PNG as artifacts."""
-    # at the best epoch's step: the per-epoch rows may carry best_score too, and this point must not bend the curve
-    tracker.log_metrics({"best_score": best_score, "best_epoch": best_epoch}, step=best_epoch)
-    named = dict(checkpoints) if isinstance(checkpoints, Mapping) else {
-        Path(p).stem: p for p in checkpoints}
-    tracker.set_tags({f"pipeline.checkpoint.{_key(n)}": str(Path(p).resolve()) for n, p in named.items()})
-    if metrics_jsonl is not None and Path(metrics_jsonl).is_file():
-        tracker.log_artifact(metrics_jsonl)
-        png = Path(metrics_jsonl).with_name("training_curves.png")
-        with contextlib.suppress(Exception):  # a plot must never fail the fold
-            tracker.log_artifact(plot_training_curves(metrics_jsonl, png))
-
-
-def log_prediction(cfg: ExperimentConfig, *, split: str, tta_views: Sequence[str], files: Sequence[str | Path] = (),
-                   score: float | None = None, n_images: int | None = None, n_boxes: int | None = None,
-                   extra: Mapping[str, Any] | None = None) -> str | None:
-    """The predict stage of one model (a child of its parent run): split, TTA views, output tables, and the OOF
-    score when ``split == "oof"``. Returns the run id."""
-    with stage_run(cfg, "predict", name=f"predict-{split}", parent=model_key(cfg),
-                   tags={"pipeline.split": split}) as tracker:
-        tracker.log_params({"predict.run": cfg.run, "predict.split": split, "predict.tta": list(tta_views),
-                            "predict.files": [str(f) for f in files], **(extra or {})})
-        tracker.log_metrics({f"{split}_score": score, "n_images": n_images, "n_boxes": n_boxes})
-        return tracker.run_id
-
-
-def log_ensemble(cfg: ExperimentConfig, *, members: Sequence[str], fusion_params: Mapping[str, Any],
-                 member_scores: Mapping[str, float], ensemble_score: float, metric: str | None = None,
-                 weights: Sequence[float] | None = None) -> str | None:
-    """The ensemble stage: members, the fusion parameters chosen on OOF, each member's OOF score
-    (``oof_<member>``) and the ensemble's (``oof_score``). Returns the run id."""
-    name = cfg.ensemble.name
-    with stage_run(cfg, "ensemble", name=name, tags={"pipeline.members": ",".join(members)}) as tracker:
-        tracker.log_params({"ensemble.members": list(members), "ensemble.metric": metric or cfg.metric,
-                            "fusion": dict(fusion_params),
-                            **({"ensemble.weights": list(weights)} if weights is not None else {})})
-        tracker.log_metrics({"oof_score": ensemble_score} | {f"oof_{m}": s for m, s in member_scores.items()})
-        best_member = max(member_scores.values(), default=None)
-        if best_member is not None:  # what fusing bought over the best single model
-            tracker.log_metrics({"oof_gain_over_best_member": ensemble_score - best_member})
-        return tracker.run_id
-
-
 def log_submission(meta: Mapping[str, Any], tracking: TrackingConfig | None = None, *, experiment: str,
                    fallback_dir: str | Path) -> str | None:
     """A submission run (tag ``pipeline.stage=submission``, ``pipeline.submission_hash``): file, hash, CV, metric,
     members. Registering the same content again reuses its run. Called by
-    :func:`pipeline.leaderboard.register_submission`; returns the run id."""
+    :func:`pipeline.ledger.register_submission`; returns the run id."""
     content_hash = str(meta.get("content_hash") or "")
     run_id = find_submission_run(tracking, content_hash) if content_hash else None
     tags = {"pipeline.submission_hash": content_hash, "pipeline.submission_file": meta.get("file"),
@@ -726,7 +657,7 @@ def find_submission_run(tracking: TrackingConfig | None, content_hash: str) -> s
     uri = resolve_uri(tracking)
     if not tracking.enabled or not content_hash or store_problem(uri) is not None:
         return None
-    db = _sqlite_file(uri)
+    db = sqlite_file(uri)
     if db is not None and not db.exists():
         return None  # no store yet: do not create an empty one just to look
     try:
@@ -754,67 +685,17 @@ def log_lb_scores(tracking: TrackingConfig | None, run_id: str | None, scores: M
     return tracker.active
 
 
-# --------------------------------------------------------------------------------------------- training curves
+# --------------------------------------------------------------------------------------------- replay
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a killed process
             row = json.loads(line)
             if isinstance(row, dict):
                 rows.append(row)
     return rows
-
-
-def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
-    """A PNG of the loss curves and the validation-metric curves of one fold's ``metrics.jsonl``.
-
-    Tolerant: missing keys, missing epochs and unreadable lines are skipped; losses are every key with "loss" in
-    its name, validation metrics the other ``val_*`` keys (plus ``score`` / ``map*``), lr on its own panel.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend switch
-    from matplotlib.figure import Figure
-
-    rows = _read_jsonl(Path(metrics_jsonl)) if Path(metrics_jsonl).is_file() else []
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for i, row in enumerate(rows):
-        epoch = row.get("epoch", i + 1)
-        for name, value in _finite_metrics({k: v for k, v in row.items() if k != "epoch"}).items():
-            xs, ys = series.setdefault(name, ([], []))
-            xs.append(float(epoch) if isinstance(epoch, (int, float)) else float(i + 1))
-            ys.append(value)
-    losses = {k: v for k, v in series.items() if "loss" in k}
-    scores = {k: v for k, v in series.items()
-              if k not in losses and (k.startswith("val") or "score" in k or k.startswith("map"))}
-    if len(scores) > 6:  # the metric's details (val_iou0.50 ...) would bury the headline curve
-        scores = {k: v for k, v in scores.items() if k in ("val_score", "best_score")} or scores
-    lr = {k: v for k, v in series.items() if k == "lr" or k.startswith("lr_")}
-    panels = [("loss", losses), ("validation metric", scores)] + ([("learning rate", lr)] if lr else [])
-    fig = Figure(figsize=(5 * len(panels), 4), dpi=100)
-    FigureCanvasAgg(fig)
-    for i, (title, curves) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        for name, (xs, ys) in sorted(curves.items()):
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=name)
-        if curves:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    fig.suptitle(Path(metrics_jsonl).parent.name or str(metrics_jsonl), fontsize=10)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp, format="png")
-    os.replace(tmp.name, out)  # atomic: a viewer never sees half a PNG
-    return out
-
-
-# --------------------------------------------------------------------------------------------- replay
 
 
 def replay_fallback(path: str | Path, uri: str | None = None) -> int:
@@ -864,21 +745,12 @@ def main(argv: list[str] | None = None) -> int:
     replay = sub.add_parser("replay", help="send a tracking_fallback.jsonl to the MLflow store")
     replay.add_argument("file", type=Path)
     replay.add_argument("--uri", help="tracking URI (default: the one in the file, else $MLFLOW_TRACKING_URI)")
-    curves = sub.add_parser("curves", help="plot a fold's metrics.jsonl")
-    curves.add_argument("metrics_jsonl", type=Path)
-    curves.add_argument("--out", type=Path, help="PNG path (default: training_curves.png next to the file)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "replay":
-        if not args.file.is_file():
-            print(f"error: {args.file} not found", file=sys.stderr)
-            return 1
-        print(f"replayed {replay_fallback(args.file, args.uri)} run(s) from {args.file}")
-        return 0
-    if not args.metrics_jsonl.is_file():
-        print(f"error: {args.metrics_jsonl} not found", file=sys.stderr)
+    if not args.file.is_file():
+        print(f"error: {args.file} not found", file=sys.stderr)
         return 1
-    print(plot_training_curves(args.metrics_jsonl, args.out or args.metrics_jsonl.with_name("training_curves.png")))
+    print(f"replayed {replay_fallback(args.file, args.uri)} run(s) from {args.file}")
     return 0
 
 

@@ -18,33 +18,34 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import pandas as pd
 import torch
 from timm.utils import ModelEmaV3
+from pydantic import BaseModel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline import checkpoint, distributed as dist
-from pipeline.config import ConfigError, ExperimentConfig, add_config_args, load_config
+from pipeline.config import ConfigError, ExperimentConfig, add_config_args, config_from_args
 from pipeline.data import DataError, load_dataset
 from pipeline.data.table import AnnotationTable
-from pipeline.dataset import EvalDataset, TrainDataset, collate, make_records
+from pipeline.dataset import EvalDataset, MultiScaleBatchSampler, TrainDataset, collate, make_records
 from pipeline.engine import LossModule, NonFiniteLossError, Precision, evaluate, predict, resolve_precision, train_one_epoch
-from pipeline.folds import FoldsError, read_folds
 from pipeline.io import atomic_write_text
+from pipeline.layout import (BEST_CHECKPOINT, CURVES_PNG, EPOCH_LOG, FOLD_OOF, LAST_CHECKPOINT, RESOLVED_CONFIG, FoldsError,
+                             fold_dir, folds_path, read_folds, read_predictions, write_predictions)
+from pipeline.metrics import get_metric
 from pipeline.models import create_model
-from pipeline.predictions import read_predictions, write_predictions
-from pipeline.tracking import log_train_result, plot_training_curves, train_run
+from pipeline.pseudo_labels import PseudoLabelError, fold_training_set, pseudo_table_hash
+from pipeline.tracking import Tracker, model_key, stage_run
+from pipeline.visualize import plot_training_curves
 
 log = logging.getLogger(__name__)
 
 
 class TrainError(RuntimeError):
     pass
-
-
-def fold_dir(cfg: ExperimentConfig, fold: int) -> Path:
-    return cfg.run_dir / f"fold{fold}"
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -72,16 +73,21 @@ def build_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_sche
 
 
 def make_loaders(cfg: ExperimentConfig, table: AnnotationTable, train_ids, val_ids):
-    size = cfg.model.image_size
-    train_ds = TrainDataset(make_records(table, train_ids), size, cfg.augment, cfg.train.seed)
+    size, resize = cfg.model.image_size, cfg.model.resize
+    train_ds = TrainDataset(make_records(table, train_ids), size, cfg.augment, cfg.train.seed, resize=resize)
     # DistributedSampler also on one process: its shuffle is a function of (seed, epoch), which resume relies on.
     sampler = DistributedSampler(train_ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
                                  seed=cfg.train.seed, drop_last=True)
-    workers = cfg.train.num_workers
-    train_loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
-                              collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True)
+    workers, pin = cfg.train.num_workers, torch.cuda.is_available()
+    if cfg.train.multiscale:  # one side per batch, drawn from (seed, epoch, batch): a resume sees the same sides
+        batches = MultiScaleBatchSampler(sampler, cfg.train.batch_size, True, cfg.train.multiscale, cfg.train.seed)
+        train_loader = DataLoader(train_ds, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                                  pin_memory=pin)
+    else:
+        train_loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
+                                  collate_fn=collate, pin_memory=pin, drop_last=True)
     val_records = make_records(table, val_ids)[dist.rank()::dist.world_size()]
-    val_loader = DataLoader(EvalDataset(val_records, size), batch_size=cfg.predict.batch_size,
+    val_loader = DataLoader(EvalDataset(val_records, size, resize), batch_size=cfg.predict.batch_size,
                             num_workers=workers, collate_fn=collate)
     return train_ds, sampler, train_loader, val_loader
 
@@ -99,16 +105,68 @@ TRAINING_SECTIONS = ("metric", "data", "folds", "model", "augment", "train")
 
 
 def config_fingerprint(cfg: ExperimentConfig) -> dict:
-    """What must match between a run and its resume (epochs may grow; workers and progress bars may change)."""
+    """What must match between a run and its resume (epochs may grow; workers and progress bars may change).
+    A pseudo-label round counts by its content, not by how it is named."""
     d = cfg.model_dump(mode="json")
     for key in ("epochs", "num_workers", "progress"):
         d["train"].pop(key)
-    return {k: d[k] for k in TRAINING_SECTIONS}
+    d["train"].pop("pseudo", None)
+    d["data"].pop("unlabelled", None)  # a pseudo-label source only, never read by training
+    return {k: d[k] for k in TRAINING_SECTIONS} | {"pseudo": pseudo_table_hash(cfg)}  # None without a round
 
 
 def same_training(saved: dict, cfg: ExperimentConfig) -> bool:
+    """``saved`` (a checkpoint's fingerprint) matches ``cfg``. A setting added to the config after the checkpoint
+    was written matches when ``cfg`` leaves it at its default: a new release must not orphan older runs."""
     current = config_fingerprint(cfg)
+    saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    saved.setdefault("pseudo", None)
+    for section, values in current.items():
+        if not isinstance(values, dict) or not isinstance(saved.get(section), dict):
+            continue
+        renamed = {"train": "pseudo", "data": "unlabelled"}.get(section)  # compared by content, or not at all
+        if renamed:
+            saved[section].pop(renamed, None)
+        fields = type(getattr(cfg, section)).model_fields
+        for key in values.keys() - saved[section].keys():
+            if key in fields and values[key] == _as_json(fields[key].get_default(call_default_factory=True)):
+                saved[section][key] = values[key]
     return {k: saved.get(k) for k in current} == current
+
+
+def _as_json(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return str(value) if isinstance(value, Path) else value
+
+
+def resume_state(cfg: ExperimentConfig, out: Path, resume: bool) -> dict | None:
+    """The state of the run in ``out`` to continue, or None for a fresh one."""
+    last_path = out / LAST_CHECKPOINT
+    if not checkpoint.has_checkpoint(last_path):
+        return None
+    if not resume:
+        raise TrainError(f"{out} already holds a run: pass --resume to continue it, or delete the folder")
+    # an unreadable last.pt falls back to last.prev.pt, one epoch earlier (said on stderr)
+    state = checkpoint.load_for_resume(last_path, repair=dist.is_main())
+    if not same_training(state["config"], cfg):
+        raise TrainError(f"{out}: the config differs from the run being resumed; use another `run:` name")
+    return state
+
+
+def finished(state: dict, cfg: ExperimentConfig) -> bool:
+    return state["epoch"] + 1 >= cfg.train.epochs or state["stopped"]
+
+
+def restore(state: dict, model, ema, optimizer, scheduler, scaler) -> None:
+    """Weights, EMA, optimizer, scheduler, scaler and RNG as they were after the checkpoint's epoch."""
+    model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.module.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    checkpoint.set_rng_state(state["rng"])
 
 
 def train_fold(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFrame, fold: int,
@@ -116,29 +174,27 @@ def train_fold(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFram
     out = fold_dir(cfg, fold)
     device = dist.init_from_env(cfg.train.device)
     precision = resolve_precision(cfg.train, device)
-    val_ids = folds.image_id[folds.fold == fold].tolist()
-    train_ids = folds.image_id[folds.fold != fold].tolist()
+    table, train_ids, val_ids = fold_training_set(cfg, table, folds, fold)  # + a pseudo-label round's images
     if not val_ids:
         raise TrainError(f"fold {fold} is not in the folds file (folds: {sorted(folds.fold.unique())})")
 
-    last_path = out / "last.pt"
-    state = None
-    if last_path.exists():
-        if not resume:
-            raise TrainError(f"{out} already holds a run: pass --resume to continue it, or delete the folder")
-        state = checkpoint.load(last_path)
-        if not same_training(state["config"], cfg):
-            raise TrainError(f"{out}: the config differs from the run being resumed; use another `run:` name")
-        finished = state["epoch"] + 1 >= cfg.train.epochs or state["stopped"]
-        if finished and (out / "oof.parquet").exists() and "summary" in state:
-            print(f"fold {fold}: already trained ({state['epoch'] + 1} epochs), OOF written; nothing to do")
-            return state["summary"]
+    last_path = out / LAST_CHECKPOINT
+    state = resume_state(cfg, out, resume)
+    if state is not None and finished(state, cfg) and (out / FOLD_OOF).exists() and "summary" in state:
+        print(f"fold {fold}: already trained ({state['epoch'] + 1} epochs), OOF written; nothing to do")
+        return state["summary"]
+    epoch_rows: list[dict] = []  # metrics.jsonl's rows, also kept in last.pt: a kill between the two loses none
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", cfg.to_yaml())
+        checkpoint.remove_stray_temp_files(out)  # half-written temp files of a killed run
+        epoch_rows = checkpoint.restore_epoch_log(out / EPOCH_LOG, state)
+        atomic_write_text(out / RESOLVED_CONFIG, cfg.to_yaml())
 
     checkpoint.seed_everything(cfg.train.seed)
     model = create_model(cfg.model, num_classes=len(table.classes)).to(device)
+    refused = [side for side in cfg.train.multiscale or [] if not model.accepts_size(side)]
+    if refused:
+        raise TrainError(f"train.multiscale {refused}: {cfg.model.name} takes {model.size_rule}")
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_ds, sampler, train_loader, val_loader = make_loaders(cfg, table, train_ids, val_ids)
@@ -152,16 +208,10 @@ def train_fold(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFram
         loss_module = torch.nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None)
 
-    start_epoch, global_step, best, stale = 0, 0, {"score": -math.inf, "epoch": -1}, 0
+    start_epoch, global_step, best, stale = 0, 0, {"score": get_metric(cfg.metric).worst, "epoch": -1}, 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        restore(state, model, ema, optimizer, scheduler, scaler)
         start_epoch, global_step, best, stale = state["epoch"] + 1, state["global_step"], state["best"], state["stale"]
-        checkpoint.set_rng_state(state["rng"])
         if state["stopped"]:  # stopped early, killed before its OOF was written: go straight to the OOF
             start_epoch = cfg.train.epochs
         print(f"fold {fold}: resuming after epoch {state['epoch']} (global step {global_step})")
@@ -176,6 +226,10 @@ def train_fold(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFram
     logging_here = dist.is_main() and cfg.tracking.enabled
     with (train_run(cfg, fold, fallback_dir=out) if logging_here else contextlib.nullcontext()) as tracker:
         eval_model = ema.module if ema is not None else model
+        metric = get_metric(cfg.metric)
+        if tracker is not None:  # a resumed run is a new MLflow run: give it the epochs before the kill too
+            for previous_row in epoch_rows:
+                tracker.log_epoch(previous_row)
         for epoch in range(start_epoch, cfg.train.epochs):
             t0 = time.perf_counter()
             sampler.set_epoch(epoch)
@@ -186,70 +240,108 @@ def train_fold(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFram
             if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
                 _, result = validate(eval_model, val_loader, precision, cfg, table, val_ids, fold)
                 row.update(val_score=result.score, **{f"val_{k}": v for k, v in result.details.items()})
-                if result.score > best["score"]:
+                if metric.better(result.score, best["score"]):  # in the metric's own direction
                     best, stale = {"score": result.score, "epoch": epoch}, 0
                     if dist.is_main():
                         checkpoint.save({"model": eval_model.state_dict(), "epoch": epoch, "score": result.score,
-                                         "metric": cfg.metric, "config": cfg.model_dump(mode="json")}, out / "best.pt")
+                                         "metric": cfg.metric, "config": cfg.model_dump(mode="json")},
+                                        out / BEST_CHECKPOINT)
                 else:
                     stale += 1
             row.update(best_score=best["score"], best_epoch=best["epoch"], epoch_time_s=time.perf_counter() - t0)
             stop = cfg.train.patience is not None and stale >= cfg.train.patience
             if dist.is_main():
+                # Order for a kill at any instant: last.pt (holding this row) first, then metrics.jsonl, then
+                # MLflow; a resume restores the log from last.pt and re-logs its rows.
+                epoch_rows.append(row)
                 checkpoint.save({
                     "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "epoch": epoch, "global_step": global_step, "best": best,
                     "stale": stale, "rng": checkpoint.rng_state(), "config": config_fingerprint(cfg), "stopped": stop,
-                }, last_path)
-                if tracker is not None:
-                    tracker.log_epoch(row)
-                with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(json.dumps({"fold": fold, **{k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}}))
+                    "epoch_rows": epoch_rows,
+                }, last_path, keep_previous=True)
+                log_epoch(out, fold, row, tracker)
             if stop:
                 print(f"fold {fold}: early stop after epoch {epoch} ({stale} validations without improvement)")
                 break
 
         summary = write_oof(cfg, table, val_ids, fold, model, val_loader, precision, best)
-        if tracker is not None:
-            plot_training_curves(out / "metrics.jsonl", out / "curves.png")
-            log_train_result(tracker, best_score=best["score"], best_epoch=best["epoch"],
-                             checkpoints={"best": out / "best.pt", "last": last_path}, metrics_jsonl=out / "metrics.jsonl")
         if dist.is_main():
-            state = checkpoint.load(last_path)
-            state["summary"] = summary
-            checkpoint.save(state, last_path)
+            finish_fold(out, summary, best, tracker)
     dist.barrier()
     return summary
+
+
+def log_epoch(out: Path, fold: int, row: dict, tracker: Tracker | None) -> None:
+    """One epoch's stats: a line of ``metrics.jsonl``, then MLflow when on, and a JSON line on stdout."""
+    with open(out / EPOCH_LOG, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    if tracker is not None:
+        tracker.log_epoch(row)
+    print(json.dumps({"fold": fold, **{k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}}))
+
+
+def finish_fold(out: Path, summary: dict, best: dict, tracker: Tracker | None) -> None:
+    """The curves picture (always), MLflow when on, and the summary kept in ``last.pt`` (what makes a re-run of a
+    finished fold a no-op)."""
+    with contextlib.suppress(Exception):  # a plot must never fail the fold
+        plot_training_curves(out / EPOCH_LOG, out / CURVES_PNG)
+    if tracker is not None:
+        log_fold_result(tracker, out, best)
+    state = checkpoint.load(out / LAST_CHECKPOINT)
+    state["summary"] = summary
+    checkpoint.save(state, out / LAST_CHECKPOINT, keep_previous=True)
+
+
+def log_fold_result(tracker: Tracker, out: Path, best: dict) -> None:
+    """MLflow, end of a fold: best score and epoch, checkpoint paths as tags (too big to copy), the epoch log and
+    the curves picture as artifacts."""
+    # at the best epoch's step: the per-epoch rows carry best_score too, and this point must not bend the curve
+    tracker.log_metrics({"best_score": best["score"], "best_epoch": best["epoch"]}, step=best["epoch"])
+    tracker.set_tags({f"pipeline.checkpoint.{name}": str((out / file).resolve())
+                      for name, file in (("best", BEST_CHECKPOINT), ("last", LAST_CHECKPOINT))})
+    for artifact in (out / EPOCH_LOG, out / CURVES_PNG):
+        if artifact.is_file():
+            tracker.log_artifact(artifact)
+
+
+@contextlib.contextmanager
+def train_run(cfg: ExperimentConfig, fold: int, *, fallback_dir: Path | None = None) -> Iterator[Tracker]:
+    """MLflow: the run of one training fold, a child of the model's parent run, with the resolved config as
+    params (git commit and dirty flag are tagged by the tracker)."""
+    with stage_run(cfg, "train", name=f"fold{fold}", parent=model_key(cfg), tags={"pipeline.fold": fold},
+                   fallback_dir=fallback_dir) as tracker:
+        tracker.log_params(cfg.model_dump(mode="json"))
+        yield tracker
 
 
 def write_oof(cfg, table, val_ids, fold, model, val_loader, precision, best) -> dict:
     """The best checkpoint predicts fold K: the fold's out-of-fold predictions."""
     out = fold_dir(cfg, fold)
     dist.barrier()
-    model.load_state_dict(checkpoint.load(out / "best.pt")["model"])
+    model.load_state_dict(checkpoint.load(out / BEST_CHECKPOINT)["model"])
     preds, result = validate(model, val_loader, precision, cfg, table, val_ids, fold)
     summary = {"fold": fold, "best_epoch": best["epoch"], "oof_score": result.score, "metric": cfg.metric,
                "n_images": len(val_ids), "n_boxes": len(preds)}
     if dist.is_main():
-        write_predictions(preds.assign(model=cfg.run, fold=fold, tta="none"), out / "oof.parquet")
+        write_predictions(preds.assign(model=cfg.run, fold=fold, tta="none"), out / FOLD_OOF)
         print(json.dumps({"fold": fold, "oof": result.score, **result.details}))
     return summary
 
 
 def pooled_oof_score(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFrame):
     """Every image scored by the one model that did not train on it."""
-    frames = [read_predictions(fold_dir(cfg, f) / "oof.parquet") for f in sorted(folds.fold.unique())]
+    frames = [read_predictions(fold_dir(cfg, f) / FOLD_OOF) for f in sorted(folds.fold.unique())]
     return evaluate(cfg.metric, table, pd.concat(frames, ignore_index=True), folds.image_id.tolist())
 
 
 def run(cfg: ExperimentConfig, fold: str, resume: bool) -> None:
     table = load_dataset(cfg.data, "train")
-    folds = read_folds(cfg.folds_path)
+    folds = read_folds(folds_path(cfg))
     missing = set(folds.image_id) - set(table.images.image_id)
     if missing:
-        raise TrainError(f"{cfg.folds_path} names images the dataset lacks, e.g. {sorted(missing)[:3]}")
+        raise TrainError(f"{folds_path(cfg)} names images the dataset lacks, e.g. {sorted(missing)[:3]}")
     fold_list = sorted(folds.fold.unique()) if fold == "all" else [int(fold)]
     for k in fold_list:
         train_fold(cfg, table, folds, int(k), resume)
@@ -260,14 +352,15 @@ def run(cfg: ExperimentConfig, fold: str, resume: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train one model on one fold (or all folds).")
-    add_config_args(parser)
+    add_config_args(parser, demo="frcnn.yaml")
     parser.add_argument("--fold", required=True, help="fold number, or 'all'")
     parser.add_argument("--resume", action="store_true", help="continue a killed or finished run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run(load_config(args.config, args.overrides), args.fold, args.resume)
-    except (ConfigError, DataError, FoldsError, TrainError, NonFiniteLossError) as exc:
+        run(config_from_args(args), args.fold, args.resume)
+    except (ConfigError, DataError, FoldsError, TrainError, NonFiniteLossError, checkpoint.CheckpointError,
+            PseudoLabelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -72,3 +72,18 @@ def write_config_dir(tmp_path: Path, data_root: Path, members: dict[str, dict], 
     (tmp_path / "ensemble.yaml").write_text(yaml.safe_dump(
         {"base": "base.yaml", "ensemble": {"name": "tiny-ens", "members": [{"config": f"{n}.yaml"} for n in members]}}))
     return tmp_path
+
+
+@pytest.fixture
+def mean_confidence_metric():
+    """A toy lower-is-better metric registered for one test: the mean summed confidence per scored image (a
+    stand-in for a loss or an error rate). Every stage must follow its direction, never assume "higher"."""
+    import numpy as np
+
+    from pipeline.metrics import Metric, MetricResult, register_metric, unregister_metric
+
+    def score(gt, preds) -> MetricResult:
+        return MetricResult("mean_confidence", float(np.sum(preds.scores)) / max(1, len(gt.image_ids)))
+
+    yield register_metric(Metric("mean_confidence", higher_is_better=False, class_aware=False, score=score))
+    unregister_metric("mean_confidence")

@@ -1,6 +1,7 @@
 import pytest
 
 from pipeline.config import ConfigError, load_config
+from pipeline.layout import folds_path
 
 
 def write(path, text):
@@ -14,7 +15,7 @@ def test_base_chain_and_overrides(tmp_path):
     cfg = load_config(child, ["train.batch_size=3", "model.options={fpn_channels: 32}"])
     assert cfg.train.epochs == 7 and cfg.train.lr == 0.01 and cfg.train.batch_size == 3
     assert cfg.model.options == {"fpn_channels": 32}
-    assert cfg.folds_path.name == "d_k5_s42.csv"
+    assert folds_path(cfg).name == "d_k5_s42.csv"
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

@@ -392,3 +392,158 @@ def test_groups_csv_problems(tmp_path):
     pd.DataFrame({"id": ["i1"], "group": ["p1"]}).to_csv(tmp_path / "groups.csv", index=False)
     with pytest.raises(DataError, match="expected columns image_id,group"):
         load_dataset(c)
+
+
+# --------------------------------------------------------------------------------------------- encodings
+
+
+def test_text_files_not_in_utf8_name_the_file_and_line(tmp_path):
+    """Finding 1: a VOC split list or YOLO label file in Latin-1 ended in a UnicodeDecodeError traceback."""
+    c = voc(tmp_path / "v", voc_object("a", 1, 1, 5, 5))
+    split = tmp_path / "v" / "ImageSets" / "Main" / "tv.txt"
+    split.parent.mkdir(parents=True)
+    split.write_bytes("i1\n# épis\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"tv\.txt: not UTF-8 text \(line 2, byte 5"):
+        load_dataset(c.model_copy(update={"train_split": "tv"}))
+    split.write_bytes("i1\n".encode("utf-16"))  # a BOM declares the encoding: read in it
+    assert load_dataset(c.model_copy(update={"train_split": "tv"})).images.image_id.tolist() == ["i1"]
+    c = yolo(tmp_path / "y", {"a": ""})
+    label = "0 0.5 0.5 0.1 0.1\n0 0,5 0,5 0,1 0,1 é\n".encode("cp1252")
+    (tmp_path / "y" / "labels" / "train" / "a.txt").write_bytes(label)
+    with pytest.raises(DataError, match=r"labels/train/a\.txt: not UTF-8 text \(line 2"):
+        load_dataset(c)
+    c = gwd(tmp_path / "g", [("a", 64, 48, "[1, 1, 5, 5]", "blé")])
+    (tmp_path / "g" / "train.csv").write_bytes((tmp_path / "g" / "train.csv").read_text().encode("latin-1"))
+    with pytest.raises(DataError, match=r"train\.csv: not UTF-8 text \(line 2"):
+        load_dataset(c)
+    c = voc(tmp_path / "x", voc_object("épi", 1, 1, 5, 5))
+    xml = tmp_path / "x" / "Annotations" / "i1.xml"
+    xml.write_bytes(xml.read_text().encode("latin-1"))
+    with pytest.raises(DataError, match=r"i1\.xml: malformed XML .*not UTF-8 and the XML declaration names no enc"):
+        load_dataset(c)
+    xml.write_bytes(b'<?xml version="1.0" encoding="ISO-8859-1"?>' + xml.read_bytes())  # declared: read in it
+    assert load_dataset(c).classes == ["épi"]
+
+
+# --------------------------------------------------------------------------------------------- corrupt pixels
+
+
+def corrupt_scan(path: Path) -> Path:
+    """Overwrite the middle of a JPEG's entropy-coded data: every marker intact, the pixels garbage."""
+    data = bytearray(path.read_bytes())
+    start, end = data.find(b"\xff\xda"), data.rfind(b"\xff\xd9")
+    middle = (start + end) // 2
+    data[middle:middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_jpeg_with_corrupt_scan_data_is_an_error_like_a_truncated_one(tmp_path):
+    """Finding 4: libjpeg warns "Corrupt JPEG data" and PIL ignores it: garbage pixels, ``repairs: none`` even with
+    --verify. The decoder's report is now an error (or, with skip_bad_images, a counted skip)."""
+    path = corrupt_scan(write_image(tmp_path / "train" / "a.jpg", (64, 48)))
+    with Image.open(path) as img:
+        img.load()  # PIL alone decodes it without complaint: the case this test is about
+    assert image_size(path) == (64, 48) and probe_image(path) == (64, 48)  # header and tail are intact
+    for fn in (read_image, verify_image):
+        with pytest.raises(DataError, match=r"a\.jpg: corrupt or truncated image \(libjpeg: Corrupt JPEG data"):
+            fn(path)
+    c = gwd(tmp_path, [("a", 64, 48, "[1, 1, 5, 5]", "s"), ("b", 64, 48, "[1, 1, 5, 5]", "s")], images=("b.jpg",))
+    assert len(load_dataset(c).images) == 2  # without --verify the header read cannot see it
+    with pytest.raises(DataError, match=r"1 unreadable image.*a\.jpg: corrupt"):
+        load_dataset(c, verify_images=True)
+    table = load_dataset(c.model_copy(update={"skip_bad_images": True}), verify_images=True)
+    assert table.images.image_id.tolist() == ["b"]
+    assert table.report.counts() == {"skipped_image": 1, "dropped_bad_image_box": 1}
+
+
+def test_jpeg_pixels_are_pils_for_every_layout(tmp_path):
+    """The strict decoder is libjpeg-turbo as in PIL: same pixels for every subsampling, progressive, grayscale;
+    CMYK goes through PIL's conversion."""
+    for n, (mode, options) in enumerate([("RGB", {}), ("RGB", {"subsampling": 0}), ("RGB", {"subsampling": 1}),
+                                         ("RGB", {"progressive": True, "quality": 40}), ("L", {}), ("CMYK", {})]):
+        path = tmp_path / f"{n}.jpg"
+        noisy((37, 23), seed=n).convert(mode).save(path, "JPEG", **options)
+        with Image.open(path) as img:
+            assert np.array_equal(read_image(path), np.asarray(img.convert("RGB"))), (mode, options)
+
+
+# --------------------------------------------------------------------------------------------- repairs too big
+
+
+def test_yolo_labels_in_pixels_are_an_error_that_says_so(tmp_path):
+    """Finding 5: pixel coordinates in YOLO labels dropped every box as outside, exit 0: a dataset of nothing."""
+    labels = {"a": "0 50 25 20 10\n1 30 20 8 8\n", "b": "0 70 30 10 10\n"}
+    c = yolo(tmp_path, labels, images=("a.jpg", "b.jpg"))
+    with pytest.raises(DataError, match=r"3 of 3 boxes \(100%\) would be dropped \(dropped_outside 3\).*a\.txt "
+                                        r"line 1.*up to 70\).*look like pixel coordinates"):
+        load_dataset(c)
+
+
+def test_a_repair_that_drops_most_boxes_is_an_error_and_a_few_stay_repairs(tmp_path):
+    rows = [("a", 64, 48, f"[{x}, 1, 5, 5]", "s") for x in range(100, 115)]  # 15 outside the 64 px image...
+    rows += [("a", 64, 48, f"[{x}, 1, 5, 5]", "s") for x in range(1, 11)]  # ...of 25 boxes
+    with pytest.raises(DataError, match=r"15 of 25 boxes \(60%\) would be dropped.*train\.csv line 2.*coordinate "
+                                        r"convention"):
+        load_dataset(gwd(tmp_path / "most", rows))
+    table = load_dataset(gwd(tmp_path / "some", rows[5:]))  # 10 of 20: half is not most
+    assert table.report.counts() == {"dropped_outside": 10} and len(table.boxes) == 10
+
+
+def test_identical_duplicate_boxes_are_dropped_and_counted(tmp_path):
+    """Finding 10: identical boxes were kept twice silently."""
+    rows = [("a", 64, 48, "[1, 1, 5, 5]", "s"), ("a", 64, 48, "[2, 2, 5, 5]", "s"), ("a", 64, 48, "[1, 1, 5, 5]", "s"),
+            ("b", 64, 48, "[1, 1, 5, 5]", "s"), ("a", 64, 48, "[1.0, 1, 5, 5.0]", "s")]
+    table = load_dataset(gwd(tmp_path / "g", rows, images=("a.jpg", "b.jpg")))
+    dups = [r for r in table.report.repairs if r.kind == "dropped_duplicate"]
+    assert [(r.row, r.file.endswith("train.csv")) for r in dups] == [("line 4", True), ("line 6", True)]
+    assert "identical to an earlier box (line 2, label 0)" in dups[0].detail
+    assert len(table.boxes) == 3  # a twice is once; b's identical box is another image's
+    c = voc(tmp_path / "v", voc_object("a", 1, 1, 5, 5) + voc_object("b", 1, 1, 5, 5) + voc_object("a", 1, 1, 5, 5))
+    table = load_dataset(c)  # another class at the same place is another object
+    assert [(r.kind, r.row) for r in table.report.repairs] == [("dropped_duplicate", "object[3]")]
+    assert len(table.boxes) == 2
+
+
+# --------------------------------------------------------------------------------------------- parsers: properties
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.text(max_size=40), min_size=1, max_size=8))
+def test_bbox_string_parser_gives_boxes_or_a_data_error(bboxes):
+    """Any bbox cell: four floats per row, or a DataError naming the file -- never another exception."""
+    from pipeline.data.readers.gwd import _parse_boxes
+
+    df = pd.DataFrame({"bbox": pd.Series(bboxes, dtype=str), "row": [f"line {i + 2}" for i in range(len(bboxes))]})
+    try:
+        out = _parse_boxes(df, Path("f.csv"))
+    except DataError as exc:
+        assert "f.csv" in str(exc) and "malformed bbox" in str(exc)
+        return
+    assert out.shape == (len(bboxes), 4) and out.dtypes.eq(np.float64).all()
+
+
+csv_like = st.one_of(
+    st.binary(max_size=300),
+    st.lists(st.lists(st.one_of(st.text(max_size=12), st.sampled_from(['"', ",", "\n", "[1, 2, 3, 4]", "NA", "64"])),
+                      max_size=7), max_size=6).map(lambda rows: "\n".join(",".join(r) for r in rows).encode()),
+    st.text(max_size=200).map(lambda t: ("image_id,width,height,bbox,label\n" + t).encode("utf-8")),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(csv_like)
+def test_csv_parser_gives_a_table_or_a_data_error(tmp_path_factory, data):
+    """Any bytes as train.csv, a held-out labels CSV or a groups CSV: a table or a DataError naming the file."""
+    from pipeline.data.readers.gwd import _read_csv, read_gwd_labels
+
+    root = tmp_path_factory.mktemp("csv")
+    write_image(root / "train" / "a.jpg")
+    (root / "train.csv").write_bytes(data)
+    for load in (lambda: _read_csv(root / "train.csv"), lambda: read_gwd_labels(root / "train.csv"),
+                 lambda: load_dataset(DataConfig(name="t", format="gwd_csv", root=root)),
+                 lambda: load_dataset(DataConfig(name="t", format="gwd_csv", root=root, groups_csv="train.csv"))):
+        try:
+            load()
+        except DataError as exc:
+            assert "train.csv" in str(exc)

@@ -3,7 +3,6 @@ the ``check`` command, and the real BCCD data when it is present."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from pipeline.config import DataConfig, SyntheticConfig
 from pipeline.data import AnnotationTable, DataError, load_dataset, read_image, summarize
 from pipeline.data.__main__ import main
 
-BCCD = Path("/work/shared/data/bccd")
+BCCD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"  # beside the checkout, read in place
 
 
 def write_image(path: Path, size: tuple[int, int] = (64, 48), colour=(90, 120, 30)) -> Path:
@@ -85,8 +84,8 @@ def test_gwd_test_split_folder_hidden_labels_and_sample_submission(tmp_path):
         load_dataset(cfg(tmp_path), "test")
 
 
-def test_gwd_many_boxes_load_fast(tmp_path):
-    """Box parsing and checks are vectorised: 50k boxes over 200 images load in well under 3 s."""
+def test_gwd_many_boxes_load_every_box(tmp_path):
+    """50k boxes over 200 images: every box is kept or counted (how fast: benchmarks/data_load.py)."""
     rng = np.random.default_rng(0)
     n_images, n_boxes = 200, 50_000
     for i in range(n_images):
@@ -97,9 +96,7 @@ def test_gwd_many_boxes_load_fast(tmp_path):
     bbox = [f"[{x}, {y}, {w}, {h}]" for (x, y), (w, h) in zip(xy, wh)]
     pd.DataFrame({"image_id": [f"img{i}" for i in ids], "width": 256, "height": 256, "bbox": bbox,
                   "source": "s"}).to_csv(tmp_path / "train.csv", index=False)
-    start = time.perf_counter()
     table = load_dataset(cfg(tmp_path))
-    assert time.perf_counter() - start < 3.0
     assert len(table.boxes) + table.report.counts().get("dropped_outside", 0) == n_boxes
 
 
@@ -280,9 +277,7 @@ def test_summarize_empty_table():
 def test_bccd_real_data(capsys):
     c = DataConfig(name="bccd", format="voc", root=BCCD, images="images", annotations="Annotations",
                    train_split="trainval", test_split="test", classes=["RBC", "WBC", "Platelets"])
-    start = time.perf_counter()
     train = load_dataset(c)
-    assert time.perf_counter() - start < 2.0
     test = load_dataset(c, "test")
     assert (len(train.images), len(test.images)) == (292, 72)
     assert not set(train.images.image_id) & set(test.images.image_id)
@@ -290,3 +285,70 @@ def test_bccd_real_data(capsys):
     assert {r.file.rsplit("/", 1)[-1] for r in train.report.repairs} == {"BloodImage_00338.xml", "BloodImage_00343.xml"}
     assert len(train.boxes) + len(test.boxes) == 4888 - 2
     assert (train.images.width == 640).all() and (train.images.height == 480).all()
+
+
+def test_gwd_labels_without_images(tmp_path):
+    from pipeline.data.readers.gwd import read_gwd_labels
+
+    path = tmp_path / "labels.csv"
+    path.write_text('image_id,bbox,label\na,"[1, 2, 3, 4]",wheat\nb,,\nc,"[5, 5, 0, 4]",wheat\nc,"[0, 0, 2, 2]",wheat\n')
+    table = read_gwd_labels(path)
+    assert table.classes == ["wheat"] and sorted(table.images.image_id) == ["a", "b", "c"]
+    assert table.boxes[["x1", "y1", "x2", "y2"]].values.tolist() == [[1, 2, 4, 6], [0, 0, 2, 2]]
+    assert table.report.counts() == {"dropped_zero_area": 1}  # counted, never silent
+    path.write_text('image_id,bbox,label\na,"[1, 2, 3, 4]",barley\n')
+    with pytest.raises(DataError, match=r"line 2 label='barley'"):
+        read_gwd_labels(path, ["wheat"])
+
+
+# --------------------------------------------------------------------------------------------- ids and encodings
+
+
+def test_bom_csv_whose_first_column_is_label_loads_its_classes(tmp_path):
+    """Finding 3: with a UTF-8 BOM before ``label`` and data.classes unset, the class list fell back to ["wheat"]
+    and every box failed "class not in the class list"; the same file without the BOM loaded."""
+    write_image(tmp_path / "train" / "a.jpg")
+    text = 'label,image_id,width,height,bbox\ncat,a,64,48,"[1, 1, 5, 5]"\ndog,a,64,48,"[9, 9, 5, 5]"\n'
+    for encoding in ("utf-8-sig", "utf-16"):  # Excel's "CSV UTF-8" and "Unicode text"
+        (tmp_path / "train.csv").write_bytes(text.encode(encoding))
+        table = load_dataset(cfg(tmp_path))
+        assert table.classes == ["cat", "dog"] and table.boxes.label.tolist() == [0, 1], encoding
+
+
+def test_a_file_name_ending_in_a_space_keeps_its_id(tmp_path):
+    """Finding 6: ``"a .jpg"`` is image ``"a "``; stripping the CSV's id reported it missing."""
+    write_image(tmp_path / "train" / "a .jpg")
+    write_image(tmp_path / "train" / "b.jpg")
+    (tmp_path / "train.csv").write_text('image_id,width,height,bbox\na ,64,48,"[1, 1, 5, 5]"\n'
+                                        'b ,64,48,"[2, 2, 5, 5]"\n')  # "b " is b.jpg with a stray space
+    table = load_dataset(cfg(tmp_path))
+    assert sorted(table.images.image_id) == ["a ", "b"] and sorted(table.boxes.image_id) == ["a ", "b"]
+    (tmp_path / "train.csv").write_text('image_id,width,height,bbox\na,64,48,"[1, 1, 5, 5]"\n')
+    assert load_dataset(cfg(tmp_path)).boxes.image_id.tolist() == ["a "]  # the one file that fits once stripped
+    pd.DataFrame({"image_id": ["a ", "b"], "group": ["p", "q"]}).to_csv(tmp_path / "groups.csv", index=False)
+    table = load_dataset(cfg(tmp_path, groups_csv="groups.csv"))
+    assert dict(zip(table.images.image_id, table.images.group)) == {"a ": "p", "b": "q"}
+
+
+NA_LIKE_IDS = ["NA", "nan", "NaN", "null", "None", "N/A", "#N/A", "-nan", "n/a", "NULL"]
+
+
+def test_ids_pandas_would_read_as_missing_stay_names_from_data_check_to_folds(tmp_path, capsys):
+    """Finding 2: ``data check`` passed, the folds file was written, and every later stage read the ids back as
+    NaN ("image nan appears twice"). Every reader keeps them, and so does the folds file."""
+    from pipeline.layout import read_folds, write_folds_file
+
+    rows = [(i, 64, 48, "[1, 1, 5, 5]", "s") for i in NA_LIKE_IDS]
+    gwd_dataset(tmp_path / "g", rows, {f"{i.replace('/', '_')}.jpg": (64, 48) for i in NA_LIKE_IDS if "/" not in i})
+    with pytest.raises(DataError, match=r"line 7 image 'N/A'"):  # a name no file can have: missing, not NaN
+        load_dataset(cfg(tmp_path / "g"))
+    gwd_dataset(tmp_path / "h", [r for r in rows if "/" not in r[0]],
+                {f"{i}.jpg": (64, 48) for i in NA_LIKE_IDS if "/" not in i})
+    table = load_dataset(cfg(tmp_path / "h"))
+    names = [i for i in NA_LIKE_IDS if "/" not in i]
+    assert sorted(table.images.image_id) == sorted(names) and sorted(table.boxes.image_id) == sorted(names)
+    config = write_config(tmp_path, {"format": "gwd_csv", "root": str(tmp_path / "h")})
+    assert main(["check", "--config", str(config)]) == 0
+    folds = pd.DataFrame({"image_id": table.images.image_id, "fold": range(len(names))})
+    back = read_folds(write_folds_file(folds, tmp_path / "folds.csv"))
+    assert back.image_id.tolist() == table.images.image_id.tolist()

@@ -31,6 +31,7 @@ def synthetic(n_images=30, seed=0):
     return table, preds(good, "good"), preds(bad, "bad")
 
 
+@pytest.mark.slow
 def test_tuning_is_monotone_deterministic_and_favours_the_better_member():
     table, good, bad = synthetic()
     cfg = load_config("configs/demo/ensemble.yaml")
@@ -64,3 +65,42 @@ def test_cells_average_the_metric_and_add_map50_only_for_coco_map():
     folds = [MetricResult("coco_map", 0.4, {"map50": 0.8}), MetricResult("coco_map", 0.6, {"map50": 0.9})]
     assert cells("oof", folds) == pytest.approx({"oof": 0.5, "oof map50": 0.85})
     assert cells("test", [MetricResult("gwd", 0.7, {"iou0.50": 0.9})]) == {"test": 0.7}
+
+
+def test_the_tuner_follows_a_lower_is_better_metric(mean_confidence_metric):
+    # mean summed confidence per image: the lowest comes from giving the noisy member the least weight and the
+    # highest score threshold, the opposite of what a "higher is better" search would choose
+    table, good, bad = synthetic(12)
+    cfg = load_config("configs/demo/ensemble.yaml", ["metric=mean_confidence"])
+    cfg.ensemble.members = [MemberConfig(config="good.yaml"), MemberConfig(config="bad.yaml")]
+    members = [Member("good", cfg, good, None, ["none"]), Member("bad", cfg, bad, None, ["none"])]
+    scorer = Scorer("mean_confidence", table)
+    params, score, _ = tune(members, table.images, scorer, cfg)
+    assert params.score_thr == max(cfg.ensemble.tune.score_thr)
+    defaults = FusionParams(weights={"good": 1.0, "bad": 1.0})
+    default_score = scorer(fuse(pd.concat([good, bad]), table.images, defaults, oof_sets(members),
+                                ("model", "tta"), "numba", "e")).score
+    assert score <= default_score
+
+
+def test_the_tuner_drops_a_member_that_only_hurts():
+    # the noise member adds only false positives: the best ensemble is the good member alone
+    table, good, bad = synthetic(12, seed=3)
+    cfg = load_config("configs/demo/ensemble.yaml")
+    cfg.ensemble.members = [MemberConfig(config="good.yaml"), MemberConfig(config="bad.yaml")]
+    members = [Member("good", cfg, good, None, ["none"]), Member("bad", cfg, bad, None, ["none"])]
+    scorer = Scorer("coco_map", table)
+    params, score, _ = tune(members, table.images, scorer, cfg)
+    alone = scorer(fuse(good, table.images, FusionParams(weights={"good": 1.0}), [("good", "none")],
+                        ("model", "tta"), "numba", "e")).score
+    assert score >= alone
+    assert params.weights["bad"] == 0.0
+
+
+def test_weight_grid_has_zero_and_one_entry_per_ratio():
+    from pipeline.ensemble import member_weight_grid
+
+    grid = member_weight_grid(["a", "b"], 2)
+    assert {"a": 0.0, "b": 1.0} in grid and {"a": 1.0, "b": 0.0} in grid and {"a": 0.0, "b": 0.0} not in grid
+    assert {"a": 2.0, "b": 2.0} not in grid and {"a": 1.0, "b": 2.0} in grid
+    assert member_weight_grid(["a"], 3) == [{"a": 1.0}]

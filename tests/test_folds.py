@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 
 from pipeline.data.table import AnnotationTable
-from pipeline.folds import FoldsError, balance_table, make_folds, read_folds, write_folds
+from pipeline.folds import balance_table, make_folds, write_folds
+from pipeline.layout import FoldsError, read_folds
 
 
 def table(n=60, groups=False, seed=0):
@@ -86,6 +87,7 @@ from pipeline import folds as folds_stage  # noqa: E402
 BCCD = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "bccd"
 
 
+@pytest.mark.slow
 def test_cli_on_synthetic_dataset_is_reproducible(tmp_path, capsys):
     args = ["--config", "configs/demo/base.yaml", "--set", f"data.root={tmp_path / 'demo'}",
             "--set", f"folds.dir={tmp_path / 'folds'}", "--set", "data.synthetic.n_train=30",
@@ -101,6 +103,7 @@ def test_cli_on_synthetic_dataset_is_reproducible(tmp_path, capsys):
     assert (tmp_path / "folds" / "demo_k4_s42.csv").exists()
 
 
+@pytest.mark.slow
 def test_cli_refuses_to_replace_without_force(tmp_path, capsys):
     args = ["--config", "configs/demo/base.yaml", "--set", f"data.root={tmp_path / 'demo'}",
             "--set", f"folds.dir={tmp_path / 'folds'}", "--set", "data.synthetic.n_train=30"]

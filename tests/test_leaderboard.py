@@ -1,6 +1,5 @@
 """pipeline.leaderboard: register -> show, record, local score, plot and Kaggle sync on recorded API responses
-(a fake client: no network, no kaggle package needed)."""
-import csv
+(a fake client: no network, no kaggle package needed). The ledger files themselves: test_ledger.py."""
 import io
 import json
 import sys
@@ -11,13 +10,12 @@ import pandas as pd
 import pytest
 
 from pipeline import leaderboard as lb
-from pipeline import tracking
+from pipeline.data.readers.gwd import read_gwd_labels
+from pipeline import ledger, tracking
 from pipeline.config import TrackingConfig
+from test_ledger import ENS, ENS2, ledger_rows, make_submission
 
 KAGGLE_FIXTURE = Path(__file__).parent / "data" / "kaggle" / "competition_submissions.json"
-OFF = TrackingConfig(enabled=False)
-ENS = "20261123-101500_demo-ens.csv"
-ENS2 = "20261124-080000_demo-ens2.csv"
 
 
 @pytest.fixture(autouse=True)
@@ -28,28 +26,10 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.setattr(tracking, "_dead_uris", {})
 
 
-def make_submission(folder: Path, name: str, *, cv: float, created: str, content: str | None = None,
-                    members=("frcnn", "effdet"), tracking_cfg=OFF, fmt: str = "gwd") -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(content or f"image_id,PredictionString\nimg_{name},0.9 1 1 5 5\n")
-    meta = {"file": name, "created": created, "ensemble": "ens", "members": list(members), "cv": cv,
-            "metric": "gwd", "format": fmt, "content_hash": f"hash-{name}-{len(path.read_text())}-0123456789",
-            "config": "configs/demo/ensemble.yaml", "mlflow_run_id": None}
-    path.with_name(name + lb.META_SUFFIX).write_text(json.dumps(meta))
-    lb.register_submission(meta, tracking_cfg, experiment="demo", ledger_dir=folder)
-    return meta
-
-
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = lb.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def ledger_rows(folder: Path) -> dict[str, dict]:
-    with open(folder / lb.LEDGER_NAME, newline="") as f:
-        return {r["file"]: r for r in csv.DictReader(f)}
 
 
 @pytest.fixture
@@ -79,20 +59,11 @@ def test_register_then_show_lists_newest_first_with_the_gap(two, capsys):
     assert table.gap[1] == pytest.approx(0.7123 - 0.70) and pd.isna(table.gap[0])
 
 
-def test_registering_again_keeps_scores_unless_the_content_changed(two):
-    lb.record(ENS, public=0.71, private=None, ledger_dir=two)
-    meta = json.loads((two / (ENS + lb.META_SUFFIX)).read_text())
-    lb.register_submission(meta, OFF, ledger_dir=two)
-    assert len(lb.load_ledger(two)) == 2 and ledger_rows(two)[ENS]["public"] == "0.71"
-    lb.register_submission(meta | {"content_hash": "different"}, OFF, ledger_dir=two)
-    assert ledger_rows(two)[ENS]["public"] == ""
-
-
 def test_sidecar_without_a_ledger_row_is_picked_up(tmp_path, capsys):
     folder = tmp_path / "copied"
     folder.mkdir()
     (folder / "x.csv").write_text("image_id,PredictionString\n")
-    (folder / ("x.csv" + lb.META_SUFFIX)).write_text(json.dumps({"file": "x.csv", "cv": 0.5, "members": ["m"]}))
+    (folder / ("x.csv" + ledger.META_SUFFIX)).write_text(json.dumps({"file": "x.csv", "cv": 0.5, "members": ["m"]}))
     code, out, _ = run_cli(capsys, "show", "--dir", folder)
     assert code == 0 and "x.csv" in out
     assert run_cli(capsys, "show", "--dir", tmp_path / "empty")[1].startswith("no submissions")
@@ -118,6 +89,7 @@ def test_record_unknown_submission_is_a_clear_error(two, capsys):
     assert code == 1 and "--public" in err
 
 
+@pytest.mark.slow
 def test_register_and_record_reach_mlflow(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -171,7 +143,7 @@ def test_score_defaults_to_the_config_test_split(tmp_path, scored, monkeypatch, 
     import pipeline.data
 
     folder, labels = scored
-    table = lb.read_labels_csv(labels, ["wheat"])
+    table = read_gwd_labels(labels, ["wheat"])
     seen = {}
     monkeypatch.setattr(pipeline.data, "load_dataset", lambda cfg, split: seen.setdefault(split, table))
     code, _, err = run_cli(capsys, "score", ENS, "--config", gwd_config(tmp_path), "--dir", folder)

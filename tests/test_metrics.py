@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -11,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.data.table import AnnotationTable
-from pipeline.metrics import METRICS, MetricResult, Scorer, evaluate, higher_is_better
-from pipeline.metrics.gwd import IOU_THRESHOLDS, group_by_image, gwd_score
+from pipeline.metrics import (METRICS, GroundTruth, Metric, MetricResult, Packed, Scorer, evaluate, get_metric,
+                              higher_is_better, metric_names, register_metric, unregister_metric)
+from pipeline.metrics.gwd import IOU_THRESHOLDS, gwd_score
+from pipeline.metrics.packing import group_by_image
 from pipeline.metrics.voc import average_precision
 
 THRESHOLDS = [0.50, 0.55, 0.60, 0.65, 0.70, 0.75]
@@ -173,6 +177,7 @@ _image = st.tuples(
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_image, min_size=1, max_size=6))
+@pytest.mark.slow
 def test_gwd_matches_plain_python_reference(images):
     # Integer grid -> IoUs exactly at thresholds happen often; few score values -> score ties happen often.
     gts = [g for g, _ in images]
@@ -237,6 +242,129 @@ def test_api_contract():
     assert isinstance(r, MetricResult) and r.name == "gwd" and r.score == 1.0
     with pytest.raises(AttributeError):
         r.score = 0.0  # frozen
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+@pytest.fixture
+def count_error():
+    """A toy lower-is-better metric: mean over images of |predicted boxes - ground-truth boxes|. Its ``prepare``
+    step (GT box count per image) records each call, to check it runs once per scorer."""
+    prepared: list[int] = []
+
+    def prepare(gt: GroundTruth) -> np.ndarray:
+        prepared.append(len(gt.image_ids))
+        return np.diff(gt.packed.offsets)
+
+    def score(gt_counts: np.ndarray, preds: Packed) -> MetricResult:
+        per_image = np.abs(np.diff(preds.offsets) - gt_counts)
+        return MetricResult("count_error", float(per_image.mean()) if len(per_image) else 0.0)
+
+    metric = register_metric(Metric("count_error", higher_is_better=False, class_aware=False, score=score,
+                                    prepare=prepare))
+    yield metric, prepared
+    unregister_metric("count_error")
+
+
+def test_registered_metric_is_scored_through_its_entry(count_error):
+    metric, prepared = count_error
+    # a: 2 GT, 1 prediction -> 1 ; b: no GT, 2 predictions -> 2 ; c: 1 and 1 -> 0 ; mean 1.0
+    gt = make_gt({"a": [(0, 0, 10, 10), (20, 0, 30, 10)], "b": [], "c": [(0, 0, 10, 10)]})
+    preds = make_preds([("a", 0, 0, 10, 10, 0.9), ("b", 0, 0, 5, 5, 0.5), ("b", 5, 5, 9, 9, 0.4),
+                        ("c", 50, 50, 60, 60, 0.9)]).drop(columns="label")  # class-agnostic: no label needed
+    assert "count_error" in metric_names() and get_metric("count_error") is metric
+    assert higher_is_better("count_error") is False
+    scorer = Scorer("count_error", gt)
+    assert scorer.entry is metric and scorer.metric == "count_error"
+    assert scorer(preds) == MetricResult("count_error", 1.0)
+    assert scorer(preds.iloc[:1]).score == pytest.approx(2 / 3)  # only a's box: a 1, b 0, c 1
+    assert prepared == [3]  # one prepare per scorer, whatever the number of calls
+    assert evaluate("count_error", gt, preds, image_ids=["a", "c"]).score == pytest.approx(0.5)
+    assert prepared == [3, 2]
+
+
+def test_direction_helpers_follow_the_entry(count_error):
+    lower, higher = count_error[0], get_metric("gwd")
+    assert (lower.worst, higher.worst) == (float("inf"), float("-inf"))
+    assert lower.better(0.1, 0.2) and not lower.better(0.2, 0.1) and not lower.better(0.1, 0.1)
+    assert higher.better(0.2, 0.1) and not higher.better(0.1, 0.2) and not higher.better(0.1, 0.1)
+    assert lower.better(0.5, lower.worst) and higher.better(0.5, higher.worst)  # any real score beats worst
+    assert not lower.better(float("nan"), 0.5) and not higher.better(float("nan"), 0.5)
+    assert lower.gain(0.1, 0.3) == pytest.approx(0.2) and higher.gain(0.1, 0.3) == pytest.approx(-0.2)
+    scores = [0.3, 0.1, 0.5, 0.1, 0.5]
+    assert lower.best_index(scores) == 1 and higher.best_index(scores) == 2  # ties: the earliest
+    assert lower.best_index([float("nan"), 0.4, float("nan")]) == 1  # NaN never wins
+    for metric in (lower, higher):
+        with pytest.raises(ValueError, match="no score"):
+            metric.best_index([])
+        with pytest.raises(ValueError, match="no score"):
+            metric.best_index([float("nan")])
+
+    def keep_best(metric: Metric, history: list[float]) -> tuple[float, int]:
+        """The checkpoint loop of a training run: start at ``worst``, replace on a strictly better score."""
+        best, epoch = metric.worst, -1
+        for e, s in enumerate(history):
+            if metric.better(s, best):
+                best, epoch = s, e
+        return best, epoch
+
+    history = [0.4, 0.2, 0.6, 0.2]
+    assert keep_best(lower, history) == (0.2, 1) and keep_best(higher, history) == (0.6, 2)
+
+
+def test_duplicate_registration_is_an_error(count_error):
+    builtin = get_metric("gwd")
+    with pytest.raises(ValueError, match="'gwd' is already registered"):
+        register_metric(Metric("gwd", higher_is_better=False, class_aware=True, score=lambda gt, p: None))
+    with pytest.raises(ValueError, match="already registered"):
+        register_metric(count_error[0])
+    assert get_metric("gwd") is builtin
+    with pytest.raises(ValueError, match="non-empty name"):
+        register_metric(Metric("", higher_is_better=True, class_aware=False, score=lambda gt, p: None))
+
+
+def test_unknown_metric_error_lists_known_names():
+    for call in (get_metric, higher_is_better, unregister_metric, lambda name: Scorer(name, make_gt({"a": []}))):
+        with pytest.raises(ValueError, match="unknown metric 'nope'") as info:
+            call("nope")
+        assert all(name in str(info.value) for name in METRICS)
+
+
+def test_builtin_entries_carry_their_facts():
+    facts = {name: (get_metric(name).higher_is_better, get_metric(name).class_aware) for name in METRICS}
+    assert facts == {"gwd": (True, False), "coco_map": (True, True), "coco_map50": (True, True),
+                     "voc_map50": (True, True)}
+    toy = register_metric(Metric("toy", higher_is_better=True, class_aware=False, score=lambda gt, p: None))
+    assert metric_names() == (*METRICS, "toy")
+    assert unregister_metric("toy") is toy and metric_names() == METRICS
+
+
+def test_a_new_metric_module_in_the_package_registers_itself(tmp_path, monkeypatch):
+    # "Adding a metric is one file": a module found on the package path is imported and registers its entry.
+    import pipeline.metrics as package
+
+    (tmp_path / "toy_box_count.py").write_text(
+        "from pipeline.metrics.registry import Metric, MetricResult, register_metric\n"
+        "register_metric(Metric('toy_box_count', higher_is_better=False, class_aware=False,\n"
+        "                       score=lambda gt, p: MetricResult('toy_box_count', float(len(p.boxes)))))\n")
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    try:
+        package._import_metric_modules()  # what importing the package runs; built-ins are not registered twice
+        assert metric_names() == (*METRICS, "toy_box_count")
+        assert evaluate("toy_box_count", make_gt({"a": []}), make_preds([("a", 0, 0, 1, 1, 0.5)])).score == 1.0
+    finally:
+        if "toy_box_count" in metric_names():
+            unregister_metric("toy_box_count")
+        sys.modules.pop("pipeline.metrics.toy_box_count", None)
+        if hasattr(package, "toy_box_count"):
+            delattr(package, "toy_box_count")
+
+
+def test_importing_metrics_does_not_import_config():
+    # pipeline.config validates ``metric`` against metric_names(): importing the metrics must not need the config.
+    code = "import sys, pipeline.metrics; sys.exit('pipeline.config' in sys.modules or 'pipeline.data' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
 # ----------------------------------------------------------------------------------------------- voc
@@ -304,6 +432,7 @@ def ref_voc_ap(gts, dets, n_gt) -> float:
     return ap
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(st.lists(_image, min_size=1, max_size=5))
 def test_voc_matches_reference_single_class(images):

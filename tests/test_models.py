@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import socket
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,9 @@ import timm
 import torch
 from torchvision.ops import box_iou
 
+from pipeline.config import ModelConfig
 from pipeline.models import (
     MODELS,
-    ModelConfig,
     create_model,
     lite0_weights_path,
     load_backbone_weights,
@@ -30,15 +29,28 @@ NUM_CLASSES = 3
 FRCNN_TINY = dict(rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=200,
                   rpn_post_nms_top_n_test=100, rpn_batch_size_per_image=64, box_batch_size_per_image=64)
 TINY = {
-    "fasterrcnn_timm": ModelConfig("fasterrcnn_timm", "mobilenetv3_small_050", image_size=S,
+    "fasterrcnn_timm": ModelConfig(name="fasterrcnn_timm", arch="mobilenetv3_small_050", image_size=S,
                                    options=dict(FRCNN_TINY, fpn_channels=32)),
-    "fasterrcnn_mobilenet_v3_large_fpn": ModelConfig("fasterrcnn_mobilenet_v3_large_fpn", image_size=S,
+    "fasterrcnn_mobilenet_v3_large_fpn": ModelConfig(name="fasterrcnn_mobilenet_v3_large_fpn", image_size=S,
                                                      options=FRCNN_TINY),
     # 128 px also exercises the automatic max_detection_points (3,069 anchors < effdet's 5,000)
-    "efficientdet": ModelConfig("efficientdet", "tf_efficientdet_lite0", image_size=S,
+    "efficientdet": ModelConfig(name="efficientdet", arch="tf_efficientdet_lite0", image_size=S,
                                 options=dict(fpn_channels=32, fpn_cell_repeats=1, box_class_repeats=1)),
+    # the one-stage families on the same timm FPN (P3-P7) and a narrow SSDlite (tests/test_model_families.py has
+    # what is particular to each)
+    "retinanet_timm": ModelConfig(name="retinanet_timm", arch="mobilenetv3_small_050", image_size=S,
+                                  options=dict(fpn_channels=32)),
+    "fcos_timm": ModelConfig(name="fcos_timm", arch="mobilenetv3_small_050", image_size=S,
+                             options=dict(fpn_channels=32)),
+    "ssdlite_timm": ModelConfig(name="ssdlite_timm", arch="mobilenetv3_small_050", image_size=S,
+                                options=dict(extra_channels=[64, 32, 32, 16])),
 }
 FAMILIES = list(TINY)
+
+
+def replace(cfg: ModelConfig, **changes) -> ModelConfig:
+    """`cfg` with `changes`, validated again (pipeline.config's ModelConfig is a pydantic model)."""
+    return ModelConfig.model_validate({**cfg.model_dump(), **changes})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -134,6 +146,7 @@ def test_forward_loss_in_eval_mode_gives_a_validation_loss(family: str) -> None:
     assert not model.training
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loss_falls_when_overfitting_one_batch(family: str) -> None:
     model = build(family).train()
@@ -155,7 +168,8 @@ def test_images_without_boxes_train(family: str) -> None:
 
 def test_fasterrcnn_resnet50_fpn_v2_trains_and_predicts() -> None:
     # the full-size torchvision model (43M parameters) gets one smoke test; the tiny families cover the rest
-    model = create_model(ModelConfig("fasterrcnn_resnet50_fpn_v2", image_size=S, options=FRCNN_TINY), NUM_CLASSES)
+    model = create_model(ModelConfig(name="fasterrcnn_resnet50_fpn_v2", image_size=S, options=FRCNN_TINY),
+                         NUM_CLASSES)
     images, targets = batch()
     assert torch.isfinite(model.train().forward_loss(images[:1], targets[:1])["loss"])
     det = model.eval().predict(images[:1])[0]
@@ -220,6 +234,7 @@ def test_predict_runs_in_eval_mode_and_restores_train_mode(family: str) -> None:
     model.forward_loss(*batch())  # still a working train step afterwards
 
 
+@pytest.mark.slow
 def test_frcnn_predicts_boxes_in_input_pixels_after_overfitting() -> None:
     # Learning end to end: the best boxes must land on the drawn rectangles with their classes, which
     # fails for swapped coordinates, normalised boxes or an off-by-one label.
@@ -233,10 +248,10 @@ def test_frcnn_predicts_boxes_in_input_pixels_after_overfitting() -> None:
         assert box_iou(top, tgt["boxes"]).max().item() > 0.5
 
 
-def _fake_effdet_outputs(model, anchor: int, cls: int, batch_size: int):
+def _fake_effdet_outputs(model, anchor: int, cls: int, batch_size: int, anchors=None):
     """Network outputs in effdet's layout in which only `anchor`/`cls` fires and every box regression
-    is zero, so the decoded detection is exactly that anchor."""
-    config, anchors = model.net.config, model.anchors
+    is zero, so the decoded detection is exactly that anchor (of `anchors`, default the model's own)."""
+    config, anchors = model.net.config, anchors or model.anchors
     logits = torch.full((batch_size, anchors.boxes.shape[0], config.num_classes), -12.0)
     logits[:, anchor, cls] = 12.0
     per_loc = anchors.get_anchors_per_location()
@@ -305,6 +320,116 @@ def test_efficientdet_losses_go_through_the_current_network() -> None:
     model.forward_loss(*batch())
     model.predict(batch()[0])
     assert len(calls) == 2
+
+
+# ------------------------------------------------------------------ input sizes (TTA scale views)
+
+
+def _record_input_sizes(module: torch.nn.Module) -> list[int]:
+    """The side of every batch that reaches `module`'s forward from now on."""
+    sides: list[int] = []
+    module.register_forward_pre_hook(lambda mod, args: sides.append(args[0].shape[-1]))
+    return sides
+
+
+@pytest.mark.parametrize("family, view, side", [("fasterrcnn_timm", "scale1.5", 192),
+                                                ("fasterrcnn_timm", "scale0.5", 64),
+                                                ("efficientdet", "scale2", 256),
+                                                ("retinanet_timm", "scale1.25", 160),
+                                                ("fcos_timm", "scale0.75", 96)])
+def test_scale_views_run_at_their_size_and_map_back(family: str, view: str, side: int) -> None:
+    from pipeline.tta import predict_views
+
+    model = build(family).eval()
+    images = batch()[0]
+    seen = _record_input_sizes(model.backbone)
+    results = predict_views(model, images, ["none", view], batch_size=4)
+    assert sorted(set(seen)) == sorted({S, side})  # the view reached the network at its own size, not resized back
+    for per_view in results:
+        det = per_view[view]
+        assert len(det["scores"]) > 0
+        assert (det["boxes"] >= 0).all() and (det["boxes"] <= S).all()
+    # the same as predicting the resized batch directly, boxes scaled into the 128 px frame
+    resized = torch.nn.functional.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+    for per_view, direct in zip(results, model.predict(resized)):
+        torch.testing.assert_close(per_view[view]["boxes"], direct["boxes"] * S / side, rtol=0, atol=1e-4)
+        torch.testing.assert_close(per_view[view]["scores"], direct["scores"])
+
+
+def test_frcnn_predicts_other_sizes_in_their_own_pixels() -> None:
+    # torchvision's transform must neither resize a 256 px batch to image_size nor map its boxes into 128 px
+    model = build("fasterrcnn_timm").eval()
+    seen = _record_input_sizes(model.backbone)
+    for det in model.predict(torch.rand(2, 3, 2 * S, 2 * S)):
+        assert (det["boxes"] <= 2 * S).all() and det["boxes"][:, 2:].max() > 1.5 * S
+    assert seen == [2 * S]
+    assert model.net.transform.min_size == (S,) and model.net.transform.max_size == S  # restored after the call
+
+
+def test_efficientdet_decodes_other_sizes_with_their_own_anchors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 256 px the anchors are effdet's for 256 px: a single firing anchor decodes to exactly that anchor,
+    and through the scale2 view it comes back halved into the 128 px frame."""
+    from effdet.anchors import Anchors
+
+    from pipeline.tta import predict_views
+
+    model = build("efficientdet").eval()
+    config = model.net.config
+    anchors = Anchors(config.min_level, config.max_level, config.num_scales, config.aspect_ratios,
+                      config.anchor_scale, (2 * S, 2 * S))
+    yxyx = anchors.boxes
+    inside = (yxyx >= 16).all(1) & (yxyx <= 2 * S - 16).all(1)
+    k = int(torch.nonzero(inside & (yxyx[:, 2] - yxyx[:, 0] > 1.5 * (yxyx[:, 3] - yxyx[:, 1])))[-1])
+    outputs = _fake_effdet_outputs(model, anchor=k, cls=1, batch_size=1, anchors=anchors)
+    monkeypatch.setattr(model.net, "forward", lambda x: outputs)
+    det = predict_views(model, torch.rand(1, 3, S, S), ["scale2"], batch_size=1)[0]["scale2"]
+    assert torch.allclose(det["boxes"][0], yxyx[k][[1, 0, 3, 2]] / 2, atol=1e-4)
+    assert det["labels"][0] == 1 and det["scores"][0] > 0.99
+
+
+def test_efficientdet_network_runs_at_other_sizes_unchanged_at_its_own() -> None:
+    # effdet's BiFPN upsamples to fixed sizes; the detector swaps those for the equal factors
+    model = build("efficientdet").eval()
+    x = torch.rand(1, 3, S, S)
+    with torch.no_grad():
+        class_out, _ = model.net(model._normalise(x))
+        big_out, _ = model.net(model._normalise(torch.rand(1, 3, 3 * S, 3 * S)))
+    assert [c.shape[-1] for c in class_out] == [16, 8, 4, 2, 1]
+    assert [c.shape[-1] for c in big_out] == [48, 24, 12, 6, 3]
+    assert len(model.predict(torch.rand(2, 3, 3 * S, 3 * S))) == 2  # 384 px: 27,621 anchors, top-k 5,000
+
+
+@pytest.mark.parametrize("family, side, rule", [("fasterrcnn_timm", 100, "multiple of 32"),
+                                                ("efficientdet", 192, "multiple of 128"),
+                                                ("retinanet_timm", 144, "multiple of 32"),
+                                                ("fcos_timm", 112, "multiple of 32")])
+def test_predict_refuses_a_size_it_does_not_take(family: str, side: int, rule: str) -> None:
+    model = build(family)
+    assert model.accepts_size(S) and model.accepts_size(2 * S) and not model.accepts_size(side)
+    with pytest.raises(ValueError, match=rf"(?s){rule}.*\(1, 3, {side}, {side}\)"):
+        model.predict(torch.rand(1, 3, side, side))
+
+
+def test_size_attributes_of_the_families() -> None:
+    assert build("fasterrcnn_timm").size_multiple == 32
+    assert build("fasterrcnn_mobilenet_v3_large_fpn").size_multiple == 32
+    assert build("efficientdet").size_multiple == 128
+    assert build("retinanet_timm").size_multiple == 32 and build("fcos_timm").size_multiple == 32
+    ssdlite = build("ssdlite_timm")  # takes its own size only (tests/test_model_families.py)
+    assert ssdlite.accepts_size(S) and not ssdlite.accepts_size(2 * S)
+
+
+def test_a_scale_view_the_model_cannot_take_names_view_size_and_rule() -> None:
+    from pipeline.tta import check_views, predict_views
+
+    # rounded to 32 instead of effdet's 128, scale1.5 asks for 192 px
+    with pytest.raises(ValueError, match=r"'scale1.5'.*192x192.*multiple of 128"):
+        predict_views(build("efficientdet"), batch()[0], ["none", "scale1.5"], batch_size=2, size_multiple=32)
+    # a transform that resizes every input to one size would undo a scale view: refused, with the reason
+    resizing = build("fasterrcnn_timm", options={**TINY["fasterrcnn_timm"].options, "min_size": 160, "max_size": 160})
+    check_views(resizing, ["none", "hflip"])
+    with pytest.raises(ValueError, match=r"'scale2'.*256x256.*only its own 128x128.*min_size"):
+        check_views(resizing, ["none", "scale2"])
 
 
 # -------------------------------------------------------------------------------- checkpoints
@@ -405,6 +530,8 @@ LITE0_BACKBONES = {
     "efficientdet": replace(TINY["efficientdet"], backbone_weights="lite0"),
     "fasterrcnn_timm": replace(TINY["fasterrcnn_timm"], arch="tf_efficientnet_lite0",
                                backbone_weights="package:efficientnet-lite0"),
+    **{family: replace(TINY[family], arch="tf_efficientnet_lite0", backbone_weights="lite0")
+       for family in ("retinanet_timm", "fcos_timm", "ssdlite_timm")},
 }
 
 
@@ -505,11 +632,12 @@ def test_missing_backbone_file_is_a_clear_error(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- config errors
 
 
-def test_registry_knows_the_four_families() -> None:
+def test_registry_knows_the_families() -> None:
     assert set(MODELS) >= {"fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
-                           "fasterrcnn_timm", "efficientdet"}
+                           "fasterrcnn_timm", "efficientdet", "retinanet_timm", "retinanet_resnet50_fpn_v2",
+                           "fcos_timm", "fcos_resnet50_fpn", "ssdlite_timm", "ssdlite320_mobilenet_v3_large"}
     with pytest.raises(ValueError, match="unknown model name"):
-        create_model(ModelConfig("yolo"), NUM_CLASSES)
+        create_model(ModelConfig(name="yolo"), NUM_CLASSES)
 
 
 def test_efficientdet_image_size_must_divide_by_128() -> None:
@@ -518,7 +646,9 @@ def test_efficientdet_image_size_must_divide_by_128() -> None:
 
 
 @pytest.mark.parametrize("family, option", [("efficientdet", "fpn_chanels"), ("fasterrcnn_timm", "fpn_chanels"),
-                                            ("fasterrcnn_mobilenet_v3_large_fpn", "box_detections")])
+                                            ("fasterrcnn_mobilenet_v3_large_fpn", "box_detections"),
+                                            ("retinanet_timm", "anchor_size"), ("fcos_timm", "center_sampling"),
+                                            ("ssdlite_timm", "fixed_size")])
 def test_unknown_options_are_rejected(family: str, option: str) -> None:
     # torchvision would silently ignore a misspelt option
     with pytest.raises(ValueError, match="unknown|not effdet config keys"):
@@ -533,8 +663,36 @@ def test_one_based_labels_are_rejected() -> None:
         model.forward_loss(images, targets)
 
 
-def test_images_of_the_wrong_size_are_rejected() -> None:
-    model = build("fasterrcnn_timm").train()
+@pytest.mark.parametrize("family, side", [("fasterrcnn_timm", 100), ("efficientdet", 192), ("ssdlite_timm", 2 * S)])
+def test_images_of_a_size_the_model_does_not_take_are_rejected(family: str, side: int) -> None:
+    model = build(family).train()
+    with pytest.raises(ValueError, match=rf"takes .*\(1, 3, {side}, {side}\)"):
+        model.forward_loss(torch.rand(1, 3, side, side), [empty_target()])
     with pytest.raises(ValueError, match="shape"):
-        model.forward_loss(torch.rand(1, 3, 96, 96), [empty_target()])
+        model.forward_loss(torch.rand(1, 3, S, 2 * S), [empty_target()])  # not square
+
+
+@pytest.mark.parametrize("family, side", [("fasterrcnn_timm", 192), ("retinanet_timm", 2 * S), ("fcos_timm", 96),
+                                          ("efficientdet", 2 * S)])
+def test_trains_at_another_side_it_takes(family: str, side: int) -> None:
+    """Multi-scale training (train.multiscale): a batch of another side reaches the network at that side, not
+    resized back to image_size, and its targets are read in that batch's pixels."""
+    model = build(family).train()
+    seen = _record_input_sizes(model.backbone)
+    transformed: list = []
+    if hasattr(model.net, "transform"):  # torchvision: what its transform hands on, targets included
+        model.net.transform.register_forward_hook(lambda mod, args, out: transformed.append(out))
+    images = torch.rand(2, 3, side, side)
+    targets = [{"boxes": torch.tensor([[4.0, 8.0, side - 10.0, side / 2]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[side / 2, 2.0, side - 1.0, side - 3.0]]), "labels": torch.tensor([0])}]
+    losses = model.forward_loss(images, targets)
+    assert torch.isfinite(losses["loss"]) and seen == [side]
+    losses["loss"].backward()
+    for image_list, moved in transformed:
+        assert tuple(image_list.tensors.shape[-2:]) == (side, side)
+        for got, given in zip(moved, targets):
+            assert torch.equal(got["boxes"], given["boxes"])
+    if family == "efficientdet":  # the labeler matched the targets to this side's anchors
+        assert model._labeler_at(side).anchors.boxes.max() > side - 1
+    assert model.predict(torch.rand(1, 3, S, S))  # image_size still works afterwards
 

@@ -7,9 +7,11 @@ import pytest
 from conftest import EFFDET_TINY, FRCNN_TINY, write_config_dir
 from pipeline import leaderboard, submit
 from pipeline.config import load_config
-from pipeline.folds import read_folds
-from pipeline.predict import predictions_path
-from pipeline.submission import validate_submission
+from pipeline.layout import folds_path, predictions_path, read_folds
+from pipeline.formats import validate_submission
+
+
+pytestmark = pytest.mark.slow  # trains 2 families x 2 folds, then the whole chain
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def test_oof_predictions_come_only_from_the_fold_that_did_not_train_on_them(chai
     root, _ = chain
     for member in ("frcnn", "effdet"):
         cfg = load_config(root / f"{member}.yaml")
-        folds = read_folds(cfg.folds_path).set_index("image_id").fold
+        folds = read_folds(folds_path(cfg)).set_index("image_id").fold
         oof = pd.read_parquet(predictions_path(cfg, "oof"))
         assert (oof.image_id.map(folds) == oof.fold).all()
         assert set(oof.tta) <= {"none", "hflip"}

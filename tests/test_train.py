@@ -7,11 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import EFFDET_TINY, REPO, tiny_config, write_config
+from conftest import EFFDET_TINY, FRCNN_TINY, REPO, tiny_config, write_config
 from pipeline import checkpoint, folds as folds_stage, train
 from pipeline.engine import NonFiniteLossError
-from pipeline.folds import read_folds
-from pipeline.predictions import read_predictions
+from pipeline.layout import fold_dir, folds_path, read_folds, read_predictions, run_dir
 
 
 def prepared(tmp_path, tiny_data, **kw):
@@ -29,12 +28,13 @@ def run_cli(args, env=None, check=True):
     return proc
 
 
+@pytest.mark.slow
 def test_fold_all_writes_the_run_directory_without_leakage(tmp_path, tiny_data, capsys):
     cfg = prepared(tmp_path, tiny_data)
     train.run(cfg, "all", resume=False)
-    folds = read_folds(cfg.folds_path)
+    folds = read_folds(folds_path(cfg))
     for k in (0, 1):
-        d = cfg.run_dir / f"fold{k}"
+        d = run_dir(cfg) / f"fold{k}"
         for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "oof.parquet"):
             assert (d / name).exists(), name
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
@@ -47,6 +47,7 @@ def test_fold_all_writes_the_run_directory_without_leakage(tmp_path, tiny_data, 
     assert "pooled OOF coco_map" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume_and_finished_fold_is_skipped(tmp_path, tiny_data, capsys):
     cfg = prepared(tmp_path, tiny_data, train={"epochs": 1})
     train.run(cfg, "0", resume=False)
@@ -56,6 +57,7 @@ def test_existing_run_needs_resume_and_finished_fold_is_skipped(tmp_path, tiny_d
     assert "nothing to do" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_resume_after_kill_ends_with_the_same_weights(tmp_path, tiny_data):
     straight = write_config(tmp_path / "a", tiny_data, train={"epochs": 3})
     killed = write_config(tmp_path / "b", tiny_data, train={"epochs": 3})
@@ -79,6 +81,7 @@ def test_resume_after_kill_ends_with_the_same_weights(tmp_path, tiny_data):
     pd.testing.assert_frame_equal(oof_a, oof_b)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_best(tmp_path, tiny_data, monkeypatch):
     cfg = prepared(tmp_path, tiny_data, train={"epochs": 3})
     from pipeline.models.base import Detector
@@ -96,17 +99,19 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_best(tmp_path, tiny_data, 
     monkeypatch.setattr(Detector, "forward_loss", flaky)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 0"):
         train.run(cfg, "0", resume=False)
-    best = checkpoint.load(cfg.run_dir / "fold0" / "best.pt")
+    best = checkpoint.load(run_dir(cfg) / "fold0" / "best.pt")
     assert best["epoch"] == 0
 
 
+@pytest.mark.slow
 def test_efficientdet_trains_a_fold(tmp_path, tiny_data):
     cfg = prepared(tmp_path, tiny_data, model=EFFDET_TINY, train={"epochs": 1})
     summary = train.train_fold(cfg, __import__("pipeline.data", fromlist=["x"]).load_dataset(cfg.data),
-                               read_folds(cfg.folds_path), 1)
-    assert summary["fold"] == 1 and (cfg.run_dir / "fold1" / "oof.parquet").exists()
+                               read_folds(folds_path(cfg)), 1)
+    assert summary["fold"] == 1 and (run_dir(cfg) / "fold1" / "oof.parquet").exists()
 
 
+@pytest.mark.slow
 def test_ddp_with_gloo_on_two_processes(tmp_path, tiny_data):
     path = write_config(tmp_path, tiny_data, train={"epochs": 1})
     assert folds_stage.main(["--config", str(path)]) == 0
@@ -127,6 +132,7 @@ def test_ddp_with_gloo_on_two_processes(tmp_path, tiny_data):
     assert summary["fold"] == 0
 
 
+@pytest.mark.slow
 def test_resume_accepts_changed_prediction_settings_but_not_a_changed_model(tmp_path, tiny_data, capsys):
     cfg = prepared(tmp_path, tiny_data, train={"epochs": 1})
     train.run(cfg, "0", resume=False)
@@ -139,3 +145,76 @@ def test_resume_accepts_changed_prediction_settings_but_not_a_changed_model(tmp_
     other.model.max_detections = 50
     with pytest.raises(train.TrainError, match="config differs"):
         train.run(other, "0", resume=True)
+
+
+@pytest.mark.slow
+def test_a_lower_is_better_metric_keeps_the_lowest_scoring_checkpoint(tmp_path, tiny_data, mean_confidence_metric):
+    cfg = prepared(tmp_path, tiny_data, metric="mean_confidence", train={"epochs": 3, "ema": False})
+    train.run(cfg, "0", resume=False)
+    out = fold_dir(cfg, 0)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scores = [r["val_score"] for r in rows]
+    assert len(set(scores)) == 3, "the toy metric must move between epochs for this test to mean anything"
+    lowest = min(range(3), key=scores.__getitem__)
+    best = checkpoint.load(out / "best.pt")
+    assert best["epoch"] == lowest and best["score"] == pytest.approx(min(scores))
+    assert rows[-1]["best_score"] == pytest.approx(min(scores)) and rows[-1]["best_epoch"] == lowest
+
+
+def test_scheduler_warms_up_linearly_then_follows_the_cosine(tmp_path, tiny_data):
+    cfg = tiny_config(tmp_path, tiny_data, train={"epochs": 4, "warmup_epochs": 1, "lr": 0.1, "min_lr_ratio": 0.1})
+    optimizer = train.build_optimizer(torch.nn.Linear(2, 2), cfg.train)
+    scheduler = train.build_scheduler(optimizer, cfg.train, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.001) and lrs[5] == pytest.approx(0.1 * (0.01 + 0.99 * 0.5))
+    assert lrs[10] == pytest.approx(0.1) and lrs[-1] > 0.01 and lrs[-1] < lrs[20] < lrs[10]
+    # no weight decay on biases and norms (1-d tensors)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [cfg.train.weight_decay, 0.0]
+
+
+def test_resume_fingerprint_ignores_epochs_workers_and_progress_only(tmp_path, tiny_data):
+    cfg = tiny_config(tmp_path, tiny_data)
+    saved = train.config_fingerprint(cfg)
+    same = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 9, "num_workers": 3,
+                                                                        "progress": True})})
+    assert train.same_training(saved, same)
+    assert train.same_training(saved, cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"tta": ["hflip"]})}))
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 0.5})})
+    assert not train.same_training(saved, changed)
+
+
+def test_a_checkpoint_older_than_a_new_setting_still_resumes(tmp_path, tiny_data):
+    # a release that adds a config field must not orphan runs whose checkpoints predate it (at its default value)
+    cfg = tiny_config(tmp_path, tiny_data)
+    saved = train.config_fingerprint(cfg)
+    del saved["train"]["clip_grad_norm"]
+    del saved["pseudo"]
+    assert train.same_training(saved, cfg)
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"clip_grad_norm": 1.0})})
+    assert not train.same_training(saved, changed)
+
+
+@pytest.mark.slow
+def test_multiscale_letterbox_training_resumes_to_the_same_weights(tmp_path, tiny_data):
+    kw = dict(model={**FRCNN_TINY, "resize": "letterbox"}, train={"epochs": 3, "multiscale": [96, 128]})
+    straight, killed = write_config(tmp_path / "a", tiny_data, **kw), write_config(tmp_path / "b", tiny_data, **kw)
+    for path in (straight, killed):
+        assert folds_stage.main(["--config", str(path)]) == 0
+    run_cli(["--config", str(straight), "--fold", "0"])
+    died = run_cli(["--config", str(killed), "--fold", "0"], env={"PIPELINE_TEST_KILL_AT_STEP": "5"}, check=False)
+    assert died.returncode == 137
+    run_cli(["--config", str(killed), "--fold", "0", "--resume"])
+    a = checkpoint.load(tmp_path / "a/runs/demo/tiny/fold0/last.pt")["model"]
+    b = checkpoint.load(tmp_path / "b/runs/demo/tiny/fold0/last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a), "the sides drawn after a resume must be the same"
+
+
+@pytest.mark.slow
+def test_multiscale_sides_a_model_refuses_stop_training_early(tmp_path, tiny_data):
+    cfg = prepared(tmp_path, tiny_data, train={"multiscale": [100]})
+    with pytest.raises(train.TrainError, match=r"train.multiscale \[100\]"):
+        train.run(cfg, "0", resume=False)

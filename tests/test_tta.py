@@ -1,6 +1,9 @@
 """TTA views: exact box inverses, agreement with the image ops, an equivariant stand-in detector, batching."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -11,15 +14,19 @@ from torch import Tensor, nn
 
 from pipeline.tta import (
     BASIC_VIEWS,
+    TTAOp,
     apply_view,
     check_views,
     forward_boxes,
     invert_boxes,
+    is_scale_view,
     parse_view,
     predict_views,
+    register_op,
     scaled_size,
     view_size,
 )
+from pipeline.tta import ops as tta_ops
 
 SCALE_VIEWS = ("scale0.5", "scale0.8", "scale1.25", "scale2")
 COMPOSED = ("hflip+rot90_1", "vflip+transpose", "rot90_3+hflip", "scale2+transpose", "hflip+scale0.5+rot90_2")
@@ -253,3 +260,61 @@ def test_scale_view_on_a_fixed_size_model_names_the_view():
     check_views(FixedSize(64), ["none", "hflip+rot90_1"])  # geometric views are fine
     with pytest.raises(ValueError, match="repeated"):
         check_views(RectFinder(64), ["hflip", "hflip"])
+
+
+# ---------------------------------------------------------------------------- a new op is one entry
+
+
+@pytest.fixture
+def rot180() -> Iterator[type[TTAOp]]:
+    """A half turn written as a new registry entry, the way ops.py defines its own; registered for one test."""
+    saved = dict(tta_ops.REGISTRY)
+
+    @register_op(r"rot180")
+    @dataclass(frozen=True)
+    class Rot180(TTAOp):
+        spellings = ("rot180",)
+
+        def apply(self, images: Tensor, new_size: int) -> Tensor:
+            return images.flip(-1).flip(-2)
+
+        def map_points(self, x: np.ndarray, y: np.ndarray, s_in: int, s_out: int) -> tuple[np.ndarray, np.ndarray]:
+            return s_in - x, s_in - y
+
+    yield Rot180
+    tta_ops.REGISTRY.clear()
+    tta_ops.REGISTRY.update(saved)
+
+
+def test_a_registered_op_composes_and_inverts(rot180):
+    assert [type(op) for op in parse_view("rot180+hflip")] == [rot180, tta_ops.HFlip]
+    assert not is_scale_view("rot180") and view_size("rot180+scale2", 64) == 128
+    images = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(apply_view(images, "rot180"), apply_view(images, "rot90_2"), rtol=0, atol=0)
+    torch.testing.assert_close(apply_view(images, "rot180+hflip"), apply_view(images, "vflip"), rtol=0, atol=0)
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 64, size=(20, 2, 2))
+    boxes = np.concatenate([corners.min(1), corners.max(1)], axis=1)
+    for view in ("rot180", "hflip+rot180", "rot180+scale2+transpose", "scale0.5+rot180+rot90_1"):
+        there = forward_boxes(boxes, view, 64)
+        np.testing.assert_allclose(invert_boxes(there, view, 64), boxes, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(forward_boxes(boxes, "rot180", 64), forward_boxes(boxes, "rot90_2", 64))
+    for box in [(0, 4, 12, 20), (30, 2, 64, 9)]:  # the box map agrees with the image op
+        seen = _extent(apply_view(_render(box, 64), "rot180+scale2"))
+        np.testing.assert_allclose(seen, forward_boxes(np.array([box], dtype=np.float64), "rot180+scale2", 64)[0],
+                                   rtol=0, atol=1.0)
+
+
+def test_a_registered_op_runs_through_predict_views(rot180):
+    views = ["none", "rot180", "rot180+scale0.5", "transpose+rot180"]
+    check_views(RectFinder(64), views)
+    for per_view in predict_views(RectFinder(64), synthetic_batch(2, 64, 3), views, batch_size=8):
+        boxes = _sorted(per_view["none"])[0]
+        for view in views[1:]:
+            torch.testing.assert_close(_sorted(per_view[view])[0], boxes, rtol=0, atol=1e-4, msg=f"view {view}")
+
+
+def test_an_op_name_cannot_be_registered_twice(rot180):
+    with pytest.raises(ValueError, match="already registered"):
+        register_op(r"rot180")(rot180)
+    assert "rot180" not in BASIC_VIEWS  # BASIC_VIEWS lists the shipped ops, fixed at import

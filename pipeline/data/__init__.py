@@ -4,12 +4,15 @@
     hidden = load_dataset(cfg.data, "test")   # the leaderboard split (with boxes where the dataset has them)
 
 Formats (``data.format``; layouts and conventions in each reader's docstring, ``pipeline.data.readers``):
-``gwd_csv`` (Kaggle Global Wheat CSV), ``coco`` (COCO JSON), ``voc`` (Pascal VOC XML), ``yolo`` (YOLO txt).
+``gwd_csv`` (Kaggle Global Wheat CSV), ``coco`` (COCO JSON), ``voc`` (Pascal VOC XML), ``yolo`` (YOLO txt),
+``csv`` (any competition CSV through the ``data.csv`` column mapping: VinBigData, SIIM, GBR). Images are JPEG, PNG,
+... or DICOM (``pipeline.data.dicom``); ``pipeline.data.cache`` keeps them decoded and resized to the model input.
 Bad input is a :class:`DataError` naming the file and row, or a repair counted in ``table.report``; never a
 silent change. ``python -m pipeline.data check --config ...`` prints a summary and every repair.
 """
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Literal
@@ -19,6 +22,7 @@ import pandas as pd
 from pipeline.config import DataConfig
 from pipeline.data.images import image_size, read_image, verify_image
 from pipeline.data.readers import READERS
+from pipeline.data.readers._common import read_text_file, resolve_ids
 from pipeline.data.summary import summarize
 from pipeline.data.table import AnnotationTable, DataError, RepairReport
 
@@ -66,14 +70,16 @@ def apply_groups(table: AnnotationTable, path: Path) -> AnnotationTable:
     """Set ``images.group`` from a CSV ``image_id,group``; an id there that is not in the table is a DataError."""
     if not path.is_file():
         raise DataError(f"groups CSV not found: {path} (data.groups_csv)")
+    text = read_text_file(path)  # UTF-8 or the encoding a byte-order mark declares, else a DataError
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)  # "NA" is an id, not a missing one
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
         raise DataError(f"{path}: not a readable CSV ({exc})") from None
     df.columns = [str(c).strip() for c in df.columns]
     if not {"image_id", "group"} <= set(df.columns):
         raise DataError(f"{path}: expected columns image_id,group; found {list(df.columns)}")
-    df["image_id"], df["group"] = df.image_id.str.strip(), df.group.str.strip()
+    df["image_id"] = resolve_ids(df.image_id, set(table.images.image_id))
+    df["group"] = df.group.str.strip()
     lines = pd.Series(range(2, len(df) + 2), index=df.index)
     dup = df.image_id.duplicated(keep=False)
     conflicting = df[dup].groupby("image_id").group.nunique()

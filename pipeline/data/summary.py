@@ -60,6 +60,11 @@ def summarize(table: AnnotationTable, title: str = "dataset", max_repairs: int =
     n_groups = images.group[images.group != ""].nunique()
     if n_groups:
         lines.append(f"groups: {_n(n_groups)} ({_n(int((images.group == '').sum()))} images without a group)")
+    if "annotator" in boxes.columns and len(boxes):  # the csv reader's annotator_column, kept as given
+        per_annotator = boxes.groupby("annotator").size().sort_values(ascending=False)
+        shown = ", ".join(f"{a or chr(34) * 2} {_n(int(n))}" for a, n in per_annotator.head(10).items())
+        more = f", ... {_n(len(per_annotator) - 10)} more" if len(per_annotator) > 10 else ""
+        lines.append(f"annotators: {_n(len(per_annotator))} (boxes: {shown}{more})")
 
     common = images.groupby(["width", "height"]).size().sort_values(ascending=False).head(5)
     lines += [

@@ -7,6 +7,7 @@ Contract (other stages read only this):
   Images without boxes stay here: they are scored by competition metrics.
 - ``boxes``: one row per box, columns ``image_id`` (str), ``x1, y1, x2, y2`` (float, absolute pixels in the original
   image, x2 > x1, y2 > y1, inside the image) and ``label`` (int, index into ``classes``).
+  Optionally ``annotator`` (str) when the reader was told which annotator drew each box.
 - ``classes``: the ordered class names.
 - ``report``: every repair the reader made (clipped, dropped, skipped), with file and row, never silent.
 """
@@ -19,10 +20,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from pipeline.layout import BOX_COLUMNS, IMAGE_COLUMNS
+
 log = logging.getLogger(__name__)
 
-IMAGE_COLUMNS = ["image_id", "path", "width", "height", "source", "group"]
-BOX_COLUMNS = ["image_id", "x1", "y1", "x2", "y2", "label"]
+
+# Box columns a reader may add to BOX_COLUMNS: ``annotator`` (the csv reader's annotator_column), kept as given.
+OPTIONAL_BOX_COLUMNS = ["annotator"]
 
 
 class DataError(ValueError):
@@ -110,11 +114,15 @@ def normalise_images(images: pd.DataFrame) -> pd.DataFrame:
 
 
 def normalise_boxes(boxes: pd.DataFrame) -> pd.DataFrame:
+    extra = [c for c in OPTIONAL_BOX_COLUMNS if boxes is not None and c in boxes.columns]
     if boxes is None or len(boxes) == 0:
-        return pd.DataFrame({c: pd.Series(dtype="float64") for c in BOX_COLUMNS}).astype(
+        empty = pd.DataFrame({c: pd.Series(dtype="float64") for c in BOX_COLUMNS}).astype(
             {"image_id": str, "label": np.int64}
         )
-    boxes = boxes[BOX_COLUMNS].copy()
+        return empty.assign(**{c: pd.Series(dtype=str) for c in extra})
+    boxes = boxes[BOX_COLUMNS + extra].copy()
+    for c in extra:  # a table concatenated with one that lacks the column (pseudo-labels): "" there
+        boxes[c] = boxes[c].fillna("").astype(str)
     boxes["image_id"] = boxes["image_id"].astype(str)
     for c in ("x1", "y1", "x2", "y2"):
         boxes[c] = boxes[c].astype(np.float64)

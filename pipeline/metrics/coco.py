@@ -15,6 +15,10 @@ Conventions:
   101-point precision at IoU 0.50:0.95 (``map``), 0.50 (``map50``) and 0.75 (``map75``); categories without
   ground truth are skipped (as in COCO). No ground truth at all: every number is 0.0.
 - The library's stdout/log chatter is silenced.
+
+Registered as ``"coco_map"`` (headline ``map``) and ``"coco_map50"`` (headline ``map50``): higher is better,
+class-aware. Details: ``map``, ``map50``, ``map75``, ``ap_<class>``. The ground truth is indexed once per scorer
+(the entries' ``prepare`` step), each call scores one set of detections against it.
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ from collections.abc import Sequence
 
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
+
+from pipeline.metrics.packing import Packed
+from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, register_metric
 
 
 def _quiet(*args: object, **kwargs: object) -> None:
@@ -126,3 +133,23 @@ class CocoEvaluator:
             ev.evaluate()
             ev.accumulate()
         return summarize(np.asarray(ev.eval["precision"]), np.asarray(ev.params.iouThrs), self.classes)
+
+
+def _evaluator_for(gt: GroundTruth) -> CocoEvaluator:
+    p = gt.packed
+    return CocoEvaluator(p.boxes, p.labels, p.image, len(gt.image_ids), gt.classes)
+
+
+def _coco_metric(name: str, headline: str) -> Metric[CocoEvaluator]:
+    """A COCO entry whose score is the ``headline`` detail (the evaluation is the same for every entry)."""
+
+    def score(evaluator: CocoEvaluator, preds: Packed) -> MetricResult:
+        details = evaluator(preds.boxes, preds.scores, preds.labels, preds.image)
+        return MetricResult(name, details[headline], details)
+
+    return Metric(name, higher_is_better=True, class_aware=True, score=score, prepare=_evaluator_for,
+                  boxes_read=100)  # pycocotools' maxDets, what Kaggle's COCO scorers keep per image
+
+
+register_metric(_coco_metric("coco_map", "map"))
+register_metric(_coco_metric("coco_map50", "map50"))

@@ -19,6 +19,9 @@ Conventions (the Kaggle evaluation page is the reference; where it is silent, th
   included). The per-threshold breakdown is the mean over images at each threshold.
 - Class-agnostic: labels are ignored (GWD has one class).
 
+Registered as ``"gwd"`` (higher is better, class-agnostic). Details: ``"iou0.50"`` .. ``"iou0.75"`` (mean over
+images at each threshold); ``MetricResult.per_image`` holds the per-image scores.
+
 Data layout: boxes of all images are concatenated in one ``(N, 4)`` float64 array with ``offsets`` of length
 ``n_images + 1`` (image ``i`` owns rows ``offsets[i]:offsets[i+1]``). Predictions must already be sorted by
 descending score inside each image for :func:`gwd_packed`; :func:`gwd_score` sorts for you.
@@ -30,6 +33,10 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+import pandas as pd
+
+from pipeline.metrics.packing import Packed
+from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, register_metric
 
 IOU_THRESHOLDS = np.array([0.50, 0.55, 0.60, 0.65, 0.70, 0.75], dtype=np.float64)
 
@@ -42,7 +49,7 @@ class GWDResult:
 
 
 @numba.njit(cache=True)
-def _iou(a: np.ndarray, b: np.ndarray, area_a: float, area_b: float) -> float:
+def box_iou(a: np.ndarray, b: np.ndarray, area_a: float, area_b: float) -> float:
     iw = min(a[2], b[2]) - max(a[0], b[0])
     ih = min(a[3], b[3]) - max(a[1], b[1])
     if iw <= 0.0 or ih <= 0.0:
@@ -55,7 +62,7 @@ def _iou(a: np.ndarray, b: np.ndarray, area_a: float, area_b: float) -> float:
 
 
 @numba.njit(cache=True)
-def _areas(boxes: np.ndarray) -> np.ndarray:
+def box_areas(boxes: np.ndarray) -> np.ndarray:
     out = np.empty(boxes.shape[0], dtype=np.float64)
     for i in range(boxes.shape[0]):
         out[i] = max(boxes[i, 2] - boxes[i, 0], 0.0) * max(boxes[i, 3] - boxes[i, 1], 0.0)
@@ -74,7 +81,7 @@ def _image_scores(gt, gt_area, pr, pr_area, thresholds, cand_g, cand_iou, cand_o
     for p in range(n_p):
         cand_off[p] = k
         for g in range(n_g):
-            iou = _iou(pr[p], gt[g], pr_area[p], gt_area[g])
+            iou = box_iou(pr[p], gt[g], pr_area[p], gt_area[g])
             if iou > lowest:
                 cand_g[k] = g
                 cand_iou[k] = iou
@@ -100,7 +107,7 @@ def _image_scores(gt, gt_area, pr, pr_area, thresholds, cand_g, cand_iou, cand_o
 def _gwd_kernel(gt_boxes, gt_offsets, pr_boxes, pr_offsets, thresholds) -> np.ndarray:
     n_img = gt_offsets.shape[0] - 1
     out = np.empty((n_img, thresholds.shape[0]), dtype=np.float64)
-    gt_area, pr_area = _areas(gt_boxes), _areas(pr_boxes)
+    gt_area, pr_area = box_areas(gt_boxes), box_areas(pr_boxes)
     max_g = max_p = 0
     for i in range(n_img):
         max_g = max(max_g, gt_offsets[i + 1] - gt_offsets[i])
@@ -114,27 +121,6 @@ def _gwd_kernel(gt_boxes, gt_offsets, pr_boxes, pr_offsets, thresholds) -> np.nd
         _image_scores(gt_boxes[g0:g1], gt_area[g0:g1], pr_boxes[p0:p1], pr_area[p0:p1], thresholds,
                       cand_g, cand_iou, cand_off, matched, out[i])
     return out
-
-
-@numba.njit(cache=True)
-def group_by_image(image: np.ndarray, scores: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row order grouping rows by image index (0..n_images-1), descending score inside an image, stable (equal
-    scores keep row order); and the ``(n_images + 1,)`` offsets. Same order as ``np.lexsort((-scores, image))``."""
-    offsets = np.zeros(n_images + 1, dtype=np.int64)
-    for i in image:
-        offsets[i + 1] += 1
-    offsets = np.cumsum(offsets)
-    pos = offsets[:-1].copy()
-    order = np.empty(image.shape[0], dtype=np.int64)
-    for r in range(image.shape[0]):
-        order[pos[image[r]]] = r
-        pos[image[r]] += 1
-    for i in range(n_images):
-        a, b = offsets[i], offsets[i + 1]
-        if b - a > 1:
-            seg = order[a:b].copy()
-            order[a:b] = seg[np.argsort(-scores[seg], kind="mergesort")]
-    return order, offsets
 
 
 def gwd_packed(
@@ -182,3 +168,12 @@ def gwd_score(
     gt_boxes, gt_offsets = pack(gts)
     pred_boxes, pred_offsets = pack(ordered)
     return gwd_packed(gt_boxes, gt_offsets, pred_boxes, pred_offsets, thresholds)
+
+
+def _score(gt: GroundTruth, preds: Packed) -> MetricResult:
+    r = gwd_packed(gt.packed.boxes, gt.packed.offsets, preds.boxes, preds.offsets)
+    details = {f"iou{t:.2f}": float(v) for t, v in zip(IOU_THRESHOLDS, r.per_threshold)}
+    return MetricResult("gwd", r.score, details, pd.Series(r.per_image, index=gt.image_ids, name="gwd"))
+
+
+register_metric(Metric("gwd", higher_is_better=True, class_aware=False, score=_score))

@@ -14,13 +14,17 @@ Conventions:
   11-point rule. A class with ground truth and no detection has AP 0.
 - mAP: mean over the classes that have at least one ground-truth box in the scored images; classes without
   ground truth are skipped (their detections are not penalised anywhere). No ground truth at all: mAP = 0.
+
+Registered as ``"voc_map50"`` (higher is better, class-aware). Details: ``map50``, ``ap50_<class>``.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
 
-from pipeline.metrics.gwd import _areas, _iou
+from pipeline.metrics.gwd import box_areas, box_iou
+from pipeline.metrics.packing import Packed
+from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, register_metric
 
 IOU_THRESHOLD = 0.5
 
@@ -28,7 +32,7 @@ IOU_THRESHOLD = 0.5
 @numba.njit(cache=True)
 def _match(gt_boxes, gt_labels, gt_offsets, det_boxes, det_labels, det_image, thr) -> np.ndarray:
     """TP flags for detections given in descending-score order (devkit matching rule)."""
-    gt_area, det_area = _areas(gt_boxes), _areas(det_boxes)
+    gt_area, det_area = box_areas(gt_boxes), box_areas(det_boxes)
     taken = np.zeros(gt_boxes.shape[0], dtype=np.bool_)
     tp = np.zeros(det_boxes.shape[0], dtype=np.bool_)
     for d in range(det_boxes.shape[0]):
@@ -37,7 +41,7 @@ def _match(gt_boxes, gt_labels, gt_offsets, det_boxes, det_labels, det_image, th
         for g in range(gt_offsets[i], gt_offsets[i + 1]):
             if gt_labels[g] != det_labels[d]:
                 continue
-            iou = _iou(det_boxes[d], gt_boxes[g], det_area[d], gt_area[g])
+            iou = box_iou(det_boxes[d], gt_boxes[g], det_area[d], gt_area[g])
             if iou > best_iou:
                 best, best_iou = g, iou
         if best >= 0 and best_iou > thr and not taken[best]:
@@ -97,3 +101,15 @@ def voc_map(ap_per_class: np.ndarray) -> float:
     """Mean over classes with ground truth (non-NaN AP); 0.0 when no class has any."""
     valid = ap_per_class[~np.isnan(ap_per_class)]
     return float(valid.mean()) if len(valid) else 0.0
+
+
+def _score(gt: GroundTruth, preds: Packed) -> MetricResult:
+    g = gt.packed
+    ap = voc_ap_per_class(g.boxes, g.labels, g.offsets, preds.boxes, preds.scores, preds.labels, preds.image,
+                          len(gt.classes))
+    score = voc_map(ap)
+    details = {"map50": score} | {f"ap50_{c}": float(a) for c, a in zip(gt.classes, ap) if not np.isnan(a)}
+    return MetricResult("voc_map50", score, details)
+
+
+register_metric(Metric("voc_map50", higher_is_better=True, class_aware=True, score=_score))

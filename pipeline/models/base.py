@@ -1,36 +1,36 @@
-"""The detector interface every model family implements, and the helpers they share.
+"""The detector interface every model family implements, the registry of families, and the helpers they share.
 
 A `Detector` keeps the raw network (`self.net`) apart from the loss and post-processing around it, so its
 `state_dict` holds only the network's weights and loads into a fresh model of the same config.
+
+A family is one module: its builder `(cfg, num_classes) -> Detector` registers itself with
+`@register_model(name)`, and `pipeline.models` imports the module so the name is known to `create_model`.
+`cfg` is any object with `pipeline.config.ModelConfig`'s fields (read them with `config_value` for defaults).
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 Target = dict[str, Tensor]
 Detections = dict[str, Tensor]
+Builder = Callable[[Any, int], "Detector"]
+
+# model name (`model.name` in a config) -> builder; filled by the family modules through register_model
+MODELS: dict[str, Builder] = {}
 
 
-@dataclass
-class ModelConfig:
-    """What `create_model` reads. `pipeline.config` defines the validated version; any object with these
-    attributes works."""
-
-    name: str
-    arch: str = ""
-    image_size: int = 512
-    pretrained: bool = False
-    backbone_weights: str | None = None
-    init_checkpoint: str | None = None
-    max_detections: int = 300
-    score_threshold: float = 0.001
-    nms_iou: float = 0.5
-    options: dict[str, Any] = field(default_factory=dict)
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator for a family's builder: `@register_model("yolo") def build(cfg, num_classes) -> Detector`."""
+    def add(builder: Builder) -> Builder:
+        if name in MODELS:
+            raise ValueError(f"model name {name!r} is already registered")
+        MODELS[name] = builder
+        return builder
+    return add
 
 
 class Detector(nn.Module):
@@ -39,11 +39,19 @@ class Detector(nn.Module):
 
     Subclasses set `net` and implement `_losses` and `_detect`; the public methods check inputs and fix
     the output format so every family behaves the same for the engine.
+
+    Input sizes: `forward_loss` and `predict` take the square sides `accepts_size` allows (by default
+    `image_size` only), which is what lets a TTA scale view run the model at another size and multi-scale
+    training (`train.multiscale`) train it at several; a family that can run at other sizes overrides
+    `accepts_size` and `size_rule`. Boxes come back in the pixels of the images given to `predict`, and targets
+    are in the pixels of the images given to `forward_loss`, whatever their size.
     """
 
     # state_dict key prefixes of the class-dependent head: a checkpoint trained with another number of
     # classes loads everything but these (see weights.load_model_state).
     head_prefixes: tuple[str, ...] = ()
+    # input sides should be multiples of this (the deepest feature stride): TTA scale views round to it
+    size_multiple: int = 32
 
     def __init__(self, num_classes: int, image_size: int, max_detections: int) -> None:
         super().__init__()
@@ -55,6 +63,15 @@ class Detector(nn.Module):
     def backbone(self) -> nn.Module:
         """The ImageNet-style feature extractor that `backbone_weights` loads into."""
         raise NotImplementedError
+
+    def accepts_size(self, side: int) -> bool:
+        """Whether `predict` takes side x side images."""
+        return side == self.image_size
+
+    @property
+    def size_rule(self) -> str:
+        """`accepts_size` in words, completing "it takes ..." in error messages."""
+        return f"only its own {self.image_size}x{self.image_size} inputs"
 
     def forward_loss(self, images: Tensor, targets: list[Target]) -> dict[str, Tensor]:
         """Individual losses plus "loss" (their sum), all scalars. Works in train mode and, for a validation
@@ -69,11 +86,12 @@ class Detector(nn.Module):
     @torch.no_grad()
     def predict(self, images: Tensor) -> list[Detections]:
         """Per image {"boxes" (M,4) float32, "scores" (M,) in [0,1], "labels" (M,) int64 0-based},
-        M <= max_detections, sorted by score. Always runs the network in eval mode."""
+        M <= max_detections, sorted by score, boxes in the pixels of `images`. Always runs the network in
+        eval mode."""
         self._check_images(images)
         with eval_mode(self):
             detections = self._detect(images)
-        return [self._finish(d) for d in detections]
+        return [self._finish(d, images.shape[-1]) for d in detections]
 
     def forward(self, images: Tensor, targets: list[Target] | None = None) -> Any:
         # DDP and torch.compile only see `forward`: route to the losses when targets are given.
@@ -88,15 +106,16 @@ class Detector(nn.Module):
         raise NotImplementedError
 
     def _check_images(self, images: Tensor) -> None:
-        s = self.image_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
-            raise ValueError(f"expected images of shape (B, 3, {s}, {s}), got {tuple(images.shape)}")
+        side = images.shape[-1] if images.ndim == 4 else None
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2] != side or not self.accepts_size(side):
+            raise ValueError(f"{type(self).__name__} takes {self.size_rule}: expected images of shape (B, 3, S, S) "
+                             f"with such an S, got {tuple(images.shape)}")
 
-    def _finish(self, d: Detections) -> Detections:
-        # Clamp to the image and cap the count here, once, so no family can leak boxes outside [0, S].
+    def _finish(self, d: Detections, side: int) -> Detections:
+        # Clamp to the image and cap the count here, once, so no family can leak boxes outside [0, side].
         # A box squeezed to zero width or height by the clamp (an untrained regressor points outside the image)
         # is no detection: it would only be counted and skipped downstream by WBF and the submission writer.
-        boxes = d["boxes"].float().clamp(0, self.image_size)
+        boxes = d["boxes"].float().clamp(0, side)
         valid = torch.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).flatten()
         keep = valid[torch.argsort(d["scores"][valid], descending=True)][: self.max_detections]
         return {
@@ -146,6 +165,6 @@ def check_divisible(image_size: int, stride: int, name: str) -> None:
 
 
 def config_value(cfg: Any, name: str, default: Any) -> Any:
-    """Read a ModelConfig field from any config object (dataclass, pydantic model, namespace)."""
+    """Read a ModelConfig field from any config object (pydantic model, dataclass, namespace)."""
     value = getattr(cfg, name, default)
     return default if value is None and default is not None else value

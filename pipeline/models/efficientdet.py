@@ -7,24 +7,38 @@ a bench would repeat its weights in the state_dict under a second prefix, and a 
 the old network after the engine swaps in `torch.compile(model.net)`. The anchors are registered here as a
 non-persistent buffer, so `.to(device)` moves them with the network (the DetBenchPredict device trap) and
 checkpoints hold only learned weights.
+
+Other input sizes (TTA scale views): effdet builds a network and anchors for one `config.image_size`. The
+network's only size-bound parts are the BiFPN's upsampling layers, which resize to fixed feature-map sizes;
+they are switched to the equivalent fixed factors (the same output at image_size), and anchors for another
+side are built on first use and cached. So `predict` takes any side that is a multiple of 2 ** max_level (128), and so
+does training (multi-scale): the labeler for another side matches targets to that side's anchors.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
-from effdet import EfficientDet, get_efficientdet_config
-from effdet.anchors import AnchorLabeler, Anchors, decode_box_outputs
-from effdet.bench import _post_process
-from effdet.config.model_config import efficientdet_model_param_dict
-from effdet.helpers import load_pretrained
-from effdet.loss import DetectionLoss
+
+with warnings.catch_warnings():
+    # effdet 0.4.1 decorates helpers with torch.jit.script at import; torch >= 2.9 warns about it on every command
+    # start. The decorated helpers work; the warning is for effdet's maintainers, not for our users.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
+    from effdet import EfficientDet, get_efficientdet_config
+    from effdet.anchors import AnchorLabeler, Anchors, decode_box_outputs
+    from effdet.bench import _post_process
+    from effdet.config.model_config import efficientdet_model_param_dict
+    from effdet.efficientdet import Interpolate2d, ResampleFeatureMap
+    from effdet.helpers import load_pretrained
+    from effdet.loss import DetectionLoss
 from omegaconf import DictConfig
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from .base import Detections, Detector, Target, check_divisible, config_value
+from .base import Detections, Detector, Target, check_divisible, config_value, register_model
 from .weights import hub_download
 
 COCO_CLASSES = 90  # the class count of effdet's published checkpoints
@@ -40,6 +54,12 @@ class EfficientDetDetector(Detector):
         self.score_threshold = score_threshold
         self.nms_iou = nms_iou
         config = net.config
+        self.size_multiple = 2 ** config.max_level  # the deepest feature stride: every level halves exactly
+        _resample_by_factor(net)
+        # side -> anchors and their labeler, for sides other than image_size (TTA scale views, multi-scale training);
+        # plain dicts, not submodules: anchors are rebuilt from the config, never saved
+        self._other_anchors: dict[int, Anchors] = {}
+        self._other_labelers: dict[int, AnchorLabeler] = {}
         self.register_buffer("mean", _channel_tensor(config.get("mean", IMAGENET_DEFAULT_MEAN)), persistent=False)
         self.register_buffer("std", _channel_tensor(config.get("std", IMAGENET_DEFAULT_STD)), persistent=False)
         self.anchors = Anchors.from_config(config)
@@ -52,12 +72,20 @@ class EfficientDetDetector(Detector):
     def backbone(self) -> nn.Module:
         return self.net.backbone
 
+    def accepts_size(self, side: int) -> bool:
+        return side > 0 and side % self.size_multiple == 0
+
+    @property
+    def size_rule(self) -> str:
+        return f"square inputs whose side is a multiple of {self.size_multiple} (2 ** max_level)"
+
     def _losses(self, images: Tensor, targets: list[Target]) -> dict[str, Tensor]:
         device = images.device
         yxyx = [t["boxes"][:, [1, 0, 3, 2]].to(device) for t in targets]  # effdet wants y1,x1,y2,x2
         classes = [(t["labels"] + 1).float().to(device) for t in targets]  # and 1-based classes
         class_out, box_out = self.net(self._normalise(images))
-        cls_targets, box_targets, num_positives = self.labeler.batch_label_anchors(yxyx, classes)
+        labeler = self._labeler_at(images.shape[-1])
+        cls_targets, box_targets, num_positives = labeler.batch_label_anchors(yxyx, classes)
         _, class_loss, box_loss = self.loss_fn(class_out, box_out, cls_targets, box_targets, num_positives)
         # effdet's total is class_loss + box_loss_weight * box_loss; report the weighted term so the parts
         # add up to "loss" like every other family's.
@@ -65,17 +93,52 @@ class EfficientDetDetector(Detector):
 
     def _detect(self, images: Tensor) -> list[Detections]:
         config = self.net.config
+        side = images.shape[-1]
+        anchors = self._anchor_boxes(side)
         class_out, box_out = self.net(self._normalise(images))
+        # top-k over anchors fails ("selected index k out of range") when fewer anchors than k exist (small inputs)
         scores, box_codes, indices, classes = _post_process(
             class_out, box_out, num_levels=config.num_levels, num_classes=config.num_classes,
-            max_detection_points=config.max_detection_points)
-        return [self._detect_one(scores[i], box_codes[i], indices[i], classes[i]) for i in range(images.shape[0])]
+            max_detection_points=min(config.max_detection_points, anchors.shape[0]))
+        return [self._detect_one(scores[i], box_codes[i], anchors[indices[i]], classes[i], side)
+                for i in range(images.shape[0])]
 
-    def _detect_one(self, logits: Tensor, box_codes: Tensor, indices: Tensor, classes: Tensor) -> Detections:
+    def _anchor_boxes(self, side: int) -> Tensor:
+        """Anchor boxes (y1, x1, y2, x2) for side x side inputs."""
+        return self._anchors_at(side).boxes
+
+    def _anchors_at(self, side: int) -> Anchors:
+        """effdet's anchors for side x side inputs: the registered ones at image_size, else built once per side
+        and kept on the device and dtype of the registered ones."""
+        if side == self.image_size:
+            return self.anchors
+        own = self.anchors.boxes
+        anchors = self._other_anchors.get(side)
+        if anchors is None or anchors.boxes.device != own.device or anchors.boxes.dtype != own.dtype:
+            config = self.net.config
+            anchors = Anchors(config.min_level, config.max_level, config.num_scales, config.aspect_ratios,
+                              config.anchor_scale, (side, side))
+            anchors.boxes = anchors.boxes.to(own)
+            self._other_anchors[side] = anchors
+        return anchors
+
+    def _labeler_at(self, side: int) -> AnchorLabeler:
+        """The labeler that matches targets to the anchors of side x side inputs (multi-scale training)."""
+        if side == self.image_size:
+            return self.labeler
+        anchors = self._anchors_at(side)
+        labeler = self._other_labelers.get(side)
+        if labeler is None or labeler.anchors is not anchors:
+            labeler = AnchorLabeler(anchors, self.net.config.num_classes, match_threshold=0.5)
+            self._other_labelers[side] = labeler
+        return labeler
+
+    def _detect_one(self, logits: Tensor, box_codes: Tensor, anchors: Tensor, classes: Tensor,
+                    side: int) -> Detections:
         # effdet's own generate_detections hard-codes NMS IoU 0.5, has no score threshold and pads with zero
         # rows; this is the same decode with our thresholds.
-        boxes = decode_box_outputs(box_codes.float(), self.anchors.boxes[indices], output_xyxy=True)
-        boxes = boxes.clamp(0, self.image_size)
+        boxes = decode_box_outputs(box_codes.float(), anchors, output_xyxy=True)
+        boxes = boxes.clamp(0, side)
         scores = logits.float().sigmoid().squeeze(1)
         keep = torch.nonzero(scores > self.score_threshold).squeeze(1)
         keep = keep[batched_nms(boxes[keep], scores[keep], classes[keep], self.nms_iou)]
@@ -86,6 +149,23 @@ class EfficientDetDetector(Detector):
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
 
+def _resample_by_factor(net: EfficientDet) -> None:
+    """effdet's BiFPN upsamples to the feature-map sizes of config.image_size (`size=`, as its module flag
+    `_USE_SCALE = False` selects), which breaks at any other input size. Give those layers the equal factor
+    instead: for sides that are multiples of 2 ** max_level every ratio is an exact power of two, so at
+    image_size the output is the same and at other sizes it follows the input. Max-pool downsampling already
+    works at any size (its stride comes from the ratio and 'same' padding is computed per input)."""
+    for resample in net.modules():
+        if not isinstance(resample, ResampleFeatureMap):
+            continue
+        for layer in resample.children():
+            if isinstance(layer, Interpolate2d) and layer.size is not None:
+                (h_in, w_in), (h_out, w_out) = resample.input_size, resample.output_size
+                layer.scale_factor = (h_out / h_in, w_out / w_in)
+                layer.size = None
+
+
+@register_model("efficientdet")
 def build_efficientdet(cfg: Any, num_classes: int) -> EfficientDetDetector:
     config = efficientdet_config(cfg, num_classes)
     if cfg.pretrained:
@@ -112,9 +192,7 @@ def efficientdet_config(cfg: Any, num_classes: int) -> DictConfig:
     config.num_classes = num_classes
     config.max_det_per_image = cfg.max_detections  # effdet's default of 100 caps recall on crowded images
     config.soft_nms = False  # far too slow, and the ensemble's WBF does the fusing
-    # top-k over anchors fails ("selected index k out of range") when fewer anchors than k exist (small inputs)
-    n_anchors = Anchors.from_config(config).boxes.shape[0]
-    config.max_detection_points = min(config.max_detection_points, n_anchors)
+    # max_detection_points stays as asked: the detector caps it by the anchor count of each input size
     return config
 
 

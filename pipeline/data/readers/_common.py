@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.images import is_image_file, probe_image, verify_image
-from pipeline.data.table import AnnotationTable, DataError, RepairReport
+from pipeline.data.table import AnnotationTable, DataError, Repair, RepairReport
+from pipeline.io import TextDecodeError, read_text
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,17 @@ def empty_raw_boxes() -> pd.DataFrame:
 
 def empty_declared() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in DECLARED_COLUMNS})
+
+
+def read_text_file(path: Path) -> str:
+    """A text annotation file (split list, label file, CSV) in the encoding its byte-order mark declares, else
+    UTF-8; a DataError naming the file (and the line of the first byte that is not UTF-8) otherwise."""
+    try:
+        return read_text(path)
+    except TextDecodeError as exc:
+        raise DataError(str(exc)) from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def require_dir(path: Path, what: str) -> Path:
@@ -87,6 +100,24 @@ class ImageIndex:
         if len(paths) > 1:
             raise DataError(f"{self.folder}: image id {stem!r} matches several files: {[p.name for p in paths]}")
         return paths[0] if paths else None
+
+
+def resolve_ids(ids: pd.Series, known: set[str]) -> pd.Series:
+    """Image ids as an annotation file writes them, matched to the dataset's ids (image file stems): an exact match
+    first, then the id without surrounding spaces (a CSV cell ``"a "`` for ``a.jpg``), then the one stem equal to
+    it once both are stripped (``a`` for ``"a .jpg"``). Stripping first would lose files whose names end in a
+    space; an id matching nothing comes back stripped, for the error message."""
+    ids = ids.astype(str)
+    stripped = ids.str.strip()
+    out = ids.where(ids.isin(known), stripped)
+    unmatched = ~out.isin(known)
+    if unmatched.any():
+        by_stripped: dict[str, list[str]] = {}
+        for stem in known:
+            by_stripped.setdefault(stem.strip(), []).append(stem)
+        unique = {k: v[0] for k, v in by_stripped.items() if len(v) == 1}
+        out = out.where(~unmatched, stripped.map(unique).fillna(stripped))
+    return out
 
 
 def _probe(path: str, verify: bool) -> tuple[int, int] | DataError:
@@ -152,10 +183,26 @@ def _fmt_box(x1: float, y1: float, x2: float, y2: float) -> str:
     return "[" + ", ".join(f"{v:g}" for v in (x1, y1, x2, y2)) + "]"
 
 
-def clean_boxes(boxes: pd.DataFrame, sizes: pd.DataFrame, report: RepairReport) -> pd.DataFrame:
-    """Drop non-finite, inverted, zero-area and fully outside boxes; clip the partly outside ones. All counted.
+def _duplicates(b: pd.DataFrame, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of the boxes among ``candidates`` identical to an earlier one -- same image, corners and label, as
+    annotated, before any clipping --, and for each of those the position of the first such box)."""
+    key = ["image_id", "x1", "y1", "x2", "y2", "label"] + (["annotator"] if "annotator" in b.columns else [])
+    positions = np.flatnonzero(candidates)
+    first = np.arange(len(b))
+    frame = b.loc[candidates, key]
+    if frame.duplicated().any():  # rare: the position of each first copy only then (a groupby costs twice as much)
+        grouped = frame.assign(_pos=positions).groupby(key, sort=False, dropna=False)
+        first[positions] = grouped["_pos"].transform("first").to_numpy()
+    return first != np.arange(len(b)), first
 
-    Each box gets at most one verdict, checked in this order; the report lists them in file order.
+
+def clean_boxes(boxes: pd.DataFrame, sizes: pd.DataFrame, report: RepairReport) -> pd.DataFrame:
+    """Drop non-finite, inverted, zero-area, fully outside and duplicate boxes; clip the partly outside ones. All
+    counted.
+
+    Each box gets at most one verdict, checked in this order; the report lists them in file order. A duplicate is
+    a box identical to an earlier one of its image (corners and label as annotated; and annotator, when the boxes
+    have that column): the earlier one is kept.
     """
     if boxes.empty:
         return boxes.iloc[:0]
@@ -166,7 +213,8 @@ def clean_boxes(boxes: pd.DataFrame, sizes: pd.DataFrame, report: RepairReport) 
     inverted = ~nan & ((x2 < x1) | (y2 < y1))
     zero = ~nan & ~inverted & ((x2 == x1) | (y2 == y1))
     outside = ~(nan | inverted | zero) & ((x2 <= 0) | (y2 <= 0) | (x1 >= width) | (y1 >= height))
-    keep = ~(nan | inverted | zero | outside)
+    duplicate, first = _duplicates(b, ~(nan | inverted | zero | outside))
+    keep = ~(nan | inverted | zero | outside | duplicate)
     clipped = keep & ((x1 < 0) | (y1 < 0) | (x2 > width) | (y2 > height))
     cx1, cy1 = np.clip(x1, 0, width), np.clip(y1, 0, height)
     cx2, cy2 = np.clip(x2, 0, width), np.clip(y2, 0, height)
@@ -176,9 +224,10 @@ def clean_boxes(boxes: pd.DataFrame, sizes: pd.DataFrame, report: RepairReport) 
         (inverted, "dropped_inverted", "x2 < x1 or y2 < y1"),
         (zero, "dropped_zero_area", "zero width or height"),
         (outside, "dropped_outside", "entirely outside the image"),
+        (duplicate, "dropped_duplicate", "identical to an earlier box"),
         (clipped, "clipped", "partly outside the image, clipped to it"),
     ]
-    flagged = np.flatnonzero(nan | inverted | zero | outside | clipped)
+    flagged = np.flatnonzero(nan | inverted | zero | outside | duplicate | clipped)
     ids, files, rows = (b[c].to_numpy(object) for c in ("image_id", "file", "row"))
     for i in flagged:  # only the repaired boxes, usually few; plain arrays, as pandas indexing per row is slow
         kind, why = next((k, w) for mask, k, w in verdicts if mask[i])
@@ -186,12 +235,41 @@ def clean_boxes(boxes: pd.DataFrame, sizes: pd.DataFrame, report: RepairReport) 
         detail = f"image {ids[i]} ({width[i]:g}x{height[i]:g}) box x1,y1,x2,y2 {box}: {why}"
         if kind == "clipped":
             detail += f" -> {_fmt_box(cx1[i], cy1[i], cx2[i], cy2[i])}"
+        if kind == "dropped_duplicate":
+            where = rows[first[i]] if files[first[i]] == files[i] else f"{files[first[i]]} {rows[first[i]]}"
+            detail += f" ({where}, label {b.label.iat[i]})"
         report.add(kind, files[i], rows[i], detail)
 
     out = pd.DataFrame(
         {"image_id": b.image_id, "x1": cx1, "y1": cy1, "x2": cx2, "y2": cy2, "label": b.label}
     )
+    if "annotator" in b.columns:  # two annotators' identical boxes are two opinions, not a duplicate
+        out["annotator"] = b.annotator
     return out[keep].reset_index(drop=True)
+
+
+# A repair that would remove most of a dataset's boxes is no repair: the annotations do not mean what the reader
+# assumes (YOLO labels in pixels, xyxy read as xywh, labels of another image set). More than this share of the
+# boxes dropped, among at least MASS_DROP_MIN_BOXES boxes -- or every box, however few -- is a DataError.
+MASS_DROP_FRACTION = 0.5
+MASS_DROP_MIN_BOXES = 20
+
+
+def check_not_mostly_dropped(repairs: list[Repair], n_boxes: int, hint: str = "") -> None:
+    """DataError when ``repairs`` (those of one cleaning of ``n_boxes`` boxes) drop most of them."""
+    dropped = [r for r in repairs if r.kind.startswith("dropped_")]
+    if not dropped or not (len(dropped) == n_boxes or (
+            n_boxes >= MASS_DROP_MIN_BOXES and len(dropped) > MASS_DROP_FRACTION * n_boxes)):
+        return
+    kinds = ", ".join(f"{kind} {n}" for kind, n in Counter(r.kind for r in dropped).most_common())
+    first = dropped[0]
+    raise DataError(
+        f"{len(dropped)} of {n_boxes} boxes ({len(dropped) / n_boxes:.0%}) would be dropped ({kinds}), e.g. "
+        f"{first.file} {first.row}: {first.detail}. A repair that removes most of the boxes means the annotations "
+        "are not what this reader expects: "
+        + (hint or "check the coordinate convention (pixels or fractions of the image size; x, y, w, h or "
+                   "x1, y1, x2, y2) and that the annotations belong to these images")
+    )
 
 
 def finish(
@@ -204,10 +282,12 @@ def finish(
     skip_bad: bool,
     verify: bool,
     normalised: bool = False,
+    drop_hint: str = "",
 ) -> AnnotationTable:
     """Probe the images, check declared sizes, clean the boxes: the canonical table, validated.
 
     ``normalised``: box coordinates are fractions of the image size (YOLO), scaled here by the real sizes.
+    ``drop_hint``: what the reader suspects when most boxes would be dropped (see :func:`check_not_mostly_dropped`).
     """
     dup = images.image_id[images.image_id.duplicated()]
     if len(dup):
@@ -234,7 +314,9 @@ def finish(
             y1=boxes.y1.to_numpy(np.float64) * wh.height.to_numpy(np.float64),
             y2=boxes.y2.to_numpy(np.float64) * wh.height.to_numpy(np.float64),
         )
+    n_repairs, n_boxes = len(report.repairs), len(boxes)
     boxes = clean_boxes(boxes, sizes, report)
+    check_not_mostly_dropped(report.repairs[n_repairs:], n_boxes, drop_hint)
     images = images.merge(sizes, on="image_id", how="left", validate="one_to_one")
     table = AnnotationTable(images, boxes, list(classes), report)
     table.validate()

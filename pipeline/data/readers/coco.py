@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import DataConfig
-from pipeline.data.readers._common import RAW_BOX_COLUMNS, empty_declared, finish
+from pipeline.data.readers._common import RAW_BOX_COLUMNS, empty_declared, finish, read_text_file
 from pipeline.data.table import AnnotationTable, DataError, RepairReport
 
 
@@ -27,11 +27,11 @@ def _load_json(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"COCO JSON not found: {path} (working directory {Path.cwd()})")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text_file(path))  # UTF-8, or the encoding a byte-order mark declares
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: the top level must be an object with images, annotations, categories")
     for key in ("images", "categories"):

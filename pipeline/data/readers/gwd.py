@@ -11,6 +11,8 @@ be in the test folder. Rows are named ``line N``: the line in the CSV file (head
 """
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -27,7 +29,9 @@ from pipeline.data.readers._common import (
     empty_declared,
     empty_raw_boxes,
     finish,
+    read_text_file,
     require_dir,
+    resolve_ids,
 )
 from pipeline.data.table import AnnotationTable, DataError, RepairReport
 
@@ -44,27 +48,37 @@ _BBOX = (
 _MAX_LISTED = 5
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _csv_text(path: Path) -> str:
+    """The CSV's text in the encoding its byte-order mark declares (Excel writes UTF-8 with a BOM, or UTF-16),
+    else UTF-8; DataError naming the file otherwise."""
     if not path.is_file():
         raise DataError(f"annotation CSV not found: {path} (working directory {Path.cwd()})")
+    return read_text_file(path)
+
+
+def _read_csv(path: Path, required: list[str] = REQUIRED, *, strip_ids: bool = True) -> pd.DataFrame:
+    """The CSV as text cells (numbers are checked later, so a bad cell is reported by line rather than mis-typed;
+    no cell is read as a missing value: an image called ``NA`` keeps its name), plus ``row`` and ``file``."""
+    text = _csv_text(path)
     try:
         with warnings.catch_warnings():
             # a first row with more cells than the header: pandas would shift it into an index, or warn and cut it
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            # all as text: numbers are checked below, so that a bad cell is reported by line rather than mis-typed
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, index_col=False)
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True,
+                             index_col=False)
     except pd.errors.ParserWarning as exc:
         raise DataError(f"{path}: not a readable CSV (rows with more cells than the header: {exc})") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
         raise DataError(f"{path}: not a readable CSV ({exc})") from None
     df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in REQUIRED if c not in df.columns]
+    missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(
             f"{path}: missing column(s) {missing}; found {list(df.columns)}; "
-            "expected image_id,width,height,bbox[,source][,label]"
+            f"expected {','.join(required)}[,source][,label]"
         )
-    df["image_id"] = df.image_id.str.strip()
+    if strip_ids:  # read_gwd matches ids to file names itself (resolve_ids): a name may end in a space
+        df["image_id"] = df.image_id.str.strip()
     df["row"] = "line " + pd.Series(np.arange(len(df)) + 2, index=df.index).astype(str)
     df["file"] = str(path)
     return df
@@ -132,13 +146,17 @@ def label_names(cfg: DataConfig) -> list[str] | None:
         path = cfg.root / name if name else None
         if path is None or not path.is_file():
             continue
-        with open(path, encoding="utf-8", errors="replace") as f:  # header only; _read_csv reports bad files
-            header = [c.strip().strip('"') for c in f.readline().split(",")]
+        # the header only (GWD's 147k rows need not be parsed twice); a byte-order mark is no part of the first
+        # column's name, and a file _csv_text cannot decode is reported there
+        try:
+            header = [c.strip() for c in next(csv.reader(io.StringIO(_csv_text(path))), [])]
+        except csv.Error:  # _read_csv says what is wrong with it
+            header = []
         if "label" in header:
             found = True
             df = _read_csv(path)
             names |= set(df.label.str.strip()) - {""}  # empty labels are reported by read_gwd
-    return sorted(names) if found else None
+    return sorted(names) if found and names else None  # a label column without names: the default class
 
 
 def _classes(cfg: DataConfig) -> list[str]:
@@ -157,10 +175,8 @@ def _check_sample_submission(cfg: DataConfig, index: ImageIndex) -> None:
     path = cfg.root / cfg.sample_submission
     if not path.is_file():
         return
-    sample = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if "image_id" not in sample.columns:
-        raise DataError(f"{path}: no image_id column (found {list(sample.columns)})")
-    missing = [i for i in sample.image_id.str.strip() if i not in index.by_stem]
+    sample = _read_csv(path, required=["image_id"], strip_ids=False)
+    missing = [i for i in resolve_ids(sample.image_id, set(index.by_stem)) if i not in index.by_stem]
     if missing:
         raise DataError(
             f"{path}: {len(missing)} image id(s) have no image in {index.folder}: {missing[:_MAX_LISTED]} "
@@ -170,12 +186,12 @@ def _check_sample_submission(cfg: DataConfig, index: ImageIndex) -> None:
 
 def read_gwd(cfg: DataConfig, split: str, *, verify: bool = False) -> AnnotationTable:
     if split == "train":
-        folder, csv = cfg.root / cfg.train_images, cfg.root / cfg.train_csv
+        folder, csv_path = cfg.root / cfg.train_images, cfg.root / cfg.train_csv
     else:
         if not cfg.test_images:
             raise DataError("data.test_images is not set: there is no test split for this dataset")
         folder = cfg.root / cfg.test_images
-        csv = cfg.root / cfg.test_csv if cfg.test_csv and (cfg.root / cfg.test_csv).is_file() else None
+        csv_path = cfg.root / cfg.test_csv if cfg.test_csv and (cfg.root / cfg.test_csv).is_file() else None
     index = ImageIndex(require_dir(folder, "image"))
     index.check_unique_stems()
     if split == "test":
@@ -185,29 +201,59 @@ def read_gwd(cfg: DataConfig, split: str, *, verify: bool = False) -> Annotation
         {"image_id": list(index.by_stem), "path": [str(p[0]) for p in index.by_stem.values()]}
     )
     report = RepairReport()
-    if csv is None:
+    if csv_path is None:
         images["source"] = ""
         return finish(images, empty_raw_boxes(), empty_declared(), classes, report,
                       skip_bad=cfg.skip_bad_images, verify=verify)
 
-    df = _read_csv(csv)
+    df = _read_csv(csv_path, strip_ids=False)
+    df["image_id"] = resolve_ids(df.image_id, set(index.by_stem))
     no_image = ~df.image_id.isin(list(index.by_stem)).to_numpy()
     if no_image.any():
         rows = df[no_image].drop_duplicates("image_id").head(_MAX_LISTED)
         listed = "; ".join(f"{r} image {i!r}: expected {folder / i}.jpg (or any image extension)"
                            for r, i in zip(rows.row, rows.image_id))
-        raise DataError(f"{csv}: {int(no_image.sum())} row(s) name an image file that does not exist: {listed}")
-    declared = _declared(df, csv)
-    boxes = _parse_boxes(df, csv)
+        raise DataError(f"{csv_path}: {int(no_image.sum())} row(s) name an image file that does not exist: {listed}")
+    declared = _declared(df, csv_path)
+    boxes = _parse_boxes(df, csv_path)
     if "label" in df.columns:
         names = df.label.str.strip()
         if (names == "").any():
-            raise _bad_rows(df, (names == "").to_numpy(), csv, "an empty label", "label")
+            raise _bad_rows(df, (names == "").to_numpy(), csv_path, "an empty label", "label")
         labels = class_index(names, classes, df)
     else:
         if len(classes) > 1:
-            log.warning("%s has no label column: every box is class 0 (%s) of %s", csv, classes[0], classes)
+            log.warning("%s has no label column: every box is class 0 (%s) of %s", csv_path, classes[0], classes)
         labels = np.zeros(len(df), dtype=np.int64)
     boxes = boxes.assign(image_id=df.image_id, label=labels, file=df.file, row=df.row)
-    images["source"] = images.image_id.map(_sources(df, csv)).fillna("")
+    sources = _sources(df, csv_path)
+    images["source"] = [sources.get(i, "") for i in images.image_id]
     return finish(images, boxes, declared, classes, report, skip_bad=cfg.skip_bad_images, verify=verify)
+
+
+def read_gwd_labels(path: str | Path, classes: list[str] | None = None) -> AnnotationTable:
+    """Held-out labels in ``train.csv`` format without their images (local leaderboard scoring):
+    ``image_id,bbox[,width,height][,source][,label]``. A row with an empty bbox (or ``[]``) lists an image without
+    boxes; a box without area is dropped and counted in the table's report. Without ``classes``: the sorted names
+    of the ``label`` column, else ``["wheat"]``. Bad rows are a DataError naming their lines."""
+    path = Path(path)
+    df = _read_csv(path, required=["image_id", "bbox"])
+    has_label = "label" in df.columns
+    if classes is None:
+        classes = (sorted(set(df.label.str.strip()) - {""}) if has_label else []) or list(DEFAULT_CLASSES)
+    rows = df[~df.bbox.str.strip().isin(["", "[]"])]
+    names = rows.label.str.strip() if has_label else pd.Series(classes[0], index=rows.index, dtype=str)
+    unknown = (~names.isin(classes)).to_numpy()
+    if unknown.any():
+        raise _bad_rows(rows.assign(label=names), unknown, path, f"a label not in the classes {list(classes)}", "label")
+    boxes = _parse_boxes(rows, path).assign(image_id=rows.image_id, label=names.map(
+        {name: i for i, name in enumerate(classes)}))
+    has_area = ((boxes.x2 > boxes.x1) & (boxes.y2 > boxes.y1)).to_numpy()
+    report = RepairReport()
+    for line, bbox in zip(rows.row[~has_area], rows.bbox[~has_area]):  # counted and logged, never silent
+        report.add("dropped_zero_area", str(path), line.removeprefix("line "), f"bbox {bbox!r} has no area")
+    images = df.drop_duplicates("image_id").assign(path="", source="", group="")
+    for col in ("width", "height"):
+        images[col] = pd.to_numeric(images[col], errors="coerce").fillna(0) if col in images else 0
+    return AnnotationTable(images[["image_id", "path", "width", "height", "source", "group"]],
+                           boxes[has_area][["image_id", "x1", "y1", "x2", "y2", "label"]], list(classes), report)

@@ -29,6 +29,7 @@ from pipeline.data.readers._common import (
     empty_declared,
     finish,
     first_existing_dir,
+    read_text_file,
 )
 from pipeline.data.table import AnnotationTable, DataError, RepairReport
 
@@ -41,7 +42,7 @@ def split_ids(root: Path, split: str) -> list[str]:
     if not path.is_file():
         raise DataError(f"split file not found: {path} (from data.train_split / data.test_split = {split!r})")
     ids, seen = [], {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
         tokens = line.split()
         if not tokens:
             continue
@@ -53,11 +54,24 @@ def split_ids(root: Path, split: str) -> list[str]:
 
 
 def _parse(path: Path) -> ET.Element:
+    """The XML's root; its declared encoding is honoured (``<?xml ... encoding="ISO-8859-1"?>``), UTF-8 without."""
     try:
         return ET.parse(path).getroot()
     except ET.ParseError as exc:
         line, col = exc.position
-        raise DataError(f"{path}: malformed XML at line {line} column {col}: {exc}") from None
+        raise DataError(f"{path}: malformed XML at line {line} column {col}: {exc}{_encoding_hint(path)}") from None
+
+
+def _encoding_hint(path: Path) -> str:
+    data = path.read_bytes()
+    if b"encoding=" in data[:200]:
+        return ""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (f" (byte {exc.start} is not UTF-8 and the XML declaration names no encoding: save the file as UTF-8 "
+                'or declare its encoding, e.g. <?xml version="1.0" encoding="ISO-8859-1"?>)')
+    return ""
 
 
 def _number(text: str | None, path: Path, where: str) -> float:

@@ -22,16 +22,18 @@ from pipeline.data.readers._common import (
     empty_declared,
     finish,
     first_existing_dir,
+    read_text_file,
     require_dir,
 )
 from pipeline.data.table import AnnotationTable, DataError, RepairReport
 
 _NOT_LABELS = {"classes.txt"}
+_MAX_NORMALISED = 2.0  # a normalised cx, cy, w or h above this is no box sticking out a little: it is pixels
 
 
 def _parse_label_file(path: Path, image_id: str, n_classes: int) -> list[tuple]:
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
         tokens = line.split()
         if not tokens:
             continue
@@ -83,4 +85,17 @@ def read_yolo(cfg: DataConfig, split: str, *, verify: bool = False) -> Annotatio
     # still normalised: finish() scales by each image's real size once it has probed them
     boxes = raw[["image_id", "label", "file", "row"]].assign(x1=cx - w / 2, y1=cy - h / 2, x2=cx + w / 2, y2=cy + h / 2)
     return finish(images, boxes[RAW_BOX_COLUMNS], empty_declared(), list(cfg.classes), report,
-                  skip_bad=cfg.skip_bad_images, verify=verify, normalised=True)
+                  skip_bad=cfg.skip_bad_images, verify=verify, normalised=True, drop_hint=_drop_hint(raw))
+
+
+def _drop_hint(raw: pd.DataFrame) -> str:
+    """What most likely happened when most boxes fall outside their images: labels written in pixels."""
+    values = raw[["cx", "cy", "w", "h"]].to_numpy(np.float64)
+    finite = values[np.isfinite(values)]
+    largest = float(finite.max()) if finite.size else 0.0
+    if largest <= _MAX_NORMALISED:
+        return ""
+    share = float(np.mean((values > _MAX_NORMALISED).any(axis=1)))
+    return (f"{share:.0%} of the label lines hold values above 1 (up to {largest:g}), but YOLO labels are "
+            "fractions of the image size (0..1): these look like pixel coordinates; divide cx and w by the image "
+            "width, cy and h by its height")

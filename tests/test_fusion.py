@@ -1,7 +1,13 @@
-"""pipeline.wbf against ensemble_boxes 1.0.9: property test, hand cases, the whole-table entry point."""
+"""pipeline.fusion against ensemble_boxes 1.0.9: property test, hand cases, the whole-table entry point."""
 from __future__ import annotations
 
+import ast
+import hashlib
+import importlib
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,8 +16,10 @@ from ensemble_boxes import weighted_boxes_fusion as eb_wbf
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.predictions import PREDICTION_COLUMNS
-from pipeline.wbf import CONF_TYPES, _pairwise_sum, fuse_predictions, weighted_boxes_fusion
+import pipeline.fusion
+from pipeline.fusion import BACKENDS, CONF_TYPES, fuse_predictions, weighted_boxes_fusion
+from pipeline.fusion.packing import pack_table
+from pipeline.layout import PREDICTION_COLUMNS
 
 
 def lib(*args, **kwargs):
@@ -88,14 +96,30 @@ def no_tied_weighted_scores(scores, weights) -> bool:
     return len(np.unique(ws)) == len(ws)
 
 
+RANDOM_CASES = dict(
+    seed=st.integers(0, 2**32 - 1), n_sets=st.integers(0, 6), max_boxes=st.sampled_from([0, 3, 12, 30]),
+    n_labels=st.integers(1, 3), quantise=st.booleans(), messy=st.booleans(),
+    weighted=st.booleans(), conf_type=st.sampled_from(CONF_TYPES), allows_overflow=st.booleans(),
+    iou_thr=st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.55, 0.7, 0.9, 1.0, 0.42]),
+    skip_box_thr=st.sampled_from([0.0, 0.0, 0.1, 0.35]), float32_scores=st.booleans())
+
+
+@pytest.mark.slow
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32 - 1), n_sets=st.integers(0, 6), max_boxes=st.sampled_from([0, 3, 12, 30]),
-       n_labels=st.integers(1, 3), quantise=st.booleans(), messy=st.booleans(),
-       weighted=st.booleans(), conf_type=st.sampled_from(CONF_TYPES), allows_overflow=st.booleans(),
-       iou_thr=st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.55, 0.7, 0.9, 1.0, 0.42]),
-       skip_box_thr=st.sampled_from([0.0, 0.0, 0.1, 0.35]), float32_scores=st.booleans())
-def test_matches_library_on_random_inputs(seed, n_sets, max_boxes, n_labels, quantise, messy, weighted, conf_type,
-                                          allows_overflow, iou_thr, skip_box_thr, float32_scores):
+@given(**RANDOM_CASES)
+def test_matches_library_on_random_inputs(**case):
+    check_random_case(**case)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**RANDOM_CASES)
+def test_matches_library_on_random_inputs_quick(**case):
+    """A sample of the slow property test above, for the fast lane (``-m "not slow"``)."""
+    check_random_case(**case)
+
+
+def check_random_case(seed, n_sets, max_boxes, n_labels, quantise, messy, weighted, conf_type, allows_overflow,
+                      iou_thr, skip_box_thr, float32_scores):
     rng = np.random.default_rng(seed)
     boxes, scores, labels = make_inputs(rng, n_sets, max_boxes, n_labels, quantise, messy)
     weights = rng.uniform(0.2, 3.0, n_sets).tolist() if weighted else None
@@ -257,14 +281,6 @@ def test_empty_inputs_and_argument_checks():
     np.testing.assert_allclose(out[1], [0.4])
 
 
-def test_pairwise_sum_is_numpy_sum():
-    rng = np.random.default_rng(0)
-    for n in [1, 5, 8, 9, 100, 128, 129, 300, 1000, 5000]:
-        a = rng.random(n) * 10.0 ** rng.uniform(-3, 3, n)
-        buf = np.r_[7.0, a]
-        assert _pairwise_sum(buf, 1, n) == a.sum()
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # whole prediction table
 # ------------------------------------------------------------------------------------------------------------------
@@ -383,3 +399,92 @@ def test_fuse_predictions_errors_and_empty():
     empty = fuse_predictions(table.iloc[:0], SIZES)
     assert list(empty.columns) == PREDICTION_COLUMNS and len(empty) == 0
     assert len(fuse_predictions(table, SIZES, skip_box_thr=2.0)) == 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# package layout: public API, packing, the oracle off the hot path
+# ------------------------------------------------------------------------------------------------------------------
+def test_public_api():
+    assert sorted(pipeline.fusion.__all__) == ["BACKENDS", "CONF_TYPES", "FUSION_METHODS", "FusionRule",
+                                               "fuse_predictions", "nms", "nms_method", "non_maximum_weighted",
+                                               "soft_nms", "weighted_boxes_fusion"]
+    assert BACKENDS == ("numba", "ensemble_boxes")
+    assert CONF_TYPES == ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
+
+
+def test_ensemble_boxes_is_imported_only_for_its_backend():
+    code = """if True:
+        import sys
+        import pandas as pd
+        from pipeline.fusion import fuse_predictions, weighted_boxes_fusion
+        weighted_boxes_fusion([[[0.1, 0.2, 0.5, 0.6]]], [[0.9]], [[0]])
+        table = pd.DataFrame({"image_id": ["a"], "x1": [1.0], "y1": [2.0], "x2": [5.0], "y2": [6.0], "score": [0.9],
+                              "label": [0], "model": ["m"], "fold": [0], "tta": ["none"]})
+        fuse_predictions(table, {"a": (10, 10)})
+        assert "ensemble_boxes" not in sys.modules, "the numba path imported the library"
+        fuse_predictions(table, {"a": (10, 10)}, backend="ensemble_boxes")
+        assert "ensemble_boxes" in sys.modules
+    """
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_pack_table_orders_by_image_then_set_then_row_and_normalises():
+    table = pd.DataFrame({
+        "image_id": ["b", "a", "b", "a", "b"], "x1": [10.0, 1.0, 20.0, 2.0, 30.0], "y1": [5.0, 1.0, 5.0, 1.0, 5.0],
+        "x2": [40.0, 3.0, 50.0, 4.0, 60.0], "y2": [15.0, 2.0, 15.0, 2.0, 15.0], "score": [0.1, 0.2, 0.3, 0.4, 0.5],
+        "label": [1, 0, 1, 0, 2], "model": ["n", "n", "m", "m", "n"]})
+    packed = pack_table(table, {"a": (4, 2), "b": (100, 50)}, "model", {"m": 2.0, "n": 0.5}, sets=None)
+    assert packed.image_ids.tolist() == ["a", "b"] and packed.set_keys == ["m", "n"]
+    np.testing.assert_array_equal(packed.row_offs, [0, 2, 5])
+    np.testing.assert_array_equal(packed.image_rows(0), [3, 1])  # a: m, n
+    np.testing.assert_array_equal(packed.image_rows(1), [2, 0, 4])  # b: m, then n in row order
+    np.testing.assert_array_equal(packed.score[packed.image_rows(1)], [0.3, 0.1, 0.5])
+    np.testing.assert_array_equal(packed.image_sets(1), [0, 1, 1])
+    np.testing.assert_array_equal(packed.normalised_boxes(0)[0], [0.5, 0.5, 1.0, 1.0])
+    np.testing.assert_array_equal(packed.normalised_boxes(1)[0], [0.2, 0.1, 0.5, 0.3])
+    np.testing.assert_array_equal(packed.weights, [2.0, 0.5])
+    assert pack_table(table.iloc[:0], {}, "model", None, sets=None) is None
+
+
+def test_pack_table_segments_are_runs_of_rows_and_share_the_columns():
+    """Consecutive rows of one image and set are one segment; the row columns are the table's own (no copy)."""
+    table = pd.DataFrame({"image_id": ["a"] * 3 + ["b"] * 2 + ["a"] * 2, "x1": 1.0, "y1": 1.0, "x2": 2.0, "y2": 2.0,
+                          "score": np.linspace(0.1, 0.7, 7), "label": 0,
+                          "model": ["m", "m", "n", "n", "n", "m", "m"]})
+    packed = pack_table(table, {"a": (10, 10), "b": (10, 10)}, "model", None, sets=None)
+    assert len(packed.seg_start) == 4  # a/m, a/n, b/n, a/m
+    np.testing.assert_array_equal(packed.seg_offs, [0, 3, 4])
+    np.testing.assert_array_equal(packed.image_rows(0), [0, 1, 5, 6, 2])  # a: m rows in table order, then n
+    assert np.shares_memory(packed.score, table["score"].to_numpy())
+    assert not packed.score.flags.writeable
+
+
+def package_sources_compiled_into(path: Path) -> set[str]:
+    """The ``pipeline.fusion`` files a module imports, directly or through each other."""
+    found, todo = set(), [path]
+    while todo:
+        for node in ast.walk(ast.parse(todo.pop().read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline.fusion."):
+                name = node.module.rsplit(".", 1)[1] + ".py"
+                if name not in found:
+                    found.add(name)
+                    todo.append(path.parent / name)
+    return found
+
+
+def test_compiled_modules_record_the_sources_compiled_into_them():
+    """numba's disk cache only sees the file that defines a function; each module with cached compiled functions
+    records the digests of the package files compiled into them, so a change there changes the module too."""
+    package = Path(pipeline.fusion.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        dependencies = package_sources_compiled_into(path)
+        if "numba.njit" not in text or not dependencies:
+            continue
+        module = importlib.import_module(f"pipeline.fusion.{path.stem}")
+        current = {name: hashlib.sha256((package / name).read_bytes()).hexdigest()[:16]
+                   for name in sorted(dependencies)}
+        assert getattr(module, "COMPILED_AGAINST", None) == current, (
+            f"numba would serve stale cached code: set COMPILED_AGAINST = {current!r} in {path.name}")

@@ -1,0 +1,292 @@
+"""Models trained in other tools, on our folds: the folds out in their layouts, their predictions in as ours
+(the import side is described above :func:`read_external`).
+
+Out (``python -m pipeline.folds export --to yolo|coco DIR``), so a model trained elsewhere (Ultralytics, MMDetection,
+detectron2) sees exactly our split:
+
+- ``yolo``: ``DIR/images/<id><ext>`` (links to the original files), ``DIR/labels/<id>.txt`` (``cls cx cy w h``,
+  normalised), and per fold ``DIR/fold<K>_train.txt`` / ``fold<K>_val.txt`` (image lists, relative to ``DIR``) and
+  ``DIR/fold<K>.yaml`` (the dataset file a YOLO trainer reads: ``path``, ``train``, ``val``, ``names``), plus
+  ``test.txt`` when the data has a test split. Ultralytics finds a label by swapping ``/images/`` for ``/labels/``
+  in the image path, which is why the images are linked into ``DIR/images``.
+- ``coco``: per fold ``DIR/fold<K>/train.json`` and ``DIR/fold<K>/val.json`` (COCO detection JSON, ``bbox`` xywh in
+  pixels, ``category_id`` = class index + 1, ``file_name`` = the image path as the annotation table has it), plus
+  ``DIR/test.json`` (images only).
+
+Images without boxes are listed (an empty label file / no annotations): they are part of the split.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from pipeline.data.table import AnnotationTable
+from pipeline.io import atomic_write_text
+from pipeline.layout import normalise_predictions
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("yolo", "coco")
+
+
+def _link(source: Path, target: Path) -> None:
+    """``target`` pointing at ``source`` (a symlink; a copy-free hard link where symlinks are not allowed)."""
+    if target.is_symlink() or target.exists():
+        if target.resolve() == source.resolve():
+            return
+        target.unlink()
+    try:
+        target.symlink_to(source.resolve())
+    except OSError:
+        os.link(source, target)
+
+
+def _yolo_lines(boxes: pd.DataFrame, width: int, height: int) -> str:
+    cx = (boxes.x1 + boxes.x2) / 2 / width
+    cy = (boxes.y1 + boxes.y2) / 2 / height
+    w = (boxes.x2 - boxes.x1) / width
+    h = (boxes.y2 - boxes.y1) / height
+    rows = zip(boxes.label, cx, cy, w, h)
+    return "".join(f"{int(c)} {a:.6f} {b:.6f} {d:.6f} {e:.6f}\n" for c, a, b, d, e in rows)
+
+
+def _yolo_images(table: AnnotationTable, out: Path) -> dict[str, str]:
+    """Link every image into ``out/images`` and write its label file; returns image_id -> path relative to out."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    by_image = dict(tuple(table.boxes.groupby("image_id", sort=False)))
+    relative = {}
+    for row in table.images.itertuples():
+        source = Path(row.path)
+        name = f"{row.image_id}{source.suffix.lower()}"
+        _link(source, out / "images" / name)
+        boxes = by_image.get(row.image_id, table.boxes.iloc[:0])
+        atomic_write_text(out / "labels" / f"{row.image_id}.txt", _yolo_lines(boxes, int(row.width), int(row.height)))
+        relative[row.image_id] = f"./images/{name}"
+    return relative
+
+
+def export_yolo(train: AnnotationTable, folds: pd.DataFrame, out: Path, test: AnnotationTable | None = None) -> list[Path]:
+    """The YOLO layout of every fold (see the module docstring); returns the dataset YAML files."""
+    out = Path(out)
+    paths = _yolo_images(train, out)
+    if test is not None and len(test.images):
+        test_paths = _yolo_images(test, out)
+        atomic_write_text(out / "test.txt", "".join(f"{test_paths[i]}\n" for i in test.images.image_id))
+    written = []
+    for fold in sorted(folds.fold.unique()):
+        for part, ids in (("train", folds.image_id[folds.fold != fold]), ("val", folds.image_id[folds.fold == fold])):
+            atomic_write_text(out / f"fold{fold}_{part}.txt", "".join(f"{paths[i]}\n" for i in ids))
+        spec = {"path": ".", "train": f"fold{fold}_train.txt", "val": f"fold{fold}_val.txt",
+                "names": dict(enumerate(train.classes))}
+        # `path: .` is read relative to the working directory by YOLO trainers: run them from DIR, or edit it
+        written.append(atomic_write_text(out / f"fold{fold}.yaml", yaml.safe_dump(spec, sort_keys=False)))
+    return written
+
+
+def _coco_json(table: AnnotationTable, image_ids) -> str:
+    images = table.images.set_index("image_id").loc[list(image_ids)]
+    index = {image_id: i + 1 for i, image_id in enumerate(images.index)}
+    boxes = table.boxes[table.boxes.image_id.isin(index)]
+    xywh = np.stack([boxes.x1, boxes.y1, boxes.x2 - boxes.x1, boxes.y2 - boxes.y1], axis=1) if len(boxes) else []
+    annotations = [
+        {"id": n + 1, "image_id": index[image_id], "category_id": int(label) + 1,
+         "bbox": [round(float(v), 3) for v in box], "area": round(float(box[2] * box[3]), 3), "iscrowd": 0}
+        for n, (image_id, label, box) in enumerate(zip(boxes.image_id, boxes.label, xywh))
+    ]
+    doc = {
+        "images": [{"id": index[i], "file_name": str(r.path), "width": int(r.width), "height": int(r.height),
+                    "image_id_str": i} for i, r in zip(images.index, images.itertuples())],
+        "annotations": annotations,
+        "categories": [{"id": c + 1, "name": name} for c, name in enumerate(table.classes)],
+    }
+    return json.dumps(doc)
+
+
+def export_coco(train: AnnotationTable, folds: pd.DataFrame, out: Path, test: AnnotationTable | None = None) -> list[Path]:
+    """One train and one val COCO JSON per fold (see the module docstring); returns the files written."""
+    out = Path(out)
+    written = []
+    for fold in sorted(folds.fold.unique()):
+        for part, ids in (("train", folds.image_id[folds.fold != fold]), ("val", folds.image_id[folds.fold == fold])):
+            written.append(atomic_write_text(out / f"fold{fold}" / f"{part}.json", _coco_json(train, ids)))
+    if test is not None and len(test.images):
+        written.append(atomic_write_text(out / "test.json", _coco_json(test, test.images.image_id)))
+    return written
+
+
+EXPORTERS = {"yolo": export_yolo, "coco": export_coco}
+
+
+# ------------------------------------------------------------------------------------------------ import
+#
+# An ensemble member may be a folder of another tool's predictions instead of a config:
+#     ensemble.members: [{predictions: external/yolov8x, name: yolov8x, format: yolo_txt}]
+# Layout of the folder (``<ext>``: ``.json`` for coco_json, ``.parquet`` or ``.csv`` for table):
+#     fold<K>.<ext> / fold<K>/         OOF: fold K's model on fold K's validation images only, one per fold
+#     test.<ext> / test/               test: one model's predictions, or test_fold<K>.<ext> / test_fold<K>/ per fold
+# Formats:
+#     table      our prediction table's columns (image_id, x1, y1, x2, y2 in pixels, score, label as class index or
+#                class name); optional tta column
+#     coco_json  a COCO results list [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]; category_id is
+#                the class index + 1, as in the COCO layout `folds export --to coco` writes
+#     yolo_txt   one <image_id>.txt per image with "cls cx cy w h conf" lines, normalised (Ultralytics save_txt
+#                with save_conf); cls is the class index
+
+IMPORT_FORMATS = ("table", "coco_json", "yolo_txt")
+_SUFFIXES = {"table": (".parquet", ".csv"), "coco_json": (".json",), "yolo_txt": ("",)}
+
+
+class ExternalError(ValueError):
+    """External predictions that cannot be used; the message names the file and the row or image."""
+
+
+def _source(folder: Path, stem: str, fmt: str) -> Path | None:
+    for suffix in _SUFFIXES[fmt]:
+        path = folder / f"{stem}{suffix}"
+        if path.exists() and (path.is_dir() == (fmt == "yolo_txt")):
+            return path
+    return None
+
+
+def _read_table(path: Path, classes: list[str]) -> pd.DataFrame:
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype={"image_id": str},
+                                                                               keep_default_na=False)
+    missing = [c for c in ("image_id", "x1", "y1", "x2", "y2", "score", "label") if c not in df.columns]
+    if missing:
+        raise ExternalError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+    labels = df["label"]
+    if labels.dtype == object:  # class names, or numbers read as text
+        names = {name: i for i, name in enumerate(classes)}
+        mapped = labels.map(lambda v: names.get(str(v).strip(), int(v) if str(v).strip().isdigit() else -1))
+        df = df.assign(label=mapped)
+    df = df.assign(image_id=df.image_id.astype(str), row=[f"row {i + 2}" for i in range(len(df))])
+    return df if "tta" in df.columns else df.assign(tta="none")
+
+
+def _read_coco(path: Path) -> pd.DataFrame:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExternalError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(entries, list):
+        raise ExternalError(f"{path}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
+    rows = []
+    for i, e in enumerate(entries):
+        try:
+            x, y, w, h = (float(v) for v in e["bbox"])
+            rows.append((str(e["image_id"]), x, y, x + w, y + h, float(e["score"]), int(e["category_id"]) - 1,
+                         f"entry {i}"))
+        except (KeyError, TypeError, ValueError):
+            raise ExternalError(f"{path}: entry {i} is not {{image_id, category_id, bbox: [x, y, w, h], score}}: "
+                                f"{str(e)[:120]}") from None
+    df = pd.DataFrame(rows, columns=["image_id", "x1", "y1", "x2", "y2", "score", "label", "row"])
+    return df.assign(tta="none")
+
+
+def _read_yolo(folder: Path, sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
+    rows = []
+    for path in sorted(folder.glob("*.txt")):
+        if path.stem not in sizes:
+            raise ExternalError(f"{path}: image {path.stem!r} is not in the dataset")
+        width, height = sizes[path.stem]
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                cls, cx, cy, w, h, conf = int(parts[0]), *map(float, parts[1:6])
+            except ValueError:
+                raise ExternalError(f"{path} line {n}: expected 'cls cx cy w h conf', got {line!r}") from None
+            if len(parts) != 6:
+                raise ExternalError(f"{path} line {n}: expected 6 values 'cls cx cy w h conf', got {len(parts)}")
+            rows.append((path.stem, (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width,
+                         (cy + h / 2) * height, conf, cls, f"{path.name} line {n}"))
+    df = pd.DataFrame(rows, columns=["image_id", "x1", "y1", "x2", "y2", "score", "label", "row"])
+    return df.assign(tta="none")
+
+
+def read_external(path: Path, fmt: str, classes: list[str], sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
+    """One predictions file (or folder, for yolo_txt) as rows of the prediction table plus a ``row`` column."""
+    if fmt == "table":
+        return _read_table(path, classes)
+    return _read_coco(path) if fmt == "coco_json" else _read_yolo(path, sizes)
+
+
+def check_external(df: pd.DataFrame, source: Path, n_classes: int, sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
+    """Finite numbers, known images, known classes, scores in [0, 1]: else an error naming the row. Boxes are
+    clipped to the image (counted and logged); boxes with no area left are dropped (counted)."""
+    numbers = df[["x1", "y1", "x2", "y2", "score"]].astype(float)
+    problems = [
+        (~np.isfinite(numbers.to_numpy()).all(axis=1), "a coordinate or score that is not a finite number"),
+        (~df.image_id.isin(list(sizes)).to_numpy(), "an image that is not in the dataset"),
+        (~df.label.between(0, n_classes - 1).to_numpy(), f"a class outside 0..{n_classes - 1}"),
+        (~numbers.score.between(0, 1).to_numpy(), "a score outside [0, 1]"),
+    ]
+    for bad, what in problems:
+        if bad.any():
+            first = df[bad].iloc[0]
+            raise ExternalError(f"{source}: {int(bad.sum())} row(s) with {what}, first at {first.row} "
+                                f"(image {first.image_id!r})")
+    wh = np.array([sizes[i] for i in df.image_id], dtype=np.float64).reshape(-1, 2)
+    clipped = numbers[["x1", "y1", "x2", "y2"]].clip(lower=0).clip(upper=np.tile(wh, 2), axis=None)
+    moved = int((clipped.to_numpy() != numbers[["x1", "y1", "x2", "y2"]].to_numpy()).any(axis=1).sum())
+    df = df.assign(**{c: clipped[c] for c in ("x1", "y1", "x2", "y2")})
+    empty = ((df.x2 <= df.x1) | (df.y2 <= df.y1)).to_numpy()
+    if moved or empty.any():
+        log.warning("%s: %d box(es) clipped to the image, %d without area dropped", source, moved, int(empty.sum()))
+    return df[~empty]
+
+
+def _as_predictions(df: pd.DataFrame, name: str, fold: int) -> pd.DataFrame:
+    return normalise_predictions(df.assign(model=name, fold=fold))
+
+
+def load_external_oof(folder: Path, fmt: str, name: str, table: AnnotationTable, folds: pd.DataFrame) -> pd.DataFrame:
+    """Every fold's file, checked: present, finite, and fold K's file predicts fold K's images only (any other
+    image was in that model's training set: its score would not be out-of-fold)."""
+    sizes = {r.image_id: (int(r.width), int(r.height)) for r in table.images.itertuples()}
+    fold_of = folds.set_index("image_id").fold
+    frames = []
+    for fold in sorted(folds.fold.unique()):
+        path = _source(folder, f"fold{fold}", fmt)
+        if path is None:
+            raise ExternalError(f"{folder}: no OOF predictions for fold {fold} (expected fold{fold}"
+                                f"{_SUFFIXES[fmt][0] or '/'}); every fold of {len(fold_of)} images must be present")
+        df = check_external(read_external(path, fmt, table.classes, sizes), path, len(table.classes), sizes)
+        elsewhere = df[df.image_id.map(fold_of).fillna(-1).astype(int) != fold]
+        if len(elsewhere):
+            first = elsewhere.iloc[0]
+            where = (f"fold {int(fold_of[first.image_id])}" if first.image_id in fold_of.index
+                     else "no fold (not in the folds file)")
+            raise ExternalError(f"{path}: {elsewhere.image_id.nunique()} image(s) outside fold {fold}, first "
+                                f"{first.image_id!r} ({first.row}) in {where}: a fold's file may predict only its "
+                                "own validation images")
+        frames.append(_as_predictions(df, name, fold))
+    return normalise_predictions(pd.concat(frames, ignore_index=True))
+
+
+def load_external_test(folder: Path, fmt: str, name: str, table: AnnotationTable,
+                       folds: pd.DataFrame) -> pd.DataFrame | None:
+    """``test`` (one model; fold 0) or ``test_fold<K>`` for every fold; None when the folder has neither."""
+    sizes = {r.image_id: (int(r.width), int(r.height)) for r in table.images.itertuples()}
+    single = _source(folder, "test", fmt)
+    per_fold = {k: _source(folder, f"test_fold{k}", fmt) for k in sorted(folds.fold.unique())}
+    if single is not None:
+        sources = {0: single}
+    elif all(per_fold.values()):
+        sources = per_fold
+    elif any(per_fold.values()):
+        missing = [k for k, p in per_fold.items() if p is None]
+        raise ExternalError(f"{folder}: test predictions for some folds only (missing test_fold{missing[0]})")
+    else:
+        return None
+    frames = [_as_predictions(check_external(read_external(p, fmt, table.classes, sizes), p, len(table.classes),
+                                             sizes), name, k) for k, p in sources.items()]
+    return normalise_predictions(pd.concat(frames, ignore_index=True))

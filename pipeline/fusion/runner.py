@@ -1,0 +1,130 @@
+"""Running a rule's compiled kernel over the images of a packed table: output slots, threads, input repairs.
+
+Every kernel has the same contract: it fuses a range of images ``lo..hi-1`` of a
+:class:`~pipeline.fusion.packing.PackedTable`, writes image ``k``'s fused rows (normalised, in the rule's output
+order) to the slots ``row_offs[k] : row_offs[k] + count[k]``, and counts input repairs in a ``stats`` row
+(:mod:`pipeline.fusion.rows`). :func:`run_kernel` allocates the slots, splits the images over threads (the
+kernels release the GIL) and reports the repairs once per call.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+
+from pipeline.fusion.packing import PackedTable, compact_rows
+from pipeline.fusion.rows import N_STATS, STAT_CLIPPED, STAT_NON_FINITE, STAT_SWAPPED, STAT_ZERO_AREA
+
+
+class KernelOutput(NamedTuple):
+    """Output slots of a kernel call: image ``k``'s ``count[k]`` rows start at ``row_offs[k]``."""
+
+    boxes: np.ndarray  # float64 (n, 4), normalised
+    score: np.ndarray  # float64 (n,)
+    label: np.ndarray  # int64 (n,)
+    count: np.ndarray  # int64 per image
+
+
+# work(lo, hi, out, stats_row, cached): fuse images lo..hi-1 into ``out``; ``cached``: the call may use this
+# thread's cached scratch (the single-threaded path), else it allocates its own.
+Work = Callable[[int, int, KernelOutput, np.ndarray, bool], None]
+
+
+def run_kernel(packed: PackedTable, work: Work, threads: int, rule: str, reuse: bool = False) -> KernelOutput:
+    """``work`` over every image of ``packed``, on ``threads`` threads when there are enough images; warns once
+    per kind of input repair; ``ValueError`` for non-finite boxes or scores. ``reuse``: write into this thread's
+    cached output arrays (the drop-ins' single images: no allocation, no page faults; the caller copies the rows
+    it returns before the next call)."""
+    n_img = len(packed.width)
+    n = int(packed.row_offs[-1])
+    out = _thread_output(n, n_img) if reuse else KernelOutput(np.empty((n, 4)), np.empty(n), np.empty(n, np.int64),
+                                                             np.zeros(n_img, np.int64))
+    if threads <= 1 or n_img < 4 * threads:
+        stats = np.zeros(N_STATS, np.int64)
+        work(0, n_img, out, stats, True)
+    else:
+        ranges = image_ranges(packed.row_offs, threads)
+        all_stats = np.zeros((len(ranges), N_STATS), np.int64)
+        with ThreadPoolExecutor(max_workers=threads) as ex:
+            list(ex.map(lambda k: work(ranges[k][0], ranges[k][1], out, all_stats[k], False), range(len(ranges))))
+        stats = all_stats.sum(axis=0)
+    if stats[STAT_NON_FINITE]:
+        raise ValueError("boxes and scores must be finite")
+    warn_repairs(stats, rule)
+    return out
+
+
+_THREAD_LOCAL = threading.local()
+
+
+def _thread_output(n: int, n_img: int) -> KernelOutput:
+    """This thread's cached output slots for ``n`` rows and ``n_img`` images (grown by half, never shrunk)."""
+    cached: KernelOutput | None = getattr(_THREAD_LOCAL, "output", None)
+    if cached is None or len(cached.score) < n or len(cached.count) < n_img:
+        cap = max(n, int(len(cached.score) * 1.5) if cached is not None else 0, 1)
+        cap_img = max(n_img, len(cached.count) if cached is not None else 0, 1)
+        cached = KernelOutput(np.empty((cap, 4)), np.empty(cap), np.empty(cap, np.int64), np.empty(cap_img, np.int64))
+        _THREAD_LOCAL.output = cached
+    cached.count[:n_img] = 0
+    return KernelOutput(cached.boxes, cached.score, cached.label, cached.count[:n_img])
+
+
+def image_ranges(row_offs: np.ndarray, threads: int) -> list[tuple[int, int]]:
+    """Image ranges of roughly equal row counts, several per thread for balance."""
+    n_img = len(row_offs) - 1
+    n_chunks = min(n_img, 8 * threads)
+    cuts = np.searchsorted(row_offs, np.linspace(0, row_offs[-1], n_chunks + 1)[1:-1]).tolist()
+    bounds = sorted(set([0] + [min(max(c, 1), n_img - 1) for c in cuts] + [n_img]))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def largest_image(packed: PackedTable, lo: int, hi: int) -> int:
+    """Most rows of an image in ``lo..hi-1`` (at least 1): the scratch size of a kernel call."""
+    return max(int(np.diff(packed.row_offs[lo:hi + 1]).max(initial=1)), 1)
+
+
+def warn_repairs(stats: np.ndarray, rule: str) -> None:
+    """One warning per kind of input repair, with counts (the library warns or prints once per box)."""
+    swapped, clipped, zero = int(stats[STAT_SWAPPED]), int(stats[STAT_CLIPPED]), int(stats[STAT_ZERO_AREA])
+    if swapped:
+        warnings.warn(f"{rule}: {swapped} box coordinate pair(s) with x2 < x1 or y2 < y1 were swapped.",
+                      stacklevel=5)
+    if clipped:
+        warnings.warn(f"{rule}: {clipped} box coordinate(s) outside [0, 1] were clipped. Check that you normalise "
+                      "boxes to the [0, 1] range.", stacklevel=5)
+    if zero:
+        warnings.warn(f"{rule}: {zero} zero-area box(es) skipped.", stacklevel=5)
+
+
+class DenseRows(NamedTuple):
+    """Fused rows of all images, dense, in pixels: row ``r`` belongs to image ``image[r]`` (ascending)."""
+
+    image: np.ndarray  # int64 (m,)
+    values: np.ndarray  # float64 (5, m): x1, y1, x2, y2, score
+    label: np.ndarray  # int64 (m,)
+
+
+def dense_rows(packed: PackedTable, out: KernelOutput, threads: int) -> DenseRows:
+    """``out`` compacted to dense pixel columns (:func:`~pipeline.fusion.packing.compact_rows`), image ranges
+    on ``threads`` threads."""
+    dst = np.zeros(len(out.count) + 1, np.int64)
+    np.cumsum(out.count, out=dst[1:])
+    m = int(dst[-1])
+    rows = DenseRows(np.empty(m, np.int64), np.empty((5, m)), np.empty(m, np.int64))
+
+    def work(lo: int, hi: int) -> None:
+        compact_rows(lo, hi, packed.row_offs, out.count, dst, out.boxes, out.score, out.label, packed.width,
+                     packed.height, *rows)
+
+    n_img = len(out.count)
+    if threads <= 1 or n_img < 4 * threads:
+        work(0, n_img)
+    else:
+        ranges = image_ranges(dst, threads)
+        with ThreadPoolExecutor(max_workers=threads) as ex:
+            list(ex.map(lambda r: work(*r), ranges))
+    return rows

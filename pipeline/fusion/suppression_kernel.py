@@ -1,0 +1,608 @@
+"""Compiled stages of NMS and soft-NMS; what they replicate of ensemble-boxes is in
+:mod:`pipeline.fusion.suppression`.
+
+:func:`fuse_image_range` fuses a range of images, one after the other:
+
+1. :func:`~pipeline.fusion.rows.read_image` -- read the rows, clip and sort each coordinate pair, drop zero areas,
+   weight the scores;
+2. :func:`_order_by_label` -- label groups in ascending label order, each in input order;
+3. per group (:func:`_gather_group`), :func:`_hard_nms_group` (greedy suppression in score order, kept boxes
+   filed in a grid over their centres, IoUs tested against ``iou_thr`` without a division when clearly apart) or
+   :func:`_soft_nms_group` (the library's selection loop: an 8-ary tournament tree over the library's array
+   positions finds each step's maximum as ``np.max`` / ``np.argmax`` would, including ties; only boxes that
+   overlap the selected one are decayed -- every other weight is exactly 1 -- found by :func:`_overlapping`;
+   boxes that can no longer be returned drop out); both look boxes up in a grid stored cell by cell
+   (:mod:`pipeline.fusion.grid`);
+4. the kept boxes are written group by group, in selection order.
+
+Cost. NMS: a sort and a few grid cells per box. Soft-NMS: per selected box, its overlapping live boxes, each an
+IoU and (gaussian) an ``exp`` -- every overlapping pair is decayed once, as in the library, which computes the
+same products for all remaining boxes at every step; tens of thousands of overlapping pairs per image at 40 sets
+x 100 boxes keep gaussian soft-NMS the slowest rule by far.
+
+Work arrays are laid out in :class:`Scratch` (one allocation per thread, rows named by :class:`BoxRow`,
+:class:`FloatRow`, :class:`IntRow`), passed as separate arguments like the WBF kernel's.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from enum import IntEnum, unique
+from typing import NamedTuple
+
+import numba
+import numpy as np
+
+from pipeline.fusion.grid import (GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, cells_per_axis, grid_add, grid_layout,
+                                  grid_remove, search_radius_factor, window_cells)
+from pipeline.fusion.primitives import (NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys, iou,
+                                        radix_argsort, radix_argsort_top)
+from pipeline.fusion.rows import read_image
+
+# numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
+COMPILED_AGAINST = {"grid.py": "6e6fe18acb12b6d1", "primitives.py": "46bd61cf9a6430ff", "rows.py": "3ed670801634b1df"}
+
+# The library's ``method`` codes.
+LINEAR = 1
+GAUSSIAN = 2
+HARD = 3
+
+SOFT_LARGE = 3.0  # soft-NMS: members wider or taller than this many times the mean are checked on every step
+SOFT_CELL_FACTOR = 0.25  # soft-NMS grid cells per axis: about 1 / (this * the largest filed size)
+TREE_MAX_LEVELS = 24  # 8-ary tree levels: 8 ** 24 positions, far beyond any image
+
+
+@unique
+class BoxRow(IntEnum):
+    """Rows of ``Scratch.boxes`` (float64, ``(len(BoxRow), cap, 4)``)."""
+
+    KEPT = 0  # per box: the image's boxes after clipping, in (set, input) order
+    GROUP = 1  # per group member: its box (soft-NMS: contiguous, in the library's order)
+    SLOT = 2  # per grid slot: the box filed there (pipeline.fusion.grid)
+
+
+@unique
+class FloatRow(IntEnum):
+    """Rows of ``Scratch.floats`` (float64, ``(len(FloatRow), cap)``)."""
+
+    KEPT_SCORE = 0  # per box: weighted score
+    GROUP_SCORE = 1  # per group member: weighted score (hard: the sort input; soft: the score returned)
+    CURRENT = 2  # soft-NMS, per group member: the decayed score
+    FINAL = 3  # soft-NMS, per step: the selected member's score at selection (compared with ``thresh``)
+    CAND_IOU = 4  # soft-NMS: IoU of the selected member with each candidate (``IntRow.CAND``)
+
+
+@unique
+class IntRow(IntEnum):
+    """Rows of ``Scratch.ints`` (int64, ``(len(IntRow), cap)``)."""
+
+    KEPT_SET = 0
+    KEPT_LABEL = 1
+    BY_LABEL = 2  # kept boxes by label, ascending, each label in input order
+    BY_SCORE = 3  # stable ascending argsort of a group's scores
+    SORT_KEY = 4
+    SORT_KEY_A = 5
+    SORT_KEY_B = 6
+    SORT_INDEX_B = 7
+    CELL_OF = 8  # per group member: its grid cell, -1 when not filed
+    SLOT_OF = 9  # per group member: its grid slot
+    SLOT_BOX = 10  # per grid slot: the member filed there
+    AT_POS = 11  # soft-NMS: member at each library array position
+    POS_OF = 12  # soft-NMS: library array position of each member
+    LIST = 13  # hard: the kept members in order; soft: the large members (checked on every step)
+    SELECTED = 14  # soft-NMS: member selected at each step
+    REMOVED = 15  # soft-NMS, per member: 1 once selected or dead (score <= thresh)
+    CAND = 16  # soft-NMS: the members a selected member overlaps
+
+
+class Scratch(NamedTuple):
+    """The kernel's work arrays for images of up to ``cap`` boxes."""
+
+    boxes: np.ndarray  # float64 (len(BoxRow), cap, 4)
+    floats: np.ndarray  # float64 (len(FloatRow), cap)
+    ints: np.ndarray  # int64 (len(IntRow), cap)
+    group_start: np.ndarray  # int64 (cap + 1)
+    tree_val: np.ndarray  # float64 (TREE_ROOM(cap)): 8-ary tournament tree over library positions, level by level
+    #                       (leaf p: the stored score of position p, an upper bound; a node: its winner's score)
+    tree_win: np.ndarray  # int64 (TREE_ROOM(cap)): the winning position per node
+    tree_off: np.ndarray  # int64 (TREE_MAX_LEVELS + 1): where each level of the tree starts
+    cell_start: np.ndarray  # int64 (GRID_MAX ** 2 + 1): first slot of each grid cell
+    cell_count: np.ndarray  # int64 (GRID_MAX ** 2): boxes filed in each cell
+    radix_hist: np.ndarray  # int64 (RADIX_HIST_SIZE)
+
+
+def allocate_scratch(cap: int) -> Scratch:
+    """Uninitialised work arrays for images of up to ``cap`` boxes (the kernel writes before it reads)."""
+    cap = max(int(cap), 1)
+    room = 2 * cap + 8 * (TREE_MAX_LEVELS + 1)  # levels of ceil(n / 8^l) nodes, each padded to a multiple of 8
+    return Scratch(np.empty((len(BoxRow), cap, 4)), np.empty((len(FloatRow), cap)),
+                   np.empty((len(IntRow), cap), np.int64), np.empty(cap + 1, np.int64), np.empty(room),
+                   np.empty(room, np.int64), np.empty(TREE_MAX_LEVELS + 1, np.int64),
+                   np.empty(GRID_MAX * GRID_MAX + 1, np.int64),
+                   np.empty(GRID_MAX * GRID_MAX, np.int64), np.empty(RADIX_HIST_SIZE, np.int64))
+
+
+_THREAD_LOCAL = threading.local()
+
+
+def thread_scratch(cap: int) -> Scratch:
+    """This thread's cached :class:`Scratch` for ``cap`` boxes, grown by half when too small, never shrunk."""
+    cached: Scratch | None = getattr(_THREAD_LOCAL, "scratch", None)
+    if cached is not None and cached.ints.shape[1] >= cap:
+        return cached
+    if cached is not None:
+        cap = max(cap, int(cached.ints.shape[1] * 1.5))
+    _THREAD_LOCAL.scratch = allocate_scratch(cap)
+    return _THREAD_LOCAL.scratch
+
+
+@numba.njit(**NJIT_OPTIONS)
+def fuse_image_range(img_lo: int, img_hi: int, seg_offs: np.ndarray, seg_start: np.ndarray, seg_len: np.ndarray,
+                     seg_set: np.ndarray, x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray,
+                     score: np.ndarray, label: np.ndarray, width: np.ndarray, height: np.ndarray,
+                     row_offs: np.ndarray, factor: np.ndarray, divisor: float, method: int, iou_thr: float,
+                     sigma: float, thresh: float, float32_scores: bool, out_box: np.ndarray,
+                     out_score: np.ndarray, out_label: np.ndarray, out_count: np.ndarray, stats: np.ndarray,
+                     *scratch_blocks: np.ndarray) -> None:
+    """NMS (``method`` 3) or soft-NMS (1 linear, 2 gaussian) of images ``img_lo..img_hi-1`` of a packed table.
+
+    Scores are weighted as ``(score * factor[set]) / divisor``; ``thresh``: soft-NMS keeps a box whose score at
+    selection is ``> thresh``; ``float32_scores``: the library's score array is float32, so each decayed score is
+    rounded to float32 as numpy stores it. Outputs of image ``i``: rows ``row_offs[i] : + out_count[i]``.
+    """
+    scratch = Scratch(*scratch_blocks)
+    no_skip = np.full(factor.shape[0], -np.inf)
+    radius_factor = search_radius_factor(iou_thr)
+    use_grid = iou_thr >= GRID_MIN_THR
+    for img in range(img_lo, img_hi):
+        m = read_image(img, seg_offs, seg_start, seg_len, seg_set, x1, y1, x2, y2, score, label, width, height,
+                       no_skip, factor, divisor, scratch.boxes[BoxRow.KEPT], scratch.floats[FloatRow.KEPT_SCORE],
+                       scratch.ints[IntRow.KEPT_SET], scratch.ints[IntRow.KEPT_LABEL], stats)
+        n_groups = _order_by_label(m, scratch)
+        o = row_offs[img]
+        for g in range(n_groups):
+            gs = scratch.group_start[g]
+            ge = scratch.group_start[g + 1]
+            _gather_group(gs, ge, scratch)
+            if method == HARD:
+                o = _hard_nms_group(gs, ge, o, iou_thr, radius_factor, use_grid, out_box, out_score, out_label,
+                                    scratch)
+            else:
+                o = _soft_nms_group(gs, ge, o, method, iou_thr, sigma, thresh, float32_scores, out_box, out_score,
+                                    out_label, scratch)
+        out_count[img] = o - row_offs[img]
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _order_by_label(m: int, scratch: Scratch) -> int:
+    """``BY_LABEL``: the ``m`` kept boxes by label ascending (``np.unique`` order), each label in input order;
+    ``group_start``: where each label starts. Returns the number of labels."""
+    ints = scratch.ints
+    kept_label = ints[IntRow.KEPT_LABEL]
+    by_label = ints[IntRow.BY_LABEL]
+    group_start = scratch.group_start
+    if m == 0:
+        return 0
+    one_label = True
+    for i in range(1, m):
+        if kept_label[i] != kept_label[0]:
+            one_label = False
+            break
+    if one_label:
+        for i in range(m):
+            by_label[i] = i
+        group_start[0] = 0
+        group_start[1] = m
+        return 1
+    keys = ints[IntRow.SORT_KEY]
+    int_sort_keys(kept_label, m, keys)
+    radix_argsort(keys, m, by_label, ints[IntRow.SORT_KEY_A], ints[IntRow.SORT_KEY_B], ints[IntRow.SORT_INDEX_B],
+                  scratch.radix_hist)
+    n_groups = np.int64(0)  # not the literal 0: numba would compile callees twice (see wbf_kernel)
+    for r in range(m):
+        if r == 0 or kept_label[by_label[r]] != kept_label[by_label[r - 1]]:
+            group_start[n_groups] = r
+            n_groups += 1
+    group_start[n_groups] = m
+    return n_groups
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _gather_group(gs: int, ge: int, scratch: Scratch) -> None:
+    """The group's boxes and scores, contiguous in the library's order: member ``q`` is ``BY_LABEL[gs + q]``."""
+    kept = scratch.boxes[BoxRow.KEPT]
+    gbox = scratch.boxes[BoxRow.GROUP]
+    kept_score = scratch.floats[FloatRow.KEPT_SCORE]
+    gscore = scratch.floats[FloatRow.GROUP_SCORE]
+    by_label = scratch.ints[IntRow.BY_LABEL]
+    for q in range(ge - gs):
+        i = by_label[gs + q]
+        for k in range(4):
+            gbox[q, k] = kept[i, k]
+        gscore[q] = kept_score[i]
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _iou_above(ax1: float, ay1: float, ax2: float, ay2: float, bx1: float, by1: float, bx2: float, by2: float,
+               thr: float) -> bool:
+    """``not (iou(A, B) <= thr)`` for ``thr > 0`` (the grid is used only then), exactly, without the division
+    when ``inter`` is clearly below or above ``thr * union``: the margin 1e-12 exceeds the rounding of the
+    product, and a quotient strictly below (above) ``thr`` rounds to at most (more than) ``thr``."""
+    xa = max(ax1, bx1)
+    ya = max(ay1, by1)
+    xb = min(ax2, bx2)
+    yb = min(ay2, by2)
+    inter = max(xb - xa, 0.0) * max(yb - ya, 0.0)
+    union = ((ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1)) - inter
+    bound = thr * union
+    if inter <= bound * (1.0 - 1e-12):
+        return False
+    if inter >= bound * (1.0 + 1e-12):
+        return True
+    return not (inter / union <= thr)
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: float, use_grid: bool,
+                    out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, scratch: Scratch) -> int:
+    """Greedy NMS of one label group; writes the kept boxes from slot ``o`` in selection order, returns the next
+    slot. A box is kept unless a kept box has IoU with it ``> iou_thr`` (the library keeps ``ovr <= thr``)."""
+    gbox = scratch.boxes[BoxRow.GROUP]
+    slot_xy = scratch.boxes[BoxRow.SLOT]
+    gscore = scratch.floats[FloatRow.GROUP_SCORE]
+    ints = scratch.ints
+    by_score = ints[IntRow.BY_SCORE]
+    cell_of = ints[IntRow.CELL_OF]
+    slot_of = ints[IntRow.SLOT_OF]
+    slot_box = ints[IntRow.SLOT_BOX]
+    kept_list = ints[IntRow.LIST]
+    cell_start = scratch.cell_start
+    cell_count = scratch.cell_count
+    n = ge - gs
+    keys = ints[IntRow.SORT_KEY]
+    float_sort_keys(gscore, n, keys)
+    radix_argsort_top(keys, n, by_score, ints[IntRow.SORT_KEY_A], ints[IntRow.SORT_KEY_B],
+                      ints[IntRow.SORT_INDEX_B], scratch.radix_hist)
+    n_cells = 0
+    if use_grid and n >= GRID_MIN_BOXES:
+        sw = 0.0
+        for q in range(n):
+            sw += (gbox[q, 2] - gbox[q, 0]) + (gbox[q, 3] - gbox[q, 1])
+        n_cells = cells_per_axis(radius_factor * sw / (2.0 * n), n)
+        grid_layout(n_cells, gbox, by_score, n, cell_of, cell_start, cell_count)  # room for every member
+    label = ints[IntRow.KEPT_LABEL, ints[IntRow.BY_LABEL, gs]]
+    nk = 0
+    for r in range(n - 1, -1, -1):  # score descending; ties: the later box first
+        q = by_score[r]
+        bx1 = gbox[q, 0]
+        by1 = gbox[q, 1]
+        bx2 = gbox[q, 2]
+        by2 = gbox[q, 3]
+        suppressed = False
+        scan_all = True
+        if n_cells > 0:
+            gx0, gx1, gy0, gy1 = window_cells(bx1, by1, bx2, by2, (bx2 - bx1) * radius_factor,
+                                              (by2 - by1) * radius_factor, n_cells)
+            if (gx1 - gx0 + 1) * (gy1 - gy0 + 1) < nk:
+                scan_all = False
+                # the box's own cell first: a suppressing box is most often centred next to it
+                own = cell_of[q]
+                for s in range(cell_start[own], cell_start[own] + cell_count[own]):
+                    if _iou_above(slot_xy[s, 0], slot_xy[s, 1], slot_xy[s, 2], slot_xy[s, 3], bx1, by1, bx2, by2,
+                                  iou_thr):
+                        suppressed = True
+                        break
+                gy = gy0
+                while gy <= gy1 and not suppressed:
+                    for gx in range(gx0, gx1 + 1):
+                        c = gy * n_cells + gx
+                        if c == own:
+                            continue
+                        for s in range(cell_start[c], cell_start[c] + cell_count[c]):
+                            if _iou_above(slot_xy[s, 0], slot_xy[s, 1], slot_xy[s, 2], slot_xy[s, 3], bx1, by1, bx2,
+                                          by2, iou_thr):
+                                suppressed = True
+                                break
+                        if suppressed:
+                            break
+                    gy += 1
+        if scan_all:
+            for t in range(nk):
+                k = kept_list[t]
+                if not (iou(gbox[k, 0], gbox[k, 1], gbox[k, 2], gbox[k, 3], bx1, by1, bx2, by2) <= iou_thr):
+                    suppressed = True
+                    break
+        if suppressed:
+            continue
+        kept_list[nk] = q
+        nk += 1
+        if n_cells > 0:
+            grid_add(q, gbox, cell_of, slot_of, slot_box, slot_xy, cell_start, cell_count)
+        out_box[o, 0] = bx1
+        out_box[o, 1] = by1
+        out_box[o, 2] = bx2
+        out_box[o, 3] = by2
+        out_score[o] = gscore[q]
+        out_label[o] = label
+        o += 1
+    return o
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma: float, thresh: float,
+                    float32_scores: bool, out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray,
+                    scratch: Scratch) -> int:
+    """The library's ``cpu_soft_nms_float`` on one label group; writes the boxes whose score at selection is
+    ``> thresh`` from slot ``o``, in selection order, with their undecayed scores; returns the next slot.
+
+    Dead boxes. With ``thresh >= 0`` a box whose score is ``<= thresh`` can never be returned (weights are at most
+    1, so scores only shrink towards 0) and never decays a box that can: the library selects it only after every
+    box above ``thresh``. Such boxes count as -inf (which compares below every live score exactly as their true
+    score does) and leave the grid, and the loop stops once the maximum is dead. The library's positions are
+    still tracked for every box, so ties among live boxes resolve as in the library.
+
+    Lazy tree. A decay only lowers a score, so the tree (8-ary, :func:`_tree_build`) keeps each position's stored
+    score as an upper bound and
+    is not touched per decay; the maximum is found by refreshing the winner's stored score until the winner is
+    current. A current winner of stored upper bounds is the leftmost maximum of the current scores (a position to
+    its left with the same current score would have a stored score at least as high, and won). A score that grows
+    (a negative one, decayed towards 0 when ``thresh < 0``) updates the tree at once.
+    """
+    gbox = scratch.boxes[BoxRow.GROUP]
+    slot_xy = scratch.boxes[BoxRow.SLOT]
+    floats = scratch.floats
+    ints = scratch.ints
+    gscore = floats[FloatRow.GROUP_SCORE]
+    current = floats[FloatRow.CURRENT]
+    final = floats[FloatRow.FINAL]
+    at_pos = ints[IntRow.AT_POS]
+    pos_of = ints[IntRow.POS_OF]
+    selected = ints[IntRow.SELECTED]
+    removed = ints[IntRow.REMOVED]
+    cand = ints[IntRow.CAND]
+    cand_iou = floats[FloatRow.CAND_IOU]
+    cell_of = ints[IntRow.CELL_OF]
+    slot_of = ints[IntRow.SLOT_OF]
+    slot_box = ints[IntRow.SLOT_BOX]
+    cell_start = scratch.cell_start
+    cell_count = scratch.cell_count
+    val = scratch.tree_val
+    win = scratch.tree_win
+    prune = thresh >= 0.0
+    # linear decay acts only above iou_thr: the IoU bound of pipeline.fusion.grid narrows the search (0: overlap)
+    window_factor = search_radius_factor(iou_thr) if method == LINEAR and iou_thr >= GRID_MIN_THR else 0.0
+    n = ge - gs
+    for q in range(n):
+        current[q] = gscore[q]
+        at_pos[q] = q
+        pos_of[q] = q
+        removed[q] = 1 if prune and not (current[q] > thresh) else 0
+    off = scratch.tree_off
+    for p in range(n):
+        val[p] = current[p] if removed[p] == 0 else -np.inf
+    levels = _tree_build(n, val, win, off)
+    root = off[levels]
+    n_cells, fw, fh, n_big = _file_soft_group(n, scratch)
+    n_sel = 0
+    for i in range(n):
+        if i < n - 1:  # position i against the maximum of positions i+1.. (np.max / np.argmax)
+            qi = at_pos[i]
+            vi = -np.inf if removed[qi] == 1 else current[qi]
+            _tree_set(i, -np.inf, levels, val, win, off)
+            while True:  # stored scores are upper bounds: refresh the winner until it is current
+                p = win[root]
+                bp = at_pos[p]
+                vp = -np.inf if removed[bp] == 1 else current[bp]
+                if val[p] == vp:
+                    break
+                _tree_set(p, vp, levels, val, win, off)
+            if vi < vp:  # the library swaps the maximum into position i (qi's score stays below the stored vp)
+                at_pos[i] = bp
+                at_pos[p] = qi
+                pos_of[bp] = i
+                pos_of[qi] = p
+        q = at_pos[i]
+        if removed[q] == 1:
+            break  # the maximum is dead: no remaining box can be returned
+        selected[n_sel] = q
+        final[n_sel] = current[q]
+        n_sel += 1
+        removed[q] = 1
+        grid_remove(q, cell_of, slot_of, slot_box, slot_xy, cell_start, cell_count)
+        nc = _overlapping(q, n_cells, fw, fh, n_big, window_factor, scratch)
+        for t in range(nc):
+            j = cand[t]
+            ovr = cand_iou[t]
+            if method == LINEAR:
+                if not (ovr > iou_thr):
+                    continue
+                weight = 1.0 - ovr
+            else:
+                weight = math.exp(-(ovr * ovr) / sigma)
+            old = current[j]
+            sj = weight * old
+            if float32_scores:
+                sj = np.float64(np.float32(sj))
+            current[j] = sj
+            if prune and not (sj > thresh):
+                removed[j] = 1
+                grid_remove(j, cell_of, slot_of, slot_box, slot_xy, cell_start, cell_count)
+            elif sj > old:  # a negative score grows towards 0: the stored bound must grow with it
+                _tree_set(pos_of[j], sj, levels, val, win, off)
+    label = ints[IntRow.KEPT_LABEL, ints[IntRow.BY_LABEL, gs]]
+    for k in range(n_sel):
+        if final[k] > thresh:
+            q = selected[k]
+            for c in range(4):
+                out_box[o, c] = gbox[q, c]
+            out_score[o] = gscore[q]
+            out_label[o] = label
+            o += 1
+    return o
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _leftmost_max8(base: int, val: np.ndarray) -> int:
+    """Index of the leftmost maximum of ``val[base : base + 8]``, as a balanced tournament (the left one wins ties
+    at every match, so the leftmost maximum wins; three rounds instead of a chain of seven comparisons)."""
+    a = base if val[base] >= val[base + 1] else base + 1
+    b = base + 2 if val[base + 2] >= val[base + 3] else base + 3
+    c = base + 4 if val[base + 4] >= val[base + 5] else base + 5
+    d = base + 6 if val[base + 6] >= val[base + 7] else base + 7
+    ab = a if val[a] >= val[b] else b
+    cd = c if val[c] >= val[d] else d
+    return ab if val[ab] >= val[cd] else cd
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _tree_build(n: int, val: np.ndarray, win: np.ndarray, off: np.ndarray) -> int:
+    """An 8-ary tournament tree over the stored scores ``val[:n]`` (level 0, padded with -inf to a multiple of 8);
+    level ``l`` starts at ``off[l]``, node ``k`` of level ``l`` holds the leftmost maximum of its children
+    ``8k .. 8k+7`` of level ``l - 1``. Eight children share a cache line, so a walk to the root is a few lines.
+    Returns the number of levels above the leaves (the root is ``off[levels]``)."""
+    size = n
+    off[0] = 0
+    level = 0
+    while True:
+        padded = (size + 7) // 8 * 8
+        for k in range(off[level] + size, off[level] + padded):
+            val[k] = -np.inf
+            win[k] = -1
+        if level == 0:
+            for k in range(padded):
+                win[k] = k
+        if size == 1:
+            return level
+        off[level + 1] = off[level] + padded
+        parents = padded // 8
+        for k in range(parents):
+            best = _leftmost_max8(off[level] + 8 * k, val)
+            val[off[level + 1] + k] = val[best]
+            win[off[level + 1] + k] = win[best]
+        size = parents
+        level += 1
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _tree_set(p: int, v: float, levels: int, val: np.ndarray, win: np.ndarray, off: np.ndarray) -> None:
+    """Position ``p``'s stored score := ``v``, and the winners above it (the leftmost maximum -- numpy's
+    ``argmax`` takes the first); stops once a node keeps a winner other than ``p``."""
+    val[p] = v
+    k = p
+    for level in range(1, levels + 1):
+        k >>= 3
+        best = _leftmost_max8(off[level - 1] + 8 * k, val)
+        w = win[best]
+        node = off[level] + k
+        if win[node] == w and w != p:
+            return
+        val[node] = val[best]
+        win[node] = w
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _file_soft_group(n: int, scratch: Scratch) -> tuple[int, float, float, int]:
+    """File the group's live members for the overlap search: members up to ``SOFT_LARGE`` times the mean width and
+    height in the grid, larger ones in ``LIST``. Returns ``(cells per axis (0: no grid, every member in LIST),
+    the largest filed width, height, number of large members)``."""
+    gbox = scratch.boxes[BoxRow.GROUP]
+    ints = scratch.ints
+    cell_of = ints[IntRow.CELL_OF]
+    removed = ints[IntRow.REMOVED]
+    big = ints[IntRow.LIST]
+    filed = ints[IntRow.CAND]  # free until the selection loop
+    n_cells = 0
+    lim_w = 0.0
+    lim_h = 0.0
+    if n >= GRID_MIN_BOXES:
+        sw = 0.0
+        sh = 0.0
+        for q in range(n):
+            sw += gbox[q, 2] - gbox[q, 0]
+            sh += gbox[q, 3] - gbox[q, 1]
+        lim_w = SOFT_LARGE * sw / n
+        lim_h = SOFT_LARGE * sh / n
+        n_cells = cells_per_axis(SOFT_CELL_FACTOR * max(lim_w, lim_h), n)
+    n_big = 0
+    n_filed = 0
+    fw = 0.0
+    fh = 0.0
+    for q in range(n):
+        cell_of[q] = -1
+        if removed[q] == 1:
+            continue
+        w = gbox[q, 2] - gbox[q, 0]
+        h = gbox[q, 3] - gbox[q, 1]
+        if n_cells == 0 or w > lim_w or h > lim_h:
+            big[n_big] = q
+            n_big += 1
+        else:
+            filed[n_filed] = q
+            n_filed += 1
+            fw = max(fw, w)
+            fh = max(fh, h)
+    if n_cells > 0:
+        grid_layout(n_cells, gbox, filed, n_filed, cell_of, scratch.cell_start, scratch.cell_count)
+        for r in range(n_filed):
+            grid_add(filed[r], gbox, cell_of, ints[IntRow.SLOT_OF], ints[IntRow.SLOT_BOX],
+                     scratch.boxes[BoxRow.SLOT], scratch.cell_start, scratch.cell_count)
+    return n_cells, fw, fh, n_big
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_factor: float,
+                 scratch: Scratch) -> int:
+    """``CAND[:k]`` and ``CAND_IOU[:k]``: the remaining live members with a positive IoU with member ``q`` (a zero
+    one leaves the score as it is: the weight is exactly 1), and that IoU -- the library's, ``q`` first. Filed
+    members are looked up in a window around ``q``'s centre: ``(w_q + fw) / 2`` (a positive intersection needs
+    ``|dx| < (w_q + w_j) / 2``) or, when ``radius_factor > 0`` (linear decay, which only acts above ``iou_thr``),
+    ``radius_factor * w_q``; large members are all checked. Returns ``k``."""
+    gbox = scratch.boxes[BoxRow.GROUP]
+    slot_xy = scratch.boxes[BoxRow.SLOT]
+    ints = scratch.ints
+    cand = ints[IntRow.CAND]
+    cand_iou = scratch.floats[FloatRow.CAND_IOU]
+    slot_box = ints[IntRow.SLOT_BOX]
+    removed = ints[IntRow.REMOVED]
+    big = ints[IntRow.LIST]
+    cell_start = scratch.cell_start
+    cell_count = scratch.cell_count
+    qx1 = gbox[q, 0]
+    qy1 = gbox[q, 1]
+    qx2 = gbox[q, 2]
+    qy2 = gbox[q, 3]
+    k = 0
+    if n_cells > 0:
+        if radius_factor > 0.0:
+            rx = radius_factor * (qx2 - qx1)
+            ry = radius_factor * (qy2 - qy1)
+        else:
+            rx = 0.5 * ((qx2 - qx1) + fw)
+            ry = 0.5 * ((qy2 - qy1) + fh)
+        gx0, gx1, gy0, gy1 = window_cells(qx1, qy1, qx2, qy2, rx, ry, n_cells)
+        for gy in range(gy0, gy1 + 1):  # pass 1, branch-free: the slots whose box intersects q's
+            for gx in range(gx0, gx1 + 1):
+                c = gy * n_cells + gx
+                for s in range(cell_start[c], cell_start[c] + cell_count[c]):
+                    cand[k] = s
+                    k += (min(qx2, slot_xy[s, 2]) - max(qx1, slot_xy[s, 0]) > 0.0) & (
+                        min(qy2, slot_xy[s, 3]) - max(qy1, slot_xy[s, 1]) > 0.0)
+        n_hit = k
+        k = 0
+        for t in range(n_hit):  # pass 2: their IoU (pipelined divisions), as member indices
+            s = cand[t]
+            v = iou(qx1, qy1, qx2, qy2, slot_xy[s, 0], slot_xy[s, 1], slot_xy[s, 2], slot_xy[s, 3])
+            if v != 0.0:
+                cand[k] = slot_box[s]
+                cand_iou[k] = v
+                k += 1
+    for r in range(n_big):
+        j = big[r]
+        if (removed[j] == 0 and min(qx2, gbox[j, 2]) - max(qx1, gbox[j, 0]) > 0.0
+                and min(qy2, gbox[j, 3]) - max(qy1, gbox[j, 1]) > 0.0):
+            v = iou(qx1, qy1, qx2, qy2, gbox[j, 0], gbox[j, 1], gbox[j, 2], gbox[j, 3])
+            if v != 0.0:
+                cand[k] = j
+                cand_iou[k] = v
+                k += 1
+    return k

@@ -1,0 +1,112 @@
+"""Tables to packed arrays: the one place that turns an annotation or prediction table into per-image box groups.
+
+Every metric and :mod:`pipeline.report` score from the same layout (:class:`Packed`), built here:
+
+- :func:`resolve_image_ids`: the scored images (default: every image of the annotation table, in table order),
+  with the errors for duplicate or unknown ids;
+- :func:`pack_boxes`: keep the rows of scored images, group them by image, descending score inside an image
+  (stable: equal scores keep row order);
+- :func:`pack_ground_truth` / :func:`pack_predictions`: the two tables, with the prediction table's checks
+  (required columns, NaN, labels inside the class list).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numba
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:  # type only: importing pipeline.data at runtime would pull in pipeline.config (an import cycle)
+    from pipeline.data.table import AnnotationTable
+
+BOX_COLUMNS: tuple[str, ...] = ("x1", "y1", "x2", "y2")
+_BOX = list(BOX_COLUMNS)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Boxes of the scored images, grouped by image index (image ``i`` owns rows ``offsets[i]:offsets[i+1]``)."""
+
+    boxes: np.ndarray  # (N, 4) float64
+    scores: np.ndarray  # (N,) float64 (ones for ground truth)
+    labels: np.ndarray  # (N,) int64
+    image: np.ndarray  # (N,) int64, non-decreasing
+    offsets: np.ndarray  # (n_images + 1,) int64
+
+
+@numba.njit(cache=True)
+def group_by_image(image: np.ndarray, scores: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row order grouping rows by image index (0..n_images-1), descending score inside an image, stable (equal
+    scores keep row order); and the ``(n_images + 1,)`` offsets. Same order as ``np.lexsort((-scores, image))``."""
+    offsets = np.zeros(n_images + 1, dtype=np.int64)
+    for i in image:
+        offsets[i + 1] += 1
+    offsets = np.cumsum(offsets)
+    pos = offsets[:-1].copy()
+    order = np.empty(image.shape[0], dtype=np.int64)
+    for r in range(image.shape[0]):
+        order[pos[image[r]]] = r
+        pos[image[r]] += 1
+    for i in range(n_images):
+        a, b = offsets[i], offsets[i + 1]
+        if b - a > 1:
+            seg = order[a:b].copy()
+            order[a:b] = seg[np.argsort(-scores[seg], kind="mergesort")]
+    return order, offsets
+
+
+def resolve_image_ids(gt: AnnotationTable, image_ids: Sequence[str] | None) -> pd.Index:
+    """The scored image ids as strings: ``image_ids`` (checked against ``gt``), or every image of ``gt``."""
+    known = pd.Index(gt.images.image_id.astype(str))
+    if known.has_duplicates:
+        raise ValueError(f"duplicate image ids in the annotation table: {sorted(set(known[known.duplicated()]))[:5]}")
+    if image_ids is None:
+        return known
+    ids = pd.Index([str(i) for i in image_ids])
+    if ids.has_duplicates:
+        raise ValueError(f"duplicate image ids in image_ids: {sorted(set(ids[ids.duplicated()]))[:5]}")
+    unknown = ids.difference(known)
+    if len(unknown):
+        raise ValueError(f"image_ids not in the annotation table: {sorted(unknown)[:5]}")
+    return ids
+
+
+def pack_boxes(index: pd.Index, image_id: pd.Series, boxes: np.ndarray, scores: np.ndarray,
+               labels: np.ndarray) -> Packed:
+    """Keep rows of images in ``index``; order by image, then descending score (stable: ties keep row order)."""
+    image = index.get_indexer(image_id.astype(str))
+    keep = image >= 0
+    image, boxes, scores, labels = image[keep].astype(np.int64), boxes[keep], scores[keep], labels[keep]
+    order, offsets = group_by_image(image, scores, len(index))
+    return Packed(np.ascontiguousarray(boxes[order]), scores[order], labels[order], image[order], offsets)
+
+
+def pack_ground_truth(gt: AnnotationTable, index: pd.Index) -> Packed:
+    """The ground-truth boxes of the images in ``index`` (scores are ones: table order is kept inside an image)."""
+    b = gt.boxes
+    return pack_boxes(index, b.image_id, b[_BOX].to_numpy(np.float64), np.ones(len(b)), b.label.to_numpy(np.int64))
+
+
+def pack_predictions(preds: pd.DataFrame, index: pd.Index, n_classes: int, class_aware: bool) -> Packed:
+    """The predictions of the images in ``index``. Needs ``image_id, x1, y1, x2, y2, score`` (+ ``label`` when
+    ``class_aware``; labels are zeros otherwise); other columns are ignored."""
+    need = ["image_id", *_BOX, "score"] + (["label"] if class_aware else [])
+    missing = [c for c in need if c not in preds.columns]
+    if missing:
+        raise ValueError(f"prediction table lacks columns {missing}")
+    boxes = preds[_BOX].to_numpy(np.float64)
+    scores = preds["score"].to_numpy(np.float64)
+    labels = preds["label"].to_numpy(np.int64) if class_aware else np.zeros(len(preds), dtype=np.int64)
+    packed = pack_boxes(index, preds["image_id"], boxes, scores, labels)
+    if np.isnan(packed.boxes).any() or np.isnan(packed.scores).any():
+        raise ValueError("prediction table has NaN coordinates or scores")
+    if class_aware and len(packed.labels) and (packed.labels.min() < 0 or packed.labels.max() >= n_classes):
+        raise ValueError(f"prediction labels outside the class list (0..{n_classes - 1})")
+    return packed
+
+
+__all__ = ["BOX_COLUMNS", "Packed", "group_by_image", "pack_boxes", "pack_ground_truth", "pack_predictions",
+           "resolve_image_ids"]

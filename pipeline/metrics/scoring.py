@@ -1,0 +1,43 @@
+"""Scoring a prediction table: :class:`Scorer` (ground truth prepared once, many calls) and :func:`evaluate`."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from pipeline.metrics.packing import pack_ground_truth, pack_predictions, resolve_image_ids
+from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, get_metric
+
+if TYPE_CHECKING:  # type only: importing pipeline.data at runtime would pull in pipeline.config (an import cycle)
+    from pipeline.data.table import AnnotationTable
+
+
+class Scorer:
+    """Packs the ground truth of ``image_ids`` and runs the metric's one-time setup once; ``scorer(preds)`` scores a
+    prediction table. ``metric`` is the metric's name, ``entry`` its registry entry (direction, comparisons)."""
+
+    def __init__(self, metric: str, gt: AnnotationTable, image_ids: Sequence[str] | None = None) -> None:
+        self.entry: Metric = get_metric(metric)
+        self.metric: str = self.entry.name
+        self.index = resolve_image_ids(gt, image_ids)
+        self.classes = list(gt.classes)
+        self.gt = pack_ground_truth(gt, self.index)
+        self._score = self.entry.bind(GroundTruth(self.index, tuple(self.classes), self.gt))
+
+    @property
+    def image_ids(self) -> list[str]:
+        return list(self.index)
+
+    def __call__(self, preds: pd.DataFrame) -> MetricResult:
+        packed = pack_predictions(preds, self.index, len(self.classes), class_aware=self.entry.class_aware)
+        return self._score(packed)
+
+
+def evaluate(metric: str, gt: AnnotationTable, preds: pd.DataFrame,
+             image_ids: Sequence[str] | None = None) -> MetricResult:
+    """Score ``preds`` against ``gt`` on ``image_ids`` (default: all images of ``gt``) with ``metric``."""
+    return Scorer(metric, gt, image_ids)(preds)
+
+
+__all__ = ["Scorer", "evaluate"]

@@ -1,0 +1,171 @@
+"""Our folds in other tools' layouts: a model trained elsewhere sees exactly our split."""
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import tiny_config
+from pipeline import folds as folds_stage
+from pipeline.data import load_dataset
+from pipeline.layout import folds_path, read_folds
+
+
+@pytest.fixture
+def split(tmp_path, tiny_data):
+    cfg = tiny_config(tmp_path, tiny_data, tracking={"enabled": False})
+    folds_stage.run(cfg)
+    return cfg, load_dataset(cfg.data, "train"), read_folds(folds_path(cfg))
+
+
+def test_yolo_export_has_one_dataset_per_fold_and_normalised_labels(split, tmp_path):
+    cfg, table, folds = split
+    out = tmp_path / "yolo"
+    assert folds_stage.main(["export", "--config", str(cfg.source), "--to", "yolo", str(out)]) == 0
+    for k in sorted(folds.fold.unique()):
+        spec = yaml.safe_load((out / f"fold{k}.yaml").read_text())
+        assert spec["names"] == dict(enumerate(table.classes))
+        train = (out / spec["train"]).read_text().split()
+        val = (out / spec["val"]).read_text().split()
+        stem = lambda p: p.rsplit("/", 1)[1].rsplit(".", 1)[0]  # noqa: E731
+        assert sorted(map(stem, val)) == sorted(folds.image_id[folds.fold == k])
+        assert not set(map(stem, train)) & set(map(stem, val)) and len(train) + len(val) == len(folds)
+        assert all((out / p).exists() for p in train + val)  # linked images resolve
+    image = table.images.iloc[0]
+    box = table.boxes[table.boxes.image_id == image.image_id].iloc[0]
+    first = (out / "labels" / f"{image.image_id}.txt").read_text().splitlines()[0].split()
+    assert int(first[0]) == box.label
+    assert float(first[1]) == pytest.approx((box.x1 + box.x2) / 2 / image.width, abs=1e-6)
+    assert float(first[3]) == pytest.approx((box.x2 - box.x1) / image.width, abs=1e-6)
+    assert len((out / "test.txt").read_text().split()) == len(load_dataset(cfg.data, "test").images)
+
+
+def test_coco_export_keeps_every_box_of_each_fold(split, tmp_path):
+    cfg, table, folds = split
+    out = tmp_path / "coco"
+    folds_stage.export(cfg, "coco", out)
+    for k in sorted(folds.fold.unique()):
+        for part, ids in (("train", folds.image_id[folds.fold != k]), ("val", folds.image_id[folds.fold == k])):
+            doc = json.loads((out / f"fold{k}" / f"{part}.json").read_text())
+            assert sorted(i["image_id_str"] for i in doc["images"]) == sorted(ids)
+            assert len(doc["annotations"]) == int(table.boxes.image_id.isin(set(ids)).sum())
+            assert [c["id"] for c in doc["categories"]] == [1, 2, 3]
+    doc = json.loads((out / f"fold0" / "val.json").read_text())
+    ann = doc["annotations"][0]
+    image = next(i for i in doc["images"] if i["id"] == ann["image_id"])
+    boxes = table.boxes[table.boxes.image_id == image["image_id_str"]]
+    x, y, w, h = ann["bbox"]
+    assert ((boxes.x1 - x).abs() < 1e-3).any() and ((boxes.x2 - (x + w)).abs() < 1e-3).any()
+
+
+def test_export_needs_the_folds_file(tmp_path, tiny_data, capsys):
+    cfg = tiny_config(tmp_path, tiny_data, tracking={"enabled": False})
+    assert folds_stage.main(["export", "--config", str(cfg.source), "--to", "coco", str(tmp_path / "o")]) == 1
+    assert "folds file not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ import
+
+from pipeline.config import ConfigError, MemberConfig, load_config  # noqa: E402
+from pipeline.ensemble import Member, tune  # noqa: E402
+from pipeline.external import ExternalError, load_external_oof, load_external_test  # noqa: E402
+from pipeline.metrics import Scorer  # noqa: E402
+
+
+def fake_predictions(table, folds, seed=0):
+    """A 'model trained elsewhere': each fold's GT boxes jittered, plus a false positive per image."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    fold_of = folds.set_index("image_id").fold
+    rows = []
+    for b in table.boxes.itertuples():
+        j = rng.normal(0, 1.0, 4)
+        rows.append((b.image_id, max(0, b.x1 + j[0]), max(0, b.y1 + j[1]), b.x2 + j[2], b.y2 + j[3],
+                     round(float(rng.uniform(0.5, 0.95)), 4), int(b.label)))
+    for image in table.images.itertuples():
+        rows.append((image.image_id, 5.0, 5.0, 25.0, 30.0, 0.3, 0))
+    df = pd.DataFrame(rows, columns=["image_id", "x1", "y1", "x2", "y2", "score", "label"])
+    df[["x2", "y2"]] = df[["x2", "y2"]].clip(upper=128)
+    return df.assign(fold=df.image_id.map(fold_of), model="ext", tta="none")
+
+
+def write_member(preds, folder, fmt, sizes, test=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {f"fold{k}": p for k, p in preds.groupby("fold")} | ({"test": test} if test is not None else {})
+    for stem, part in parts.items():
+        if fmt == "table":
+            part.drop(columns=["fold", "model"]).to_csv(folder / f"{stem}.csv", index=False)
+        elif fmt == "coco_json":
+            entries = [{"image_id": r.image_id, "category_id": int(r.label) + 1, "score": r.score,
+                        "bbox": [r.x1, r.y1, r.x2 - r.x1, r.y2 - r.y1]} for r in part.itertuples()]
+            (folder / f"{stem}.json").write_text(json.dumps(entries))
+        else:
+            (folder / stem).mkdir(exist_ok=True)
+            for image_id, rows in part.groupby("image_id"):
+                w, h = sizes[image_id]
+                lines = [f"{r.label} {(r.x1 + r.x2) / 2 / w:.8f} {(r.y1 + r.y2) / 2 / h:.8f} "
+                         f"{(r.x2 - r.x1) / w:.8f} {(r.y2 - r.y1) / h:.8f} {r.score}" for r in rows.itertuples()]
+                (folder / stem / f"{image_id}.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("fmt", ["table", "coco_json", "yolo_txt"])
+def test_an_external_member_ensembles_like_the_same_native_member(split, tmp_path, fmt):
+    cfg, table, folds = split
+    sizes = {r.image_id: (r.width, r.height) for r in table.images.itertuples()}
+    native = fake_predictions(table, folds)
+    write_member(native, tmp_path / fmt, fmt, sizes)
+    imported = load_external_oof(tmp_path / fmt, fmt, "ext", table, folds)
+    key = ["fold", "image_id", "score", "x1"]
+    a, b = native.sort_values(key).reset_index(drop=True), imported.sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b) and (a.image_id == b.image_id).all() and (a.label == b.label).all()
+    assert abs(a[["x1", "y1", "x2", "y2"]].to_numpy() - b[["x1", "y1", "x2", "y2"]].to_numpy()).max() < 1e-4
+    scorer = Scorer(cfg.metric, table, folds.image_id.tolist())
+    ens_cfg = load_config(cfg.source, ["ensemble.tune.weight_steps=1"])
+    ens_cfg.ensemble.members = [MemberConfig(predictions="x", name="ext")]
+    params_a, score_a, _ = tune([Member("ext", ens_cfg, native, None, ["none"])], table.images, scorer, ens_cfg)
+    params_b, score_b, _ = tune([Member("ext", ens_cfg, imported, None, ["none"])], table.images, scorer, ens_cfg)
+    assert params_a == params_b and score_b == pytest.approx(score_a, abs=1e-6)
+
+
+def test_external_files_that_would_leak_or_lie_are_refused(split, tmp_path):
+    cfg, table, folds = split
+    sizes = {r.image_id: (r.width, r.height) for r in table.images.itertuples()}
+    preds = fake_predictions(table, folds)
+    other = folds.image_id[folds.fold == 1].iloc[0]
+    leak = pd.concat([preds, preds[preds.image_id == other].assign(fold=0)])
+    write_member(leak, tmp_path / "leak", "table", sizes)
+    with pytest.raises(ExternalError, match=rf"fold0.csv: .*{other!r}.*in fold 1"):
+        load_external_oof(tmp_path / "leak", "table", "ext", table, folds)
+    write_member(preds[preds.fold == 0], tmp_path / "half", "coco_json", sizes)
+    with pytest.raises(ExternalError, match="no OOF predictions for fold 1"):
+        load_external_oof(tmp_path / "half", "coco_json", "ext", table, folds)
+    bad = preds.copy()
+    bad.loc[bad.index[3], "score"] = 1.5
+    write_member(bad, tmp_path / "score", "table", sizes)
+    with pytest.raises(ExternalError, match=r"score outside \[0, 1\], first at row"):
+        load_external_oof(tmp_path / "score", "table", "ext", table, folds)
+    write_member(preds, tmp_path / "yolo", "yolo_txt", sizes)
+    (tmp_path / "yolo" / "fold0" / f"{folds.image_id[folds.fold == 0].iloc[0]}.txt").write_text("0 0.5 0.5 x 0.1 0.9\n")
+    with pytest.raises(ExternalError, match=r"\.txt line 1: expected 'cls cx cy w h conf'"):
+        load_external_oof(tmp_path / "yolo", "yolo_txt", "ext", table, folds)
+
+
+def test_external_test_predictions_single_or_per_fold(split, tmp_path):
+    cfg, table, folds = split
+    test_table = load_dataset(cfg.data, "test")
+    sizes = {r.image_id: (r.width, r.height) for r in test_table.images.itertuples()}
+    preds = fake_predictions(table, folds)
+    test = fake_predictions(test_table, pd.DataFrame({"image_id": test_table.images.image_id, "fold": 0}))
+    write_member(preds, tmp_path / "m", "coco_json", sizes, test=test)
+    got = load_external_test(tmp_path / "m", "coco_json", "ext", test_table, folds)
+    assert len(got) == len(test) and set(got.fold) == {0} and set(got.model) == {"ext"}
+    assert load_external_test(tmp_path / "none", "coco_json", "ext", test_table, folds) is None
+
+
+def test_a_member_is_a_config_or_a_predictions_folder():
+    with pytest.raises(ValueError, match="either `config`"):
+        MemberConfig(config="a.yaml", predictions="dir", name="x")
+    with pytest.raises(ValueError, match="needs a `name`"):
+        MemberConfig(predictions="dir")
+    assert MemberConfig(predictions="dir", name="yolo", format="yolo_txt").config is None

@@ -1,0 +1,259 @@
+"""pipeline.fusion.suppression against ensemble_boxes 1.0.9's nms / soft_nms / nms_method: property tests, hand
+cases."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import warnings
+
+import numpy as np
+import pytest
+from ensemble_boxes import nms as eb_nms
+from ensemble_boxes import nms_method as eb_nms_method
+from ensemble_boxes import soft_nms as eb_soft_nms
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from pipeline.fusion import nms, nms_method, soft_nms
+from tests.test_fusion import make_inputs
+
+
+def lib(fn, *args, **kwargs):
+    """The library on deep copies (it overwrites the caller's score arrays when weighting), quietly (it prints)."""
+    args = copy.deepcopy(args)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def ours(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def assert_identical(ref, got):
+    """Same count, order, boxes, scores and labels, bit for bit, and the library's score and label dtypes."""
+    rb, rs, rl = ref
+    gb, gs, gl = got
+    assert gs.shape == np.shape(rs) and gl.shape == np.shape(rl) and gb.shape == (len(rs), 4)
+    np.testing.assert_array_equal(gb, np.asarray(rb, np.float64).reshape(-1, 4))
+    np.testing.assert_array_equal(gs, rs)
+    np.testing.assert_array_equal(gl, rl)
+    assert gs.dtype == np.asarray(rs).dtype and gl.dtype == np.asarray(rl).dtype
+
+
+def library_scores(scores, weights):
+    """The score array the library works on: weighted as ``(s * w) / w.sum()``, concatenated."""
+    if weights is not None:
+        w = np.array(weights)
+        scores = [(np.array(s) * w[t]) / w.sum() for t, s in enumerate(scores)]
+    return np.concatenate([np.asarray(s).reshape(-1) for s in scores] + [np.zeros(0, np.float32)])
+
+
+def has_boxes(boxes) -> bool:
+    """Whether a box keeps a positive area after clipping (the library raises on inputs without one)."""
+    b = np.clip(np.concatenate([np.reshape(x, (-1, 4)) for x in boxes] + [np.zeros((0, 4))]), 0, 1)
+    return bool((np.abs(b[:, 2] - b[:, 0]) * np.abs(b[:, 3] - b[:, 1]) > 0).any())
+
+
+RANDOM_CASES = dict(
+    seed=st.integers(0, 2**32 - 1), n_sets=st.integers(1, 6), max_boxes=st.sampled_from([3, 12, 30]),
+    n_labels=st.integers(1, 3), quantise=st.booleans(), messy=st.booleans(), weighted=st.booleans(),
+    method=st.sampled_from([1, 2, 3]), iou_thr=st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.55, 0.7, 0.9, 1.0, 0.42]),
+    sigma=st.sampled_from([0.05, 0.5, 1.0]), thresh=st.sampled_from([0.0, 0.001, 0.05, 0.3]),
+    float32_scores=st.booleans())
+
+
+def check_random_case(seed, n_sets, max_boxes, n_labels, quantise, messy, weighted, method, iou_thr, sigma, thresh,
+                      float32_scores):
+    rng = np.random.default_rng(seed)
+    boxes, scores, labels = make_inputs(rng, n_sets, max_boxes, n_labels, quantise, messy)
+    weights = rng.uniform(0.2, 3.0, n_sets).tolist() if weighted else None
+    if float32_scores:
+        scores = [s.astype(np.float32) for s in scores]
+    work = library_scores(scores, weights)
+    assume(len(np.unique(work)) == len(work) and has_boxes(boxes))  # no ties; the library raises without boxes
+    kw = dict(method=method, iou_thr=iou_thr, sigma=sigma, thresh=thresh, weights=weights)
+    assert_identical(lib(eb_nms_method, boxes, scores, labels, **kw), ours(nms_method, boxes, scores, labels, **kw))
+
+
+@pytest.mark.slow
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**RANDOM_CASES)
+def test_matches_library_on_random_inputs(**case):
+    check_random_case(**case)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**RANDOM_CASES)
+def test_matches_library_on_random_inputs_quick(**case):
+    """A sample of the slow property test above, for the fast lane (``-m "not slow"``)."""
+    check_random_case(**case)
+
+
+def large_inputs(seed: int):
+    """Big label groups (the grids switch on): clustered objects plus scattered false positives, a few huge boxes."""
+    rng = np.random.default_rng(2000 + seed)
+    n_sets = int(rng.integers(8, 20))
+    objs = rng.uniform(0, 0.9, (50, 2))
+    boxes, scores, labels = [], [], []
+    for _ in range(n_sets):
+        n = int(rng.integers(40, 120))
+        k = rng.integers(0, 50, n)
+        xy = objs[k] + rng.normal(0, 0.01 + 0.03 * (seed % 2), (n, 2))
+        wh = rng.uniform(0.01, 0.15, (n, 2))
+        fp = rng.random(n) < 0.4
+        xy[fp] = rng.uniform(0, 0.9, (fp.sum(), 2))
+        wh[rng.random(n) < 0.02] = 0.8  # large boxes: soft-NMS scans them separately
+        boxes.append(np.clip(np.c_[xy, xy + wh], 0, 1))
+        scores.append(rng.random(n))
+        labels.append(rng.integers(0, 1 + seed % 3, n))
+    return boxes, scores, labels, rng.uniform(0.5, 2, n_sets).tolist()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("method, iou_thr, sigma", [(3, 0.5, 0.5), (3, 0.75, 0.5), (3, 0.05, 0.5), (1, 0.3, 0.5),
+                                                    (2, 0.5, 0.1), (2, 0.5, 1.0)])
+def test_matches_library_on_large_inputs(seed, method, iou_thr, sigma):
+    boxes, scores, labels, weights = large_inputs(seed)
+    for w in (None, weights):
+        kw = dict(method=method, iou_thr=iou_thr, sigma=sigma, thresh=0.01, weights=w)
+        assert_identical(lib(eb_nms_method, boxes, scores, labels, **kw),
+                         ours(nms_method, boxes, scores, labels, **kw))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# hand cases
+# ------------------------------------------------------------------------------------------------------------------
+A = [0.1, 0.1, 0.5, 0.5]
+A_SHIFTED = [0.15, 0.1, 0.55, 0.5]  # IoU with A: 0.35 / 0.45 = 0.777...
+FAR = [0.6, 0.6, 0.9, 0.9]
+
+
+def test_nms_keeps_the_best_of_overlapping_boxes_per_label_in_label_order():
+    boxes = [[A, FAR], [A_SHIFTED, A]]
+    scores = [[0.9, 0.3], [0.8, 0.95]]
+    labels = [[1, 1], [1, 0]]
+    b, s, lab = nms(boxes, scores, labels, iou_thr=0.5)
+    # label 0 first (ascending), then label 1 by score: A (0.9) suppresses A_SHIFTED, FAR survives
+    np.testing.assert_array_equal(lab, [0, 1, 1])
+    np.testing.assert_array_equal(s, [0.95, 0.9, 0.3])
+    np.testing.assert_array_equal(b, [A, A, FAR])
+    assert_identical(lib(eb_nms, boxes, scores, labels, iou_thr=0.5), (b, s, lab))
+    # above the pair's IoU nothing is suppressed
+    assert len(nms(boxes, scores, labels, iou_thr=0.8)[1]) == 4
+
+
+def test_weights_rescale_by_their_sum_and_none_leaves_scores():
+    boxes, scores, labels = [[A], [FAR]], [[0.8], [0.6]], [[0], [0]]
+    _, s, _ = nms(boxes, scores, labels)
+    np.testing.assert_array_equal(s, [0.8, 0.6])
+    _, s, _ = nms(boxes, scores, labels, weights=[1, 3])
+    np.testing.assert_array_equal(s, [0.6 * 3 / 4, 0.8 * 1 / 4])
+    with pytest.warns(UserWarning, match="incorrect number of weights"):
+        _, s, _ = nms(boxes, scores, labels, weights=[1, 2, 3])
+    np.testing.assert_array_equal(s, [0.8, 0.6])  # ignored, as the library does
+    kept = [np.array([0.8]), np.array([0.6])]
+    nms(boxes, kept, labels, weights=[1, 3])
+    np.testing.assert_array_equal(kept[0], [0.8])  # the caller's scores are left alone (the library overwrites)
+
+
+def test_soft_nms_decays_and_returns_undecayed_scores():
+    boxes, scores, labels = [[A, A_SHIFTED, FAR]], [[0.9, 0.8, 0.5]], [[0, 0, 0]]
+    ovr = 0.35 / 0.45
+    for method, decayed in [(1, 0.8 * (1 - ovr)), (2, 0.8 * np.exp(-ovr * ovr / 0.5))]:
+        for thresh, n in [(decayed - 1e-9, 3), (decayed + 1e-9, 2)]:
+            b, s, lab = soft_nms(boxes, scores, labels, method=method, iou_thr=0.5, sigma=0.5, thresh=thresh)
+            assert len(s) == n
+            # selection order: A (0.9), then FAR (0.5) above the decayed A_SHIFTED
+            np.testing.assert_array_equal(s, [0.9, 0.5, 0.8][:n])
+            assert_identical(lib(eb_soft_nms, boxes, scores, labels, method=method, iou_thr=0.5, sigma=0.5,
+                                 thresh=thresh), (b, s, lab))
+    # linear: an IoU at or below iou_thr leaves the score alone
+    _, s, _ = soft_nms(boxes, scores, labels, method=1, iou_thr=0.8, thresh=0.6)
+    np.testing.assert_array_equal(s, [0.9, 0.8])
+
+
+def test_soft_nms_ties_follow_the_librarys_positions():
+    """Identical boxes decay each other to exactly 0 (linear): the zero scores tie, and the library's swaps and
+    first-maximum rule decide the order -- replicated, also with thresh < 0 where the tied boxes are returned."""
+    rng = np.random.default_rng(7)
+    b = np.round(rng.uniform(0, 0.7, (20, 2)) * 8) / 8
+    boxes = [np.c_[b, b + 0.25], np.c_[b[::-1], b[::-1] + 0.25]]
+    scores = [rng.random(20), rng.random(20)]
+    labels = [np.zeros(20), np.zeros(20)]
+    for thresh in (0.001, -1.0):
+        kw = dict(method=1, iou_thr=0.3, thresh=thresh)
+        assert_identical(lib(eb_soft_nms, boxes, scores, labels, **kw), ours(soft_nms, boxes, scores, labels, **kw))
+
+
+def test_float32_scores_decay_and_compare_in_float32():
+    boxes = [[A, A_SHIFTED]]
+    scores = [np.array([0.9, 0.7], np.float32)]
+    labels = [[0, 0]]
+    for thresh in (0.1, float(np.float32(0.7) * (1 - 0.35 / 0.45))):
+        kw = dict(method=1, iou_thr=0.5, thresh=thresh)
+        got = soft_nms(boxes, scores, labels, **kw)
+        assert got[1].dtype == np.float32
+        assert_identical(lib(eb_soft_nms, boxes, scores, labels, **kw), got)
+
+
+def test_labels_keep_their_values_and_dtype():
+    boxes = [[A, A, FAR]]
+    for labels in ([[2.5, 1.0, 2.5]], [np.array([7, 3, 7], np.int32)], [["b", "a", "b"]]):
+        got = nms(boxes, [[0.9, 0.8, 0.7]], labels)
+        assert_identical(lib(eb_nms, boxes, [[0.9, 0.8, 0.7]], labels), got)
+
+
+def test_input_repairs_warn_and_match():
+    boxes = [[[0.5, 0.2, 0.1, 0.6], [-0.2, 0.1, 0.3, 1.4], [0.3, 0.3, 0.3, 0.9], [1.2, 0.1, 1.5, 0.4]]]
+    scores, labels = [[0.9, 0.8, 0.7, 0.6]], [[0, 0, 0, 0]]
+    with pytest.warns(UserWarning, match="NMS"):
+        got = nms(boxes, scores, labels)
+    assert len(got[1]) == 2  # the zero-width box and the one clipped to zero width are dropped
+    assert_identical(lib(eb_nms, boxes, scores, labels), got)
+
+
+def test_empty_inputs_and_argument_checks():
+    for args in [([], [], []), ([np.zeros((0, 4))], [[]], [[]])]:
+        b, s, lab = nms(*args)
+        assert b.shape == (0, 4) and s.shape == (0,) and lab.shape == (0,)
+    with pytest.warns(UserWarning, match="zero-area"):
+        b, s, lab = nms([[[0.2, 0.2, 0.2, 0.5]]], [[0.5]], [[0]])  # only a zero-area box: the library raises
+    assert b.shape == (0, 4) and len(s) == 0
+    with pytest.raises(ValueError, match="method"):
+        nms_method([[A]], [[0.5]], [[0]], method=4)
+    with pytest.raises(ValueError, match="sigma"):
+        soft_nms([[A]], [[0.5]], [[0]], sigma=0.0)
+    with pytest.raises(ValueError, match="finite"):
+        nms([[[0.1, np.nan, 0.2, 0.3]]], [[0.5]], [[0]])
+    with pytest.raises(ValueError, match="lengths"):
+        nms([[A, FAR]], [[0.5]], [[0, 0]])
+    with pytest.raises(ValueError, match="NaN"):
+        nms([[A]], [[0.5]], [[0]], iou_thr=float("nan"))
+
+
+def test_negative_scores_and_a_negative_thresh_keep_every_box_in_the_librarys_order():
+    """thresh < 0: nothing is dropped early (a negative score grows towards 0 when decayed)."""
+    rng = np.random.default_rng(11)
+    boxes, scores, labels = make_inputs(rng, 4, 20, 2, quantise=False, messy=False)
+    scores = [s - 0.5 for s in scores]  # half of them negative
+    for method in (1, 2):
+        kw = dict(method=method, iou_thr=0.3, sigma=0.2, thresh=-1.0)
+        got = ours(soft_nms, boxes, scores, labels, **kw)
+        assert len(got[1]) == sum(len(s) for s in scores)
+        assert_identical(lib(eb_soft_nms, boxes, scores, labels, **kw), got)
+
+
+def test_results_of_consecutive_calls_are_independent():
+    """The drop-ins reuse their output arrays between calls; what they return must not change afterwards."""
+    rng = np.random.default_rng(12)
+    first_inputs = make_inputs(rng, 3, 20, 1, quantise=False, messy=False)
+    first = nms(*first_inputs)
+    kept = tuple(a.copy() for a in first)
+    nms(*make_inputs(rng, 5, 30, 1, quantise=False, messy=False))
+    soft_nms(*make_inputs(rng, 5, 30, 1, quantise=False, messy=False))
+    for a, b in zip(first, kept):
+        np.testing.assert_array_equal(a, b)
