@@ -21,8 +21,8 @@ config; :mod:`pipeline.ledger` owns the ledger's columns.
 
 Prediction table columns: ``image_id`` (str), ``x1, y1, x2, y2`` (float, original-image pixels), ``score`` (float in
 [0, 1]), ``label`` (int, index into the dataset's classes), ``model`` (str, the member name), ``fold`` (int; -1
-for a fused row that mixes folds), ``tta`` (str: the view name, e.g. "none", "hflip", "rot90_1", or "wbf" for
-fused rows). Written as parquet, atomically. Images with no predicted boxes have no rows: the set of predicted
+for a fused row that mixes folds), ``tta`` (str: the view name, e.g. "none", "hflip", "rot90_1", or the fusion method, e.g. "wbf",
+for fused rows). Written as parquet, atomically. Images with no predicted boxes have no rows: the set of predicted
 images is known from the annotation table / folds file, never from this table.
 """
 from __future__ import annotations
