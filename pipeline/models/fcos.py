@@ -3,16 +3,14 @@ torchvision's `fcos_resnet50_fpn`, and `fcos_timm`, any timm backbone under the 
 with P6/P7 levels on top."""
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any
 
-from torch import nn
 from torchvision.models import detection
 from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 
 from .base import config_value, register_model
-from .retinanet import PRIOR_PROBABILITY, group_norm
+from .retinanet import group_norm, new_class_logits  # FCOS has one "anchor" per location: the same layer
 from .timm_fpn import LevelStrideAnchorGenerator, TimmFPNBackbone, body_mean_std, timm_body
 from .torchvision_base import (
     IMAGENET_MEAN,
@@ -45,16 +43,6 @@ def _fcos_kwargs(cfg: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> d
                 score_thresh=cfg.score_threshold, nms_thresh=cfg.nms_iou)
 
 
-def _new_class_logits(head: FCOSHead, num_classes: int) -> None:
-    """A fresh class layer for `num_classes` (COCO's has 91), initialised as torchvision does."""
-    cls_head = head.classification_head
-    old = cls_head.cls_logits
-    cls_head.cls_logits = nn.Conv2d(old.in_channels, num_classes, kernel_size=3, stride=1, padding=1)
-    nn.init.normal_(cls_head.cls_logits.weight, std=0.01)
-    nn.init.constant_(cls_head.cls_logits.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
-    cls_head.num_classes = num_classes
-
-
 def build_torchvision_fcos(name: str, cfg: Any, num_classes: int) -> FCOSDetector:
     """torchvision's FCOS `name` (a key of TORCHVISION_BUILDERS), registered under that name below."""
     builder = TORCHVISION_BUILDERS[name]
@@ -63,7 +51,7 @@ def build_torchvision_fcos(name: str, cfg: Any, num_classes: int) -> FCOSDetecto
     if cfg.pretrained:
         with hub_download(f"the COCO weights of {name}"):
             net = builder(weights="DEFAULT", **kwargs)
-        _new_class_logits(net.head, num_classes)  # everything else stays COCO-pretrained
+        new_class_logits(net.head, num_classes)  # everything else stays COCO-pretrained
     else:
         net = builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
     return FCOSDetector(net, num_classes, cfg.image_size, cfg.max_detections)
