@@ -1,13 +1,16 @@
 """Images per second into the model: from the original files vs from the pre-resized cache (pipeline.data.cache).
 
-    .venv/bin/python benchmarks/data_cache.py [--size 512] [--samples 150] [--dicoms 12]
+    .venv/bin/python benchmarks/data_cache.py [--size 512] [--samples 150] [--dicoms 12] [--workers 2]
 
-One process, no loader workers: the per-core rate (a DataLoader multiplies it by its workers). Rows:
+Rows, one process and no loader workers unless said (the per-core rate; a DataLoader multiplies it by its workers):
 
 - BCCD (640x480 JPEGs, read in place from ../shared/data/bccd) at ``--size`` with configs/bccd/effdet.yaml's full
-  training augmentation (flips, rot90, HSV, brightness/contrast, the final resize): the training sample from the
-  JPEG, and from the cache through the hook proposed for ``TrainDataset._raw`` (the cached resized image, boxes
+  training augmentation (flips, rot90, HSV, brightness/contrast, the final resize): the training sample
+  (``TrainDataset``) from the JPEG, and from the cache (``TrainDataset(cache=...)``: the cached resized image, boxes
   scaled by the cache's exact scale, then the same augmentation); the evaluation input (``EvalDataset``) likewise.
+- BCCD, the training loader as ``pipeline.train.make_loaders`` builds it (``DataLoader`` over ``TrainDataset``,
+  shuffled, the config's batch size, ``--workers`` workers, collated uint8 batches), one timed pass after a warm-up
+  pass (worker start-up not timed), without and with the cache.
 - DICOM: generated 2000x2000 16-bit files with a window, decoded by ``read_image`` (pydicom, VOI LUT, min-max to 8
   bits) and fitted to the input, vs the same input from the cache; and the cache build rate (every core).
 
@@ -21,51 +24,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
 from pipeline.augment import fit_to_input
 from pipeline.config import DataConfig, load_config
 from pipeline.data import load_dataset, read_image
 from pipeline.data.cache import ImageCache, build_cache
 from pipeline.data.dicom import write_dicom
-from pipeline.dataset import EvalDataset, Record, TrainDataset, make_records
+from pipeline.dataset import EvalDataset, TrainDataset, collate, make_records
 
 REPO = Path(__file__).resolve().parents[1]
 BCCD = REPO.parent / "shared" / "data" / "bccd"
-
-
-class CachedTrainDataset(TrainDataset):
-    """TrainDataset reading the cache when it holds the image (the hook proposed for pipeline/dataset.py)."""
-
-    def __init__(self, records: list[Record], size: int, cfg, seed: int, cache: ImageCache, resize: str = "square"):
-        super().__init__(records, size, cfg, seed, resize)
-        self.cache = cache
-
-    def _raw(self, index: int) -> dict:
-        rec = self.records[index]
-        hit = self.cache.resized(rec.image_id)
-        if hit is None:
-            return super()._raw(index)
-        image, (sx, sy) = hit
-        return {"image": image, "bboxes": rec.boxes * np.array([sx, sy, sx, sy], np.float32), "labels": rec.labels}
-
-
-class CachedEvalDataset(EvalDataset):
-    """EvalDataset reading the cache when it holds the image (the proposed hook)."""
-
-    def __init__(self, records: list[Record], size: int, cache: ImageCache, resize: str = "square"):
-        super().__init__(records, size, resize)
-        self.cache = cache
-
-    def __getitem__(self, index: int):
-        from pipeline.dataset import to_sample
-
-        rec = self.records[index]
-        hit = self.cache.input(rec.image_id)
-        if hit is None:
-            return super().__getitem__(index)
-        image, (cw, ch) = hit
-        scale = np.array([cw / rec.width, ch / rec.height] * 2, dtype=np.float32)
-        return to_sample(image, rec.boxes * scale, rec.labels, rec, content=(cw, ch))
 
 
 def rate(fn, n: int, repeats: int = 3) -> float:
@@ -79,7 +49,19 @@ def rate(fn, n: int, repeats: int = 3) -> float:
     return n / best
 
 
-def bccd_rows(size: int, samples: int, cache_dir: Path) -> list[tuple[str, float, float]]:
+def loader_rate(ds: TrainDataset, batch_size: int, workers: int) -> float:
+    """Images/s of one pass of the training loader, after an untimed pass (starts the workers, warms the caches)."""
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate,
+                        drop_last=True, persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+    for _ in loader:
+        pass
+    start, n = time.perf_counter(), 0
+    for images, _, _ in loader:
+        n += images.shape[0]
+    return n / (time.perf_counter() - start)
+
+
+def bccd_rows(size: int, samples: int, workers: int, cache_dir: Path) -> list[tuple[str, float, float]]:
     cfg = load_config(REPO / "configs/bccd/effdet.yaml", [f"data.root={BCCD}", f"model.image_size={size}"])
     table = load_dataset(cfg.data)
     records = make_records(table, table.images.image_id[:samples])
@@ -87,12 +69,15 @@ def bccd_rows(size: int, samples: int, cache_dir: Path) -> list[tuple[str, float
     cache = ImageCache.open(cache_dir, "train", size, cfg.model.resize, images=table.images)
     n = len(records)
     plain = TrainDataset(records, size, cfg.augment, seed=0, resize=cfg.model.resize)
-    cached = CachedTrainDataset(records, size, cfg.augment, 0, cache, cfg.model.resize)
+    cached = TrainDataset(records, size, cfg.augment, seed=0, resize=cfg.model.resize, cache=cache)
     plain_eval = EvalDataset(records, size, cfg.model.resize)
-    cached_eval = CachedEvalDataset(records, size, cache, cfg.model.resize)
+    cached_eval = EvalDataset(records, size, cfg.model.resize, cache)
+    batch = cfg.train.batch_size
     return [
         (f"BCCD train sample, {size} px, full augmentation", rate(plain.__getitem__, n), rate(cached.__getitem__, n)),
         (f"BCCD eval input, {size} px", rate(plain_eval.__getitem__, n), rate(cached_eval.__getitem__, n)),
+        (f"BCCD training DataLoader, {size} px, batch {batch}, {workers} workers",
+         loader_rate(plain, batch, workers), loader_rate(cached, batch, workers)),
     ]
 
 
@@ -125,15 +110,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--samples", type=int, default=150, help="BCCD images per timed pass")
-    parser.add_argument("--dicoms", type=int, default=12, help="generated 2000x2000 DICOM files")
+    parser.add_argument("--dicoms", type=int, default=12, help="generated 2000x2000 DICOM files (0: no DICOM rows)")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers of the training DataLoader row")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if BCCD.is_dir():
-            rows += bccd_rows(args.size, args.samples, Path(tmp) / "bccd_cache")
+            rows += bccd_rows(args.size, args.samples, args.workers, Path(tmp) / "bccd_cache")
         else:
             print(f"BCCD not found at {BCCD}: its rows are skipped")
-        rows += dicom_rows(args.size, args.dicoms, Path(tmp) / "dicom")
+        if args.dicoms > 0:
+            rows += dicom_rows(args.size, args.dicoms, Path(tmp) / "dicom")
     print("| input | from the files, images/s | from the cache, images/s | speed-up |\n|---|---:|---:|---:|")
     for name, files, cached in rows:
         cached_text = "-" if np.isnan(cached) else f"{cached:.1f}"

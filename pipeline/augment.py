@@ -1,13 +1,14 @@
 """Augmentation: an albumentations pipeline declared in YAML, bbox-safe, plus Mosaic, MixUp and CutMix.
 
 ``augment.train`` lists albumentations transforms by class name with their parameters; every pipeline ends with a
-resize to the model's square input, so boxes come out in input pixels. Validation and prediction use the resize
-alone (no crop): its inverse for boxes is a per-axis scale, exact.
+resize to the model's input (``model.image_size``: a square side, or width x height), so boxes come out in input
+pixels. Validation and prediction use the resize alone (no crop): its inverse for boxes is a per-axis scale, exact.
 
-The resize (``model.resize``) is ``square`` (stretch to side x side; the aspect ratio changes) or ``letterbox``
-(scale the longer side to the side, keep the ratio, pad the bottom/right with the ImageNet mean colour). The image
-then fills the top-left ``content`` rectangle of the input, so the inverse is still a per-axis scale, from the
-content rectangle to the original image, and a box in the padding maps to nothing (``pipeline.engine.to_table``).
+The resize (``model.resize``) to a w x h input is ``square`` (stretch to w x h; the aspect ratio changes unless the
+image's is w:h) or ``letterbox`` (scale both sides by min(w / W, h / H) for a W x H image, keep the ratio, pad the
+bottom/right with the ImageNet mean colour). The image then fills the top-left ``content`` rectangle of the input, so
+the inverse is still a per-axis scale, from the content rectangle to the original image, and a box in the padding
+maps to nothing (``pipeline.engine.to_table``). An int size is the square w = h = size, as before.
 
 Randomness is a pure function of (seed, epoch, sample index): each sample reseeds the pipeline, so a resumed run
 and a run with a different number of loader workers see the same augmentations.
@@ -20,7 +21,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from pipeline.config import AugmentConfig, TransformSpec
+from pipeline.config import AugmentConfig, InputSize, TransformSpec, input_wh
 
 Resize = Literal["square", "letterbox"]
 RESIZE_MODES = ("square", "letterbox")
@@ -57,48 +58,57 @@ def make_transform(spec: TransformSpec) -> A.BasicTransform:
         raise ValueError(f"augment.train: {spec.name}({spec.params}) is invalid: {exc}") from None
 
 
-def build_train(cfg: AugmentConfig, size: int, mosaic: bool = False, resize: Resize = "square") -> A.Compose:
+def build_train(cfg: AugmentConfig, size: InputSize, mosaic: bool = False, resize: Resize = "square") -> A.Compose:
     """The training pipeline; with ``mosaic``, an ``A.Mosaic`` (fed 3 more images via metadata) comes first.
-    It ends with the ``resize`` to ``size`` x ``size``."""
+    It ends with the ``resize`` to the input (``size``: a side, or (width, height))."""
+    width, height = input_wh(size)
     steps: list[A.BasicTransform] = []
-    if mosaic:
-        steps.append(A.Mosaic(grid_yx=(2, 2), target_size=(size, size), cell_shape=(size, size), p=1.0))
+    if mosaic:  # albumentations sizes are (height, width)
+        steps.append(A.Mosaic(grid_yx=(2, 2), target_size=(height, width), cell_shape=(height, width), p=1.0))
     steps += [make_transform(s) for s in cfg.train]
     steps += resize_steps(size, resize)
     return A.Compose(steps, bbox_params=bbox_params(cfg), strict=True)
 
 
-def resize_steps(size: int, resize: Resize) -> list[A.BasicTransform]:
-    """The albumentations steps that bring any image to the square model input, as ``fit_to_input`` does."""
+def resize_steps(size: InputSize, resize: Resize) -> list[A.BasicTransform]:
+    """The albumentations steps that bring any image to the model input (``size``: a side or (width, height)), as
+    ``fit_to_input`` does: the same scale and the same rounding of the content size."""
+    width, height = input_wh(size)
     if resize == "square":
-        return [A.Resize(size, size)]
+        return [A.Resize(height, width)]
     if resize == "letterbox":
-        return [A.LongestMaxSize(max_size=size),
-                A.PadIfNeeded(min_height=size, min_width=size, position="top_left", border_mode=cv2.BORDER_CONSTANT,
-                              fill=LETTERBOX_FILL)]
+        # scale = min(height / H, width / W), sides round(H * scale), round(W * scale): content_size's numbers
+        # (for a square input the same float as the longer side's max_size / max(H, W))
+        return [A.LongestMaxSize(max_size_hw=(height, width)),
+                A.PadIfNeeded(min_height=height, min_width=width, position="top_left",
+                              border_mode=cv2.BORDER_CONSTANT, fill=LETTERBOX_FILL)]
     raise ValueError(f"model.resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
 
 
-def content_size(width: int, height: int, size: int, resize: Resize) -> tuple[int, int]:
-    """Width and height (input pixels) of the image inside the size x size input: all of it for ``square``, the
-    longer side scaled to ``size`` and the other rounded for ``letterbox``."""
+def content_size(width: int, height: int, size: InputSize, resize: Resize) -> tuple[int, int]:
+    """Width and height (input pixels) of a ``width`` x ``height`` image inside the input (``size``: a side or
+    (input width, input height)): all of it for ``square``; for ``letterbox`` both sides scaled by
+    min(input width / width, input height / height), the side that does not fill its axis rounded."""
+    in_w, in_h = input_wh(size)
     if resize == "square":
-        return size, size
+        return in_w, in_h
     if resize == "letterbox":
-        scale = size / max(width, height)
-        return max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale)))
+        scale = min(in_w / width, in_h / height)
+        return max(1, min(in_w, round(width * scale))), max(1, min(in_h, round(height * scale)))
     raise ValueError(f"model.resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
 
 
-def fit_to_input(image: np.ndarray, size: int, resize: Resize) -> tuple[np.ndarray, tuple[int, int]]:
-    """An HxWx3 image as the size x size model input (bilinear, like ``A.Resize``), and its content size: the
-    image fills the top-left content_width x content_height, the rest (``letterbox`` only) is padding."""
+def fit_to_input(image: np.ndarray, size: InputSize, resize: Resize) -> tuple[np.ndarray, tuple[int, int]]:
+    """An HxWx3 image as the model input (``size``: a side, or (width, height); bilinear, like ``A.Resize``), and
+    its content size: the image fills the top-left content_width x content_height, the rest (``letterbox`` only) is
+    padding."""
     height, width = image.shape[:2]
-    cw, ch = content_size(width, height, size, resize)
+    in_w, in_h = input_wh(size)
+    cw, ch = content_size(width, height, (in_w, in_h), resize)
     resized = cv2.resize(image, (cw, ch), interpolation=cv2.INTER_LINEAR)
-    if (cw, ch) == (size, size):
+    if (cw, ch) == (in_w, in_h):
         return resized, (cw, ch)
-    canvas = np.empty((size, size, image.shape[2]), dtype=image.dtype)
+    canvas = np.empty((in_h, in_w, image.shape[2]), dtype=image.dtype)
     canvas[...] = np.asarray(LETTERBOX_FILL[: image.shape[2]], dtype=image.dtype)
     canvas[:ch, :cw] = resized
     return canvas, (cw, ch)

@@ -1,6 +1,7 @@
 """Stage: an offline inference bundle for a Kaggle code competition, as a folder ready to upload as a dataset.
 
     python -m pipeline.bundle --config configs/demo/ensemble.yaml --out bundles/demo [--half] [--extra-wheel SPEC]
+        [--python-version 3.12] [--platform manylinux_2_31_x86_64]
 
 In a code competition the hidden test images exist only inside a Kaggle notebook with the internet off, so the
 submission is code plus data: this stage packs what :mod:`pipeline.infer` needs to reproduce the ensemble's
@@ -11,7 +12,11 @@ every member x fold ``best.pt``):
   (:data:`BUNDLED_DISTRIBUTIONS`, at the versions installed here, the ones the models were trained with), plus
   any ``--extra-wheel``. Never torch or torchvision: the image's own CUDA build must stay. Which distributions
   the image is expected to have is :data:`KAGGLE_IMAGE`; before packing, the stage imports ``pipeline.infer`` in
-  a clean interpreter and refuses a bundle when something it loads is in neither list.
+  a clean interpreter and refuses a bundle when something it loads is in neither list. The wheels are those of
+  the notebook's Python, not this machine's (:class:`WheelTarget`: ``--python-version``, default this
+  interpreter's; ``--platform``, default :data:`DEFAULT_PLATFORM`): fetched with ``pip download --only-binary``
+  for that target, a wheel built here only when it is pure Python; every wheel is checked against the target's
+  tags, and the notebook's first cell checks the Python version.
 - ``weights/<member>/fold<K>.pt``: only the ``model`` state dict of each fold's ``best.pt`` (no optimizer, EMA or
   RNG state); ``--half`` stores floating-point tensors in fp16 (half the size; loaded back into fp32 models).
 - ``configs/<member>.yaml``: each member's config, resolved (base chain and overrides applied).
@@ -20,13 +25,15 @@ every member x fold ``best.pt``):
   file, the size report, and the upload command.
 - ``dataset-metadata.json`` so that ``kaggle datasets create -p DIR --dir-mode tar`` uploads the folder as it is
   (the command is printed, never run; ``--dir-mode tar`` because the CLI skips sub-folders by default).
-- ``kaggle_inference.ipynb``: the two cells a Kaggle notebook needs (install the wheels, run ``pipeline.infer``).
+- ``kaggle_inference.ipynb``: the cells a Kaggle notebook needs (check the Python version against the wheels',
+  install the wheels, run ``pipeline.infer``).
 
 The folder is built beside ``--out`` and renamed into place at the end: a failed bundle never leaves half a folder.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata as metadata
 import importlib.util
 import json
@@ -73,6 +80,10 @@ KAGGLE_IMAGE = ("torch", "torchvision", "numpy", "pandas", "pyarrow", "pillow", 
                 "numba", "tqdm", "pyyaml", "pydantic", "albumentations", "huggingface-hub", "safetensors",
                 "packaging", "attrs", "charset-normalizer", "cloudpickle")
 NEVER_BUNDLED = ("torch", "torchvision")
+# The platform the wheels are fetched for: Kaggle's notebook images are x86-64 Linux, Ubuntu 20.04 (glibc 2.31) or
+# newer; a manylinux_2_N tag stands for every wheel a glibc 2.N system installs (2_5 to 2_N and the old aliases).
+DEFAULT_PLATFORM = "manylinux_2_31_x86_64"
+_MANYLINUX_ALIASES = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}  # PEP 600's legacy names
 
 # Run in a clean interpreter: the distributions `import pipeline.infer` loads (MLflow blocked: infer must not need it).
 _IMPORT_PROBE = """
@@ -101,6 +112,76 @@ class MemberPlan:
 def canonical(name: str) -> str:
     """A distribution name as pip compares them (PEP 503)."""
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def running_python() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+@dataclass(frozen=True)
+class WheelTarget:
+    """The interpreter the wheels are for: the Kaggle notebook's CPython ``python`` ("3.11") on ``platforms``
+    (wheel platform tags, e.g. ``manylinux_2_31_x86_64``)."""
+    python: str
+    platforms: tuple[str, ...] = (DEFAULT_PLATFORM,)
+
+    @classmethod
+    def parse(cls, python: str | None, platforms: list[str] | tuple[str, ...] | None) -> "WheelTarget":
+        version = (python or running_python()).strip()
+        if not re.fullmatch(r"3\.\d{1,2}", version):
+            raise BundleError(f"--python-version {version!r}: give the notebook's Python as MAJOR.MINOR, e.g. 3.11")
+        plats = tuple(platforms or (DEFAULT_PLATFORM,))
+        bad = [p for p in plats if not re.fullmatch(r"[a-z0-9_]+", p)]
+        if bad:
+            raise BundleError(f"--platform {bad[0]!r}: expected a wheel platform tag, e.g. {DEFAULT_PLATFORM}")
+        return cls(version, plats)
+
+    @property
+    def version_info(self) -> tuple[int, int]:
+        major, minor = self.python.split(".")
+        return int(major), int(minor)
+
+    @property
+    def abi(self) -> str:
+        return "cp{}{}".format(*self.version_info)
+
+    def platform_tags(self) -> list[str]:
+        """Every platform tag the target installs: ``manylinux_2_N_<arch>`` expands to 2_N down to 2_5 plus the
+        legacy names (pip's ``--platform`` does not), ``manylinux2014_<arch>`` to 2_17 and below."""
+        tags: list[str] = []
+        for plat in self.platforms:
+            legacy = re.fullmatch(r"manylinux(2014|2010|1)_(\w+)", plat)
+            modern = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", plat)
+            if legacy:
+                glibc = {v: k for k, v in _MANYLINUX_ALIASES.items()}[f"manylinux{legacy[1]}"]
+                arch = legacy[2]
+            elif modern:
+                glibc, arch = int(modern[1]), modern[2]
+            else:
+                tags.append(plat)
+                continue
+            for minor in range(glibc, 4, -1):
+                tags.append(f"manylinux_2_{minor}_{arch}")
+                if minor in _MANYLINUX_ALIASES:
+                    tags.append(f"{_MANYLINUX_ALIASES[minor]}_{arch}")
+        return list(dict.fromkeys(tags))
+
+    def fits(self, wheel_name: str) -> bool:
+        """Whether pip on the target installs the wheel ``wheel_name`` (by its file name's tags)."""
+        from packaging.tags import compatible_tags, cpython_tags
+        from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+        try:
+            wheel_tags = parse_wheel_filename(wheel_name)[3]
+        except InvalidWheelFilename:
+            return False
+        plats = self.platform_tags()
+        supported = set(cpython_tags(self.version_info, abis=[self.abi], platforms=plats))
+        supported |= set(compatible_tags(self.version_info, self.abi, platforms=plats))
+        return bool(set(wheel_tags) & supported)
+
+    def manifest(self) -> dict:
+        return {"python": self.python, "implementation": "cp", "platforms": list(self.platforms)}
 
 
 # ---------------------------------------------------------------------------------------- what to pack
@@ -194,8 +275,27 @@ def dataset_metadata(slug: str, user: str, title: str) -> dict:
     return {"title": title[:50].ljust(6, "-"), "id": f"{user}/{slug}", "licenses": [{"name": "CC0-1.0"}]}
 
 
-def notebook_cells(slug: str, competition: str, cfg: ExperimentConfig, cv: float) -> list[str]:
-    """The two cells, as source text: install the wheels offline, then run every member x fold x view and fuse."""
+def python_check_cell(target: WheelTarget) -> str:
+    """The notebook's first cell: stop, saying what to do, when the notebook's Python is not the wheels' one."""
+    major, minor = target.version_info
+    return (
+        f"# The bundle's wheels are for CPython {target.python} ({', '.join(target.platforms)}; manifest.json "
+        "\"target\"):\n"
+        "# compiled wheels install on that Python only. Check before installing anything.\n"
+        "import sys\n"
+        "here = f\"{sys.version_info.major}.{sys.version_info.minor}\"\n"
+        f"if sys.version_info[:2] != ({major}, {minor}):\n"
+        f"    raise RuntimeError(f\"this notebook runs Python {{here}}, the bundle's wheels are for Python "
+        f"{target.python}: build the bundle again with python -m pipeline.bundle ... --python-version {{here}}\")\n"
+        f"print(f\"Python {{here}}: the bundle's wheels are for {target.python}, as needed\")"
+    )
+
+
+def notebook_cells(slug: str, competition: str, cfg: ExperimentConfig, cv: float,
+                   target: WheelTarget | None = None) -> list[str]:
+    """The cells, as source text: check the Python version, install the wheels offline, then run every member x
+    fold x view and fuse."""
+    target = target or WheelTarget.parse(None, None)
     bundle = f"/kaggle/input/{slug}"
     data = f"/kaggle/input/{competition}"
     out = f"/kaggle/working/submission{get_format(cfg.submission.format).suffix}"
@@ -211,7 +311,7 @@ def notebook_cells(slug: str, competition: str, cfg: ExperimentConfig, cv: float
         f"!python -m pipeline.infer --bundle {bundle} --images {data}/{cfg.data.test_images or 'test'} \\\n"
         f"    --out {out}{sample}"
     )
-    return [install, infer]
+    return [python_check_cell(target), install, infer]
 
 
 def notebook(cells: list[str]) -> dict:
@@ -273,11 +373,53 @@ def package_source() -> Path:
     return root
 
 
+def pip_wheel_command(args: list[str], wheels: Path) -> list[str]:
+    """Build (or take from pip's cache) wheels for this interpreter."""
+    return [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), *args]
+
+
+def pip_download_command(specs: list[str], wheels: Path, target: WheelTarget) -> list[str]:
+    """Fetch the released wheels of ``specs`` for ``target`` (never an sdist: it would be built for this machine)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--implementation", "cp",
+           "--python-version", target.python, "-q", "-d", str(wheels)]
+    for tag in target.platform_tags():
+        cmd += ["--platform", tag]
+    return cmd + list(specs)
+
+
+def run_pip(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
 def pip_wheel(args: list[str], wheels: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = pip_wheel_command(args, wheels)
+    done = run_pip(cmd)
     if done.returncode != 0:
         raise BundleError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+
+
+def fetch_for_target(specs: list[str], wheels: Path, target: WheelTarget) -> None:
+    """Each requirement's wheel for ``target``: its released wheel (pip download), else a wheel built here when
+    that one is pure Python (it then fits any target); BundleError naming those that have neither."""
+    failed: dict[str, str] = {}
+    for spec in specs:
+        done = run_pip(pip_download_command([spec], wheels, target))
+        if done.returncode == 0:
+            continue
+        with tempfile.TemporaryDirectory(prefix="pipeline-wheel-") as tmp:
+            built = run_pip(pip_wheel_command([spec], Path(tmp)))
+            made = sorted(Path(tmp).glob("*.whl"))
+            if built.returncode == 0 and made and all(target.fits(w.name) for w in made):
+                for wheel in made:
+                    shutil.move(str(wheel), wheels / wheel.name)
+                continue
+        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"pip exit {done.returncode}"
+        failed[spec] = reason
+    if failed:
+        listed = "; ".join(f"{spec}: {why}" for spec, why in failed.items())
+        raise BundleError(f"no wheel for CPython {target.python} on {', '.join(target.platforms)} ({listed}). "
+                          "Check --python-version / --platform against the notebook's image; a version with wheels "
+                          "for it (--extra-wheel NAME==VERSION), or --on-image NAME when the image has it")
 
 
 def spec_name(spec: str) -> str:
@@ -302,8 +444,11 @@ def pinned(spec: str) -> str:
     return spec
 
 
-def build_wheels(wheels: Path, extra: list[str]) -> list[dict]:
-    """The package's wheel (built from a clean copy of its source) and the pinned dependency wheels."""
+def build_wheels(wheels: Path, extra: list[str], target: WheelTarget | None = None) -> list[dict]:
+    """The package's wheel (built from a clean copy of its source; pure Python) and the pinned dependency wheels
+    for ``target`` (default: this interpreter's version on :data:`DEFAULT_PLATFORM`). BundleError when a wheel
+    would not install there."""
+    target = target or WheelTarget.parse(None, None)
     wheels.mkdir(parents=True, exist_ok=True)
     root = package_source()
     with tempfile.TemporaryDirectory(prefix="pipeline-src-") as tmp:
@@ -320,7 +465,11 @@ def build_wheels(wheels: Path, extra: list[str]) -> list[dict]:
         if not path.is_file():
             raise BundleError(f"--extra-wheel {path}: no such file")
         shutil.copy2(path, wheels / path.name)
-    pip_wheel(specs + [pinned(s) for s in extra if not s.endswith(".whl")], wheels)
+    fetch_for_target(specs + [pinned(s) for s in extra if not s.endswith(".whl")], wheels, target)
+    unfit = [p.name for p in sorted(wheels.glob("*.whl")) if not target.fits(p.name)]
+    if unfit:
+        raise BundleError(f"{', '.join(unfit)}: not installable on CPython {target.python} "
+                          f"({', '.join(target.platforms)}), the notebook's Python: give a wheel built for it")
     return [wheel_entry(p) for p in sorted(wheels.glob("*.whl"))]
 
 
@@ -396,6 +545,7 @@ class BundleOptions:
     slug: str | None = None
     competition: str | None = None
     overwrite: bool = False
+    target: WheelTarget | None = None  # the notebook's Python; None: this interpreter's, on DEFAULT_PLATFORM
 
 
 def boxes_per_image(cfg: ExperimentConfig) -> int | None:
@@ -419,8 +569,10 @@ def manifest_for(cfg: ExperimentConfig, result: dict, members: list[dict], class
         "members": members,
         "half": opts.half,
         "wheels": wheels,
-        # trained with these; the image's own are used (compiled wheels need this Python, e.g. cp311)
+        # trained with these; the image's own are used
         "environment": {"python": platform.python_version(), "platform": platform.machine(), "on_image": on_image},
+        # the notebook's Python the wheels are for (the notebook's first cell checks it)
+        "target": (opts.target or WheelTarget.parse(None, None)).manifest(),
         "upload_command": upload,
     }
 
@@ -428,6 +580,8 @@ def manifest_for(cfg: ExperimentConfig, result: dict, members: list[dict], class
 def run(cfg: ExperimentConfig, out: Path, opts: BundleOptions | None = None) -> dict:
     """Build the bundle in ``out``; returns the manifest (with ``files`` and ``sizes``)."""
     opts = opts or BundleOptions()
+    if opts.target is None:
+        opts = dataclasses.replace(opts, target=WheelTarget.parse(None, None))
     out = Path(out)
     refused = sorted({spec_name(s) for s in opts.extra_wheels} & set(NEVER_BUNDLED))
     if refused:
@@ -456,10 +610,10 @@ def run(cfg: ExperimentConfig, out: Path, opts: BundleOptions | None = None) -> 
     staging.mkdir(parents=True)
     try:
         members = write_members(plans, staging, opts.half)
-        wheels = build_wheels(staging / WHEELS, list(opts.extra_wheels)) if opts.wheels else []
+        wheels = build_wheels(staging / WHEELS, list(opts.extra_wheels), opts.target) if opts.wheels else []
         atomic_write_text(staging / DATASET_METADATA, json.dumps(
             dataset_metadata(slug, user, f"{cfg.experiment} {cfg.ensemble.name} bundle"), indent=2))
-        cells = notebook_cells(slug, opts.competition or "COMPETITION-SLUG", cfg, result["oof"])
+        cells = notebook_cells(slug, opts.competition or "COMPETITION-SLUG", cfg, result["oof"], opts.target)
         atomic_write_text(staging / NOTEBOOK, json.dumps(notebook(cells), indent=1))
         upload = f"kaggle datasets create -p {out} --dir-mode tar"
         manifest = manifest_for(cfg, result, members, classes, wheels, opts, upload)
@@ -473,7 +627,8 @@ def run(cfg: ExperimentConfig, out: Path, opts: BundleOptions | None = None) -> 
         shutil.rmtree(staging, ignore_errors=True)
     print_size_report(manifest["sizes"], (out / MANIFEST).stat().st_size)
     print(f"wrote {out} ({len(members)} members, {sum(len(m['folds']) for m in members)} fold models"
-          f"{', fp16 weights' if opts.half else ''}; CV {result['oof']:.4f})")
+          f"{', fp16 weights' if opts.half else ''}; CV {result['oof']:.4f}; wheels for CPython "
+          f"{opts.target.python} on {', '.join(opts.target.platforms)})")
     if user == "INSERT_KAGGLE_USERNAME":
         print(f"edit {out / DATASET_METADATA} (id: your Kaggle user name), or pass --kaggle-user / set KAGGLE_USERNAME")
     print(f"upload (not run here):\n  {upload}")
@@ -495,11 +650,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slug", default=None, help="dataset slug (default: <experiment>-<ensemble>-bundle)")
     parser.add_argument("--competition", default=None, help="competition slug, for the notebook's input paths")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    parser.add_argument("--python-version", default=None, metavar="X.Y",
+                        help=f"the Kaggle notebook's Python, whose wheels are packed (default: this one's, "
+                             f"{running_python()}); give it when the image's differs (`!python --version` there)")
+    parser.add_argument("--platform", action="append", default=None, metavar="TAG",
+                        help=f"wheel platform tag of the image (default {DEFAULT_PLATFORM}: x86-64 Linux, glibc "
+                             "2.31 or newer); repeatable")
     args = parser.parse_args(argv)
-    opts = BundleOptions(half=args.half, extra_wheels=tuple(args.extra_wheel), wheels=not args.no_wheels,
-                         on_image=tuple(args.on_image), kaggle_user=args.kaggle_user, slug=args.slug,
-                         competition=args.competition, overwrite=args.overwrite)
     try:
+        target = WheelTarget.parse(args.python_version, args.platform)
+        opts = BundleOptions(half=args.half, extra_wheels=tuple(args.extra_wheel), wheels=not args.no_wheels,
+                             on_image=tuple(args.on_image), kaggle_user=args.kaggle_user, slug=args.slug,
+                             competition=args.competition, overwrite=args.overwrite, target=target)
         run(config_from_args(args), args.out, opts)
     except (ConfigError, DataError, FoldsError, BundleError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,8 +25,9 @@ Only the glue the library does not have lives here; the CAM arithmetic is ``pyto
 - **EigenCAM** needs no target: the first principal component of the feature layer, with the library's sign
   correction (SVD's sign is arbitrary; without it a map can come out inverted).
 
-Frames: the model sees the image resized to ``image_size`` x ``image_size`` exactly as
-:class:`pipeline.dataset.EvalDataset` feeds it; boxes in original pixels are scaled per axis into that frame and
+Frames: the model sees the image stretched to ``image_size`` (a side, or width x height) as
+:class:`pipeline.dataset.EvalDataset` feeds it with ``model.resize: square`` (a letterboxed model is explained on the
+stretched image); boxes in original pixels are scaled per axis into that frame and
 the heat map is resized back to the image's own size.
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.ssd import SSD
 
+from pipeline.config import InputSize, input_wh
 from pipeline.models import Detector
 from pipeline.models.base import eval_mode
 from pipeline.models.efficientdet import EfficientDet  # effdet's class, imported there with its warnings silenced
@@ -110,7 +112,7 @@ def detect_with_grad(detector: Detector, images: Tensor) -> list[dict[str, Tenso
     detector._check_images(images)
     with eval_mode(detector):
         detections = detector._detect(images)
-    return [detector._finish(d, images.shape[-1]) for d in detections]
+    return [detector._finish(d, images.shape[-1], images.shape[-2]) for d in detections]
 
 
 class _DifferentiablePredict(nn.Module):
@@ -208,9 +210,10 @@ class _SignedEigenCAM(EigenCAM):
 
 # ------------------------------------------------------------------------------------------------ API
 
-def model_input(image: np.ndarray, size: int, device: torch.device | str = "cpu") -> Tensor:
-    """(1, 3, size, size) float in [0, 1]: the image as the evaluation loader and engine give it to a model."""
-    resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+def model_input(image: np.ndarray, size: InputSize, device: torch.device | str = "cpu") -> Tensor:
+    """(1, 3, height, width) float in [0, 1] for ``size`` (a side or (width, height)): the image stretched to the
+    input as the evaluation loader and engine give it to a model."""
+    resized = cv2.resize(image, input_wh(size), interpolation=cv2.INTER_LINEAR)
     return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))).float().div(255.0)[None].to(device)
 
 
@@ -228,15 +231,17 @@ def _device(detector: Detector) -> torch.device:
 def detections(detector: Detector, image: np.ndarray) -> dict[str, np.ndarray]:
     """The model's own detections of ``image`` (H, W, 3 uint8), best first, boxes in original pixels."""
     h, w = image.shape[:2]
-    size = detector.image_size
-    out = detector.predict(model_input(image, size, _device(detector)))[0]
-    scale = np.array([w / size, h / size] * 2, dtype=np.float64)
+    size_w, size_h = input_wh(detector.image_size)
+    out = detector.predict(model_input(image, detector.image_size, _device(detector)))[0]
+    scale = np.array([w / size_w, h / size_h] * 2, dtype=np.float64)
     return {"boxes": out["boxes"].float().cpu().numpy().reshape(-1, 4) * scale,
             "scores": out["scores"].float().cpu().numpy(), "labels": out["labels"].cpu().numpy()}
 
 
-def _target_in_input(target: CamTarget, width: int, height: int, size: int) -> np.ndarray:
-    return np.asarray(target.box, dtype=np.float32) * np.array([size / width, size / height] * 2, dtype=np.float32)
+def _target_in_input(target: CamTarget, width: int, height: int, size: InputSize) -> np.ndarray:
+    size_w, size_h = input_wh(size)
+    return np.asarray(target.box, dtype=np.float32) * np.array([size_w / width, size_h / height] * 2,
+                                                               dtype=np.float32)
 
 
 def _check_target(detector: Detector, images: Tensor, box: np.ndarray, target: CamTarget) -> None:

@@ -8,13 +8,68 @@ from __future__ import annotations
 
 import argparse
 import sys
+from numbers import Integral
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pipeline.io import TextDecodeError, read_text
+
+
+# ------------------------------------------------------------------------------------------ input geometry
+# A model's input size (``model.image_size``, a multi-scale size, a cache's size) is an int for a square input, or a
+# (width, height) pair. ``input_wh`` reads either as (width, height); ``canonical_size`` writes it back as the int for
+# a square and the pair otherwise, so [512, 512] and 512 are one size (one fingerprint, one cache folder).
+InputSize = int | tuple[int, int]
+MIN_INPUT_SIDE = 32
+
+
+def input_wh(size: InputSize | Sequence[int]) -> tuple[int, int]:
+    """(width, height) of an input size: an int is a square side, a pair is [width, height]."""
+    if _is_int(size):
+        return int(size), int(size)
+    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2 and all(map(_is_int, size)):
+        return int(size[0]), int(size[1])
+    raise ValueError(f"an input size is a side or [width, height], got {size!r}")
+
+
+def _is_int(value: Any) -> bool:
+    # numbers.Integral: Python and numpy integers (a size read from an array shape or an index); a bool is no size
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def canonical_size(size: InputSize | Sequence[int]) -> InputSize:
+    """The int for a square size, the (width, height) tuple otherwise."""
+    w, h = input_wh(size)
+    return w if w == h else (w, h)
+
+
+def size_text(size: InputSize | Sequence[int]) -> str:
+    """``512`` for a square, ``1280x736`` (width x height) otherwise: how sizes are named in folders and commands."""
+    w, h = input_wh(size)
+    return str(w) if w == h else f"{w}x{h}"
+
+
+def parse_size(value: Any) -> InputSize:
+    """An input size from a config or a command line: an int, a [width, height] pair, or the text ``512`` /
+    ``1280x736`` (``size_text``'s form); canonical. ValueError naming the rule for anything else, or a side < 32."""
+    if isinstance(value, str):
+        parts = value.strip().lower().split("x")
+        if not 1 <= len(parts) <= 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"an input size is a side (512) or WIDTHxHEIGHT (1280x736), got {value!r}")
+        value = [int(p) for p in parts] if len(parts) == 2 else int(parts[0])
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        w, h = input_wh(value)
+    except ValueError:
+        raise ValueError(f"an input size is one side (an int: a square) or [width, height], got {value!r}") from None
+    if min(w, h) < MIN_INPUT_SIDE:
+        shape = f"{w}" if w == h else f"[{w}, {h}] (width, height)"
+        raise ValueError(f"each side of an input size must be >= {MIN_INPUT_SIDE} px, got {shape}")
+    return canonical_size((w, h))
 
 
 class ConfigError(ValueError):
@@ -116,6 +171,9 @@ class DataConfig(Strict):
     # a folder of images without labels (relative to root), a pseudo-label source (pipeline.pseudo); never in folds
     unlabelled: str | None = None
     synthetic: SyntheticConfig | None = None  # set: the dataset is generated under root when missing
+    # the base folder of pre-resized image caches (`python -m pipeline.data cache`, pipeline.data.cache); None: no
+    # cache. Training and prediction use the cache built for their input size and resize, the image files otherwise
+    cache_dir: Path | None = None
 
     @field_validator("format")
     @classmethod
@@ -137,7 +195,9 @@ class FoldsConfig(Strict):
 class ModelConfig(Strict):
     name: str = "fasterrcnn_mobilenet_v3_large_fpn"
     arch: str = ""
-    image_size: int = Field(512, ge=32)
+    # the model's input: one side (a square, e.g. 512) or [width, height] (e.g. [1280, 736] for 16:9 frames),
+    # each side >= 32 and a multiple of what the family needs (its size_rule). [512, 512] is read as 512
+    image_size: InputSize = 512
     pretrained: bool = False
     backbone_weights: str | None = None
     init_checkpoint: str | None = None
@@ -145,9 +205,20 @@ class ModelConfig(Strict):
     score_threshold: float = Field(0.001, ge=0.0, le=1.0)
     nms_iou: float = Field(0.5, gt=0.0, le=1.0)
     options: dict[str, Any] = Field(default_factory=dict)
-    # square: stretch every image to image_size x image_size (the aspect ratio changes); letterbox: scale the
-    # longer side to image_size, keep the ratio and pad the rest (bottom/right); boxes map back exactly either way
+    # square: stretch every image to the input's width x height (the aspect ratio changes unless it is the input's);
+    # letterbox: scale by min(width / W, height / H), keep the ratio and pad the rest (bottom/right); boxes map back
+    # exactly either way
     resize: Literal["square", "letterbox"] = "square"
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _input_size(cls, value: Any) -> InputSize:
+        return parse_size(value)
+
+    @property
+    def input_wh(self) -> tuple[int, int]:
+        """The input's (width, height)."""
+        return input_wh(self.image_size)
 
 
 class TransformSpec(Strict):
@@ -186,9 +257,11 @@ class TrainConfig(Strict):
     patience: int | None = None  # epochs without improvement before stopping; None: never stop early
     max_steps_per_epoch: int | None = None  # cap for smoke tests
     progress: bool = True
-    # multi-scale training: the sides a batch may take (one per batch, drawn from (seed, epoch, batch)); null or
-    # empty: every batch at model.image_size. The model must take each side (e.g. multiples of 32 for Faster R-CNN)
-    multiscale: list[int] | None = None
+    # multi-scale training: the input sizes a batch may take (one per batch, drawn from (seed, epoch, batch)); null or
+    # empty: every batch at model.image_size. Each is a side (a square) or [width, height]; with a non-square
+    # model.image_size every entry must be a [width, height] pair (a lone side would be ambiguous). The model must
+    # take each size (e.g. sides that are multiples of 32 for Faster R-CNN)
+    multiscale: list[InputSize] | None = None
     # pseudo-labelled images added to every fold's training set (never to its validation set): a round number
     # (runs/<experiment>/pseudo/round<N>, pipeline.layout.pseudo_dir) or the path of a round's folder
     pseudo: int | str | None = None
@@ -206,17 +279,22 @@ class TrainConfig(Strict):
             raise ValueError("pseudo must be a round number or the path of a round's folder, got an empty string")
         return value
 
-    @field_validator("multiscale")
+    @field_validator("multiscale", mode="before")
     @classmethod
-    def _multiscale_sides(cls, value: list[int] | None) -> list[int] | None:
-        if not value:
+    def _multiscale_sizes(cls, value: Any) -> list[InputSize] | None:
+        if value is None or (isinstance(value, (list, tuple)) and not value):
             return None
-        bad = [v for v in value if v < 32]
-        if bad:
-            raise ValueError(f"multiscale sides must be >= 32 px, got {bad}")
-        if len(set(value)) != len(value):
-            raise ValueError(f"multiscale sides repeated: {value}")
-        return list(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"multiscale is a list of sides or [width, height] pairs, got {value!r}")
+        sizes = []
+        for entry in value:
+            try:
+                sizes.append(parse_size(entry))
+            except ValueError as exc:
+                raise ValueError(f"multiscale entry {entry!r}: {exc}") from None
+        if len(set(sizes)) != len(sizes):
+            raise ValueError(f"multiscale sizes repeated: {value}")
+        return sizes
 
     @field_validator("amp", "channels_last", mode="before")
     @classmethod
@@ -282,9 +360,21 @@ class TuneConfig(Strict):
 class EnsembleConfig(Strict):
     name: str = "ensemble"
     members: list[MemberConfig] = Field(default_factory=list)
+    # the fusion rule: a name in pipeline.fusion.FUSION_METHODS (wbf, nms, soft_nms, nmw), or "auto": every rule
+    # tuned on OOF and the best kept (the ensemble table shows each rule's tuned score)
+    method: str = "wbf"
     conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = "avg"
     wbf_backend: Literal["numba", "ensemble_boxes"] = "numba"
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from pipeline.fusion.rules import FUSION_METHODS  # the registry decides; a rule added there is valid here
+
+        if value != "auto" and value not in FUSION_METHODS:
+            raise ValueError(f"unknown fusion method {value!r}; known: auto, {', '.join(FUSION_METHODS)}")
+        return value
 
 
 class PseudoConfig(Strict):
@@ -356,8 +446,20 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "ExperimentConfig":
-        if self.model.name == "efficientdet" and self.model.image_size % 128:
-            raise ValueError(f"model.image_size={self.model.image_size}: EfficientDet needs a multiple of 128")
+        size = self.model.image_size
+        # EfficientDet's default max_level 7: every side halves exactly seven times (the family checks its own
+        # max_level again when it is built); caught here so a bad size fails before any stage starts
+        bad = [side for side in input_wh(size) if side % 128]
+        if self.model.name == "efficientdet" and bad:
+            fixes = " or ".join(str(v) for v in sorted({max(128, bad[0] // 128 * 128), (bad[0] // 128 + 1) * 128}))
+            raise ValueError(f"model.image_size={size_text(size)}: EfficientDet needs each side a multiple of 128 "
+                             f"(2 ** max_level); {bad[0]} is not (use {fixes})")
+        flat = [s for s in self.train.multiscale or [] if isinstance(s, int)]
+        if not isinstance(size, int) and flat:
+            smaller = [32 * max(1, round(side * 0.75 / 32)) for side in size]
+            raise ValueError(f"train.multiscale {flat}: model.image_size is {size_text(size)} (width x height, not "
+                             "square), so each multiscale size must be a [width, height] pair, e.g. "
+                             f"[{smaller}, {list(size)}] (a lone side would not say which side it is)")
         return self
 
     @property

@@ -11,7 +11,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -21,13 +21,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import checkpoint, distributed as dist
-from pipeline.config import ExperimentConfig, ModelConfig, TrainConfig
+from pipeline.config import ExperimentConfig, InputSize, ModelConfig, TrainConfig, input_wh
 from pipeline.data.table import AnnotationTable
 from pipeline.dataset import EvalDataset, collate
 from pipeline.layout import BEST_CHECKPOINT, PREDICTION_COLUMNS, empty_predictions, fold_dir, normalise_predictions
 from pipeline.metrics import MetricResult, evaluate as score_predictions
 from pipeline.models import Detector, create_model
 from pipeline.tta import predict_views
+
+if TYPE_CHECKING:
+    from pipeline.data.cache import ImageCache
 
 
 class NonFiniteLossError(RuntimeError):
@@ -148,9 +151,10 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def predict(detector: nn.Module, loader: Iterable, precision: Precision, size: int,
+def predict(detector: nn.Module, loader: Iterable, precision: Precision, size: InputSize,
             model_name: str = "", fold: int = -1, tta: str = "none", progress: bool = False) -> pd.DataFrame:
-    """Prediction table (original-image pixels) for every image of ``loader``; resize is inverted per axis."""
+    """Prediction table (original-image pixels) for every image of ``loader`` (inputs of ``size``: a side or
+    (width, height)); resize is inverted per axis."""
     detector.eval()
     frames = []
     for images, _, metas in tqdm(loader, desc="predict", leave=False, disable=None if progress else True):
@@ -162,8 +166,9 @@ def predict(detector: nn.Module, loader: Iterable, precision: Precision, size: i
     return normalise_predictions(pd.concat(frames, ignore_index=True)) if frames else empty_predictions()
 
 
-def to_table(out: dict, meta: dict, size: int, model_name: str, fold: int, tta: str) -> pd.DataFrame:
-    """One image's detections (input pixels of a ``size`` x ``size`` input) as prediction rows in original pixels."""
+def to_table(out: dict, meta: dict, size: InputSize, model_name: str, fold: int, tta: str) -> pd.DataFrame:
+    """One image's detections (input pixels of an input of ``size``: a side or (width, height)) as prediction rows
+    in original pixels."""
     boxes, keep = input_to_original(out["boxes"].float().cpu().numpy().reshape(-1, 4), meta, size)
     boxes = boxes[keep]
     n = len(boxes)
@@ -175,14 +180,16 @@ def to_table(out: dict, meta: dict, size: int, model_name: str, fold: int, tta: 
     })[PREDICTION_COLUMNS]
 
 
-def input_to_original(boxes: np.ndarray, meta: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
+def input_to_original(boxes: np.ndarray, meta: dict, size: InputSize) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (N, 4) from input pixels to original pixels, and which of them to keep.
 
     The image fills the top-left ``content_width`` x ``content_height`` of the input (the meta's, default the whole
-    ``size`` x ``size``: a square resize; less along one axis for a letterbox, whose rest is padding). Boxes are
-    clipped to the content, then scaled per axis by original / content, the exact inverse of the resize. A box
-    that lies in the padding is clipped to zero width or height and not kept: padding never produces a box."""
-    cw, ch = meta.get("content_width", size), meta.get("content_height", size)
+    input of ``size``, a side or (width, height): a square resize; less along one axis for a letterbox, whose rest
+    is padding). Boxes are clipped to the content, then scaled per axis by original / content, the exact inverse of
+    the resize. A box that lies in the padding is clipped to zero width or height and not kept: padding never
+    produces a box."""
+    width, height = input_wh(size)
+    cw, ch = meta.get("content_width", width), meta.get("content_height", height)
     out = boxes.astype(np.float64, copy=True)
     out[:, [0, 2]] = out[:, [0, 2]].clip(0, cw) * (meta["width"] / cw)
     out[:, [1, 3]] = out[:, [1, 3]].clip(0, ch) * (meta["height"] / ch)
@@ -215,10 +222,11 @@ def load_fold_model(cfg: ExperimentConfig, fold: int, num_classes: int, device: 
 
 
 def predict_with_views(model: Detector, records: list, cfg: ExperimentConfig, views: list[str], fold: int,
-                       precision: Precision) -> pd.DataFrame:
-    """Prediction table for ``records`` under every TTA view (original-image pixels, one ``tta`` value per view)."""
+                       precision: Precision, cache: ImageCache | None = None) -> pd.DataFrame:
+    """Prediction table for ``records`` under every TTA view (original-image pixels, one ``tta`` value per view).
+    ``cache``: pre-resized inputs of the records' images (``EvalDataset``: bit-identical to reading the files)."""
     size = cfg.model.image_size
-    loader = DataLoader(EvalDataset(records, size, cfg.model.resize), batch_size=cfg.predict.batch_size,
+    loader = DataLoader(EvalDataset(records, size, cfg.model.resize, cache), batch_size=cfg.predict.batch_size,
                         num_workers=cfg.train.num_workers, collate_fn=collate)
     frames = []
     for images, _, metas in tqdm(loader, desc=f"fold {fold}", leave=False, disable=None if cfg.train.progress else True):

@@ -1,18 +1,21 @@
-"""Stage 4: fuse the members' predictions with WBF tuned on out-of-fold predictions.
+"""Stage 4: fuse the members' predictions with a fusion rule tuned on out-of-fold predictions.
 
-    python -m pipeline.ensemble --config configs/demo/ensemble.yaml
+    python -m pipeline.ensemble --config configs/demo/ensemble.yaml [--set ensemble.method=auto]
 
 Out-of-fold: every training image was predicted only by the fold model that did not see it, so each member has a
-pooled OOF score and so does the fused ensemble. On OOF the stage tunes WBF's ``iou_thr`` and ``skip_box_thr``,
-the member weights and a final score threshold against the competition metric (a deterministic coordinate search
-over the configured grids, in the metric's own direction), then applies the chosen parameters to the test
-predictions of all members x folds x TTA views.
+pooled OOF score and so does the fused ensemble. On OOF the stage tunes the rule's parameters (``ensemble.method``:
+``wbf`` -- ``iou_thr`` x ``skip_box_thr`` from ``ensemble.tune`` --, ``nms``, ``soft_nms``, ``nmw`` -- their grids in
+:data:`pipeline.fusion.FUSION_METHODS`), the member weights and a final score threshold against the competition
+metric (a deterministic coordinate search, in the metric's own direction), then applies the chosen parameters to
+the test predictions of all members x folds x TTA views. ``auto`` tunes every rule and keeps the best on OOF; the
+table prints each rule's tuned OOF (and test, when labelled) so the user sees what the choice of rule is worth.
 
 Writes ``runs/<experiment>/ensembles/<name>/``: ``oof_fused.parquet``, ``test_fused.parquet`` (what the submission
-stage turns into a file), ``result.json`` (members, chosen parameters, the score table) and ``report/``.
+stage turns into a file), ``result.json`` (members, chosen rule and parameters, the score table) and ``report/``.
 
-WBF sets: on OOF one set per (member, view); on test one per (member, fold, view), each with its member's weight.
-A box every set agrees on keeps its averaged confidence in both, so the tuned score threshold carries over.
+Fusion sets: on OOF one set per (member, view); on test one per (member, fold, view), each with its member's
+weight. A box every set agrees on keeps its averaged confidence in both (WBF, NMW; NMS and soft-NMS are rescaled to
+match, :func:`pipeline.fusion.fuse_tuned`), so the tuned score threshold carries over.
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ import argparse
 import itertools
 import json
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,7 +34,8 @@ import pandas as pd
 from pipeline.config import ConfigError, ExperimentConfig, MemberConfig, add_config_args, config_from_args
 from pipeline.data import DataError, load_dataset
 from pipeline.external import ExternalError, load_external_oof, load_external_test
-from pipeline.fusion import fuse_predictions
+from pipeline.fusion import FUSION_METHODS, fuse_predictions, fuse_tuned
+from pipeline.fusion.rules import get_rule
 from pipeline.fusion.views import fuse_views
 from pipeline.io import atomic_write_text
 from pipeline.layout import (ENSEMBLE_REPORT, ENSEMBLE_RESULT, FoldsError, ensemble_dir, folds_path, fused_path,
@@ -53,15 +59,22 @@ class Member:
     oof: pd.DataFrame
     test: pd.DataFrame | None
     views: list[str]
+    pseudo: int | str | None = None  # the pseudo-label round its training added (train.pseudo); None: round 0
 
 
 @dataclass
 class FusionParams:
-    iou_thr: float = 0.55
-    skip_box_thr: float = 0.0
+    """A point of the search: the fusion rule, its parameters, the member weights and the final score threshold."""
+
+    method: str = "wbf"
+    rule: dict[str, Any] = field(default_factory=dict)  # the rule's parameters; its library defaults fill the rest
     score_thr: float = 0.0
     weights: dict[str, float] | None = None
-    conf_type: str = "avg"
+
+    def record(self) -> dict[str, Any]:
+        """Flat, as ``result.json`` stores it and :func:`pipeline.fusion.fuse_tuned` reads it."""
+        return {"method": self.method, **get_rule(self.method).resolve(self.rule), "score_thr": self.score_thr,
+                "weights": self.weights}
 
 
 def load_members(cfg: ExperimentConfig, need_test: bool) -> list[Member]:
@@ -89,7 +102,7 @@ def config_member(cfg: ExperimentConfig, spec: MemberConfig, need_test: bool) ->
                                 f"{member_cfg.source} --split {split}")
     oof = read_predictions(paths["oof"])
     test = read_predictions(paths["test"]) if paths["test"].exists() else None
-    return Member(member_cfg.run, member_cfg, oof, test, views_of(oof))
+    return Member(member_cfg.run, member_cfg, oof, test, views_of(oof), member_cfg.train.pseudo)
 
 
 def external_member(cfg: ExperimentConfig, spec: MemberConfig) -> Member:
@@ -109,67 +122,107 @@ def views_of(preds: pd.DataFrame) -> list[str]:
 
 def fuse(preds: pd.DataFrame, sizes: pd.DataFrame, p: FusionParams, sets: list, group_col, backend: str,
          name: str) -> pd.DataFrame:
-    """``preds`` fused with ``p``; sets are tuples whose first element is the member. A member of weight 0 is
-    left out entirely (its boxes would otherwise still count in the cluster sizes)."""
-    dropped = {m for m, w in (p.weights or {}).items() if w == 0}
-    if dropped:
-        sets = [s for s in sets if s[0] not in dropped]
-        preds = preds[~preds.model.isin(dropped)]
-    fused = fuse_predictions(preds, sizes, group_col=group_col, sets=sets, weights=p.weights, iou_thr=p.iou_thr,
-                             skip_box_thr=p.skip_box_thr, conf_type=p.conf_type, model_name=name, backend=backend)
-    return fused[fused.score >= p.score_thr] if p.score_thr > 0 else fused
+    """``preds`` fused with ``p`` (sets are tuples whose first element is the member): the one fusion the
+    ensemble, pseudo-labelling and offline inference share, :func:`pipeline.fusion.fuse_tuned`."""
+    return fuse_tuned(preds, sizes, p.record(), sets, group_col, name=name, backend=backend)
 
 
 def oof_sets(members: list[Member]) -> list[tuple[str, str]]:
     return [(m.name, v) for m in members for v in m.views]
 
 
-def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: ExperimentConfig) -> tuple[FusionParams, float, int]:
-    """Coordinate search in the metric's direction, from the best of {all members equal, each member alone}:
-    (iou_thr, skip_box_thr), then member weights from {0..weight_steps} (0 drops a member), then both again,
-    then the score threshold (which needs no new fusion). Every step includes the current point, so the result
-    never scores below its start, nor below its best member alone. Deterministic; returns the params, their OOF
-    score and the number of evaluations."""
+def rule_grid(method: str, cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """The candidate parameters of a rule: WBF's from ``ensemble.tune`` (``iou_thr`` x ``skip_box_thr``, with the
+    configured ``conf_type``), every other rule's from its grid in the registry (``FusionRule.candidates``)."""
+    rule = get_rule(method)
+    if method != "wbf":
+        return rule.candidates()
+    grid = cfg.ensemble.tune
+    return [rule.resolve({"iou_thr": i, "skip_box_thr": s, "conf_type": cfg.ensemble.conf_type})
+            for i, s in itertools.product(grid.iou_thr, grid.skip_box_thr)]
+
+
+def start_params(method: str, members: list[Member], cfg: ExperimentConfig) -> FusionParams:
+    """The rule's library defaults (WBF with the configured ``conf_type``), weights fixed in the config or 1."""
+    rule = get_rule(method).resolve({"conf_type": cfg.ensemble.conf_type} if method == "wbf" else {})
+    fixed = [s.weight for s in cfg.ensemble.members]
+    if any(v is not None for v in fixed):
+        return FusionParams(method, rule, weights={m.name: (w if w is not None else 1.0) for m, w in zip(members, fixed)})
+    return FusionParams(method, rule, weights={m.name: 1.0 for m in members})
+
+
+def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: ExperimentConfig,
+         method: str = "wbf") -> tuple[FusionParams, float, int]:
+    """Coordinate search for rule ``method`` in the metric's direction, from the best of {all members equal, each
+    member alone}: the rule's parameters, then member weights from {0..weight_steps} (0 drops a member), then the
+    rule's parameters again, then the score threshold (which needs no new fusion). Every step includes the current
+    point, so the result never scores below its start, nor below its best member alone. Deterministic; returns the
+    params, their OOF score and the number of fusions evaluated."""
     grid, names, metric = cfg.ensemble.tune, [m.name for m in members], get_metric(scorer.metric)
     oof = pd.concat([m.oof for m in members], ignore_index=True)
     sets, backend = oof_sets(members), cfg.ensemble.wbf_backend
     cache: dict[tuple, tuple[float, pd.DataFrame]] = {}
 
     def evaluate(p: FusionParams) -> float:
-        key = (p.iou_thr, p.skip_box_thr, tuple(sorted((p.weights or {}).items())))
+        key = (tuple(sorted(p.rule.items())), tuple(sorted((p.weights or {}).items())))
         if key not in cache:
-            fused = fuse(oof, sizes, FusionParams(p.iou_thr, p.skip_box_thr, 0.0, p.weights, p.conf_type),
-                         sets, ("model", "tta"), backend, "ensemble")
+            fused = fuse(oof, sizes, replace(p, score_thr=0.0), sets, ("model", "tta"), backend, "ensemble")
             cache[key] = (scorer(fused).score, fused)
         score, fused = cache[key]
         return score if p.score_thr == 0 else scorer(fused[fused.score >= p.score_thr]).score
 
-    best = FusionParams(weights={n: 1.0 for n in names}, conf_type=cfg.ensemble.conf_type)
-    fixed = [s.weight for s in cfg.ensemble.members]
-    if any(v is not None for v in fixed):
-        best.weights = {m.name: (s.weight if s.weight is not None else 1.0) for m, s in zip(members, cfg.ensemble.members)}
-        weight_options = [best.weights]
-    else:
-        weight_options = member_weight_grid(names, grid.weight_steps)
+    best = start_params(method, members, cfg)
+
+    def search(field_name: str, options: list) -> None:
+        nonlocal best
+        scores = [evaluate(replace(best, **{field_name: o})) for o in options]
+        # in the metric's direction; ties: the earlier (simpler, or current) option
+        best = replace(best, **{field_name: options[metric.best_index(scores)]})
+
+    weights_free = len(names) > 1 and all(s.weight is None for s in cfg.ensemble.members)
+    if weights_free:
         # start from the best of: all members equal, and each member alone, so that the tuned ensemble never
         # scores below its best member on OOF (a weak member can be switched off, not only down-weighted)
-        starts = [best.weights] + ([{n: float(n == m) for n in names} for m in names] if len(names) > 1 else [])
-        scores = [evaluate(FusionParams(**{**asdict(best), "weights": w})) for w in starts]
-        best = FusionParams(**{**asdict(best), "weights": starts[metric.best_index(scores)]})
-
-    def search(field_values: dict[str, list]) -> None:
-        nonlocal best
-        candidates = [dict(zip(field_values, combo)) for combo in itertools.product(*field_values.values())]
-        scores = [evaluate(FusionParams(**{**asdict(best), **c})) for c in candidates]
-        # in the metric's direction; ties: the earlier (simpler) candidate
-        best = FusionParams(**{**asdict(best), **candidates[metric.best_index(scores)]})
-
-    search({"iou_thr": grid.iou_thr, "skip_box_thr": grid.skip_box_thr})
-    if len(weight_options) > 1:
-        search({"weights": weight_options})
-        search({"iou_thr": grid.iou_thr, "skip_box_thr": grid.skip_box_thr})
-    search({"score_thr": sorted(set([0.0] + list(grid.score_thr)))})
+        search("weights", [best.weights] + [{n: float(n == m) for n in names} for m in names])
+    rules = rule_grid(method, cfg)
+    search("rule", rules)
+    if weights_free:
+        search_weights(search, lambda: best, names, grid.weight_steps)
+        search("rule", rules)
+    search("score_thr", sorted(set([0.0] + list(grid.score_thr))))
     return best, evaluate(best), len(cache)
+
+
+def tune_rules(members: list[Member], sizes: pd.DataFrame, scorer: Scorer,
+               cfg: ExperimentConfig) -> tuple[str, dict[str, tuple[FusionParams, float, int]]]:
+    """``ensemble.method`` tuned, or with ``auto`` every registered rule: ``(the chosen rule, {rule: tune()})``.
+    ``auto`` keeps the best tuned OOF score; a tie goes to the earlier rule in the registry (WBF first)."""
+    methods = list(FUSION_METHODS) if cfg.ensemble.method == "auto" else [cfg.ensemble.method]
+    tuned = {method: tune(members, sizes, scorer, cfg, method) for method in methods}
+    return methods[get_metric(scorer.metric).best_index([tuned[m][1] for m in methods])], tuned
+
+
+# Up to this many weight vectors every one is tried (two or three members); more members are searched one
+# member's weight at a time (the full grid of four members at 4 steps is ~560 fusions per pass).
+FULL_WEIGHT_GRID = 64
+WEIGHT_SWEEPS = 3
+
+
+def search_weights(search: Callable[[str, list], None], current: Callable[[], FusionParams], names: list[str],
+                   steps: int) -> None:
+    """Member weights from {0..steps}: every ratio when there are few, else member by member (current value
+    first, so a tie keeps it), sweeping until a sweep changes nothing."""
+    if (steps + 1) ** len(names) <= FULL_WEIGHT_GRID:
+        search("weights", member_weight_grid(names, steps))
+        return
+    for _ in range(WEIGHT_SWEEPS):
+        before = current().weights
+        for name in names:
+            now = current().weights
+            options = [now] + [now | {name: float(w)} for w in range(steps + 1) if w != now[name]]
+            search("weights", [o for o in options if any(o.values())])
+        if current().weights == before:
+            return
 
 
 def member_weight_grid(names: list[str], steps: int) -> list[dict[str, float]]:
@@ -199,15 +252,16 @@ def cells(split: str, results: list[MetricResult]) -> dict[str, float]:
 def member_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None, sizes_test, folds) -> list[dict]:
     """Per member: mean single-fold model, fold ensemble without and with TTA (OOF and, with labels, test)."""
     cfg, rows = m.cfg, []
+    name = m.name if m.pseudo is None else f"{m.name} (pseudo round {m.pseudo})"
     plain = m.oof[m.oof.tta == "none"] if "none" in m.views else m.oof[m.oof.tta == m.views[0]]
     per_fold = [Scorer(cfg.metric, train, folds.image_id[folds.fold == f].tolist())(plain)
                 for f in sorted(folds.fold.unique())]
-    row = {"row": f"{m.name}: mean single-fold model", **cells("oof", per_fold)}
+    row = {"row": f"{name}: mean single-fold model", **cells("oof", per_fold)}
     if test_scorer is not None and m.test is not None:
         test_plain = m.test[m.test.tta == plain.tta.iloc[0]] if len(plain) else m.test.iloc[:0]
         row |= cells("test", [test_scorer(test_plain[test_plain.fold == f]) for f in sorted(m.test.fold.unique())])
     rows.append(row)
-    row = {"row": f"{m.name}: fold ensemble, no TTA", **cells("oof", [oof_scorer(plain)])}
+    row = {"row": f"{name}: fold ensemble, no TTA", **cells("oof", [oof_scorer(plain)])}
     if test_scorer is not None and m.test is not None:
         folds_sets = sorted(m.test.fold.unique())
         fused = fuse_predictions(test_plain, sizes_test, group_col="fold", sets=folds_sets, model_name=m.name,
@@ -215,7 +269,7 @@ def member_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None
         row |= cells("test", [test_scorer(fused)])
     rows.append(row)
     if len(m.views) > 1:
-        row = {"row": f"{m.name}: fold ensemble, TTA {'+'.join(m.views)}",
+        row = {"row": f"{name}: fold ensemble, TTA {'+'.join(m.views)}",
                **cells("oof", [oof_scorer(fuse_views(m.oof, train.images, m.views, m.name, iou_thr=cfg.predict.tta_iou_thr,
                                                     skip_box_thr=cfg.predict.tta_skip_box_thr,
                                                     conf_type=cfg.predict.tta_conf_type))])}
@@ -240,33 +294,47 @@ def run(cfg: ExperimentConfig) -> dict:
     sizes_test = test_table.images if test_table is not None else None
 
     rows = [r for m in members for r in member_rows(m, train, oof_scorer, test_scorer, sizes_test, folds)]
-    params, oof_score, evaluations = tune(members, train.images, oof_scorer, cfg)
-    defaults = FusionParams(weights={m.name: 1.0 for m in members}, conf_type=cfg.ensemble.conf_type)
-    oof_all = pd.concat([m.oof for m in members], ignore_index=True)
-    default_oof = oof_scorer(fuse(oof_all, train.images, defaults, oof_sets(members), ("model", "tta"),
-                                  cfg.ensemble.wbf_backend, "ensemble"))
-    fused_oof = fuse(oof_all, train.images, params, oof_sets(members), ("model", "tta"), cfg.ensemble.wbf_backend,
-                     cfg.ensemble.name)
-    write_predictions(fused_oof, fused_path(cfg, "oof"))
+    chosen, tuned = tune_rules(members, train.images, oof_scorer, cfg)
+    methods, params, oof_score = list(tuned), tuned[chosen][0], tuned[chosen][1]
+    evaluations = sum(t[2] for t in tuned.values())
+    backend, oof_all = cfg.ensemble.wbf_backend, pd.concat([m.oof for m in members], ignore_index=True)
+    fused_oof = {m: fuse(oof_all, train.images, tuned[m][0], oof_sets(members), ("model", "tta"), backend,
+                         cfg.ensemble.name) for m in methods}
+    write_predictions(fused_oof[chosen], fused_path(cfg, "oof"))
     # The picture and breakdown at a working threshold: at the tuned one (often 0 for mAP) every box would be drawn.
-    report = write_ensemble_report(train, fused_oof, folds.image_id.tolist(), ensemble_dir(cfg) / ENSEMBLE_REPORT,
-                                   max(params.score_thr, REPORT_SCORE_THR))
+    report = write_ensemble_report(train, fused_oof[chosen], folds.image_id.tolist(),
+                                   ensemble_dir(cfg) / ENSEMBLE_REPORT, max(params.score_thr, REPORT_SCORE_THR))
     report["html"] = str(write_html_report(cfg, max(params.score_thr, REPORT_SCORE_THR)))
     result = {"ensemble": cfg.ensemble.name, "metric": cfg.metric, "members": [m.name for m in members],
               "kept": [m.name for m in members if (params.weights or {}).get(m.name, 1.0) > 0],
-              "test_labelled": labelled, "params": asdict(params), "oof": oof_score, "report": report,
-              "oof_defaults": default_oof.score, "evaluations": evaluations, "config": str(cfg.source)}
-    # tune() keeps only the score; the tuned fusion is rescored once for the other cells
-    full = {"row": "ensemble, WBF tuned on OOF", **cells("oof", [oof_scorer(fused_oof)])}
+              "pseudo_rounds": {m.name: m.pseudo for m in members},
+              "test_labelled": labelled, "method": chosen, "params": params.record(), "oof": oof_score,
+              "report": report, "evaluations": evaluations, "config": str(cfg.source)}
+    # the defaults row: WBF as ensemble-boxes calls it, every member weight 1
+    defaults = FusionParams(rule={"conf_type": cfg.ensemble.conf_type}, weights={m.name: 1.0 for m in members})
+    default_oof = oof_scorer(fuse(oof_all, train.images, defaults, oof_sets(members), ("model", "tta"), backend,
+                                  "ensemble"))
+    result["oof_defaults"] = default_oof.score
     default_row = {"row": "ensemble, ensemble-boxes defaults", **cells("oof", [default_oof])}
+    # tune() keeps only the score; each rule's tuned fusion is rescored once for the other cells
+    rule_rows = {m: {"row": f"ensemble, {get_rule(m).label} tuned on OOF"
+                            + (" (chosen)" if len(methods) > 1 and m == chosen else ""),
+                     **cells("oof", [oof_scorer(fused_oof[m])])} for m in methods}
     if all(m.test is not None for m in members) and test_table is not None:
-        fused_test = test_fusion(members, test_table.images, params, cfg.ensemble.wbf_backend, cfg.ensemble.name)
-        result["test_fused"] = str(write_predictions(fused_test, fused_path(cfg, "test")))
+        for method in methods:
+            fused_test = test_fusion(members, test_table.images, tuned[method][0], backend, cfg.ensemble.name)
+            if method == chosen:
+                result["test_fused"] = str(write_predictions(fused_test, fused_path(cfg, "test")))
+            if test_scorer is not None:
+                rule_rows[method] |= cells("test", [test_scorer(fused_test)])
         if test_scorer is not None:
-            full |= cells("test", [test_scorer(fused_test)])
-            default_row |= cells("test", [test_scorer(test_fusion(members, test_table.images, defaults,
-                                                                  cfg.ensemble.wbf_backend, "defaults"))])
-    rows += [default_row, full]
+            default_row |= cells("test", [test_scorer(test_fusion(members, test_table.images, defaults, backend,
+                                                                  "defaults"))])
+    if len(methods) > 1:
+        result["rules"] = {m: {"params": tuned[m][0].record(), "oof": tuned[m][1], "evaluations": tuned[m][2],
+                               **({"test": rule_rows[m]["test"]} if "test" in rule_rows[m] else {})}
+                           for m in methods}
+    rows += [default_row, *rule_rows.values()]
     result["table"] = rows
     if cfg.tracking.enabled:
         result["mlflow_run_id"] = log_ensemble(
@@ -301,12 +369,13 @@ def print_table(rows: list[dict], metric: str, params: FusionParams, evaluations
     dropped = [k for k, v in (params.weights or {}).items() if v == 0]
     if dropped:
         weights += f"; dropped (weight 0, the ensemble scores better without): {', '.join(dropped)}"
-    print(f"chosen: iou_thr={params.iou_thr}, skip_box_thr={params.skip_box_thr}, score_thr={params.score_thr}, "
-          f"weights [{weights}], conf_type={params.conf_type} ({evaluations} fusions tried on OOF)")
+    rule = ", ".join(f"{k}={v}" for k, v in get_rule(params.method).resolve(params.rule).items())
+    print(f"chosen: {get_rule(params.method).label} ({rule}), score_thr={params.score_thr}, weights [{weights}] "
+          f"({evaluations} fusions tried on OOF)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Tune WBF on OOF predictions, fuse OOF and test predictions.")
+    parser = argparse.ArgumentParser(description="Tune fusion on OOF predictions, fuse OOF and test predictions.")
     add_config_args(parser, demo="ensemble.yaml")
     args = parser.parse_args(argv)
     try:

@@ -42,7 +42,7 @@ from pipeline.data.readers._common import ImageIndex, require_dir
 from pipeline.dataset import Record
 from pipeline.engine import Precision, load_model_checkpoint, predict_with_views, resolve_precision
 from pipeline.formats import SubmissionError, content_hash, get_format, keep_top_boxes, write_submission
-from pipeline.fusion import fuse_predictions
+from pipeline.fusion import fuse_tuned
 from pipeline.layout import empty_predictions, normalise_predictions
 from pipeline.models import Detector
 from pipeline.tta import check_views
@@ -156,13 +156,11 @@ def predict_chunk(members: list[Member], records: list[Record]) -> pd.DataFrame:
 
 def fuse_chunk(preds: pd.DataFrame, sizes: dict[str, tuple[int, int]], manifest: dict) -> pd.DataFrame:
     """The ensemble's test fusion (pipeline.ensemble.test_fusion): sets (member, fold, view) in member, fold,
-    view order, weights per member, then the tuned score threshold."""
-    p = manifest["fusion"]
+    view order, fused by :func:`pipeline.fusion.fuse_tuned` with the tuned rule, weights and score threshold."""
+    params = {k: v for k, v in manifest["fusion"].items() if k != "backend"}
     sets = [(m["name"], int(f["fold"]), v) for m in manifest["members"] for f in m["folds"] for v in m["views"]]
-    fused = fuse_predictions(preds, sizes, group_col=("model", "fold", "tta"), sets=sets, weights=p["weights"],
-                             iou_thr=p["iou_thr"], skip_box_thr=p["skip_box_thr"], conf_type=p["conf_type"],
-                             model_name=manifest["ensemble"], backend=p["backend"])
-    return fused[fused.score >= p["score_thr"]] if p["score_thr"] > 0 else fused
+    return fuse_tuned(preds, sizes, params, sets, ("model", "fold", "tta"), name=manifest["ensemble"],
+                      backend=manifest["fusion"]["backend"])
 
 
 def empty_record(image_id: str, path: Path, size: tuple[int, int]) -> Record:

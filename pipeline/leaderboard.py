@@ -2,6 +2,7 @@
 
     python -m pipeline.leaderboard show [--csv]
     python -m pipeline.leaderboard record 20261123-101500_demo-ens.csv --public 0.7123 [--private 0.6901]
+    python -m pipeline.leaderboard submit 20261123-101500_demo-ens.csv --competition global-wheat-detection [-m M]
     python -m pipeline.leaderboard sync --competition global-wheat-detection      # needs `pip install kaggle`
     python -m pipeline.leaderboard score 20261123-101500_demo-ens.csv --config configs/demo/base.yaml [--labels F]
     python -m pipeline.leaderboard plot [--out submissions/cv_vs_lb.png]
@@ -13,10 +14,16 @@ row in ``submissions/ledger.csv``: a plain CSV, written atomically, that works w
 ``lb_private`` once scores are known. A sidecar without a ledger row (a ``submissions/`` folder copied from a
 Kaggle notebook) is picked up as well.
 
-Linking Kaggle to the ledger (``sync``): a Kaggle submission matches the ledger row whose file name (or its
-stem, or the first 12 characters of its content hash) appears in the submission's description, else the one
-row with the same file name. Code competitions name every file ``submission.csv``, so put the ledger's file
-name in the message: ``kaggle competitions submit -c SLUG -f submissions/X.csv -m "X.csv"``.
+Sending a file (``submit``, needs ``pip install kaggle`` and credentials): uploads a ledger row's file through the
+kaggle API with a description that names the file, and records the submission's ref and the competition in the
+row (``kaggle_ref``, ``kaggle_competition``). Code competitions take a notebook, not a file: there, run the bundle's
+notebook on Kaggle (:mod:`pipeline.bundle`).
+
+Linking Kaggle to the ledger (``sync``): a Kaggle submission matches the row that recorded its ref, else the row
+whose file name (or its stem, or the first 12 characters of its content hash) appears in the submission's
+description, else the one row with the same file name. Rows sent to another competition are never matched.
+Code competitions name every file ``submission.csv``, so put the ledger's file name in the message when
+submitting by hand: ``kaggle competitions submit -c SLUG -f submissions/X.csv -m "X.csv"``.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ import pandas as pd
 
 from pipeline import tracking
 from pipeline.config import ConfigError, TrackingConfig
-from pipeline.formats import read_submission
+from pipeline.formats import content_hash, read_submission
 from pipeline.io import atomic_write
 from pipeline.ledger import (
     DEFAULT_DIR,
@@ -45,12 +52,15 @@ from pipeline.ledger import (
     ledger_path,
     load_ledger,
     save_ledger,
+    set_kaggle_submission,
     set_scores,
 )
 
 log = logging.getLogger(__name__)
 
 _HASH_PREFIX = 12  # characters of the content hash that identify a submission in a Kaggle description
+# what kaggle's competition_submit answers (instead of raising) when the upload itself failed
+_UPLOAD_FAILED = "Could not submit to competition"
 
 
 class LeaderboardError(RuntimeError):
@@ -190,7 +200,7 @@ def kaggle_credentials() -> str | None:
     folders = [Path(os.environ["KAGGLE_CONFIG_DIR"])] if os.environ.get("KAGGLE_CONFIG_DIR") else []
     folders += [Path.home() / ".kaggle", Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "kaggle"]
     for folder in folders:
-        for name in ("kaggle.json", "access_token"):
+        for name in ("kaggle.json", "access_token", "credentials.json"):  # credentials.json: `kaggle auth login`
             if (folder / name).is_file():
                 return str(folder / name)
     return None
@@ -216,8 +226,9 @@ def kaggle_api() -> Any:
     api = KaggleApi()
     try:
         api.authenticate()
-    except Exception as exc:  # noqa: BLE001 - kaggle raises OSError/ValueError/SystemExit-like errors
-        raise LeaderboardError(f"Kaggle authentication failed: {exc}") from None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - kaggle >= 2 calls exit(1) when no method works
+        raise LeaderboardError(f"Kaggle authentication failed ({exc!r}): check the token in "
+                               f"{kaggle_credentials()}, or create a new one on kaggle.com (Settings > API)") from None
     return api
 
 
@@ -248,11 +259,19 @@ def normalise_kaggle(sub: Any) -> dict[str, Any]:
     }
 
 
-def match_kaggle(rows: Sequence[Mapping[str, str]], sub: Mapping[str, Any]) -> int | None:
-    """The ledger row a normalised Kaggle submission belongs to (see the module docstring), or None."""
+def match_kaggle(rows: Sequence[Mapping[str, str]], sub: Mapping[str, Any],
+                 competition: str | None = None) -> int | None:
+    """The ledger row a normalised Kaggle submission of ``competition`` belongs to (see the module docstring), or
+    None. Rows whose ``kaggle_competition`` names another competition are left out."""
+    candidates = [i for i, r in enumerate(rows)
+                  if not competition or r.get("kaggle_competition", "") in ("", competition)]
+    by_ref = [i for i in candidates if sub["ref"] and rows[i].get("kaggle_ref") == sub["ref"]]
+    if len(by_ref) == 1:
+        return by_ref[0]
     desc = sub["description"]
     best, best_len = None, 0
-    for i, row in enumerate(rows):
+    for i in candidates:
+        row = rows[i]
         keys = [row["file"], Path(row["file"]).stem]
         if len(row["content_hash"]) >= _HASH_PREFIX:
             keys.append(row["content_hash"][:_HASH_PREFIX])
@@ -261,7 +280,7 @@ def match_kaggle(rows: Sequence[Mapping[str, str]], sub: Mapping[str, Any]) -> i
                 best, best_len = i, len(key)
     if best is not None:
         return best
-    same_name = [i for i, r in enumerate(rows) if sub["file_name"] and r["file"] == sub["file_name"]]
+    same_name = [i for i in candidates if sub["file_name"] and rows[i]["file"] == sub["file_name"]]
     return same_name[0] if len(same_name) == 1 else None
 
 
@@ -287,7 +306,7 @@ def sync(competition: str, *, ledger_dir: Path = DEFAULT_DIR, api: Any = None,
             if sub["status"] != "complete" or (sub["public"] is None and sub["private"] is None):
                 report["pending"].append(sub)
                 continue
-            index = match_kaggle(rows, sub)
+            index = match_kaggle(rows, sub, competition)
             if index is None:
                 report["unmatched"].append(sub)
             elif index not in chosen or _newer(sub["date"], chosen[index]["date"]):
@@ -295,6 +314,7 @@ def sync(competition: str, *, ledger_dir: Path = DEFAULT_DIR, api: Any = None,
         for index, sub in sorted(chosen.items()):
             row = set_scores(rows, index, public=sub["public"], private=sub["private"], source="kaggle",
                              ref=sub["ref"])
+            row["kaggle_competition"] = competition
             report["updated"].append((row["file"], sub["public"], sub["private"]))
         if chosen:
             save_ledger(rows, ledger_dir)
@@ -303,24 +323,95 @@ def sync(competition: str, *, ledger_dir: Path = DEFAULT_DIR, api: Any = None,
     return report
 
 
+# --------------------------------------------------------------------------------------------- Kaggle submit
+
+
+def kaggle_description(file: str, message: str | None) -> str:
+    """The Kaggle submission description: the user's message, led by the ledger's file name unless it already
+    names it, so that ``sync`` can link the submission by its description too (the ref is the first key)."""
+    message = (message or "").strip()
+    if not message:
+        return file
+    return message if file in message else f"{file}: {message}"
+
+
+def _file_to_send(row: Mapping[str, str], ident: str, ledger_dir: Path) -> Path:
+    """The bytes the ledger row describes: the file in the submissions folder, else the path given (a copy with
+    the same content). Refused when they differ from the registered content hash."""
+    candidates = [Path(ledger_dir) / row["file"], Path(ident)]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise LeaderboardError(f"submission file {candidates[0]} not found (the ledger row {row['file']!r} "
+                               "has no file beside it)")
+    if row["content_hash"] and content_hash(path) != row["content_hash"]:
+        raise LeaderboardError(f"{path} changed since it was registered (its sha256 is not the ledger's "
+                               f"{row['content_hash'][:12]}...): the row's CV would not describe what Kaggle "
+                               "scores; write it again with the submission stage")
+    return path
+
+
+def submit(ident: str, *, competition: str, message: str | None = None, ledger_dir: Path = DEFAULT_DIR,
+           api: Any = None) -> dict[str, str]:
+    """Send a ledger row's file to a Kaggle competition (``api.competition_submit``) and record the submission's
+    ref and the competition in its row. Returns the updated row; LeaderboardError when Kaggle refuses it."""
+    rows = load_ledger(ledger_dir)
+    found = _require_rows(rows, ident, ledger_dir)
+    if len(found) > 1:
+        names = ", ".join(rows[i]["file"] for i in found)
+        raise LeaderboardError(f"{ident!r} names {len(found)} ledger rows ({names}): give the file name")
+    row = rows[found[0]]
+    path = _file_to_send(row, ident, ledger_dir)
+    if row.get("kaggle_ref"):
+        log.warning("%s was sent before (Kaggle submission %s, %s): sending it again", row["file"],
+                    row["kaggle_ref"], row.get("kaggle_competition") or "competition not recorded")
+    api = api if api is not None else kaggle_api()
+    description = kaggle_description(row["file"], message)
+    try:
+        response = api.competition_submit(str(path), description, competition, quiet=True)
+    except Exception as exc:  # noqa: BLE001 - HTTP 400/403/404 (limit reached, rules not accepted, unknown slug)
+        raise LeaderboardError(f"Kaggle refused {row['file']} for {competition!r}: {exc}") from None
+    answer = cell_text(_field(response, "message"))
+    ref = _field(response, "ref")
+    if answer == _UPLOAD_FAILED or response is None:
+        raise LeaderboardError(f"Kaggle: uploading {path} to {competition!r} failed ({answer or 'no answer'}); "
+                               "nothing was submitted")
+    ref = cell_text(ref) if ref not in (None, 0, "0") else ""  # kaggle < 1.7 answers a message without the ref
+    if not ref:
+        log.warning("Kaggle did not return the submission's ref (kaggle < 1.7?): sync will link it by its "
+                    "description %r", description)
+    with ledger_lock(ledger_dir):  # read again: another stage may have written while the file uploaded
+        rows = load_ledger(ledger_dir)
+        index = next((i for i, r in enumerate(rows) if r["file"] == row["file"]), None)
+        if index is None:
+            raise LeaderboardError(f"{row['file']} was submitted (Kaggle ref {ref or '?'}) but its ledger row "
+                                   f"is gone from {ledger_path(ledger_dir)}")
+        updated = set_kaggle_submission(rows, index, ref=ref, competition=competition)
+        save_ledger(rows, ledger_dir)
+    return dict(updated) | {"kaggle_message": answer, "kaggle_description": description}
+
+
 # --------------------------------------------------------------------------------------------- show / plot
 
 
 def ledger_table(rows: Sequence[Mapping[str, str]]) -> pd.DataFrame:
-    """submission, date, members, cv, public, private, gap (public - cv), metric, lb_source; newest first."""
+    """submission, date, members, round (the highest pseudo-label round a member trained on; missing for rows
+    registered before rounds were recorded), cv, public, private, gap (public - cv), metric, lb_source; newest
+    first."""
+    columns = ["submission", "date", "members", "round", "cv", "public", "private", "metric", "lb_source"]
     df = pd.DataFrame({
         "submission": [r["file"] for r in rows],
         "date": [r["created"] for r in rows],
         "members": [r["members"].replace(";", ",") for r in rows],
+        "round": pd.Series([r.get("pseudo_round") or None for r in rows], dtype="object"),
         "cv": [cell_number(r["cv"]) for r in rows],
         "public": [cell_number(r["public"]) for r in rows],
         "private": [cell_number(r["private"]) for r in rows],
         "metric": [r["metric"] for r in rows],
         "lb_source": [r["lb_source"] for r in rows],
-    }, columns=["submission", "date", "members", "cv", "public", "private", "metric", "lb_source"])
+    }, columns=columns)
     for col in ("cv", "public", "private"):
         df[col] = df[col].astype("float64")
-    df.insert(6, "gap", df.public - df.cv)
+    df.insert(columns.index("private") + 1, "gap", df.public - df.cv)
     df["_when"] = _when(df.date)
     df = df.sort_values(["_when", "submission"], ascending=False, na_position="last", kind="stable")
     return df.drop(columns="_when").reset_index(drop=True)
@@ -399,6 +490,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("submission", help="file name, path or content hash")
     p.add_argument("--public", type=float)
     p.add_argument("--private", type=float)
+    p = sub.add_parser("submit", parents=[common], help="send a ledger file to a Kaggle competition (pip install "
+                       "kaggle); sync fetches its scores later")
+    p.add_argument("submission", help="file name, path or content hash of a ledger row")
+    p.add_argument("--competition", required=True, help="competition slug, e.g. global-wheat-detection")
+    p.add_argument("--message", "-m", default=None,
+                   help="submission description (the file name is put in front unless it names it)")
     p = sub.add_parser("sync", parents=[common], help="copy scores from your Kaggle submissions (pip install kaggle)")
     p.add_argument("--competition", required=True, help="competition slug, e.g. global-wheat-detection")
     p = sub.add_parser("score", parents=[common], help="score a submission locally and record it as the LB")
@@ -425,6 +522,12 @@ def _run(args: argparse.Namespace) -> int:
             cv, public, private = (cell_number(row[c]) for c in ("cv", "public", "private"))
             gap = f", gap {public - cv:+.4f}" if cv is not None and public is not None else ""
             print(f"{row['file']}: CV {_fmt(cv)}, public {_fmt(public)}, private {_fmt(private)}{gap}")
+    elif args.command == "submit":
+        row = submit(args.submission, competition=args.competition, message=args.message, ledger_dir=args.dir)
+        print(f"submitted {row['file']} to {args.competition}: Kaggle ref {row['kaggle_ref'] or '? (not returned)'}"
+              f"{'; ' + row['kaggle_message'] if row['kaggle_message'] else ''}")
+        print(f"scores later: python -m pipeline.leaderboard sync --competition {args.competition}"
+              f"{'' if args.dir == DEFAULT_DIR else f' --dir {args.dir}'}")
     elif args.command == "sync":
         report = sync(args.competition, ledger_dir=args.dir, tracking_uri=args.tracking_uri)
         for file, public, private in report["updated"]:

@@ -4,11 +4,14 @@ A library (no command line: :mod:`pipeline.leaderboard` is the stage that shows,
 The files, all in the submissions folder (``submission.dir``, default ``submissions/``):
 
 - ``<file>.meta.json``, the sidecar of each submission file (:func:`write_sidecar`): file, created, experiment,
-  ensemble, members, cv, metric, format, content_hash, config, mlflow_run_id (the run that made the predictions);
+  ensemble, members, pseudo_round (the highest pseudo-label round any member trained on, as text: "0" none, "?"
+  unknown), pseudo_members (``member=round`` per member), cv, metric, format, content_hash, config, mlflow_run_id
+  (the run that made the predictions);
 - ``ledger.csv``: one row per submission file, columns :data:`LEDGER_COLUMNS`, every cell text (lists joined by
   ``;``, missing values empty). A plain CSV that works without MLflow and diffs well; written atomically under a
   lock file, so two stages never lose each other's rows. A sidecar without a row (a ``submissions/`` folder copied
-  from a Kaggle notebook) reads as a row as well.
+  from a Kaggle notebook) reads as a row as well. ``kaggle_ref`` and ``kaggle_competition``: the Kaggle submission
+  the file was sent as (``leaderboard submit``) or whose scores the row holds (``leaderboard sync``).
 
 A file is identified by its name, or by the sha256 of its bytes (:func:`pipeline.formats.content_hash`) or a
 prefix of it. The same facts go to MLflow as "submission" runs (see :func:`pipeline.tracking.log_submission`).
@@ -37,11 +40,15 @@ LEDGER_NAME = "ledger.csv"
 META_SUFFIX = ".meta.json"
 DEFAULT_DIR = Path("submissions")
 LEDGER_COLUMNS = [
-    "file", "created", "experiment", "ensemble", "members", "cv", "metric", "format", "content_hash", "config",
-    "mlflow_run_id", "source_run_id", "tracking_uri", "public", "private", "lb_source", "lb_updated", "kaggle_ref",
+    "file", "created", "experiment", "ensemble", "members", "pseudo_round", "pseudo_members", "cv", "metric",
+    "format", "content_hash", "config", "mlflow_run_id", "source_run_id", "tracking_uri", "public", "private",
+    "lb_source", "lb_updated", "kaggle_ref", "kaggle_competition",
 ]
-LB_COLUMNS = ["public", "private", "lb_source", "lb_updated", "kaggle_ref"]  # what a leaderboard score sets
-_META_COLUMNS = ["created", "experiment", "ensemble", "members", "cv", "metric", "format", "content_hash", "config"]
+# what the leaderboard sets (scores, and the Kaggle submission they belong to): kept when the same bytes are
+# registered again
+LB_COLUMNS = ["public", "private", "lb_source", "lb_updated", "kaggle_ref", "kaggle_competition"]
+_META_COLUMNS = ["created", "experiment", "ensemble", "members", "pseudo_round", "pseudo_members", "cv", "metric",
+                 "format", "content_hash", "config"]
 _MIN_HASH_PREFIX = 6  # shorter prefixes match too much to name one submission
 
 
@@ -248,3 +255,11 @@ def set_scores(rows: list[dict[str, str]], index: int, *, public: float | None =
         row["kaggle_ref"] = ref
     return row
 
+
+
+def set_kaggle_submission(rows: list[dict[str, str]], index: int, *, ref: str, competition: str) -> dict[str, str]:
+    """Record that ``rows[index]`` was sent to Kaggle ``competition`` as submission ``ref`` ("" when Kaggle did not
+    say): ``leaderboard sync`` then finds its scores by that ref."""
+    row = rows[index]
+    row["kaggle_ref"], row["kaggle_competition"] = ref, competition
+    return row

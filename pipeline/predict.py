@@ -22,6 +22,7 @@ import pandas as pd
 from pipeline import distributed as dist
 from pipeline.config import ConfigError, ExperimentConfig, add_config_args, config_from_args
 from pipeline.data import DataError, load_dataset
+from pipeline.data.cache import open_cache
 from pipeline.dataset import make_records
 from pipeline.engine import MissingCheckpointError, load_fold_model, predict_with_views, resolve_precision
 from pipeline.fusion.views import fuse_views
@@ -45,13 +46,18 @@ def run(cfg: ExperimentConfig, split: str, views: list[str], fold_list: list[int
         table = load_dataset(cfg.data, "test")
     else:  # images nobody labelled (data.unlabelled), a pseudo-label source
         table = unlabelled_table(cfg.data, train_table.classes)
+    # pre-resized inputs (data.cache_dir): the oof images are the train split's; unlabelled images are never cached
+    cache, cache_line = open_cache(cfg, "train" if split == "oof" else "test", table.images) \
+        if split != "unlabelled" else (None, "")
+    if cache_line:
+        print(cache_line)
     frames = []
     for fold in fold_list:
         t0 = time.perf_counter()
         model = load_fold_model(cfg, fold, len(train_table.classes), device)
         check_views(model, views, cfg.model.image_size)
         ids = folds.image_id[folds.fold == fold] if split == "oof" else table.images.image_id
-        preds = predict_with_views(model, make_records(table, ids), cfg, views, fold, precision)
+        preds = predict_with_views(model, make_records(table, ids), cfg, views, fold, precision, cache)
         frames.append(preds)
         print(f"fold {fold}: {len(ids)} images x {len(views)} views -> {len(preds)} boxes "
               f"in {time.perf_counter() - t0:.1f} s")

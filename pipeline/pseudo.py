@@ -42,7 +42,7 @@ import pandas as pd
 from pipeline.config import ConfigError, ExperimentConfig, MemberConfig, add_config_args, config_from_args
 from pipeline.data import AnnotationTable, DataError, load_dataset
 from pipeline.external import ExternalError, load_external_test
-from pipeline.fusion import fuse_predictions
+from pipeline.fusion import fuse_tuned
 from pipeline.layout import (ALL_FOLDS, ENSEMBLE_RESULT, PSEUDO_META, FoldsError, ensemble_dir, folds_path,
                              fused_path, predictions_path, pseudo_dir, read_folds, read_predictions)
 from pipeline.pseudo_labels import (PseudoLabelError, check_no_labelled_images, file_sha256, read_pseudo_meta,
@@ -185,18 +185,8 @@ def member_predictions(cfg: ExperimentConfig, split: str, table: AnnotationTable
 
 def _fuse(preds: pd.DataFrame, sizes: pd.DataFrame, params: dict, sets: list, group_col: tuple[str, ...],
           backend: str) -> pd.DataFrame:
-    """The ensemble's fusion (pipeline.ensemble.fuse) with its tuned parameters: weight-0 members dropped, the
-    fusion rule with every other parameter ``result.json`` records (so a parameter the ensemble adds is followed,
-    not dropped), then the tuned score threshold."""
-    weights = params.get("weights") or {}
-    dropped = {m for m, w in weights.items() if w == 0}
-    sets = [s for s in sets if s[0] not in dropped]
-    preds = preds[~preds.model.isin(dropped)]
-    rule = {k: v for k, v in params.items() if k not in ("weights", "score_thr")}
-    fused = fuse_predictions(preds, sizes, group_col=group_col, sets=sets, weights=weights or None,
-                             model_name="pseudo", backend=backend, **rule)
-    score_thr = float(params.get("score_thr") or 0.0)
-    return fused[fused.score >= score_thr] if score_thr > 0 else fused
+    """The ensemble's fusion with its tuned parameters (weight-0 members dropped, the rule, the score threshold)."""
+    return fuse_tuned(preds, sizes, params, sets, group_col, name="pseudo", backend=backend)
 
 
 def teacher_predictions(cfg: ExperimentConfig, result: dict, split: str, table: AnnotationTable,

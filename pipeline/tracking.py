@@ -634,7 +634,7 @@ def stage_run(cfg: ExperimentConfig, stage: str, name: str | None = None, *, par
 def log_submission(meta: Mapping[str, Any], tracking: TrackingConfig | None = None, *, experiment: str,
                    fallback_dir: str | Path) -> str | None:
     """A submission run (tag ``pipeline.stage=submission``, ``pipeline.submission_hash``): file, hash, CV, metric,
-    members. Registering the same content again reuses its run. Called by
+    members, their pseudo-label round. Registering the same content again reuses its run. Called by
     :func:`pipeline.ledger.register_submission`; returns the run id."""
     content_hash = str(meta.get("content_hash") or "")
     run_id = find_submission_run(tracking, content_hash) if content_hash else None
@@ -645,7 +645,8 @@ def log_submission(meta: Mapping[str, Any], tracking: TrackingConfig | None = No
                        tags=tags, fallback_dir=fallback_dir, run_id=run_id)
     if run_id is None:  # a new run: log its content once (params cannot change)
         tracker.log_params({k: meta.get(k) for k in ("file", "created", "ensemble", "members", "metric", "format",
-                                                     "content_hash", "config")})
+                                                     "content_hash", "config", "pseudo_round", "pseudo_members")
+                            if k in meta})
         tracker.log_metrics({"cv": meta.get("cv")})
         tracker.close()
     return tracker.run_id

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from pipeline import checkpoint, distributed as dist
 from pipeline.config import ConfigError, ExperimentConfig, add_config_args, config_from_args
 from pipeline.data import DataError, load_dataset
+from pipeline.data.cache import open_cache
 from pipeline.data.table import AnnotationTable
 from pipeline.dataset import EvalDataset, MultiScaleBatchSampler, TrainDataset, collate, make_records
 from pipeline.engine import LossModule, NonFiniteLossError, Precision, evaluate, predict, resolve_precision, train_one_epoch
@@ -74,7 +75,11 @@ def build_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_sche
 
 def make_loaders(cfg: ExperimentConfig, table: AnnotationTable, train_ids, val_ids):
     size, resize = cfg.model.image_size, cfg.model.resize
-    train_ds = TrainDataset(make_records(table, train_ids), size, cfg.augment, cfg.train.seed, resize=resize)
+    cache, cache_line = open_cache(cfg, "train", table.images)  # data.cache_dir unset: (None, "")
+    if cache_line and dist.is_main():
+        print(cache_line)
+    train_ds = TrainDataset(make_records(table, train_ids), size, cfg.augment, cfg.train.seed, resize=resize,
+                            cache=cache)
     # DistributedSampler also on one process: its shuffle is a function of (seed, epoch), which resume relies on.
     sampler = DistributedSampler(train_ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
                                  seed=cfg.train.seed, drop_last=True)
@@ -87,7 +92,7 @@ def make_loaders(cfg: ExperimentConfig, table: AnnotationTable, train_ids, val_i
         train_loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
                                   collate_fn=collate, pin_memory=pin, drop_last=True)
     val_records = make_records(table, val_ids)[dist.rank()::dist.world_size()]
-    val_loader = DataLoader(EvalDataset(val_records, size, resize), batch_size=cfg.predict.batch_size,
+    val_loader = DataLoader(EvalDataset(val_records, size, resize, cache), batch_size=cfg.predict.batch_size,
                             num_workers=workers, collate_fn=collate)
     return train_ds, sampler, train_loader, val_loader
 
@@ -104,14 +109,25 @@ def validate(model, val_loader, precision: Precision, cfg: ExperimentConfig, tab
 TRAINING_SECTIONS = ("metric", "data", "folds", "model", "augment", "train")
 
 
+# Settings inside TRAINING_SECTIONS that are no part of the fingerprint, compared by content or not at all: a
+# checkpoint written before they were left out may hold them, and they are dropped from it too.
+NOT_FINGERPRINTED = {
+    "train": ("pseudo",),  # a pseudo-label round counts by its content (the "pseudo" hash), not by its name
+    # unlabelled: a pseudo-label source only, never read by training; cache_dir: where pre-resized copies of the
+    # same images are read from, a speed setting that may come and go between a run and its resume
+    "data": ("unlabelled", "cache_dir"),
+}
+
+
 def config_fingerprint(cfg: ExperimentConfig) -> dict:
-    """What must match between a run and its resume (epochs may grow; workers and progress bars may change).
-    A pseudo-label round counts by its content, not by how it is named."""
+    """What must match between a run and its resume (epochs may grow; workers, progress bars and the image cache
+    may change). A pseudo-label round counts by its content, not by how it is named."""
     d = cfg.model_dump(mode="json")
     for key in ("epochs", "num_workers", "progress"):
         d["train"].pop(key)
-    d["train"].pop("pseudo", None)
-    d["data"].pop("unlabelled", None)  # a pseudo-label source only, never read by training
+    for section, keys in NOT_FINGERPRINTED.items():
+        for key in keys:
+            d[section].pop(key, None)
     return {k: d[k] for k in TRAINING_SECTIONS} | {"pseudo": pseudo_table_hash(cfg)}  # None without a round
 
 
@@ -124,9 +140,8 @@ def same_training(saved: dict, cfg: ExperimentConfig) -> bool:
     for section, values in current.items():
         if not isinstance(values, dict) or not isinstance(saved.get(section), dict):
             continue
-        renamed = {"train": "pseudo", "data": "unlabelled"}.get(section)  # compared by content, or not at all
-        if renamed:
-            saved[section].pop(renamed, None)
+        for key in NOT_FINGERPRINTED.get(section, ()):
+            saved[section].pop(key, None)
         fields = type(getattr(cfg, section)).model_fields
         for key in values.keys() - saved[section].keys():
             if key in fields and values[key] == _as_json(fields[key].get_default(call_default_factory=True)):
@@ -191,7 +206,10 @@ def train_fold(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFram
         atomic_write_text(out / RESOLVED_CONFIG, cfg.to_yaml())
 
     checkpoint.seed_everything(cfg.train.seed)
-    model = create_model(cfg.model, num_classes=len(table.classes)).to(device)
+    try:
+        model = create_model(cfg.model, num_classes=len(table.classes)).to(device)
+    except ValueError as exc:  # a size or option the family refuses: the usual one-line error, not a traceback
+        raise TrainError(f"{cfg.source}: model {cfg.model.name!r}: {exc}") from exc
     refused = [side for side in cfg.train.multiscale or [] if not model.accepts_size(side)]
     if refused:
         raise TrainError(f"train.multiscale {refused}: {cfg.model.name} takes {model.size_rule}")

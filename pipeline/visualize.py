@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.config import ConfigError, add_config_args, config_from_args
+from pipeline.config import ConfigError, add_config_args, config_from_args, input_wh
 from pipeline.data import DataError, load_dataset, read_image
 from pipeline.io import atomic_write
 from pipeline.layout import FoldsError, ensemble_dir, folds_path, fused_path, read_folds, read_predictions, run_dir
@@ -72,7 +72,7 @@ def augment_grid(cfg, n: int, out: Path, epoch: int = 0) -> Path:
     for i in range(n):
         image, target, _ = dataset[i % len(dataset)]
         tiles.append(draw_boxes(image.permute(1, 2, 0).numpy(), target["boxes"].numpy(), target["labels"].numpy()))
-    return save_png(grid(tiles, tile=cfg.model.image_size), out)
+    return save_png(grid(tiles, tile=max(input_wh(cfg.model.image_size))), out)
 
 
 def _epoch_rows(path: Path) -> list[dict]:

@@ -135,17 +135,18 @@ def test_half_stores_fp16_weights_that_load_into_fp32_models(built, ensemble_yam
         assert torch.equal(value, full[key].half().to(value.dtype) if value.is_floating_point() else full[key])
 
 
-def test_notebook_is_an_nbformat4_notebook_with_the_two_cells(built):
+def test_notebook_is_an_nbformat4_notebook_with_the_three_cells(built):
     out, manifest = built
     nb = json.loads((out / bundle.NOTEBOOK).read_text())
     assert nb["nbformat"] == 4 and nb["nbformat_minor"] == 5 and nb["metadata"]["kernelspec"]["name"] == "python3"
-    assert len(nb["cells"]) == 2
+    assert len(nb["cells"]) == 3
     for cell in nb["cells"]:
         assert set(cell) == {"cell_type", "execution_count", "id", "metadata", "outputs", "source"}
         assert cell["cell_type"] == "code" and cell["outputs"] == [] and cell["execution_count"] is None
         assert re.fullmatch(r"[a-zA-Z0-9-_]{1,64}", cell["id"])  # the nbformat 4.5 schema's cell id
         assert all(isinstance(line, str) for line in cell["source"])
-    install, infer = ("".join(c["source"]) for c in nb["cells"])
+    check, install, infer = ("".join(c["source"]) for c in nb["cells"])
+    assert f"sys.version_info[:2] != {sys.version_info[:2]}" in check  # default: this interpreter's Python
     slug = json.loads((out / bundle.DATASET_METADATA).read_text())["id"].split("/")[1]
     assert f"!pip install --no-index --no-deps /kaggle/input/{slug}/wheels/*.whl" in install
     assert f"!python -m pipeline.infer --bundle /kaggle/input/{slug} --images " \
@@ -274,3 +275,115 @@ def test_bundle_installs_offline_and_reproduces_the_chain_submission(tmp_path_fa
     assert len(ours_table) > 0
     pd.testing.assert_frame_equal(ours_table, theirs_table)
     assert ours.read_bytes() == chain_file.read_bytes()
+
+
+# ------------------------------------------------------------------------------ the notebook's Python (target)
+
+
+def foreign_python() -> str:
+    """A Python version that is not this one: what a Kaggle image may run."""
+    return f"3.{sys.version_info.minor + 1}"
+
+
+def test_manifest_and_notebook_carry_the_target_python(built, ensemble_yaml, tmp_path, capsys):
+    _, default = built
+    assert default["target"] == {"python": bundle.running_python(), "implementation": "cp",
+                                 "platforms": [bundle.DEFAULT_PLATFORM]}
+    target = bundle.WheelTarget.parse(foreign_python(), ["manylinux_2_35_x86_64"])
+    out = tmp_path / "foreign"
+    manifest = bundle.run(load_config(ensemble_yaml), out, bundle.BundleOptions(wheels=False, target=target))
+    assert manifest["target"] == {"python": foreign_python(), "implementation": "cp",
+                                  "platforms": ["manylinux_2_35_x86_64"]}
+    assert json.loads((out / bundle.MANIFEST).read_text())["target"]["python"] == foreign_python()
+    check = "".join(json.loads((out / bundle.NOTEBOOK).read_text())["cells"][0]["source"])
+    with pytest.raises(RuntimeError) as refused:  # the cell, run by this (other) Python, stops the notebook
+        exec(compile(check, "cell-1", "exec"), {})
+    here = bundle.running_python()
+    assert f"this notebook runs Python {here}, the bundle's wheels are for Python {foreign_python()}" in \
+        str(refused.value) and f"--python-version {here}" in str(refused.value)
+    capsys.readouterr()
+    exec(compile(bundle.python_check_cell(bundle.WheelTarget.parse(None, None)), "cell-1", "exec"), {})
+    assert f"Python {here}: the bundle's wheels are for {here}" in capsys.readouterr().out
+
+
+def test_pip_download_command_for_a_foreign_python(tmp_path):
+    target = bundle.WheelTarget.parse("3.12", ["manylinux_2_28_x86_64"])
+    cmd = bundle.pip_download_command(["simplejpeg==1.9.0"], tmp_path, target)
+    assert cmd[:4] == [sys.executable, "-m", "pip", "download"]
+    assert {"--no-deps", "--only-binary=:all:"} <= set(cmd) and cmd[-1] == "simplejpeg==1.9.0"
+    flag = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i] in ("--python-version", "--implementation",
+                                                                           "-d")}
+    assert flag == {"--python-version": "3.12", "--implementation": "cp", "-d": str(tmp_path)}
+    platforms = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--platform"]
+    # pip takes --platform literally: a glibc 2.28 image also installs 2_17 (manylinux2014) and older wheels
+    assert platforms[0] == "manylinux_2_28_x86_64" and "manylinux_2_17_x86_64" in platforms
+    assert {"manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"} <= set(platforms)
+    assert "manylinux_2_29_x86_64" not in platforms
+    assert bundle.WheelTarget.parse("3.12", ["manylinux2014_x86_64"]).platform_tags()[:2] == [
+        "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+    for bad in ("312", "3", "python3.12"):
+        with pytest.raises(bundle.BundleError, match="MAJOR.MINOR"):
+            bundle.WheelTarget.parse(bad, None)
+
+
+@pytest.mark.parametrize("wheel, fits", [
+    ("simplejpeg-1.9.0-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.manylinux_2_28_x86_64.whl", True),
+    ("faster_coco_eval-1.8.0-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl", True),
+    ("pycocotools-2.0.11-cp311-abi3-manylinux2014_x86_64.whl", True),  # the stable ABI of 3.11 runs on 3.12
+    ("timm-1.0.31-py3-none-any.whl", True),
+    ("simplejpeg-1.9.0-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.whl", False),  # another Python
+    ("x-1.0-cp312-cp312-manylinux_2_34_x86_64.whl", False),  # needs a newer glibc than the image's
+    ("x-1.0-cp312-cp312-linux_x86_64.whl", False),  # built on some machine: not a portable wheel
+    ("x-1.0-cp312-cp312-macosx_11_0_arm64.whl", False),
+    ("not-a-wheel.whl", False),
+])
+def test_a_wheel_fits_the_target_by_its_tags(wheel, fits):
+    assert bundle.WheelTarget.parse("3.12", ["manylinux_2_31_x86_64"]).fits(wheel) is fits
+
+
+class FakePip:
+    """Stands in for pip: `download` answers with a wheel for the requested Python (or fails for names in
+    ``unreleased``), `wheel` builds ``built[name]`` (a wheel file name) or a pure wheel of the package."""
+
+    def __init__(self, unreleased=(), built=None):
+        self.unreleased, self.built, self.calls = set(unreleased), built or {}, []
+
+    def __call__(self, cmd):
+        self.calls.append(cmd)
+        folder = Path(cmd[cmd.index("-d" if "download" in cmd else "-w") + 1])
+        spec = cmd[-1]
+        name, _, version = Path(spec).name.partition("==")
+        if "download" in cmd:
+            if name in self.unreleased:
+                return subprocess.CompletedProcess(cmd, 1, "", f"ERROR: No matching distribution found for {spec}")
+            py = "cp" + cmd[cmd.index("--python-version") + 1].replace(".", "")
+            (folder / f"{name.replace('-', '_')}-{version}-{py}-{py}-manylinux2014_x86_64.whl").write_bytes(b"w")
+        else:
+            (folder / self.built.get(name, "pipeline-0.1.0-py3-none-any.whl")).write_bytes(b"w")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def test_wheels_are_fetched_for_the_target_and_a_local_build_only_when_pure(tmp_path, monkeypatch):
+    target = bundle.WheelTarget.parse("3.12", None)
+    fake = FakePip(unreleased={"purepkg", "nativepkg"},
+                   built={"purepkg": "purepkg-1.0-py3-none-any.whl",
+                          "nativepkg": "nativepkg-1.0-cp312-cp312-linux_x86_64.whl"})
+    monkeypatch.setattr(bundle, "run_pip", fake)
+    monkeypatch.setattr(bundle, "installed", lambda names: {"simplejpeg": "1.9.0"})
+    entries = bundle.build_wheels(tmp_path / "w", ["purepkg==1.0"], target)
+    files = sorted(Path(e["file"]).name for e in entries)
+    assert files == ["pipeline-0.1.0-py3-none-any.whl", "purepkg-1.0-py3-none-any.whl",
+                     "simplejpeg-1.9.0-cp312-cp312-manylinux2014_x86_64.whl"]
+    downloads = [c for c in fake.calls if "download" in c]
+    assert all(c[c.index("--python-version") + 1] == "3.12" for c in downloads)
+    with pytest.raises(bundle.BundleError, match=r"nativepkg==1.0: ERROR: No matching distribution"):
+        bundle.build_wheels(tmp_path / "w2", ["nativepkg==1.0"], target)
+    other = tmp_path / "mine-1.0-cp311-cp311-manylinux2014_x86_64.whl"  # an --extra-wheel file for 3.11
+    other.write_bytes(b"w")
+    with pytest.raises(bundle.BundleError, match="not installable on CPython 3.12"):
+        bundle.build_wheels(tmp_path / "w3", [str(other)], target)
+
+
+def test_the_command_line_refuses_a_python_version_it_cannot_read(ensemble_yaml, tmp_path, capsys):
+    code = bundle.main(["--config", str(ensemble_yaml), "--out", str(tmp_path / "b"), "--python-version", "312"])
+    assert code == 1 and "give the notebook's Python as MAJOR.MINOR" in capsys.readouterr().err

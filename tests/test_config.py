@@ -66,3 +66,59 @@ def test_bare_on_off_mean_the_words(tmp_path):
     assert cfg.train.amp == "off" and cfg.train.channels_last == "off"
     with pytest.raises(ConfigError, match="train.amp"):
         load_config(path, ["train.amp=on"])  # "on" is not an AMP mode: still an error, naming the key
+
+
+# ------------------------------------------------------------------------------- model.image_size: [W, H]
+
+DATA = "data: {name: d, format: voc, root: x}\n"
+
+
+def test_image_size_is_a_side_or_width_and_height(tmp_path):
+    from pipeline.config import input_wh, size_text
+
+    path = write(tmp_path / "c.yaml", DATA + "model: {image_size: [1280, 736]}\n")
+    cfg = load_config(path)
+    assert cfg.model.image_size == (1280, 736) and cfg.model.input_wh == (1280, 736)
+    assert size_text(cfg.model.image_size) == "1280x736"
+    assert load_config(path, ["model.image_size=512"]).model.input_wh == (512, 512)
+    assert load_config(path, ["model.image_size=640x384"]).model.image_size == (640, 384)  # the folder/CLI form
+    assert load_config(path, ["model.image_size=[512, 512]"]).model.image_size == 512  # a square pair is the side
+    assert input_wh(512) == (512, 512) and input_wh([736, 1280]) == (736, 1280)
+    # the resolved config (what a run writes and a resume compares) reads back as the same size
+    reread = write(tmp_path / "resolved.yaml", cfg.to_yaml())
+    assert load_config(reread).model.image_size == (1280, 736)
+
+
+@pytest.mark.parametrize("size, problem", [("[1280, 16]", r">= 32 px, got \[1280, 16\] \(width, height\)"),
+                                           ("16", ">= 32 px, got 16"),
+                                           ("[1280, 736, 3]", r"one side .* or \[width, height\]"),
+                                           ("true", r"one side .* or \[width, height\]"),
+                                           ("wide", "WIDTHxHEIGHT")])
+def test_a_bad_image_size_names_the_key_and_the_rule(tmp_path, size, problem):
+    path = write(tmp_path / "c.yaml", DATA)
+    with pytest.raises(ConfigError, match=rf"(?s)model.image_size.*{problem}"):
+        load_config(path, [f"model.image_size={size}"])
+
+
+def test_efficientdet_needs_each_side_a_multiple_of_128(tmp_path):
+    path = write(tmp_path / "c.yaml", DATA + "model: {name: efficientdet, image_size: [1280, 720]}\n")
+    with pytest.raises(ConfigError, match=r"1280x720: EfficientDet needs each side a multiple of 128.*720 is not "
+                                          r"\(use 640 or 768\)"):
+        load_config(path)
+    assert load_config(path, ["model.image_size=[1280, 768]"]).model.input_wh == (1280, 768)
+
+
+def test_multiscale_with_a_non_square_input_takes_width_height_pairs_only(tmp_path):
+    path = write(tmp_path / "c.yaml", DATA + "model: {image_size: [1280, 736]}\n")
+    cfg = load_config(path, ["train.multiscale=[[960, 544], [1280, 736]]"])
+    assert cfg.train.multiscale == [(960, 544), (1280, 736)]
+    with pytest.raises(ConfigError, match=r"train.multiscale \[1024\]: model.image_size is 1280x736 .* \[width, "
+                                          r"height\] pair, e.g. \[\[960, 544\], \[1280, 736\]\]"):
+        load_config(path, ["train.multiscale=[1024, [1280, 736]]"])
+    with pytest.raises(ConfigError, match="repeated"):
+        load_config(path, ["train.multiscale=[[1280, 736], 1280x736]"])
+    with pytest.raises(ConfigError, match=r"train.multiscale.*entry \[960, 8\].*>= 32"):
+        load_config(path, ["train.multiscale=[[960, 8]]"])
+    # a square input keeps its sides, and may mix in pairs
+    square = load_config(write(tmp_path / "s.yaml", DATA), ["train.multiscale=[384, [512, 384]]"])
+    assert square.train.multiscale == [384, (512, 384)]

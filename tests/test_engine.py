@@ -45,3 +45,25 @@ def test_eval_dataset_scales_ground_truth_into_the_input_frame(tmp_path):
     assert image.shape == (3, 60, 60) and image.dtype == torch.uint8
     assert torch.allclose(target["boxes"], torch.tensor([[6.0, 6.0, 30.0, 30.0]]))
     assert meta == {"image_id": "b", "width": 300, "height": 100}
+
+
+def test_a_non_square_input_is_inverted_per_axis_by_its_own_width_and_height(tmp_path):
+    """model.image_size [200, 120] for a 200 x 120 image: the input is the image (scale 1 per axis), so the finder's
+    box is the rectangle exactly; at [100, 30] each axis has its own scale (2 and 4), and the meta's default
+    content is the whole 100 x 30 input, not a square."""
+    from pipeline.engine import input_to_original
+
+    pixels = np.zeros((120, 200, 3), np.uint8)
+    pixels[32:88, 40:120] = 255
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    images = __import__("pandas").DataFrame({"image_id": ["a"], "path": [str(tmp_path / "a.png")], "width": [200],
+                                             "height": [120]})
+    records = make_records(AnnotationTable(images, None, ["x", "y"]), ["a"])
+    precision = resolve_precision(TrainConfig(), torch.device("cpu"))
+    for size in ((200, 120), (100, 30)):  # edges land on whole input pixels at both: exact
+        loader = DataLoader(EvalDataset(records, size), batch_size=1, collate_fn=collate)
+        assert next(iter(loader))[0].shape == (1, 3, size[1], size[0])
+        row = predict(CornerDetector(), loader, precision, size, "m", 0, "none").iloc[0]
+        np.testing.assert_allclose([row.x1, row.y1, row.x2, row.y2], [40, 32, 120, 88], rtol=0, atol=1e-9)
+    boxes, keep = input_to_original(np.array([[0.0, 0.0, 100.0, 30.0]]), {"width": 200, "height": 120}, (100, 30))
+    assert keep.all() and np.array_equal(boxes, [[0.0, 0.0, 200.0, 120.0]])

@@ -13,6 +13,7 @@ from pipeline import leaderboard as lb
 from pipeline.data.readers.gwd import read_gwd_labels
 from pipeline import ledger, tracking
 from pipeline.config import TrackingConfig
+from pipeline.formats import content_hash
 from test_ledger import ENS, ENS2, ledger_rows, make_submission
 
 KAGGLE_FIXTURE = Path(__file__).parent / "data" / "kaggle" / "competition_submissions.json"
@@ -57,6 +58,15 @@ def test_register_then_show_lists_newest_first_with_the_gap(two, capsys):
     table = pd.read_csv(io.StringIO(out))
     assert list(table.submission) == [ENS2, ENS]
     assert table.gap[1] == pytest.approx(0.7123 - 0.70) and pd.isna(table.gap[0])
+    assert table["round"].isna().all()  # registered without a pseudo round: unknown, not 0
+    folder = two.parent / "with-round"
+    make_submission(folder, ENS, cv=0.7, created="2026-11-23T10:15:00")
+    with ledger.ledger_lock(folder):
+        rows = ledger.load_ledger(folder)
+        rows[0]["pseudo_round"] = "0"
+        ledger.save_ledger(rows, folder)
+    header, line = run_cli(capsys, "show", "--dir", folder)[1].splitlines()
+    assert header.split()[3] == "round" and line.split()[3] == "0"
 
 
 def test_sidecar_without_a_ledger_row_is_picked_up(tmp_path, capsys):
@@ -231,3 +241,155 @@ def test_sync_without_the_kaggle_package_says_pip_install(two, monkeypatch, caps
     monkeypatch.setitem(sys.modules, "kaggle", None)  # as if not installed, even where it is
     code, _, err = run_cli(capsys, "sync", "--competition", "gwd", "--dir", two)
     assert code == 1 and "pip install kaggle" in err
+
+
+# --------------------------------------------------------------------------------------------- Kaggle submit
+
+
+def ApiCreateSubmissionResponse(message: str, ref: int) -> types.SimpleNamespace:
+    """What kaggle >= 1.7's ``KaggleApi.competition_submit`` returns (kagglesdk ``ApiCreateSubmissionResponse``:
+    ``message`` str, ``ref`` int; ref 0 and "Could not submit to competition" when the upload failed)."""
+    return types.SimpleNamespace(message=message, ref=ref)
+
+
+class FakeSubmitKaggle(FakeKaggle):
+    """Also answers ``competition_submit(file_name, message, competition, quiet=False)`` like kaggle 2.x: it reads
+    the file (the real one uploads it) and returns the recorded response."""
+
+    def __init__(self, response, submissions=()):
+        super().__init__(list(submissions))
+        self.response, self.submitted = response, []
+
+    def competition_submit(self, file_name, message, competition, quiet=False):
+        self.submitted.append({"file": file_name, "message": message, "competition": competition,
+                               "bytes": Path(file_name).read_bytes()})
+        if isinstance(self.response, Exception):
+            raise self.response
+        return self.response
+
+
+@pytest.fixture
+def hashed(tmp_path) -> Path:
+    """Two submissions registered with the content hash of their bytes, as the submission stage registers them."""
+    folder = tmp_path / "submissions"
+    folder.mkdir()
+    for name, cv in ((ENS, 0.70), (ENS2, 0.72)):
+        (folder / name).write_text(f"image_id,PredictionString\nimg_{name},0.9 1 1 5 5\n")
+        ledger.register_submission({"file": name, "cv": cv, "members": ["frcnn", "effdet"],
+                                    "created": "2026-11-23T10:15:00", "content_hash": content_hash(folder / name)},
+                                   TrackingConfig(enabled=False), ledger_dir=folder)
+    return folder
+
+
+def test_submit_sends_the_file_and_records_its_ref_then_sync_finds_it_by_ref(hashed, monkeypatch, capsys):
+    fake = FakeSubmitKaggle(ApiCreateSubmissionResponse("Successfully submitted to Global Wheat Detection",
+                                                        40000007))
+    monkeypatch.setattr(lb, "kaggle_api", lambda: fake)
+    before = ledger_rows(hashed)[ENS2]
+    code, out, err = run_cli(capsys, "submit", ENS, "--competition", "global-wheat-detection", "-m", "wbf tuned",
+                             "--dir", hashed)
+    assert code == 0, err
+    (sent,) = fake.submitted
+    assert Path(sent["file"]) == hashed / ENS and sent["bytes"] == (hashed / ENS).read_bytes()
+    assert sent["competition"] == "global-wheat-detection" and sent["message"] == f"{ENS}: wbf tuned"
+    assert "Kaggle ref 40000007" in out and "leaderboard sync --competition global-wheat-detection" in out
+    rows = ledger_rows(hashed)
+    assert (rows[ENS]["kaggle_ref"], rows[ENS]["kaggle_competition"]) == ("40000007", "global-wheat-detection")
+    assert rows[ENS]["public"] == "" and rows[ENS2] == before  # no score yet; the other row untouched
+    # Kaggle lists it under the notebook's file name with a description edited on the website: only the ref links it
+    fake.submissions = [
+        {"ref": 40000007, "fileName": "submission.csv", "date": "2026-11-25T10:00:00.000Z",
+         "description": "edited on the website", "status": "complete", "publicScore": "0.7412",
+         "privateScore": "0.7305"},
+    ]
+    code, out, err = run_cli(capsys, "sync", "--competition", "global-wheat-detection", "--dir", hashed)
+    assert code == 0, err
+    row = ledger_rows(hashed)[ENS]
+    assert (row["public"], row["private"], row["lb_source"], row["kaggle_ref"]) == ("0.7412", "0.7305", "kaggle",
+                                                                                    "40000007")
+
+
+def test_sync_never_gives_a_row_the_scores_of_another_competition(hashed, monkeypatch):
+    fake = FakeSubmitKaggle(ApiCreateSubmissionResponse("Successfully submitted to Other", 51))
+    lb.submit(ENS, competition="other-competition", ledger_dir=hashed, api=fake)
+    assert fake.submitted[0]["message"] == ENS  # no message: the file name alone
+    same_name = {"ref": 9, "fileName": ENS, "date": "2026-11-25T10:00:00Z", "description": f"{ENS} by hand",
+                 "status": "complete", "publicScore": "0.5", "privateScore": ""}
+    report = lb.sync("global-wheat-detection", ledger_dir=hashed, api=FakeKaggle([same_name]))
+    assert report["updated"] == [] and len(report["unmatched"]) == 1
+    assert ledger_rows(hashed)[ENS]["public"] == ""
+
+
+def test_submit_accepts_a_hash_and_a_dict_response_without_ref(hashed, caplog):
+    digest = ledger_rows(hashed)[ENS2]["content_hash"]
+    fake = FakeSubmitKaggle({"message": "Successfully submitted to Global Wheat Detection"})  # kaggle < 1.7
+    row = lb.submit(digest[:10], competition="gwd", message=f"{ENS2} again", ledger_dir=hashed, api=fake)
+    assert fake.submitted[0]["message"] == f"{ENS2} again"  # already names the file: kept as written
+    assert (row["file"], row["kaggle_ref"], row["kaggle_competition"]) == (ENS2, "", "gwd")
+    assert "did not return the submission's ref" in caplog.text
+
+
+@pytest.mark.parametrize("response, expected", [
+    (ApiCreateSubmissionResponse("Could not submit to competition", 0), "failed (Could not submit to competition)"),
+    (RuntimeError("400 Client Error: Bad Request (daily submission limit reached)"), "daily submission limit"),
+])
+def test_a_refused_submission_is_a_clear_error_and_leaves_the_ledger(hashed, monkeypatch, capsys, response,
+                                                                     expected):
+    before = ledger.ledger_path(hashed).read_text()
+    monkeypatch.setattr(lb, "kaggle_api", lambda: FakeSubmitKaggle(response))
+    code, out, err = run_cli(capsys, "submit", ENS, "--competition", "gwd", "--dir", hashed)
+    assert code == 1 and expected in err and "Traceback" not in err + out
+    assert ledger.ledger_path(hashed).read_text() == before
+
+
+def test_submit_refuses_a_file_that_changed_or_is_not_in_the_ledger(hashed, monkeypatch, capsys):
+    fake = FakeSubmitKaggle(ApiCreateSubmissionResponse("ok", 1))
+    monkeypatch.setattr(lb, "kaggle_api", lambda: fake)
+    code, _, err = run_cli(capsys, "submit", "nope.csv", "--competition", "gwd", "--dir", hashed)
+    assert code == 1 and "unknown submission 'nope.csv'" in err
+    (hashed / ENS).write_text("image_id,PredictionString\nedited,\n")
+    code, _, err = run_cli(capsys, "submit", ENS, "--competition", "gwd", "--dir", hashed)
+    assert code == 1 and "changed since it was registered" in err
+    (hashed / ENS).unlink()
+    code, _, err = run_cli(capsys, "submit", ENS, "--competition", "gwd", "--dir", hashed)
+    assert code == 1 and "not found" in err
+    assert fake.submitted == []
+
+
+def no_kaggle_credentials(monkeypatch, tmp_path):
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+
+
+def test_submit_without_credentials_or_package_says_what_to_do(hashed, monkeypatch, tmp_path, capsys):
+    no_kaggle_credentials(monkeypatch, tmp_path)
+    code, out, err = run_cli(capsys, "submit", ENS, "--competition", "gwd", "--dir", hashed)
+    assert code == 1 and "no Kaggle credentials" in err and "~/.kaggle/kaggle.json" in err
+    assert "KAGGLE_USERNAME and KAGGLE_KEY" in err and "Traceback" not in err + out
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "not-a-real-key")
+    monkeypatch.setitem(sys.modules, "kaggle", None)  # as if not installed, even where it is
+    code, _, err = run_cli(capsys, "submit", ENS, "--competition", "gwd", "--dir", hashed)
+    assert code == 1 and "pip install kaggle" in err
+    assert ledger_rows(hashed)[ENS]["kaggle_ref"] == ""
+
+
+def test_a_kaggle_that_exits_while_authenticating_is_a_clear_error(monkeypatch):
+    """kaggle >= 2 prints help and calls exit(1) when no authentication method works."""
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "expired")
+
+    class ExitingApi:
+        def authenticate(self):
+            raise SystemExit(1)
+
+    extended = types.ModuleType("kaggle.api.kaggle_api_extended")
+    extended.KaggleApi = ExitingApi
+    monkeypatch.setitem(sys.modules, "kaggle", types.ModuleType("kaggle"))
+    monkeypatch.setitem(sys.modules, "kaggle.api", types.ModuleType("kaggle.api"))
+    monkeypatch.setitem(sys.modules, "kaggle.api.kaggle_api_extended", extended)
+    with pytest.raises(lb.LeaderboardError, match="Kaggle authentication failed"):
+        lb.kaggle_api()

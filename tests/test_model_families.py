@@ -126,6 +126,19 @@ def test_ssdlite_runs_at_its_own_size_whatever_it_is() -> None:
     assert sides == [192] and all((d["boxes"] <= 192).all() for d in det)
 
 
+@pytest.mark.parametrize("name", ["ssdlite_timm", "ssdlite320_mobilenet_v3_large"])
+def test_ssdlite_refuses_a_non_square_image_size_and_says_what_to_use(name: str) -> None:
+    """SSDlite's default boxes are fractions of each side: on a non-square input they would stretch with it, so a
+    [W, H] image_size is refused when the model is built, with the square-plus-letterbox alternative."""
+    cfg = ModelConfig(name=name, arch="mobilenetv3_small_050" if name == "ssdlite_timm" else "",
+                      image_size=[256, 128])
+    with pytest.raises(ValueError, match=rf"(?s){name}: model.image_size \[256, 128\] is not square.*square "
+                                         r"inputs only.*letterbox"):
+        create_model(cfg, NUM_CLASSES)
+    # a square [W, H] pair is the side: built as before
+    assert build("ssdlite_timm", image_size=[S, S]).image_size == S
+
+
 def _torchvision_anchors(sizes, ratios, side: int, grids: list[int]) -> list[torch.Tensor]:
     images = ImageList(torch.zeros(1, 3, side, side), [(side, side)])
     features = [torch.zeros(1, 1, g, g) for g in grids]

@@ -669,7 +669,7 @@ def test_images_of_a_size_the_model_does_not_take_are_rejected(family: str, side
     with pytest.raises(ValueError, match=rf"takes .*\(1, 3, {side}, {side}\)"):
         model.forward_loss(torch.rand(1, 3, side, side), [empty_target()])
     with pytest.raises(ValueError, match="shape"):
-        model.forward_loss(torch.rand(1, 3, S, 2 * S), [empty_target()])  # not square
+        model.forward_loss(torch.rand(1, 1, S, S), [empty_target()])  # not three channels
 
 
 @pytest.mark.parametrize("family, side", [("fasterrcnn_timm", 192), ("retinanet_timm", 2 * S), ("fcos_timm", 96),
@@ -696,3 +696,134 @@ def test_trains_at_another_side_it_takes(family: str, side: int) -> None:
         assert model._labeler_at(side).anchors.boxes.max() > side - 1
     assert model.predict(torch.rand(1, 3, S, S))  # image_size still works afterwards
 
+
+
+# ------------------------------------------------------------------- non-square inputs (model.image_size: [W, H])
+
+RECT = (192, 128)  # width x height: both multiples of 32 (Faster R-CNN, RetinaNet, FCOS)
+
+
+def _record_input_shapes(module: torch.nn.Module) -> list[tuple[int, int]]:
+    """(height, width) of every batch that reaches `module`'s forward from now on."""
+    shapes: list[tuple[int, int]] = []
+    module.register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape[-2:])))
+    return shapes
+
+
+@pytest.mark.parametrize("family", ["fasterrcnn_timm", "retinanet_timm", "fcos_timm"])
+def test_torchvision_families_take_a_non_square_input_without_resizing_it(family: str) -> None:
+    """image_size [192, 128]: the transform's min_size/max_size are the short and long side, so a 192 x 128 batch
+    reaches the backbone as it is (torchvision would otherwise rescale it), targets stay in its pixels, and boxes
+    come back in its pixels, clamped to 192 wide and 128 high."""
+    model = build(family, image_size=list(RECT)).train()
+    assert model.image_size == RECT and model.input_wh == RECT
+    assert model.net.transform.min_size == (128,) and model.net.transform.max_size == 192
+    shapes = _record_input_shapes(model.backbone)
+    moved: list = []
+    model.net.transform.register_forward_hook(lambda mod, args, out: moved.append(out))
+    targets = [{"boxes": torch.tensor([[150.0, 10.0, 190.0, 120.0]]), "labels": torch.tensor([1])}]
+    losses = model.forward_loss(torch.rand(1, 3, 128, 192), targets)
+    assert torch.isfinite(losses["loss"])
+    assert torch.equal(moved[0][1][0]["boxes"], targets[0]["boxes"])  # not rescaled by the transform
+    dets = model.predict(torch.rand(2, 3, 128, 192))
+    assert shapes == [(128, 192), (128, 192)]
+    for det in dets:
+        assert len(det["boxes"]) > 0
+        assert (det["boxes"][:, [0, 2]] <= 192).all() and (det["boxes"][:, [1, 3]] <= 128).all()
+    assert model.predict(torch.rand(1, 3, 192, 128))  # a quarter turn's 128 x 192: multiples of 32, taken
+    assert model.net.transform.min_size == (128,) and model.net.transform.max_size == 192  # restored
+
+
+def test_a_quarter_turn_view_of_a_non_square_input_runs_when_the_model_takes_the_swapped_size() -> None:
+    """Faster R-CNN at [192, 128] takes 128 x 192 too: rot90_1 runs at that size and its boxes come back in the
+    192 x 128 frame; they are the rotated view's own detections, mapped through the turn's exact inverse."""
+    from pipeline.tta import forward_boxes, predict_views
+
+    model = build("fasterrcnn_timm", image_size=list(RECT)).eval()
+    shapes = _record_input_shapes(model.backbone)
+    images = torch.rand(1, 3, 128, 192)
+    det = predict_views(model, images, ["none", "rot90_1"], batch_size=2)[0]["rot90_1"]
+    assert shapes == [(128, 192), (192, 128)]  # two sizes, two batches; the turned one at H x W = 192 x 128
+    direct = model.predict(torch.rot90(images, 1, dims=(-2, -1)))[0]
+    torch.testing.assert_close(forward_boxes(det["boxes"], "rot90_1", RECT), direct["boxes"], rtol=0, atol=1e-4)
+    assert (det["boxes"][:, [0, 2]] <= 192).all() and (det["boxes"][:, [1, 3]] <= 128).all()
+
+
+def test_a_quarter_turn_view_the_model_cannot_take_is_refused_with_the_reason() -> None:
+    """A 200 x 128 input is not a multiple of 32 wide: the model takes its own 200 x 128, but not the 128 x 200
+    of a quarter turn; flips keep the size and are fine."""
+    from pipeline.tta import check_views
+
+    model = build("fasterrcnn_timm", image_size=[200, 128])
+    check_views(model, ["none", "hflip", "vflip", "rot90_2"])
+    with pytest.raises(ValueError, match=r"(?s)'rot90_1'.*128x200.*from 200x128.*its own 200x128 or inputs whose "
+                                         r"width and height are each a multiple of 32.*swaps the width and height"):
+        check_views(model, ["none", "rot90_1"])
+
+
+def test_frcnn_on_a_non_square_input_maps_boxes_back_to_original_pixels(tmp_path: Path) -> None:
+    """The predict path (EvalDataset, resize, model, to_table): a 384 x 256 photo into a [192, 128] input has the
+    input's aspect, so square and letterbox are the same resize (no padding) and give the same table, whose boxes
+    are the model's on the resized image times 2 per axis, within 384 x 256."""
+    import cv2
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.augment import fit_to_input
+    from pipeline.config import DataConfig, ExperimentConfig, PredictConfig, TrainConfig
+    from pipeline.dataset import Record
+    from pipeline.engine import predict_with_views, resolve_precision
+
+    rng = np.random.default_rng(0)
+    photo = (rng.random((256, 384, 3)) * 80).astype(np.uint8)
+    photo[40:200, 60:140] = 230  # a tall bright block and a wide one give the untrained model something to find
+    photo[150:230, 200:360] = 200
+    cv2.imwrite(str(tmp_path / "photo.png"), photo[..., ::-1])
+    records = [Record("photo", str(tmp_path / "photo.png"), 384, 256, np.zeros((0, 4), np.float32),
+                      np.zeros(0, np.int64))]
+    model = build("fasterrcnn_timm", image_size=list(RECT)).eval()
+    tables = {}
+    for resize in ("square", "letterbox"):
+        cfg = ExperimentConfig(run="rect", data=DataConfig(name="p", format="gwd_csv", root=tmp_path),
+                               model=replace(TINY["fasterrcnn_timm"], image_size=list(RECT), resize=resize),
+                               train=TrainConfig(num_workers=0, progress=False), predict=PredictConfig(batch_size=2))
+        tables[resize] = predict_with_views(model, records, cfg, ["none"], 0,
+                                            resolve_precision(cfg.train, torch.device("cpu")))
+    assert len(tables["square"]) > 0
+    pd.testing.assert_frame_equal(tables["square"], tables["letterbox"])
+    image, content = fit_to_input(photo, RECT, "letterbox")
+    assert image.shape == (128, 192, 3) and content == RECT
+    direct = model.predict(torch.from_numpy(image.transpose(2, 0, 1)).float()[None] / 255)[0]
+    rows = tables["square"].sort_values("score", ascending=False)
+    np.testing.assert_allclose(rows[["x1", "y1", "x2", "y2"]].to_numpy(), direct["boxes"].numpy() * 2, rtol=0,
+                               atol=1e-3)
+    assert rows.x2.max() <= 384 and rows.y2.max() <= 256 and rows.x2.max() > 256  # beyond the height: x is x
+
+
+def test_efficientdet_at_256_by_128_builds_trains_and_predicts() -> None:
+    """EfficientDet at [256, 128] (width x height): effdet's anchors (it counts (height, width)) cover 256 x 128,
+    the BiFPN's feature maps are 2:1 at every level, a loss on a 256 x 128 batch is finite and boxes come back
+    within 256 x 128. The 128 x 256 of a quarter turn is taken too (both sides multiples of 128)."""
+    model = build("efficientdet", image_size=[256, 128]).train()
+    assert model.input_wh == (256, 128) and model.net.config.image_size == (128, 256)
+    yxyx = model.anchors.boxes
+    centres_y, centres_x = (yxyx[:, 0] + yxyx[:, 2]) / 2, (yxyx[:, 1] + yxyx[:, 3]) / 2
+    assert 240 < float(centres_x.max()) < 256 and 112 < float(centres_y.max()) < 128
+    targets = [{"boxes": torch.tensor([[150.0, 20.0, 250.0, 110.0]]), "labels": torch.tensor([1])}]
+    losses = model.forward_loss(torch.rand(1, 3, 128, 256), targets)
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    with torch.no_grad():
+        class_out, _ = model.net(model._normalise(torch.rand(1, 3, 128, 256)))
+    assert [tuple(c.shape[-2:]) for c in class_out] == [(16, 32), (8, 16), (4, 8), (2, 4), (1, 2)]
+    for det in model.predict(torch.rand(2, 3, 128, 256)):
+        assert (det["boxes"][:, [0, 2]] <= 256).all() and (det["boxes"][:, [1, 3]] <= 128).all()
+    assert model.accepts_size((128, 256)) and not model.accepts_size((256, 192))
+    turned = model.predict(torch.rand(1, 3, 256, 128))[0]  # anchors for 128 x 256 built on first use
+    assert (turned["boxes"][:, [0, 2]] <= 128).all() and (turned["boxes"][:, [1, 3]] <= 256).all()
+    assert model._anchors_at((128, 256)).boxes[:, 3].max() > 120  # x reaches 128, not 256
+
+
+def test_efficientdet_refuses_a_side_that_is_not_a_multiple_of_128() -> None:
+    with pytest.raises(ValueError, match=r"image_size height \(of 256x200\) must be divisible by 128.*got 200"):
+        build("efficientdet", image_size=[256, 200])

@@ -8,8 +8,10 @@
 
 ``check`` loads the split exactly as training will, then prints a summary (images, boxes per class and source,
 image and box sizes) and every repair made. ``cache`` decodes every image of the split(s) once and stores it
-resized to the S x S model input (``pipeline.data.cache``): ``<dir>/<data.name>/<resize><S>/``; run it again after
-images change and only those are decoded again. Bad input exits with code 1 and the error message, no traceback.
+resized to the model input S, a side or WIDTHxHEIGHT (``pipeline.data.cache``): ``<dir>/<data.name>/<resize><S>/``,
+``<dir>`` being ``--dir``, else the config's ``data.cache_dir``, else ``./cache``; run it again after images change and only those
+are decoded again. Training and prediction read it when ``data.cache_dir`` is set and S is ``model.image_size``.
+Bad input exits with code 1 and the error message, no traceback.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import ConfigError, add_config_args, config_from_args
+from pipeline.config import ConfigError, add_config_args, config_from_args, parse_size, size_text
 from pipeline.data import load_dataset
 from pipeline.data.summary import summarize
 from pipeline.data.table import DataError
@@ -36,12 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--max-repairs", type=int, default=50, help="repair lines to list (default 50)")
     cache = sub.add_parser("cache", help="decode every image once and store it resized to the model input")
     add_config_args(cache)
-    cache.add_argument("--size", type=int, required=True, help="the model's input side (model.image_size)")
+    cache.add_argument("--size", type=parse_size, required=True,
+                       help="the model's input (model.image_size): a side, or WIDTHxHEIGHT (1280x736)")
     cache.add_argument("--resize", choices=["square", "letterbox"], default=None,
                        help="default: the config's model.resize")
     cache.add_argument("--split", choices=["train", "test"], action="append", default=None,
                        help="default: train, and test when the dataset has one")
-    cache.add_argument("--dir", type=Path, default=None, help="cache root (default: ./cache)")
+    cache.add_argument("--dir", type=Path, default=None, help="cache root (default: data.cache_dir, else ./cache)")
     cache.add_argument("--workers", type=int, default=None, help="decoding threads (default: every core)")
     return parser
 
@@ -51,7 +54,7 @@ def _cache(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     resize = args.resize or cfg.model.resize
-    folder = cache_folder(args.dir or DEFAULT_CACHE_DIR, cfg.data.name, args.size, resize)
+    folder = cache_folder(args.dir or cfg.data.cache_dir or DEFAULT_CACHE_DIR, cfg.data.name, args.size, resize)
     for split in args.split or ["train", "test"]:
         try:
             table = load_dataset(cfg.data, split)
@@ -62,7 +65,7 @@ def _cache(args: argparse.Namespace) -> int:
             continue
         report = build_cache(table.images, folder, split, args.size, resize, args.workers)
         rate = report.decoded / report.seconds if report.decoded and report.seconds > 0 else 0.0
-        print(f"{split}: {report.images} images at {resize} {args.size} px, {report.decoded} decoded "
+        print(f"{split}: {report.images} images at {resize} {size_text(args.size)} px, {report.decoded} decoded "
               f"({rate:.1f} images/s), {report.reused} reused, {report.channels} channel(s), "
               f"{report.bytes / 2**20:.1f} MiB in {report.path} ({report.seconds:.1f} s)")
     return 0

@@ -8,6 +8,9 @@ Public API::
 * :func:`fuse_predictions` -- a whole prediction table (original-image pixels), image by image, in one compiled
   call, with the rule ``method`` (``"wbf"``, ``"nms"``, ``"soft_nms"``, ``"nmw"``); ``backend`` is one of
   :data:`BACKENDS`.
+* :func:`~pipeline.fusion.tuned.fuse_tuned` -- an ensemble's fusion with its tuned parameters as ``result.json``
+  records them (weight-0 members left out, the rule, the score threshold): the ensemble, pseudo-labelling and
+  offline inference all fuse through it.
 * :data:`FUSION_METHODS` -- the registry of rules (:class:`FusionRule`: parameters with the library's defaults,
   default tuning grid, compiled backend), for a tuner that loops over rules without knowing them.
 * Drop-ins for ensemble-boxes 1.0.9 (same arguments, same boxes, scores, labels and order):
@@ -46,7 +49,8 @@ from pipeline.fusion.nmw import non_maximum_weighted
 from pipeline.fusion.rules import FUSION_METHODS, FusionRule
 from pipeline.fusion.suppression import nms, nms_method, soft_nms
 from pipeline.fusion.table import BACKENDS, fuse_predictions
+from pipeline.fusion.tuned import fuse_tuned, rule_params
 from pipeline.fusion.wbf import CONF_TYPES, weighted_boxes_fusion
 
-__all__ = ["BACKENDS", "CONF_TYPES", "FUSION_METHODS", "FusionRule", "fuse_predictions", "nms", "nms_method",
-           "non_maximum_weighted", "soft_nms", "weighted_boxes_fusion"]
+__all__ = ["BACKENDS", "CONF_TYPES", "FUSION_METHODS", "FusionRule", "fuse_predictions", "fuse_tuned", "nms",
+           "nms_method", "non_maximum_weighted", "rule_params", "soft_nms", "weighted_boxes_fusion"]

@@ -16,6 +16,12 @@
 * ``fuse``: the compiled whole-table backend, ``fuse(packed, params, weighted, threads)``; ``weighted`` says
   whether the caller gave weights (NMS and soft-NMS divide scores by the weight sum only then, as the library).
 * ``library``: the ``ensemble_boxes`` function replicated (the test oracle, ``backend="ensemble_boxes"``).
+* ``label``: the short name tables print (``WBF``, ``NMS``...);
+* ``divides_by_weight_sum``: whether, given weights, the rule's scores become ``score * w / sum(w)`` (NMS and
+  soft-NMS, as the library): a constant per call that depends on how many sets are fused, which
+  :func:`pipeline.fusion.tuned.fuse_tuned` undoes so a score threshold tuned on OOF carries over to test;
+  ``score_params``: the rule's parameters compared with those divided scores (soft-NMS's ``thresh``), which
+  ``fuse_tuned`` divides alike.
 """
 from __future__ import annotations
 
@@ -43,12 +49,15 @@ class FusionRule:
 
     name: str
     title: str
+    label: str
     library: str  # the ensemble_boxes 1.0.9 function it replicates
     defaults: Mapping[str, Any]
     grids: tuple[Mapping[str, tuple[Any, ...]], ...]
     check: Callable[[Mapping[str, Any]], None]  # ValueError for invalid parameter values
     fuse: Fuse
     sorted_by_score: bool  # whether an image's output is sorted by score (NMS and soft-NMS: grouped by label)
+    divides_by_weight_sum: bool = False
+    score_params: tuple[str, ...] = ()
 
     def resolve(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The defaults updated with ``params``; ``TypeError`` naming the rule's parameters for an unknown one."""
@@ -116,23 +125,24 @@ SKIP_GRID = (0.0, 0.01, 0.05)
 
 FUSION_METHODS: dict[str, FusionRule] = {
     "wbf": FusionRule(
-        "wbf", "weighted boxes fusion", "weighted_boxes_fusion",
+        "wbf", "weighted boxes fusion", "WBF", "weighted_boxes_fusion",
         defaults={"iou_thr": 0.55, "skip_box_thr": 0.0, "conf_type": "avg", "allows_overflow": False},
         grids=({"iou_thr": IOU_GRID, "skip_box_thr": SKIP_GRID, "conf_type": CONF_TYPES},),
         check=_check_wbf, fuse=_fuse_wbf, sorted_by_score=True),
     "nms": FusionRule(
-        "nms", "non-maximum suppression", "nms",
+        "nms", "non-maximum suppression", "NMS", "nms",
         defaults={"iou_thr": 0.5},
         grids=({"iou_thr": (0.3, 0.4, 0.5, 0.55, 0.6, 0.7)},),
-        check=_check_nms, fuse=_fuse_nms, sorted_by_score=False),
+        check=_check_nms, fuse=_fuse_nms, sorted_by_score=False, divides_by_weight_sum=True),
     "soft_nms": FusionRule(
-        "soft_nms", "soft-NMS", "soft_nms",
+        "soft_nms", "soft-NMS", "soft-NMS", "soft_nms",
         defaults={"iou_thr": 0.5, "sigma": 0.5, "thresh": 0.001, "decay": "gaussian"},
         grids=({"decay": ("gaussian",), "sigma": (0.05, 0.1, 0.25, 0.5, 1.0), "thresh": (0.001, 0.01)},
                {"decay": ("linear",), "iou_thr": (0.3, 0.4, 0.5, 0.6, 0.7), "thresh": (0.001, 0.01)}),
-        check=_check_soft_nms, fuse=_fuse_soft_nms, sorted_by_score=False),
+        check=_check_soft_nms, fuse=_fuse_soft_nms, sorted_by_score=False, divides_by_weight_sum=True,
+        score_params=("thresh",)),
     "nmw": FusionRule(
-        "nmw", "non-maximum weighted", "non_maximum_weighted",
+        "nmw", "non-maximum weighted", "NMW", "non_maximum_weighted",
         defaults={"iou_thr": 0.55, "skip_box_thr": 0.0},
         grids=({"iou_thr": IOU_GRID, "skip_box_thr": SKIP_GRID},),
         check=_check_nmw, fuse=_fuse_nmw, sorted_by_score=True),

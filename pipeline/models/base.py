@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from pipeline.config import InputSize, canonical_size, input_wh
+
 Target = dict[str, Tensor]
 Detections = dict[str, Tensor]
 Builder = Callable[[Any, int], "Detector"]
@@ -34,17 +36,19 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
 
 
 class Detector(nn.Module):
-    """Input: float32 (B,3,S,S) RGB in [0,1], not normalised. Boxes are x1,y1,x2,y2 in input pixels and
+    """Input: float32 (B,3,H,W) RGB in [0,1], not normalised. Boxes are x1,y1,x2,y2 in input pixels and
     labels 0-based class indices, both in targets and in predictions.
 
     Subclasses set `net` and implement `_losses` and `_detect`; the public methods check inputs and fix
     the output format so every family behaves the same for the engine.
 
-    Input sizes: `forward_loss` and `predict` take the square sides `accepts_size` allows (by default
-    `image_size` only), which is what lets a TTA scale view run the model at another size and multi-scale
-    training (`train.multiscale`) train it at several; a family that can run at other sizes overrides
-    `accepts_size` and `size_rule`. Boxes come back in the pixels of the images given to `predict`, and targets
-    are in the pixels of the images given to `forward_loss`, whatever their size.
+    Input sizes: `image_size` is the config's (an int for a square, else (width, height)); `input_wh` is its
+    (width, height). `forward_loss` and `predict` take the sizes `accepts_size` allows (by default `image_size`
+    only), which is what lets a TTA scale view run the model at another size, a quarter-turn view of a non-square
+    input run it at (height, width), and multi-scale training (`train.multiscale`) train it at several; a family
+    that can run at other sizes overrides `accepts_size` and `size_rule`. Boxes come back in the pixels of the
+    images given to `predict`, and targets are in the pixels of the images given to `forward_loss`, whatever their
+    size.
     """
 
     # state_dict key prefixes of the class-dependent head: a checkpoint trained with another number of
@@ -53,10 +57,11 @@ class Detector(nn.Module):
     # input sides should be multiples of this (the deepest feature stride): TTA scale views round to it
     size_multiple: int = 32
 
-    def __init__(self, num_classes: int, image_size: int, max_detections: int) -> None:
+    def __init__(self, num_classes: int, image_size: InputSize, max_detections: int) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.image_size = image_size
+        self.image_size = canonical_size(image_size)
+        self.input_wh = input_wh(image_size)
         self.max_detections = max_detections
 
     @property
@@ -64,14 +69,14 @@ class Detector(nn.Module):
         """The ImageNet-style feature extractor that `backbone_weights` loads into."""
         raise NotImplementedError
 
-    def accepts_size(self, side: int) -> bool:
-        """Whether `predict` takes side x side images."""
-        return side == self.image_size
+    def accepts_size(self, size: InputSize) -> bool:
+        """Whether `predict` takes images of `size`: a side (square) or (width, height)."""
+        return input_wh(size) == self.input_wh
 
     @property
     def size_rule(self) -> str:
         """`accepts_size` in words, completing "it takes ..." in error messages."""
-        return f"only its own {self.image_size}x{self.image_size} inputs"
+        return f"only its own {self.input_wh[0]}x{self.input_wh[1]} inputs (width x height)"
 
     def forward_loss(self, images: Tensor, targets: list[Target]) -> dict[str, Tensor]:
         """Individual losses plus "loss" (their sum), all scalars. Works in train mode and, for a validation
@@ -91,7 +96,7 @@ class Detector(nn.Module):
         self._check_images(images)
         with eval_mode(self):
             detections = self._detect(images)
-        return [self._finish(d, images.shape[-1]) for d in detections]
+        return [self._finish(d, images.shape[-1], images.shape[-2]) for d in detections]
 
     def forward(self, images: Tensor, targets: list[Target] | None = None) -> Any:
         # DDP and torch.compile only see `forward`: route to the losses when targets are given.
@@ -106,16 +111,16 @@ class Detector(nn.Module):
         raise NotImplementedError
 
     def _check_images(self, images: Tensor) -> None:
-        side = images.shape[-1] if images.ndim == 4 else None
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2] != side or not self.accepts_size(side):
-            raise ValueError(f"{type(self).__name__} takes {self.size_rule}: expected images of shape (B, 3, S, S) "
-                             f"with such an S, got {tuple(images.shape)}")
+        if images.ndim != 4 or images.shape[1] != 3 or not self.accepts_size((images.shape[-1], images.shape[-2])):
+            raise ValueError(f"{type(self).__name__} takes {self.size_rule}: expected images of shape (B, 3, H, W) "
+                             f"with such a W x H, got {tuple(images.shape)}")
 
-    def _finish(self, d: Detections, side: int) -> Detections:
-        # Clamp to the image and cap the count here, once, so no family can leak boxes outside [0, side].
+    def _finish(self, d: Detections, width: int, height: int | None = None) -> Detections:
+        # Clamp to the width x height image (height None: a square) and cap the count here, once, so no family can
+        # leak boxes outside the image.
         # A box squeezed to zero width or height by the clamp (an untrained regressor points outside the image)
         # is no detection: it would only be counted and skipped downstream by WBF and the submission writer.
-        boxes = d["boxes"].float().clamp(0, side)
+        boxes = clamp_boxes(d["boxes"].float(), width, width if height is None else height)
         valid = torch.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).flatten()
         keep = valid[torch.argsort(d["scores"][valid], descending=True)][: self.max_detections]
         return {
@@ -155,13 +160,30 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def check_divisible(image_size: int, stride: int, name: str) -> None:
-    if image_size % stride:
-        lower, upper = image_size // stride * stride, (image_size // stride + 1) * stride
-        raise ValueError(
-            f"{name}: image_size must be divisible by {stride} (its deepest feature stride), "
-            f"got {image_size}; use {lower or upper} or {upper}"
-        )
+def clamp_boxes(boxes: Tensor, width: float, height: float) -> Tensor:
+    """(N, 4) x1, y1, x2, y2 boxes clamped to [0, width] x [0, height]."""
+    limit = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
+    return torch.minimum(boxes.clamp(min=0), limit)
+
+
+def check_divisible(image_size: InputSize, stride: int, name: str) -> None:
+    """ValueError naming the side of `image_size` (a side or (width, height)) that `stride` does not divide."""
+    width, height = input_wh(image_size)
+    for axis, side in (("width", width), ("height", height)):
+        if side % stride:
+            lower, upper = side // stride * stride, (side // stride + 1) * stride
+            what = "image_size" if width == height else f"image_size {axis} (of {width}x{height})"
+            raise ValueError(
+                f"{name}: {what} must be divisible by {stride} (its deepest feature stride), "
+                f"got {side}; use {lower or upper} or {upper}"
+            )
+
+
+def sides_rule(multiple: int, own: tuple[int, int] | None = None, why: str = "") -> str:
+    """`size_rule` of a family that takes any sides that are multiples of `multiple` (and `own`, its own size,
+    when that is not): completes "it takes ..."."""
+    extra = f"its own {own[0]}x{own[1]} or " if own is not None and (own[0] % multiple or own[1] % multiple) else ""
+    return f"{extra}inputs whose width and height are each a multiple of {multiple}{why}"
 
 
 def config_value(cfg: Any, name: str, default: Any) -> Any:

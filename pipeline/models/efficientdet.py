@@ -8,11 +8,13 @@ the old network after the engine swaps in `torch.compile(model.net)`. The anchor
 non-persistent buffer, so `.to(device)` moves them with the network (the DetBenchPredict device trap) and
 checkpoints hold only learned weights.
 
-Other input sizes (TTA scale views): effdet builds a network and anchors for one `config.image_size`. The
-network's only size-bound parts are the BiFPN's upsampling layers, which resize to fixed feature-map sizes;
-they are switched to the equivalent fixed factors (the same output at image_size), and anchors for another
-side are built on first use and cached. So `predict` takes any side that is a multiple of 2 ** max_level (128), and so
-does training (multi-scale): the labeler for another side matches targets to that side's anchors.
+Other input sizes (TTA scale views): effdet builds a network and anchors for one `config.image_size` (height,
+width: effdet's order; ours is (width, height) everywhere else). The network's only size-bound parts are the
+BiFPN's upsampling layers, which resize to fixed feature-map sizes; they are switched to the equivalent fixed
+factors (the same output at image_size), and anchors for another size are built on first use and cached. So
+`predict` takes any W x H whose sides are multiples of 2 ** max_level (128) -- non-square included, and a quarter
+turn's H x W -- and so does training (multi-scale): the labeler for another size matches targets to that size's
+anchors. effdet lays anchors out per axis (its own stride along each), so W != H needs nothing more.
 """
 from __future__ import annotations
 
@@ -38,7 +40,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from .base import Detections, Detector, Target, check_divisible, config_value, register_model
+from pipeline.config import InputSize, input_wh
+
+from .base import (Detections, Detector, Target, check_divisible, clamp_boxes, config_value, register_model,
+                   sides_rule)
 from .weights import hub_download
 
 COCO_CLASSES = 90  # the class count of effdet's published checkpoints
@@ -47,7 +52,7 @@ COCO_CLASSES = 90  # the class count of effdet's published checkpoints
 class EfficientDetDetector(Detector):
     head_prefixes = ("net.class_net.predict.",)
 
-    def __init__(self, net: EfficientDet, image_size: int, max_detections: int,
+    def __init__(self, net: EfficientDet, image_size: InputSize, max_detections: int,
                  score_threshold: float, nms_iou: float) -> None:
         super().__init__(net.config.num_classes, image_size, max_detections)
         self.net = net
@@ -56,10 +61,10 @@ class EfficientDetDetector(Detector):
         config = net.config
         self.size_multiple = 2 ** config.max_level  # the deepest feature stride: every level halves exactly
         _resample_by_factor(net)
-        # side -> anchors and their labeler, for sides other than image_size (TTA scale views, multi-scale training);
-        # plain dicts, not submodules: anchors are rebuilt from the config, never saved
-        self._other_anchors: dict[int, Anchors] = {}
-        self._other_labelers: dict[int, AnchorLabeler] = {}
+        # (width, height) -> anchors and their labeler, for sizes other than image_size (TTA scale views, quarter
+        # turns, multi-scale training); plain dicts, not submodules: anchors are rebuilt from the config, never saved
+        self._other_anchors: dict[tuple[int, int], Anchors] = {}
+        self._other_labelers: dict[tuple[int, int], AnchorLabeler] = {}
         self.register_buffer("mean", _channel_tensor(config.get("mean", IMAGENET_DEFAULT_MEAN)), persistent=False)
         self.register_buffer("std", _channel_tensor(config.get("std", IMAGENET_DEFAULT_STD)), persistent=False)
         self.anchors = Anchors.from_config(config)
@@ -72,19 +77,19 @@ class EfficientDetDetector(Detector):
     def backbone(self) -> nn.Module:
         return self.net.backbone
 
-    def accepts_size(self, side: int) -> bool:
-        return side > 0 and side % self.size_multiple == 0
+    def accepts_size(self, size: InputSize) -> bool:
+        return all(side > 0 and side % self.size_multiple == 0 for side in input_wh(size))
 
     @property
     def size_rule(self) -> str:
-        return f"square inputs whose side is a multiple of {self.size_multiple} (2 ** max_level)"
+        return sides_rule(self.size_multiple, why=" (2 ** max_level)")
 
     def _losses(self, images: Tensor, targets: list[Target]) -> dict[str, Tensor]:
         device = images.device
         yxyx = [t["boxes"][:, [1, 0, 3, 2]].to(device) for t in targets]  # effdet wants y1,x1,y2,x2
         classes = [(t["labels"] + 1).float().to(device) for t in targets]  # and 1-based classes
         class_out, box_out = self.net(self._normalise(images))
-        labeler = self._labeler_at(images.shape[-1])
+        labeler = self._labeler_at((images.shape[-1], images.shape[-2]))
         cls_targets, box_targets, num_positives = labeler.batch_label_anchors(yxyx, classes)
         _, class_loss, box_loss = self.loss_fn(class_out, box_out, cls_targets, box_targets, num_positives)
         # effdet's total is class_loss + box_loss_weight * box_loss; report the weighted term so the parts
@@ -93,52 +98,54 @@ class EfficientDetDetector(Detector):
 
     def _detect(self, images: Tensor) -> list[Detections]:
         config = self.net.config
-        side = images.shape[-1]
-        anchors = self._anchor_boxes(side)
+        size = (images.shape[-1], images.shape[-2])
+        anchors = self._anchor_boxes(size)
         class_out, box_out = self.net(self._normalise(images))
         # top-k over anchors fails ("selected index k out of range") when fewer anchors than k exist (small inputs)
         scores, box_codes, indices, classes = _post_process(
             class_out, box_out, num_levels=config.num_levels, num_classes=config.num_classes,
             max_detection_points=min(config.max_detection_points, anchors.shape[0]))
-        return [self._detect_one(scores[i], box_codes[i], anchors[indices[i]], classes[i], side)
+        return [self._detect_one(scores[i], box_codes[i], anchors[indices[i]], classes[i], size)
                 for i in range(images.shape[0])]
 
-    def _anchor_boxes(self, side: int) -> Tensor:
-        """Anchor boxes (y1, x1, y2, x2) for side x side inputs."""
-        return self._anchors_at(side).boxes
+    def _anchor_boxes(self, size: InputSize) -> Tensor:
+        """Anchor boxes (y1, x1, y2, x2) for inputs of `size` (a side or (width, height))."""
+        return self._anchors_at(size).boxes
 
-    def _anchors_at(self, side: int) -> Anchors:
-        """effdet's anchors for side x side inputs: the registered ones at image_size, else built once per side
-        and kept on the device and dtype of the registered ones."""
-        if side == self.image_size:
+    def _anchors_at(self, size: InputSize) -> Anchors:
+        """effdet's anchors for inputs of `size` (a side or (width, height)): the registered ones at image_size,
+        else built once per size and kept on the device and dtype of the registered ones."""
+        width, height = input_wh(size)
+        if (width, height) == self.input_wh:
             return self.anchors
         own = self.anchors.boxes
-        anchors = self._other_anchors.get(side)
+        anchors = self._other_anchors.get((width, height))
         if anchors is None or anchors.boxes.device != own.device or anchors.boxes.dtype != own.dtype:
             config = self.net.config
             anchors = Anchors(config.min_level, config.max_level, config.num_scales, config.aspect_ratios,
-                              config.anchor_scale, (side, side))
+                              config.anchor_scale, (height, width))  # effdet's (height, width)
             anchors.boxes = anchors.boxes.to(own)
-            self._other_anchors[side] = anchors
+            self._other_anchors[width, height] = anchors
         return anchors
 
-    def _labeler_at(self, side: int) -> AnchorLabeler:
-        """The labeler that matches targets to the anchors of side x side inputs (multi-scale training)."""
-        if side == self.image_size:
+    def _labeler_at(self, size: InputSize) -> AnchorLabeler:
+        """The labeler that matches targets to the anchors of inputs of `size` (multi-scale training)."""
+        wh = input_wh(size)
+        if wh == self.input_wh:
             return self.labeler
-        anchors = self._anchors_at(side)
-        labeler = self._other_labelers.get(side)
+        anchors = self._anchors_at(wh)
+        labeler = self._other_labelers.get(wh)
         if labeler is None or labeler.anchors is not anchors:
             labeler = AnchorLabeler(anchors, self.net.config.num_classes, match_threshold=0.5)
-            self._other_labelers[side] = labeler
+            self._other_labelers[wh] = labeler
         return labeler
 
     def _detect_one(self, logits: Tensor, box_codes: Tensor, anchors: Tensor, classes: Tensor,
-                    side: int) -> Detections:
+                    size: tuple[int, int]) -> Detections:
         # effdet's own generate_detections hard-codes NMS IoU 0.5, has no score threshold and pads with zero
         # rows; this is the same decode with our thresholds.
         boxes = decode_box_outputs(box_codes.float(), anchors, output_xyxy=True)
-        boxes = boxes.clamp(0, side)
+        boxes = clamp_boxes(boxes, *size)
         scores = logits.float().sigmoid().squeeze(1)
         keep = torch.nonzero(scores > self.score_threshold).squeeze(1)
         keep = keep[batched_nms(boxes[keep], scores[keep], classes[keep], self.nms_iou)]
@@ -188,7 +195,8 @@ def efficientdet_config(cfg: Any, num_classes: int) -> DictConfig:
     config.update(options)
     config.num_levels = config.max_level - config.min_level + 1
     check_divisible(cfg.image_size, 2 ** config.max_level, cfg.arch)
-    config.image_size = (cfg.image_size, cfg.image_size)
+    width, height = input_wh(cfg.image_size)
+    config.image_size = (height, width)  # effdet's order
     config.num_classes = num_classes
     config.max_det_per_image = cfg.max_detections  # effdet's default of 100 caps recall on crowded images
     config.soft_nms = False  # far too slow, and the ensemble's WBF does the fusing

@@ -33,8 +33,9 @@ FRCNN_OPTIONS = constructor_options(FasterRCNN)
 class FasterRCNNDetector(TorchvisionDetector):
     """A torchvision FasterRCNN, with 0-based labels outside and background class 0 inside.
 
-    Predicts at the size it is given: any side that is a multiple of `size_multiple` (the transform's
-    `size_divisible`, 32 by default: the FPN's deepest stride, so no padding is added), or its own image_size.
+    Predicts at the size it is given: any width and height that are multiples of `size_multiple` (the transform's
+    `size_divisible`, 32 by default: the FPN's deepest stride, so no padding is added), square or not, or its own
+    image_size (a side or [width, height]).
     Anchors and RoI pooling follow the feature maps, so nothing else depends on the size. The exception is a net
     whose transform was set to resize (options min_size/max_size other than image_size, or fixed_size): it would
     resize every input to one size, undoing a scale view, so it takes its own size only.

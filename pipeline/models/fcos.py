@@ -31,8 +31,8 @@ TIMM_OPTIONS = ("out_indices", "fpn_channels", "backbone_args", "head_convs")
 class FCOSDetector(TorchvisionDetector):
     """A torchvision FCOS: sigmoid class scores without a background class, so labels are 0-based inside too.
 
-    Takes any side that is a multiple of `size_multiple` (32) at predict time, like Faster R-CNN: its points
-    follow the feature maps (and, for `fcos_timm`, step by each level's true stride at every size)."""
+    Takes any width and height that are multiples of `size_multiple` (32) at predict time, like Faster R-CNN:
+    its points follow the feature maps (and, for `fcos_timm`, step by each level's true stride at every size)."""
 
     head_prefixes = ("net.head.classification_head.cls_logits.",)
     label_offset = 0

@@ -35,8 +35,8 @@ PRIOR_PROBABILITY = 0.01  # RetinaNet's initial foreground probability of every 
 class RetinaNetDetector(TorchvisionDetector):
     """A torchvision RetinaNet: sigmoid class scores without a background class, so labels are 0-based inside too.
 
-    Takes any side that is a multiple of `size_multiple` (32) at predict time, like Faster R-CNN: anchors follow
-    the feature maps (and, for `retinanet_timm`, step by each level's true stride at every size)."""
+    Takes any width and height that are multiples of `size_multiple` (32) at predict time, like Faster R-CNN:
+    anchors follow the feature maps (and, for `retinanet_timm`, step by each level's true stride at every size)."""
 
     head_prefixes = ("net.head.classification_head.cls_logits.",)
     label_offset = 0

@@ -6,6 +6,11 @@ Input size: SSD's default boxes are fractions of the input side (0.2 to 0.95 of 
 is built for `model.image_size` (torchvision fixes 320; any side works here) and takes only that size. At
 another side its boxes would grow with the image, so a TTA scale view would not show the network its objects
 at another scale: `accepts_size` refuses every other side and scale views are an error for this family.
+
+Square only: a non-square `model.image_size` is refused when the model is built (`check_square`). torchvision's
+SSDlite320 is a fixed 320 x 320 network, and its default boxes are fractions of each side, so on a W x H input a
+"square" default box would be W/H times wider than high: the box shapes it was designed (and pretrained) with would
+change with the input's aspect. Use a square image_size with `model.resize: letterbox` to keep the image's ratio.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from torchvision.models.detection.ssdlite import (
     _normal_init,
 )
 from torchvision.models.mobilenetv3 import mobilenet_v3_large
+
+from pipeline.config import input_wh
 
 from .base import config_value, register_model
 from .timm_fpn import body_mean_std, timm_body
@@ -94,6 +101,18 @@ def _default_boxes(levels: int, box_options: dict[str, Any]) -> DefaultBoxGenera
                                max_ratio=float(box_options.get("max_ratio", 0.95)))
 
 
+def check_square(name: str, cfg: Any) -> int:
+    """The side of `cfg.image_size`; ValueError naming the family and the rule for a non-square size."""
+    width, height = input_wh(cfg.image_size)
+    if width != height:
+        raise ValueError(
+            f"{name}: model.image_size [{width}, {height}] is not square, and SSDlite takes square inputs only: its "
+            "default boxes are fractions of each input side, so on a non-square input every default box would "
+            f"stretch with the aspect ratio (torchvision's SSDlite320 is a fixed square network). Use a square "
+            f"image_size (e.g. {max(width, height)}) with model.resize: letterbox to keep the images' aspect ratio")
+    return width
+
+
 def _fixed_to(net: SSD, side: int) -> SSD:
     """torchvision builds SSDlite for 320 px; its default boxes are relative, so only the transform needs the size."""
     net.transform.fixed_size = (side, side)
@@ -107,6 +126,7 @@ def build_torchvision_ssdlite(cfg: Any, num_classes: int) -> SSDliteDetector:
     torchvision's own parts: the builder ties the reduced tail to its hub weights, and `backbone_weights` (a
     torchvision mobilenet_v3_large ImageNet file) needs the full tail. `options: {reduced_tail: ...}` overrides."""
     name = "ssdlite320_mobilenet_v3_large"
+    check_square(name, cfg)
     options = checked_options(name, config_value(cfg, "options", {}), SSD_OPTIONS | set(BOX_OPTIONS) | {"reduced_tail"},
                               transform=False)
     boxes = {k: options.pop(k) for k in BOX_OPTIONS if k in options}
@@ -137,6 +157,7 @@ def build_timm_ssdlite(cfg: Any, num_classes: int) -> SSDliteDetector:
     """SSDlite on a timm body: its feature maps at `out_indices` (default (3, 4): strides 16 and 32) and
     `extra_channels` extra layers (default 512, 256, 256, 128), one default-box level per map, boxes from
     `min_ratio` to `max_ratio` of the side (default 0.2-0.95, torchvision's; lower min_ratio for small objects)."""
+    check_square("ssdlite_timm", cfg)
     options = checked_options("ssdlite_timm", config_value(cfg, "options", {}),
                               SSD_OPTIONS | set(BOX_OPTIONS) | set(TIMM_OPTIONS), transform=False)
     own = {k: options.pop(k) for k in TIMM_OPTIONS if k in options}

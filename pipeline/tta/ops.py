@@ -2,11 +2,11 @@
 
 An op is a frozen dataclass subclassing ``TTAOp`` and registered under the pattern its name matches in a view
 string. It says how it changes the image (``apply``), where a point lands (``map_points``), what undoes it
-(``inverse``) and the side of its output (``out_size``). Adding an op is one class here, decorated with
+(``inverse``) and the size of its output (``out_size``). Adding an op is one class here, decorated with
 ``@register_op(pattern)``, plus its test; parsing, composition, box inverses and batching pick it up.
 
-Coordinates are continuous pixel coordinates on ``[0, S] x [0, S]`` (see the package docstring), so a flip maps
-``x -> S - x``.
+Sizes are ``(width, height)`` pairs (``Size``): an image batch is (B, C, height, width). Coordinates are continuous
+pixel coordinates on ``[0, W] x [0, H]`` (see the package docstring), so a flip maps ``x -> W - x``.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from torch import Tensor
 DEFAULT_SIZE_MULTIPLE = 32
 
 Coords = TypeVar("Coords", Tensor, np.ndarray)  # a column of x or y coordinates
+Size = tuple[int, int]  # (width, height)
 
 
 class TTAOp:
@@ -37,20 +38,25 @@ class TTAOp:
         """The op for a view part that fullmatched the registered pattern; ValueError if the values are bad."""
         return cls()
 
+    # True for an op whose view of a W x H image is H x W (quarter turns, transpose): a non-square input then needs a
+    # model that takes the swapped size too
+    swaps_axes: ClassVar[bool] = False
+
     @property
     def changes_size(self) -> bool:
         return False
 
-    def out_size(self, size: int, size_multiple: int) -> int:
-        """The side of the output for a ``size`` x ``size`` input, sides rounded to ``size_multiple``."""
+    def out_size(self, size: Size, size_multiple: int) -> Size:
+        """The (width, height) of the output for a ``size`` = (width, height) input; a resizing op rounds each
+        side to ``size_multiple``."""
         return size
 
-    def apply(self, images: Tensor, new_size: int) -> Tensor:
-        """``images`` (B, C, S, S) after the op; ``new_size`` is ``out_size`` of S."""
+    def apply(self, images: Tensor, new_size: Size) -> Tensor:
+        """``images`` (B, C, H, W) after the op; ``new_size`` is ``out_size`` of (W, H)."""
         return images
 
-    def map_points(self, x: Coords, y: Coords, s_in: int, s_out: int) -> tuple[Coords, Coords]:
-        """Where the point (x, y) of the ``s_in`` frame lands in the ``s_out`` frame."""
+    def map_points(self, x: Coords, y: Coords, s_in: Size, s_out: Size) -> tuple[Coords, Coords]:
+        """Where the point (x, y) of the ``s_in`` = (width, height) frame lands in the ``s_out`` frame."""
         return x, y
 
     def inverse(self) -> TTAOp:
@@ -119,11 +125,11 @@ class HFlip(TTAOp):
 
     spellings = ("hflip",)
 
-    def apply(self, images: Tensor, new_size: int) -> Tensor:
+    def apply(self, images: Tensor, new_size: Size) -> Tensor:
         return images.flip(-1)
 
-    def map_points(self, x: Coords, y: Coords, s_in: int, s_out: int) -> tuple[Coords, Coords]:
-        return s_in - x, y
+    def map_points(self, x: Coords, y: Coords, s_in: Size, s_out: Size) -> tuple[Coords, Coords]:
+        return s_in[0] - x, y
 
 
 @register_op(r"vflip")
@@ -133,18 +139,19 @@ class VFlip(TTAOp):
 
     spellings = ("vflip",)
 
-    def apply(self, images: Tensor, new_size: int) -> Tensor:
+    def apply(self, images: Tensor, new_size: Size) -> Tensor:
         return images.flip(-2)
 
-    def map_points(self, x: Coords, y: Coords, s_in: int, s_out: int) -> tuple[Coords, Coords]:
-        return x, s_in - y
+    def map_points(self, x: Coords, y: Coords, s_in: Size, s_out: Size) -> tuple[Coords, Coords]:
+        return x, s_in[1] - y
 
 
 @register_op(r"rot90_([123])")
 @dataclass(frozen=True)
 class Rot90(TTAOp):
     """``k`` quarter turns with ``torch.rot90(images, k, dims=(-2, -1))``: counter-clockwise as displayed
-    (row 0 at the top), so the top-right corner goes to the top-left and (x, y) -> (y, S - x) per turn."""
+    (row 0 at the top), so the top-right corner goes to the top-left and (x, y) -> (y, W - x) for one turn of a
+    W x H image. An odd ``k`` swaps width and height: a W x H input gives an H x W view."""
 
     k: int
     spellings = ("rot90_1", "rot90_2", "rot90_3")
@@ -153,11 +160,19 @@ class Rot90(TTAOp):
     def from_match(cls, match: re.Match[str]) -> TTAOp:
         return cls(int(match.group(1)))
 
-    def apply(self, images: Tensor, new_size: int) -> Tensor:
+    @property
+    def swaps_axes(self) -> bool:
+        return self.k % 2 == 1
+
+    def out_size(self, size: Size, size_multiple: int) -> Size:
+        return (size[1], size[0]) if self.swaps_axes else size
+
+    def apply(self, images: Tensor, new_size: Size) -> Tensor:
         return torch.rot90(images, self.k, dims=(-2, -1))
 
-    def map_points(self, x: Coords, y: Coords, s_in: int, s_out: int) -> tuple[Coords, Coords]:
-        return [(x, y), (y, s_in - x), (s_in - x, s_in - y), (s_in - y, x)][self.k % 4]
+    def map_points(self, x: Coords, y: Coords, s_in: Size, s_out: Size) -> tuple[Coords, Coords]:
+        w, h = s_in
+        return [(x, y), (y, w - x), (w - x, h - y), (h - y, x)][self.k % 4]
 
     def inverse(self) -> TTAOp:
         return Rot90((4 - self.k) % 4)
@@ -166,23 +181,28 @@ class Rot90(TTAOp):
 @register_op(r"transpose")
 @dataclass(frozen=True)
 class Transpose(TTAOp):
-    """Swap x and y (mirror about the main diagonal)."""
+    """Swap x and y (mirror about the main diagonal): a W x H input gives an H x W view."""
 
     spellings = ("transpose",)
+    swaps_axes = True
 
-    def apply(self, images: Tensor, new_size: int) -> Tensor:
+    def out_size(self, size: Size, size_multiple: int) -> Size:
+        return size[1], size[0]
+
+    def apply(self, images: Tensor, new_size: Size) -> Tensor:
         return images.transpose(-1, -2)
 
-    def map_points(self, x: Coords, y: Coords, s_in: int, s_out: int) -> tuple[Coords, Coords]:
+    def map_points(self, x: Coords, y: Coords, s_in: Size, s_out: Size) -> tuple[Coords, Coords]:
         return y, x
 
 
 @register_op(r"scale(\d+(?:\.\d+)?|\.\d+)")
 @dataclass(frozen=True)
 class Scale(TTAOp):
-    """Bilinear resize (``align_corners=False``, no antialias: OpenCV's ``INTER_LINEAR`` sampling) to
-    ``scaled_size(S, factor, m)``. Points move by the realised ratio ``S' / S``, not ``factor``, so the box map
-    stays exact after the rounding to the model's size multiple ``m``."""
+    """Bilinear resize (``align_corners=False``, no antialias: OpenCV's ``INTER_LINEAR`` sampling) of a W x H
+    image to ``scaled_size(W, factor, m)`` x ``scaled_size(H, factor, m)``: both sides by the same factor, each
+    rounded to the model's size multiple ``m``. Points move by each axis's realised ratio (``W' / W``, ``H' / H``),
+    not ``factor``, so the box map stays exact after the rounding."""
 
     factor: float
     spellings = ("scale<f> (e.g. scale0.8)",)
@@ -199,18 +219,21 @@ class Scale(TTAOp):
     def changes_size(self) -> bool:
         return True
 
-    def out_size(self, size: int, size_multiple: int) -> int:
-        return scaled_size(size, self.factor, size_multiple)
+    def out_size(self, size: Size, size_multiple: int) -> Size:
+        return scaled_size(size[0], self.factor, size_multiple), scaled_size(size[1], self.factor, size_multiple)
 
-    def apply(self, images: Tensor, new_size: int) -> Tensor:
-        if new_size == images.shape[-1]:
+    def apply(self, images: Tensor, new_size: Size) -> Tensor:
+        width, height = new_size
+        if (height, width) == tuple(images.shape[-2:]):
             return images
-        return F.interpolate(images, size=(new_size, new_size), mode="bilinear", align_corners=False,
-                             antialias=False)
+        return F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
 
-    def map_points(self, x: Coords, y: Coords, s_in: int, s_out: int) -> tuple[Coords, Coords]:
+    def map_points(self, x: Coords, y: Coords, s_in: Size, s_out: Size) -> tuple[Coords, Coords]:
         if s_in == s_out:
             return x, y
-        return x * s_out / s_in, y * s_out / s_in
+        # each axis alone: an unchanged axis keeps its coordinates bit for bit
+        x = x if s_in[0] == s_out[0] else x * s_out[0] / s_in[0]
+        y = y if s_in[1] == s_out[1] else y * s_out[1] / s_in[1]
+        return x, y
 
-    # inverse: itself; with the sizes swapped map_points scales by S / S'
+    # inverse: itself; with the sizes swapped map_points scales by W / W' and H / H'

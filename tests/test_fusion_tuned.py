@@ -1,0 +1,66 @@
+"""pipeline.fusion.fuse_tuned: the fusion the ensemble, pseudo-labelling and offline inference share."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.fusion import fuse_predictions, fuse_tuned, rule_params
+from tests.test_fusion import SIZES, make_table
+
+SETS = [(m, f) for m in ("m0", "m1", "m2") for f in (0, 1)]
+GROUP = ("model", "fold")
+
+
+def test_params_without_a_method_are_wbf_and_a_foreign_parameter_is_refused():
+    assert rule_params({"iou_thr": 0.6, "score_thr": 0.1, "weights": None}) == (
+        "wbf", {"iou_thr": 0.6, "skip_box_thr": 0.0, "conf_type": "avg", "allows_overflow": False})
+    assert rule_params({"method": "nms", "iou_thr": 0.3})[1] == {"iou_thr": 0.3}
+    with pytest.raises(TypeError, match="sigma"):
+        rule_params({"method": "nms", "sigma": 0.5})  # a soft-NMS parameter: a file made for another rule
+
+
+@pytest.mark.parametrize("method", ["wbf", "nmw", "nms", "soft_nms"])
+def test_a_member_of_weight_zero_is_left_out_entirely(method):
+    table = make_table(seed=2)
+    params = {"method": method, "weights": {"m0": 1.0, "m1": 0.0, "m2": 2.0}}
+    fused = fuse_tuned(table, SIZES, params, SETS, GROUP, name="e")
+    kept = [s for s in SETS if s[0] != "m1"]
+    expected = fuse_tuned(table[table.model != "m1"], SIZES, params | {"weights": {"m0": 1.0, "m2": 2.0}}, kept,
+                          GROUP, name="e")
+    pd.testing.assert_frame_equal(fused.reset_index(drop=True), expected.reset_index(drop=True))
+    # and it differs from counting m1's boxes with weight 0 in the sets
+    counted = fuse_predictions(table, SIZES, method=method, group_col=GROUP, sets=SETS, model_name="e",
+                               weights=params["weights"])
+    assert len(counted) != len(fused) or not np.allclose(counted.score.to_numpy(), fused.score.to_numpy())
+
+
+@pytest.mark.parametrize("method", ["nms", "soft_nms"])
+def test_suppression_scores_do_not_depend_on_how_many_sets_are_fused(method):
+    # NMS and soft-NMS divide weighted scores by the weights' sum: with equal weights fuse_tuned gives the
+    # unweighted scores back, whether the table has 2 folds (6 sets) or 1 (3 sets)
+    table = make_table(seed=5)
+    equal = {"method": method, "weights": {"m0": 1.0, "m1": 1.0, "m2": 1.0}}
+    tuned = fuse_tuned(table, SIZES, equal, SETS, GROUP, name=method)
+    plain = fuse_predictions(table, SIZES, method=method, group_col=GROUP, sets=SETS, model_name=method)
+    np.testing.assert_allclose(tuned.score.to_numpy(), plain.score.to_numpy(), rtol=1e-6)
+    one_fold = table[table.fold == 0]
+    sets = [s for s in SETS if s[1] == 0]
+    np.testing.assert_allclose(
+        fuse_tuned(one_fold, SIZES, equal, sets, GROUP, name=method).score.to_numpy(),
+        fuse_predictions(one_fold, SIZES, method=method, group_col=GROUP, sets=sets).score.to_numpy(), rtol=1e-6)
+    # unequal weights: a box keeps score * w / max(w), so the strongest member's boxes keep their own scores
+    skewed = fuse_tuned(table, SIZES, equal | {"weights": {"m0": 2.0, "m1": 1.0, "m2": 1.0}}, SETS, GROUP, name="s")
+    # (weights sum 8 over the sets, max 2: the library's scores times 4; soft-NMS's thresh divided by 4 alike)
+    scaled_thresh = {"thresh": 0.001 / 4} if method == "soft_nms" else {}
+    raw = fuse_predictions(table, SIZES, method=method, group_col=GROUP, sets=SETS,
+                           weights={"m0": 2.0, "m1": 1.0, "m2": 1.0}, **scaled_thresh)
+    np.testing.assert_allclose(skewed.score.to_numpy(), raw.score.to_numpy() * 4, rtol=1e-6)
+
+
+def test_the_score_threshold_is_applied_after_fusion():
+    table = make_table(seed=1)
+    fused = fuse_tuned(table, SIZES, {"method": "nmw"}, SETS, GROUP, name="e")
+    cut = fuse_tuned(table, SIZES, {"method": "nmw", "score_thr": 0.5}, SETS, GROUP, name="e")
+    assert 0 < len(cut) < len(fused) and (cut.score >= 0.5).all()
+    pd.testing.assert_frame_equal(cut.reset_index(drop=True), fused[fused.score >= 0.5].reset_index(drop=True))
