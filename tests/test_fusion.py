@@ -406,8 +406,9 @@ def test_fuse_predictions_errors_and_empty():
 # ------------------------------------------------------------------------------------------------------------------
 def test_public_api():
     assert sorted(pipeline.fusion.__all__) == ["BACKENDS", "CONF_TYPES", "FUSION_METHODS", "FusionRule",
-                                               "fuse_predictions", "nms", "nms_method", "non_maximum_weighted",
-                                               "soft_nms", "weighted_boxes_fusion"]
+                                               "fuse_predictions", "fuse_tuned", "nms", "nms_method",
+                                               "non_maximum_weighted", "rule_params", "soft_nms",
+                                               "weighted_boxes_fusion"]
     assert BACKENDS == ("numba", "ensemble_boxes")
     assert CONF_TYPES == ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
 

@@ -257,3 +257,99 @@ def test_results_of_consecutive_calls_are_independent():
     soft_nms(*make_inputs(rng, 5, 30, 1, quantise=False, messy=False))
     for a, b in zip(first, kept):
         np.testing.assert_array_equal(a, b)
+
+
+def test_large_groups_with_tied_scores_follow_the_librarys_positions():
+    """One big label group (many blocks of the lazy maximum, the grid refiled as boxes drop out) with scores and
+    boxes on coarse grids: exact duplicates decay each other to 0 (linear) and scores tie across blocks; with
+    thresh < 0 nothing drops out and negative scores grow towards 0."""
+    rng = np.random.default_rng(21)
+    n_sets, per_set = 12, 60
+    objs = np.round(rng.uniform(0, 0.8, (40, 2)) * 32) / 32
+    boxes, scores, labels = [], [], []
+    for _ in range(n_sets):
+        k = rng.integers(0, 40, per_set)
+        xy = objs[k] + np.round(rng.normal(0, 0.02, (per_set, 2)) * 32) / 32
+        wh = np.round(rng.uniform(0.05, 0.2, (per_set, 2)) * 32) / 32
+        boxes.append(np.clip(np.c_[xy, xy + wh], 0, 1))
+        scores.append(np.round(rng.uniform(0, 1, per_set) * 16) / 16)
+        labels.append(np.zeros(per_set, np.int64))
+    negative = [s - 0.5 for s in scores]
+    for method, sigma in ((1, 0.5), (2, 0.5), (2, 0.05)):
+        for sc, thresh in ((scores, 0.001), (scores, 0.2), (negative, -1.0),
+                           ([s.astype(np.float32) for s in scores], 0.001)):
+            kw = dict(method=method, iou_thr=0.3, sigma=sigma, thresh=thresh)
+            assert_identical(lib(eb_soft_nms, boxes, sc, labels, **kw), ours(soft_nms, boxes, sc, labels, **kw))
+
+
+def _soft_scratch(boxes: np.ndarray, dead: np.ndarray):
+    """A soft-NMS scratch holding one group: ``boxes`` as its members, ``dead`` ones marked removed."""
+    from pipeline.fusion.suppression_kernel import BoxRow, IntRow, allocate_scratch
+    scratch = allocate_scratch(len(boxes))
+    scratch.boxes[BoxRow.GROUP, :len(boxes)] = boxes
+    scratch.ints[IntRow.REMOVED, :len(boxes)] = dead
+    return scratch
+
+
+def test_soft_overlap_search_finds_exactly_the_live_overlapping_boxes():
+    """The soft-NMS grid through removals and refiles: every live member that intersects the selected one is
+    found, with the library's IoU; nothing else (gaussian window); linear's narrower window still finds every
+    member above ``iou_thr``."""
+    from pipeline.fusion.grid import search_radius_factor
+    from pipeline.fusion.primitives import iou
+    from pipeline.fusion.suppression_kernel import (FloatRow, IntRow, _file_soft_group, _overlapping, _refile,
+                                                    _soft_grid_remove)
+    rng = np.random.default_rng(5)
+    n = 700
+    xy = rng.uniform(0, 0.9, (n, 2))
+    wh = rng.uniform(0.01, 0.12, (n, 2))
+    wh[rng.random(n) < 0.03] = 0.6  # large members: checked on every step, outside the grid
+    boxes = np.clip(np.c_[xy, xy + wh], 0, 1)
+    scratch = _soft_scratch(boxes, (rng.random(n) < 0.1).astype(np.int64))
+    ints = scratch.ints
+    removed, cell_of, slot_of = ints[IntRow.REMOVED], ints[IntRow.CELL_OF], ints[IntRow.SLOT_OF]
+    n_cells, fw, fh, n_big = _file_soft_group(n, scratch)
+    assert n_cells > 0 and n_big > 0
+    steps = 0
+    for q in rng.permutation(np.flatnonzero(removed[:n] == 0)):
+        if removed[q]:
+            continue
+        steps += 1
+        removed[q] = 1
+        _soft_grid_remove(q, cell_of, slot_of, scratch.soft_slots)
+        for j in rng.choice(n, 2):  # boxes that die
+            removed[j] = 1
+            _soft_grid_remove(j, cell_of, slot_of, scratch.soft_slots)
+        if steps % 40 == 0:
+            _refile(n, n_cells, scratch)
+        live = np.flatnonzero(removed[:n] == 0)
+        inter = ((np.minimum(boxes[q, 2], boxes[live, 2]) - np.maximum(boxes[q, 0], boxes[live, 0]) > 0)
+                 & (np.minimum(boxes[q, 3], boxes[live, 3]) - np.maximum(boxes[q, 1], boxes[live, 1]) > 0))
+        k = _overlapping(q, n_cells, fw, fh, n_big, 0.0, scratch)
+        found = dict(zip(ints[IntRow.CAND, :k].tolist(), scratch.floats[FloatRow.CAND_IOU, :k].tolist()))
+        assert len(found) == k and set(found) == set(live[inter].tolist())
+        assert all(v == iou(*boxes[q], *boxes[j]) for j, v in found.items())
+        k = _overlapping(q, n_cells, fw, fh, n_big, search_radius_factor(0.5), scratch)
+        narrow = set(ints[IntRow.CAND, :k].tolist())
+        assert {j for j in live[inter].tolist() if iou(*boxes[q], *boxes[j]) > 0.5} <= narrow <= set(found)
+    assert steps >= 160  # four refiles at least
+
+
+def test_block_max_and_first_equal():
+    from pipeline.fusion.suppression_kernel import _block_max, _first_equal
+    rng = np.random.default_rng(9)
+    for _ in range(200):
+        a = np.round(rng.normal(0, 1, 8 * int(rng.integers(1, 6))) * 4) / 4
+        a[rng.random(len(a)) < 0.3] = -np.inf
+        lo = 4 * int(rng.integers(0, len(a) // 4))
+        m = _block_max(a, lo, len(a))
+        assert m == a[lo:].max()
+        assert _first_equal(a, lo, m) == lo + int(np.argmax(a[lo:]))
+
+
+def test_block_layout_fits_the_scratch():
+    from pipeline.fusion.suppression_kernel import block_layout, score_room
+    for n in list(range(1, 3000)) + [10 ** 5, 10 ** 6 + 7]:
+        bs, nb, nb_pad = block_layout(n)
+        assert bs % 8 == 0 and nb_pad % 8 == 0 and nb_pad >= nb and (nb - 1) * bs < n <= nb * bs
+        assert nb * bs + nb_pad <= score_room(n)

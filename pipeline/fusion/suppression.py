@@ -51,8 +51,8 @@ centres and looks only at those whose centre is close enough for IoU > ``iou_thr
 :mod:`pipeline.fusion.grid`); soft-NMS decays only the boxes that overlap the selected one (every other weight is
 exactly 1, and ``1.0 * s == s``), found through a grid, drops boxes whose score fell to ``thresh`` or below (with
 ``thresh >= 0`` they can never be returned nor decay a box that can, since the library selects them last), and
-keeps the scores in a tournament tree over the library's positions, lazily: a decay only lowers a score, so stored
-scores are upper bounds, refreshed when they reach the top. The drop-ins concatenate the per-set lists in one
+finds each step's maximum of the library's score array through per-block upper bounds, rescanning a block only
+when its bound has gone stale (a decay only lowers a score). The drop-ins concatenate the per-set lists in one
 call when they are arrays, and reuse their work and output arrays between calls.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.fusion.lists import check_finite, check_lengths, effective_threshold
+from pipeline.fusion.lists import check_lengths, effective_threshold
 from pipeline.fusion.packing import PackedTable, pack_lists
 from pipeline.fusion.runner import KernelOutput, largest_image, run_kernel
 from pipeline.fusion.suppression_kernel import (GAUSSIAN, HARD, LINEAR, allocate_scratch, fuse_image_range,
@@ -129,9 +129,10 @@ def _library_inputs(boxes: Any, scores: Any, labels: Any, weights: Any,
         else:
             fast = b.ndim == 2 and b.shape[1] == 4 and sc.ndim == 1 and lab.ndim == 1
     if fast:
-        lens = np.fromiter(map(len, boxes), np.int64, n_sets)
-        check_lengths(lens, np.fromiter(map(len, scores), np.int64, n_sets),
-                      np.fromiter(map(len, labels), np.int64, n_sets))
+        box_lens = [len(x) for x in boxes]
+        if box_lens != [len(x) for x in scores] or box_lens != [len(x) for x in labels]:
+            check_lengths(np.array(box_lens), np.array([len(x) for x in scores]), np.array([len(x) for x in labels]))
+        lens = np.array(box_lens, np.int64)
         if weights is not None:
             w = np.array(weights)
             sc = (sc * np.repeat(w, lens)) / w.sum()
@@ -167,7 +168,7 @@ def nms_method(boxes: Any, scores: Any, labels: Any, method: int = 3, iou_thr: f
         return np.zeros((0, 4)), np.zeros(0), np.zeros(0)
     if sc.dtype.kind != "f" or sc.dtype.itemsize not in (4, 8):
         sc = sc.astype(np.float64)  # the library would decay integer or float16 scores in their own dtype
-    check_finite(b, sc)
+    # non-finite boxes or scores: the kernel counts them and run_kernel raises ValueError
     if lab.dtype.kind in "iu" and (lab.dtype.itemsize < 8 or lab.dtype.kind == "i"):
         uniq, codes = None, lab  # integers sort as themselves: the kernel's ascending labels are np.unique's
     else:

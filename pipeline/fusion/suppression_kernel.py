@@ -6,19 +6,19 @@
 1. :func:`~pipeline.fusion.rows.read_image` -- read the rows, clip and sort each coordinate pair, drop zero areas,
    weight the scores;
 2. :func:`_order_by_label` -- label groups in ascending label order, each in input order;
-3. per group (:func:`_gather_group`), :func:`_hard_nms_group` (greedy suppression in score order, kept boxes
-   filed in a grid over their centres, IoUs tested against ``iou_thr`` without a division when clearly apart) or
-   :func:`_soft_nms_group` (the library's selection loop: an 8-ary tournament tree over the library's array
-   positions finds each step's maximum as ``np.max`` / ``np.argmax`` would, including ties; only boxes that
-   overlap the selected one are decayed -- every other weight is exactly 1 -- found by :func:`_overlapping`;
-   boxes that can no longer be returned drop out); both look boxes up in a grid stored cell by cell
-   (:mod:`pipeline.fusion.grid`);
+3. per group (:func:`_gather_group`; NMS of a single label reads the boxes where they are),
+   :func:`_hard_nms_group` (greedy suppression in score order, kept boxes filed in a grid over their centres, IoUs
+   tested against ``iou_thr`` without a division when clearly apart) or :func:`_soft_nms_group` (the library's
+   selection loop over its own score array, whose maximum is found through lazy per-block maxima; only boxes that
+   overlap the selected one are decayed -- every other weight is exactly 1 -- found by :func:`_overlapping` in a
+   grid of their own (:func:`_soft_grid_build`); boxes that can no longer be returned drop out);
 4. the kept boxes are written group by group, in selection order.
 
-Cost. NMS: a sort and a few grid cells per box. Soft-NMS: per selected box, its overlapping live boxes, each an
-IoU and (gaussian) an ``exp`` -- every overlapping pair is decayed once, as in the library, which computes the
-same products for all remaining boxes at every step; tens of thousands of overlapping pairs per image at 40 sets
-x 100 boxes keep gaussian soft-NMS the slowest rule by far.
+Cost. NMS: a sort and a few grid cells per box. Soft-NMS: per selected box, a window of grid rows and its
+overlapping live boxes, each an IoU and (gaussian) an ``exp`` -- every overlapping pair is decayed once, as in the
+library, which computes the same products for all remaining boxes at every step; finding each step's maximum
+costs two scans of about ``sqrt(n)`` scores, about twice per step. Tens of thousands of overlapping pairs per
+image at 40 sets x 100 boxes keep gaussian soft-NMS the slowest rule.
 
 Work arrays are laid out in :class:`Scratch` (one allocation per thread, rows named by :class:`BoxRow`,
 :class:`FloatRow`, :class:`IntRow`), passed as separate arguments like the WBF kernel's.
@@ -34,7 +34,7 @@ import numba
 import numpy as np
 
 from pipeline.fusion.grid import (GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, cells_per_axis, grid_add, grid_layout,
-                                  grid_remove, search_radius_factor, window_cells)
+                                  search_radius_factor, window_cells)
 from pipeline.fusion.primitives import (NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys, iou,
                                         radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
@@ -49,7 +49,7 @@ HARD = 3
 
 SOFT_LARGE = 3.0  # soft-NMS: members wider or taller than this many times the mean are checked on every step
 SOFT_CELL_FACTOR = 0.25  # soft-NMS grid cells per axis: about 1 / (this * the largest filed size)
-TREE_MAX_LEVELS = 24  # 8-ary tree levels: 8 ** 24 positions, far beyond any image
+SOFT_REFILE_MIN = 64  # soft-NMS: refile the grid once fewer than half its slots are live, if it has more than this
 
 
 @unique
@@ -57,8 +57,8 @@ class BoxRow(IntEnum):
     """Rows of ``Scratch.boxes`` (float64, ``(len(BoxRow), cap, 4)``)."""
 
     KEPT = 0  # per box: the image's boxes after clipping, in (set, input) order
-    GROUP = 1  # per group member: its box (soft-NMS: contiguous, in the library's order)
-    SLOT = 2  # per grid slot: the box filed there (pipeline.fusion.grid)
+    GROUP = 1  # per group member: its box (contiguous, in the library's order)
+    SLOT = 2  # NMS, per grid slot: the box filed there (pipeline.fusion.grid)
 
 
 @unique
@@ -67,9 +67,8 @@ class FloatRow(IntEnum):
 
     KEPT_SCORE = 0  # per box: weighted score
     GROUP_SCORE = 1  # per group member: weighted score (hard: the sort input; soft: the score returned)
-    CURRENT = 2  # soft-NMS, per group member: the decayed score
-    FINAL = 3  # soft-NMS, per step: the selected member's score at selection (compared with ``thresh``)
-    CAND_IOU = 4  # soft-NMS: IoU of the selected member with each candidate (``IntRow.CAND``)
+    FINAL = 2  # soft-NMS, per step: the selected member's score at selection (compared with ``thresh``)
+    CAND_IOU = 3  # soft-NMS: IoU of the selected member with each candidate (``IntRow.CAND``)
 
 
 @unique
@@ -92,7 +91,7 @@ class IntRow(IntEnum):
     LIST = 13  # hard: the kept members in order; soft: the large members (checked on every step)
     SELECTED = 14  # soft-NMS: member selected at each step
     REMOVED = 15  # soft-NMS, per member: 1 once selected or dead (score <= thresh)
-    CAND = 16  # soft-NMS: the members a selected member overlaps
+    CAND = 16  # soft-NMS: the members a selected member overlaps (between steps: free work space)
 
 
 class Scratch(NamedTuple):
@@ -102,23 +101,26 @@ class Scratch(NamedTuple):
     floats: np.ndarray  # float64 (len(FloatRow), cap)
     ints: np.ndarray  # int64 (len(IntRow), cap)
     group_start: np.ndarray  # int64 (cap + 1)
-    tree_val: np.ndarray  # float64 (TREE_ROOM(cap)): 8-ary tournament tree over library positions, level by level
-    #                       (leaf p: the stored score of position p, an upper bound; a node: its winner's score)
-    tree_win: np.ndarray  # int64 (TREE_ROOM(cap)): the winning position per node
-    tree_off: np.ndarray  # int64 (TREE_MAX_LEVELS + 1): where each level of the tree starts
+    pos_score: np.ndarray  # float64 (score_room(cap)): soft-NMS, the library's score array (padded to whole
+    #                        blocks), then each block's upper bound of its maximum (see _soft_nms_group)
+    soft_slots: np.ndarray  # float64 (4, cap): soft-NMS grid, per slot: x1, y1, x2, y2 (one row per coordinate)
     cell_start: np.ndarray  # int64 (GRID_MAX ** 2 + 1): first slot of each grid cell
     cell_count: np.ndarray  # int64 (GRID_MAX ** 2): boxes filed in each cell
     radix_hist: np.ndarray  # int64 (RADIX_HIST_SIZE)
 
 
+def score_room(cap: int) -> int:
+    """Length of ``Scratch.pos_score`` for groups of up to ``cap`` members (:func:`block_layout`): under
+    ``cap + sqrt(cap) + 8`` scores in whole blocks, then at most ``cap / 8 + 8`` bounds."""
+    return 2 * cap + 64
+
+
 def allocate_scratch(cap: int) -> Scratch:
     """Uninitialised work arrays for images of up to ``cap`` boxes (the kernel writes before it reads)."""
     cap = max(int(cap), 1)
-    room = 2 * cap + 8 * (TREE_MAX_LEVELS + 1)  # levels of ceil(n / 8^l) nodes, each padded to a multiple of 8
     return Scratch(np.empty((len(BoxRow), cap, 4)), np.empty((len(FloatRow), cap)),
-                   np.empty((len(IntRow), cap), np.int64), np.empty(cap + 1, np.int64), np.empty(room),
-                   np.empty(room, np.int64), np.empty(TREE_MAX_LEVELS + 1, np.int64),
-                   np.empty(GRID_MAX * GRID_MAX + 1, np.int64),
+                   np.empty((len(IntRow), cap), np.int64), np.empty(cap + 1, np.int64), np.empty(score_room(cap)),
+                   np.empty((4, cap)), np.empty(GRID_MAX * GRID_MAX + 1, np.int64),
                    np.empty(GRID_MAX * GRID_MAX, np.int64), np.empty(RADIX_HIST_SIZE, np.int64))
 
 
@@ -163,10 +165,14 @@ def fuse_image_range(img_lo: int, img_hi: int, seg_offs: np.ndarray, seg_start: 
         for g in range(n_groups):
             gs = scratch.group_start[g]
             ge = scratch.group_start[g + 1]
+            if method == HARD and n_groups == 1:  # one label: the group is the kept boxes as they are
+                o = _hard_nms_group(gs, ge, o, iou_thr, radius_factor, use_grid, out_box, out_score, out_label,
+                                    scratch.boxes[BoxRow.KEPT], scratch.floats[FloatRow.KEPT_SCORE], scratch)
+                continue
             _gather_group(gs, ge, scratch)
             if method == HARD:
                 o = _hard_nms_group(gs, ge, o, iou_thr, radius_factor, use_grid, out_box, out_score, out_label,
-                                    scratch)
+                                    scratch.boxes[BoxRow.GROUP], scratch.floats[FloatRow.GROUP_SCORE], scratch)
             else:
                 o = _soft_nms_group(gs, ge, o, method, iou_thr, sigma, thresh, float32_scores, out_box, out_score,
                                     out_label, scratch)
@@ -244,12 +250,12 @@ def _iou_above(ax1: float, ay1: float, ax2: float, ay2: float, bx1: float, by1: 
 
 @numba.njit(**NJIT_OPTIONS)
 def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: float, use_grid: bool,
-                    out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, scratch: Scratch) -> int:
-    """Greedy NMS of one label group; writes the kept boxes from slot ``o`` in selection order, returns the next
-    slot. A box is kept unless a kept box has IoU with it ``> iou_thr`` (the library keeps ``ovr <= thr``)."""
-    gbox = scratch.boxes[BoxRow.GROUP]
+                    out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, gbox: np.ndarray,
+                    gscore: np.ndarray, scratch: Scratch) -> int:
+    """Greedy NMS of one label group, members ``gbox[:n]`` with scores ``gscore[:n]`` (``n = ge - gs``); writes
+    the kept boxes from slot ``o`` in selection order, returns the next slot. A box is kept unless a kept box has
+    IoU with it ``> iou_thr`` (the library keeps ``ovr <= thr``)."""
     slot_xy = scratch.boxes[BoxRow.SLOT]
-    gscore = scratch.floats[FloatRow.GROUP_SCORE]
     ints = scratch.ints
     by_score = ints[IntRow.BY_SCORE]
     cell_of = ints[IntRow.CELL_OF]
@@ -279,33 +285,34 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
         bx2 = gbox[q, 2]
         by2 = gbox[q, 3]
         suppressed = False
-        scan_all = True
+        scan_all = n_cells == 0
         if n_cells > 0:
+            # the box's own cell first, before its window is worked out: the kept box that suppresses it is most
+            # often centred in the same cell
+            own = cell_of[q]
+            for s in range(cell_start[own], cell_start[own] + cell_count[own]):
+                if _iou_above(slot_xy[s, 0], slot_xy[s, 1], slot_xy[s, 2], slot_xy[s, 3], bx1, by1, bx2, by2,
+                              iou_thr):
+                    suppressed = True
+                    break
+        if n_cells > 0 and not suppressed:
             gx0, gx1, gy0, gy1 = window_cells(bx1, by1, bx2, by2, (bx2 - bx1) * radius_factor,
                                               (by2 - by1) * radius_factor, n_cells)
-            if (gx1 - gx0 + 1) * (gy1 - gy0 + 1) < nk:
-                scan_all = False
-                # the box's own cell first: a suppressing box is most often centred next to it
-                own = cell_of[q]
-                for s in range(cell_start[own], cell_start[own] + cell_count[own]):
-                    if _iou_above(slot_xy[s, 0], slot_xy[s, 1], slot_xy[s, 2], slot_xy[s, 3], bx1, by1, bx2, by2,
-                                  iou_thr):
-                        suppressed = True
-                        break
-                gy = gy0
-                while gy <= gy1 and not suppressed:
-                    for gx in range(gx0, gx1 + 1):
-                        c = gy * n_cells + gx
-                        if c == own:
-                            continue
-                        for s in range(cell_start[c], cell_start[c] + cell_count[c]):
-                            if _iou_above(slot_xy[s, 0], slot_xy[s, 1], slot_xy[s, 2], slot_xy[s, 3], bx1, by1, bx2,
-                                          by2, iou_thr):
-                                suppressed = True
-                                break
-                        if suppressed:
+            scan_all = (gx1 - gx0 + 1) * (gy1 - gy0 + 1) >= nk  # few kept boxes yet: test them all
+            gy = gy0
+            while gy <= gy1 and not (suppressed or scan_all):
+                for gx in range(gx0, gx1 + 1):
+                    c = gy * n_cells + gx
+                    if c == own:
+                        continue
+                    for s in range(cell_start[c], cell_start[c] + cell_count[c]):
+                        if _iou_above(slot_xy[s, 0], slot_xy[s, 1], slot_xy[s, 2], slot_xy[s, 3], bx1, by1, bx2,
+                                      by2, iou_thr):
+                            suppressed = True
                             break
-                    gy += 1
+                    if suppressed:
+                        break
+                gy += 1
         if scan_all:
             for t in range(nk):
                 k = kept_list[t]
@@ -335,80 +342,71 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
     """The library's ``cpu_soft_nms_float`` on one label group; writes the boxes whose score at selection is
     ``> thresh`` from slot ``o``, in selection order, with their undecayed scores; returns the next slot.
 
+    The library's array. ``score[p]`` is the score at the library's position ``p`` (``AT_POS`` / ``POS_OF`` map
+    positions and members, swapped as the library swaps rows); a selected box counts as -inf, so step ``i``'s
+    "leftmost maximum of positions ``i..``" (``np.max`` / ``np.argmax``, ties included) is the leftmost maximum
+    of the whole array, and the library's swap puts it at position ``i``.
+
     Dead boxes. With ``thresh >= 0`` a box whose score is ``<= thresh`` can never be returned (weights are at most
     1, so scores only shrink towards 0) and never decays a box that can: the library selects it only after every
     box above ``thresh``. Such boxes count as -inf (which compares below every live score exactly as their true
-    score does) and leave the grid, and the loop stops once the maximum is dead. The library's positions are
-    still tracked for every box, so ties among live boxes resolve as in the library.
+    score does) and leave the grid, and the loop stops once the maximum is dead.
 
-    Lazy tree. A decay only lowers a score, so the tree (8-ary, :func:`_tree_build`) keeps each position's stored
-    score as an upper bound and
-    is not touched per decay; the maximum is found by refreshing the winner's stored score until the winner is
-    current. A current winner of stored upper bounds is the leftmost maximum of the current scores (a position to
-    its left with the same current score would have a stored score at least as high, and won). A score that grows
-    (a negative one, decayed towards 0 when ``thresh < 0``) updates the tree at once.
+    Lazy block maxima. The positions are cut into blocks of about ``sqrt(n)``; ``bound[b]`` is at least the
+    maximum of block ``b``. A decay only lowers a score, so bounds are left alone by decays; a step finds the
+    leftmost block holding the largest bound and rescans it: if its maximum is the bound, that is the leftmost
+    maximum of the array (every block to its left has a smaller bound), else the bound is lowered and the search
+    repeats -- about two rescans per step. A score that grows (a negative one, decayed towards 0 when
+    ``thresh < 0``) raises its block's bound at once.
     """
     gbox = scratch.boxes[BoxRow.GROUP]
-    slot_xy = scratch.boxes[BoxRow.SLOT]
     floats = scratch.floats
     ints = scratch.ints
     gscore = floats[FloatRow.GROUP_SCORE]
-    current = floats[FloatRow.CURRENT]
     final = floats[FloatRow.FINAL]
+    cand_iou = floats[FloatRow.CAND_IOU]
     at_pos = ints[IntRow.AT_POS]
     pos_of = ints[IntRow.POS_OF]
     selected = ints[IntRow.SELECTED]
     removed = ints[IntRow.REMOVED]
     cand = ints[IntRow.CAND]
-    cand_iou = floats[FloatRow.CAND_IOU]
     cell_of = ints[IntRow.CELL_OF]
     slot_of = ints[IntRow.SLOT_OF]
-    slot_box = ints[IntRow.SLOT_BOX]
-    cell_start = scratch.cell_start
-    cell_count = scratch.cell_count
-    val = scratch.tree_val
-    win = scratch.tree_win
+    slots = scratch.soft_slots
     prune = thresh >= 0.0
     # linear decay acts only above iou_thr: the IoU bound of pipeline.fusion.grid narrows the search (0: overlap)
     window_factor = search_radius_factor(iou_thr) if method == LINEAR and iou_thr >= GRID_MIN_THR else 0.0
     n = ge - gs
-    for q in range(n):
-        current[q] = gscore[q]
-        at_pos[q] = q
-        pos_of[q] = q
-        removed[q] = 1 if prune and not (current[q] > thresh) else 0
-    off = scratch.tree_off
-    for p in range(n):
-        val[p] = current[p] if removed[p] == 0 else -np.inf
-    levels = _tree_build(n, val, win, off)
-    root = off[levels]
+    bs, nb, nb_pad = _start_positions(n, prune, thresh, scratch)
+    score = scratch.pos_score[:nb * bs]
+    bound = scratch.pos_score[nb * bs:nb * bs + nb_pad]
     n_cells, fw, fh, n_big = _file_soft_group(n, scratch)
+    n_filed = 0
+    for q in range(n):
+        n_filed += cell_of[q] != -1
+    n_room = n_filed  # grid slots, live or emptied
     n_sel = 0
     for i in range(n):
-        if i < n - 1:  # position i against the maximum of positions i+1.. (np.max / np.argmax)
+        top, p = _leftmost_max(score, bound, bs, nb_pad)
+        if p == -1:
+            break  # every remaining box is dead: none can be returned
+        if p != i:  # the library swaps the maximum into position i (the box there keeps its score, <= top)
             qi = at_pos[i]
-            vi = -np.inf if removed[qi] == 1 else current[qi]
-            _tree_set(i, -np.inf, levels, val, win, off)
-            while True:  # stored scores are upper bounds: refresh the winner until it is current
-                p = win[root]
-                bp = at_pos[p]
-                vp = -np.inf if removed[bp] == 1 else current[bp]
-                if val[p] == vp:
-                    break
-                _tree_set(p, vp, levels, val, win, off)
-            if vi < vp:  # the library swaps the maximum into position i (qi's score stays below the stored vp)
-                at_pos[i] = bp
-                at_pos[p] = qi
-                pos_of[bp] = i
-                pos_of[qi] = p
+            bp = at_pos[p]
+            at_pos[i] = bp
+            at_pos[p] = qi
+            pos_of[bp] = i
+            pos_of[qi] = p
+            score[p] = score[i]
         q = at_pos[i]
-        if removed[q] == 1:
-            break  # the maximum is dead: no remaining box can be returned
         selected[n_sel] = q
-        final[n_sel] = current[q]
+        final[n_sel] = top
         n_sel += 1
         removed[q] = 1
-        grid_remove(q, cell_of, slot_of, slot_box, slot_xy, cell_start, cell_count)
+        score[i] = -np.inf
+        n_filed -= _soft_grid_remove(q, cell_of, slot_of, slots)
+        if n_cells > 0 and 2 * n_filed < n_room and n_room > SOFT_REFILE_MIN:
+            n_room = _refile(n, n_cells, scratch)  # the scans cover emptied slots too: drop them
         nc = _overlapping(q, n_cells, fw, fh, n_big, window_factor, scratch)
         for t in range(nc):
             j = cand[t]
@@ -419,16 +417,19 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
                 weight = 1.0 - ovr
             else:
                 weight = math.exp(-(ovr * ovr) / sigma)
-            old = current[j]
+            pj = pos_of[j]
+            old = score[pj]
             sj = weight * old
             if float32_scores:
                 sj = np.float64(np.float32(sj))
-            current[j] = sj
             if prune and not (sj > thresh):
                 removed[j] = 1
-                grid_remove(j, cell_of, slot_of, slot_box, slot_xy, cell_start, cell_count)
-            elif sj > old:  # a negative score grows towards 0: the stored bound must grow with it
-                _tree_set(pos_of[j], sj, levels, val, win, off)
+                score[pj] = -np.inf
+                n_filed -= _soft_grid_remove(j, cell_of, slot_of, slots)
+            else:
+                score[pj] = sj
+                if sj > old:  # a negative score grows towards 0: its block's bound must grow with it
+                    bound[pj // bs] = max(bound[pj // bs], sj)
     label = ints[IntRow.KEPT_LABEL, ints[IntRow.BY_LABEL, gs]]
     for k in range(n_sel):
         if final[k] > thresh:
@@ -441,63 +442,87 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
     return o
 
 
+@numba.njit(**NJIT_OPTIONS)
+def _start_positions(n: int, prune: bool, thresh: float, scratch: Scratch) -> tuple[int, int, int]:
+    """The library's array before step 0: member ``q`` at position ``q``, its score (-inf and ``REMOVED`` when
+    ``prune`` and it is dead already), -inf up to whole blocks, then each block's maximum. Returns ``(block size
+    bs, blocks nb, nb padded to a multiple of 8)``: scores are ``pos_score[:nb * bs]``, bounds the next
+    ``nb_pad``."""
+    gscore = scratch.floats[FloatRow.GROUP_SCORE]
+    at_pos = scratch.ints[IntRow.AT_POS]
+    pos_of = scratch.ints[IntRow.POS_OF]
+    removed = scratch.ints[IntRow.REMOVED]
+    bs, nb, nb_pad = block_layout(n)
+    score = scratch.pos_score[:nb * bs]
+    bound = scratch.pos_score[nb * bs:nb * bs + nb_pad]
+    for q in range(n):
+        at_pos[q] = q
+        pos_of[q] = q
+        live = not prune or gscore[q] > thresh
+        removed[q] = 0 if live else 1
+        score[q] = gscore[q] if live else -np.inf
+    for p in range(n, nb * bs):
+        score[p] = -np.inf
+    for b in range(nb_pad):
+        bound[b] = _block_max(score, b * bs, b * bs + bs) if b < nb else -np.inf
+    return bs, nb, nb_pad
+
+
+@numba.njit(**NJIT_OPTIONS)
+def block_layout(n: int) -> tuple[int, int, int]:
+    """``(bs, nb, nb_pad)``: ``n`` positions in ``nb`` blocks of ``bs`` (a multiple of 8, as the scans take 4
+    at a time; about ``sqrt(n)``), ``nb`` rounded up to a multiple of 8. ``nb * bs + nb_pad <= score_room(n)``."""
+    bs = 8
+    while bs * bs < n:
+        bs += 8
+    nb = (n + bs - 1) // bs
+    return bs, nb, (nb + 7) // 8 * 8
+
+
 @numba.njit(inline="always", **NJIT_OPTIONS)
-def _leftmost_max8(base: int, val: np.ndarray) -> int:
-    """Index of the leftmost maximum of ``val[base : base + 8]``, as a balanced tournament (the left one wins ties
-    at every match, so the leftmost maximum wins; three rounds instead of a chain of seven comparisons)."""
-    a = base if val[base] >= val[base + 1] else base + 1
-    b = base + 2 if val[base + 2] >= val[base + 3] else base + 3
-    c = base + 4 if val[base + 4] >= val[base + 5] else base + 5
-    d = base + 6 if val[base + 6] >= val[base + 7] else base + 7
-    ab = a if val[a] >= val[b] else b
-    cd = c if val[c] >= val[d] else d
-    return ab if val[ab] >= val[cd] else cd
-
-
-@numba.njit(**NJIT_OPTIONS)
-def _tree_build(n: int, val: np.ndarray, win: np.ndarray, off: np.ndarray) -> int:
-    """An 8-ary tournament tree over the stored scores ``val[:n]`` (level 0, padded with -inf to a multiple of 8);
-    level ``l`` starts at ``off[l]``, node ``k`` of level ``l`` holds the leftmost maximum of its children
-    ``8k .. 8k+7`` of level ``l - 1``. Eight children share a cache line, so a walk to the root is a few lines.
-    Returns the number of levels above the leaves (the root is ``off[levels]``)."""
-    size = n
-    off[0] = 0
-    level = 0
+def _leftmost_max(score: np.ndarray, bound: np.ndarray, bs: int, nb_pad: int) -> tuple[float, int]:
+    """``(value, position)`` of the leftmost maximum of ``score`` (blocks of ``bs``, ``bound[b]`` at least the
+    maximum of block ``b``); ``(-inf, -1)`` when every score is -inf. Rescans the leftmost block of the largest
+    bound, lowering stale bounds, until a block's maximum is its bound."""
     while True:
-        padded = (size + 7) // 8 * 8
-        for k in range(off[level] + size, off[level] + padded):
-            val[k] = -np.inf
-            win[k] = -1
-        if level == 0:
-            for k in range(padded):
-                win[k] = k
-        if size == 1:
-            return level
-        off[level + 1] = off[level] + padded
-        parents = padded // 8
-        for k in range(parents):
-            best = _leftmost_max8(off[level] + 8 * k, val)
-            val[off[level + 1] + k] = val[best]
-            win[off[level + 1] + k] = win[best]
-        size = parents
-        level += 1
+        top = _block_max(bound, 0, nb_pad)
+        if top == -np.inf:
+            return top, -1
+        b = _first_equal(bound, 0, top)
+        m = _block_max(score, b * bs, b * bs + bs)
+        if m == top:
+            return top, _first_equal(score, b * bs, top)
+        bound[b] = m
 
 
-@numba.njit(**NJIT_OPTIONS)
-def _tree_set(p: int, v: float, levels: int, val: np.ndarray, win: np.ndarray, off: np.ndarray) -> None:
-    """Position ``p``'s stored score := ``v``, and the winners above it (the leftmost maximum -- numpy's
-    ``argmax`` takes the first); stops once a node keeps a winner other than ``p``."""
-    val[p] = v
-    k = p
-    for level in range(1, levels + 1):
-        k >>= 3
-        best = _leftmost_max8(off[level - 1] + 8 * k, val)
-        w = win[best]
-        node = off[level] + k
-        if win[node] == w and w != p:
-            return
-        val[node] = val[best]
-        win[node] = w
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _block_max(a: np.ndarray, lo: int, hi: int) -> float:
+    """Maximum of ``a[lo:hi]`` (``hi - lo`` a positive multiple of 4, no NaN), four running maxima at a time."""
+    m0 = a[lo]
+    m1 = a[lo + 1]
+    m2 = a[lo + 2]
+    m3 = a[lo + 3]
+    for k in range(lo + 4, hi, 4):
+        x0 = a[k]
+        x1 = a[k + 1]
+        x2 = a[k + 2]
+        x3 = a[k + 3]
+        m0 = x0 if x0 > m0 else m0
+        m1 = x1 if x1 > m1 else m1
+        m2 = x2 if x2 > m2 else m2
+        m3 = x3 if x3 > m3 else m3
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    return m2 if m2 > m0 else m0
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _first_equal(a: np.ndarray, lo: int, v: float) -> int:
+    """The first index ``k >= lo`` with ``a[k] == v`` (there must be one)."""
+    k = lo
+    while a[k] != v:
+        k += 1
+    return k
 
 
 @numba.njit(**NJIT_OPTIONS)
@@ -542,23 +567,78 @@ def _file_soft_group(n: int, scratch: Scratch) -> tuple[int, float, float, int]:
             fw = max(fw, w)
             fh = max(fh, h)
     if n_cells > 0:
-        grid_layout(n_cells, gbox, filed, n_filed, cell_of, scratch.cell_start, scratch.cell_count)
-        for r in range(n_filed):
-            grid_add(filed[r], gbox, cell_of, ints[IntRow.SLOT_OF], ints[IntRow.SLOT_BOX],
-                     scratch.boxes[BoxRow.SLOT], scratch.cell_start, scratch.cell_count)
+        _soft_grid_build(n_cells, filed, n_filed, scratch)
     return n_cells, fw, fh, n_big
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Soft-NMS's grid: members filed by centre cell (pipeline.fusion.grid's layout) with no room between cells, so the
+# cells of one row of a search window are one contiguous run of slots, scanned in a single loop. A member taken
+# out leaves its slot holding a box that overlaps nothing (x1 = y1 = inf, x2 = y2 = -inf); once fewer than half
+# the slots are live, the live members are filed again (:func:`_refile`), so scans stay proportional to them.
+#   cell_of[j]: member j's cell (-1: not in the grid); slot_of[j]: its slot; slot_box[s]: the member in slot s;
+#   soft_slots[:, s]: its x1, y1, x2, y2; cell_start[c] .. cell_start[c + 1]: the slots of cell c.
+# ----------------------------------------------------------------------------------------------------------------
+@numba.njit(**NJIT_OPTIONS)
+def _soft_grid_build(n_cells: int, ids: np.ndarray, k: int, scratch: Scratch) -> None:
+    """File members ``ids[:k]`` (any order) in ``n_cells`` x ``n_cells`` cells, each cell in ``ids`` order."""
+    gbox = scratch.boxes[BoxRow.GROUP]
+    ints = scratch.ints
+    cell_of = ints[IntRow.CELL_OF]
+    slot_of = ints[IntRow.SLOT_OF]
+    slot_box = ints[IntRow.SLOT_BOX]
+    cell_start = scratch.cell_start
+    fill = scratch.cell_count
+    slots = scratch.soft_slots
+    grid_layout(n_cells, gbox, ids, k, cell_of, cell_start, fill)
+    for r in range(k):
+        j = ids[r]
+        c = cell_of[j]
+        s = cell_start[c] + fill[c]
+        fill[c] += 1
+        slot_of[j] = s
+        slot_box[s] = j
+        for d in range(4):
+            slots[d, s] = gbox[j, d]
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _soft_grid_remove(j: int, cell_of: np.ndarray, slot_of: np.ndarray, slots: np.ndarray) -> int:
+    """Take member ``j`` out of the grid (its slot then overlaps nothing); returns 1 if it was filed, else 0."""
+    if cell_of[j] == -1:
+        return 0
+    cell_of[j] = -1
+    s = slot_of[j]
+    slots[0, s] = np.inf
+    slots[1, s] = np.inf
+    slots[2, s] = -np.inf
+    slots[3, s] = -np.inf
+    return 1
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _refile(n: int, n_cells: int, scratch: Scratch) -> int:
+    """File the members still in the grid again, without the emptied slots; returns their number."""
+    cell_of = scratch.ints[IntRow.CELL_OF]
+    ids = scratch.ints[IntRow.CAND]  # free between steps
+    k = 0
+    for q in range(n):
+        if cell_of[q] != -1:
+            ids[k] = q
+            k += 1
+    _soft_grid_build(n_cells, ids, k, scratch)
+    return k
 
 
 @numba.njit(**NJIT_OPTIONS)
 def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_factor: float,
                  scratch: Scratch) -> int:
-    """``CAND[:k]`` and ``CAND_IOU[:k]``: the remaining live members with a positive IoU with member ``q`` (a zero
-    one leaves the score as it is: the weight is exactly 1), and that IoU -- the library's, ``q`` first. Filed
-    members are looked up in a window around ``q``'s centre: ``(w_q + fw) / 2`` (a positive intersection needs
-    ``|dx| < (w_q + w_j) / 2``) or, when ``radius_factor > 0`` (linear decay, which only acts above ``iou_thr``),
-    ``radius_factor * w_q``; large members are all checked. Returns ``k``."""
+    """``CAND[:k]`` and ``CAND_IOU[:k]``: the remaining live members whose box intersects member ``q``'s, and their
+    IoU with it -- the library's, ``q`` first (an IoU that still rounds to 0 leaves the score as it is: the weight
+    is exactly 1). Filed members are looked up in a window around ``q``'s centre: ``(w_q + fw) / 2`` (a positive
+    intersection needs ``|dx| < (w_q + w_j) / 2``) or, when ``radius_factor > 0`` (linear decay, which only acts
+    above ``iou_thr``), ``radius_factor * w_q``; large members are all checked. Returns ``k``."""
     gbox = scratch.boxes[BoxRow.GROUP]
-    slot_xy = scratch.boxes[BoxRow.SLOT]
     ints = scratch.ints
     cand = ints[IntRow.CAND]
     cand_iou = scratch.floats[FloatRow.CAND_IOU]
@@ -566,7 +646,10 @@ def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_
     removed = ints[IntRow.REMOVED]
     big = ints[IntRow.LIST]
     cell_start = scratch.cell_start
-    cell_count = scratch.cell_count
+    sx1 = scratch.soft_slots[0]
+    sy1 = scratch.soft_slots[1]
+    sx2 = scratch.soft_slots[2]
+    sy2 = scratch.soft_slots[3]
     qx1 = gbox[q, 0]
     qy1 = gbox[q, 1]
     qx2 = gbox[q, 2]
@@ -580,29 +663,19 @@ def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_
             rx = 0.5 * ((qx2 - qx1) + fw)
             ry = 0.5 * ((qy2 - qy1) + fh)
         gx0, gx1, gy0, gy1 = window_cells(qx1, qy1, qx2, qy2, rx, ry, n_cells)
-        for gy in range(gy0, gy1 + 1):  # pass 1, branch-free: the slots whose box intersects q's
-            for gx in range(gx0, gx1 + 1):
-                c = gy * n_cells + gx
-                for s in range(cell_start[c], cell_start[c] + cell_count[c]):
-                    cand[k] = s
-                    k += (min(qx2, slot_xy[s, 2]) - max(qx1, slot_xy[s, 0]) > 0.0) & (
-                        min(qy2, slot_xy[s, 3]) - max(qy1, slot_xy[s, 1]) > 0.0)
-        n_hit = k
-        k = 0
-        for t in range(n_hit):  # pass 2: their IoU (pipelined divisions), as member indices
+        for gy in range(gy0, gy1 + 1):  # pass 1, branch-free: the slots whose box intersects q's, row by row
+            for s in range(cell_start[gy * n_cells + gx0], cell_start[gy * n_cells + gx1 + 1]):
+                cand[k] = s
+                k += (min(qx2, sx2[s]) - max(qx1, sx1[s]) > 0.0) & (min(qy2, sy2[s]) - max(qy1, sy1[s]) > 0.0)
+        for t in range(k):  # pass 2: their IoU (pipelined divisions), as member indices
             s = cand[t]
-            v = iou(qx1, qy1, qx2, qy2, slot_xy[s, 0], slot_xy[s, 1], slot_xy[s, 2], slot_xy[s, 3])
-            if v != 0.0:
-                cand[k] = slot_box[s]
-                cand_iou[k] = v
-                k += 1
+            cand_iou[t] = iou(qx1, qy1, qx2, qy2, sx1[s], sy1[s], sx2[s], sy2[s])
+            cand[t] = slot_box[s]
     for r in range(n_big):
         j = big[r]
         if (removed[j] == 0 and min(qx2, gbox[j, 2]) - max(qx1, gbox[j, 0]) > 0.0
                 and min(qy2, gbox[j, 3]) - max(qy1, gbox[j, 1]) > 0.0):
-            v = iou(qx1, qy1, qx2, qy2, gbox[j, 0], gbox[j, 1], gbox[j, 2], gbox[j, 3])
-            if v != 0.0:
-                cand[k] = j
-                cand_iou[k] = v
-                k += 1
+            cand[k] = j
+            cand_iou[k] = iou(qx1, qy1, qx2, qy2, gbox[j, 0], gbox[j, 1], gbox[j, 2], gbox[j, 3])
+            k += 1
     return k
