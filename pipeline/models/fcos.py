@@ -10,17 +10,10 @@ from torchvision.models import detection
 from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 
 from .base import config_value, register_model
-from .retinanet import group_norm, new_class_logits  # FCOS has one "anchor" per location: the same layer
+# FCOS has one "anchor" per location: RetinaNet's class layer, builder and arguments serve it as they are
+from .retinanet import build_torchvision_one_stage, group_norm, one_stage_kwargs
 from .timm_fpn import LevelStrideAnchorGenerator, TimmFPNBackbone, body_mean_std, timm_body
-from .torchvision_base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TorchvisionDetector,
-    checked_options,
-    constructor_options,
-    transform_kwargs,
-)
-from .weights import hub_download
+from .torchvision_base import TorchvisionDetector, checked_options, constructor_options
 
 TORCHVISION_BUILDERS = {"fcos_resnet50_fpn": detection.fcos_resnet50_fpn}
 FCOS_OPTIONS = constructor_options(FCOS) - {"anchor_generator", "head"}
@@ -38,23 +31,10 @@ class FCOSDetector(TorchvisionDetector):
     label_offset = 0
 
 
-def _fcos_kwargs(cfg: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
-    return dict(transform_kwargs(cfg.image_size, mean, std), detections_per_img=cfg.max_detections,
-                score_thresh=cfg.score_threshold, nms_thresh=cfg.nms_iou)
-
-
-def build_torchvision_fcos(name: str, cfg: Any, num_classes: int) -> FCOSDetector:
+def build_torchvision_fcos(name: str, cfg: Any, num_classes: int) -> TorchvisionDetector:
     """torchvision's FCOS `name` (a key of TORCHVISION_BUILDERS), registered under that name below."""
-    builder = TORCHVISION_BUILDERS[name]
-    options = checked_options(name, config_value(cfg, "options", {}), FCOS_OPTIONS | {"trainable_backbone_layers"})
-    kwargs = {**_fcos_kwargs(cfg, IMAGENET_MEAN, IMAGENET_STD), **options}
-    if cfg.pretrained:
-        with hub_download(f"the COCO weights of {name}"):
-            net = builder(weights="DEFAULT", **kwargs)
-        new_class_logits(net.head, num_classes)  # everything else stays COCO-pretrained
-    else:
-        net = builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
-    return FCOSDetector(net, num_classes, cfg.image_size, cfg.max_detections)
+    return build_torchvision_one_stage(name, cfg, num_classes, TORCHVISION_BUILDERS[name], FCOS_OPTIONS,
+                                       FCOSDetector)
 
 
 for _name in TORCHVISION_BUILDERS:
@@ -80,5 +60,5 @@ def build_timm_fcos(cfg: Any, num_classes: int) -> FCOSDetector:
     head.classification_head = FCOSClassificationHead(channels, 1, num_classes, convs, norm_layer=norm)
     head.regression_head = FCOSRegressionHead(channels, 1, convs, norm_layer=norm)
     mean, std = body_mean_std(body)
-    net = FCOS(backbone, num_classes, anchor_generator=points, head=head, **{**_fcos_kwargs(cfg, mean, std), **options})
+    net = FCOS(backbone, num_classes, anchor_generator=points, head=head, **{**one_stage_kwargs(cfg, mean, std), **options})
     return FCOSDetector(net, num_classes, cfg.image_size, cfg.max_detections)

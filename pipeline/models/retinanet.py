@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 from torchvision.models import detection
@@ -42,7 +42,8 @@ class RetinaNetDetector(TorchvisionDetector):
     label_offset = 0
 
 
-def _retinanet_kwargs(cfg: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
+def one_stage_kwargs(cfg: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
+    """The constructor arguments RetinaNet and FCOS share: the input transform and the post-processing."""
     return dict(transform_kwargs(cfg.image_size, mean, std), detections_per_img=cfg.max_detections,
                 score_thresh=cfg.score_threshold, nms_thresh=cfg.nms_iou)
 
@@ -58,18 +59,25 @@ def new_class_logits(head: RetinaNetHead, num_classes: int) -> None:
     cls_head.num_classes = num_classes
 
 
-def build_torchvision_retinanet(name: str, cfg: Any, num_classes: int) -> RetinaNetDetector:
-    """torchvision's RetinaNet `name` (a key of TORCHVISION_BUILDERS), registered under that name below."""
-    builder = TORCHVISION_BUILDERS[name]
-    options = checked_options(name, config_value(cfg, "options", {}), RETINANET_OPTIONS | {"trainable_backbone_layers"})
-    kwargs = {**_retinanet_kwargs(cfg, IMAGENET_MEAN, IMAGENET_STD), **options}
+def build_torchvision_one_stage(name: str, cfg: Any, num_classes: int, builder: Callable[..., nn.Module],
+                                allowed: set[str], detector: type[TorchvisionDetector]) -> TorchvisionDetector:
+    """torchvision's one-stage builder `builder` (RetinaNet or FCOS) as `detector`: from the COCO weights with a new
+    class layer (`pretrained`), or from scratch; `options` checked against `allowed`."""
+    options = checked_options(name, config_value(cfg, "options", {}), allowed | {"trainable_backbone_layers"})
+    kwargs = {**one_stage_kwargs(cfg, IMAGENET_MEAN, IMAGENET_STD), **options}
     if cfg.pretrained:
         with hub_download(f"the COCO weights of {name}"):
             net = builder(weights="DEFAULT", **kwargs)
         new_class_logits(net.head, num_classes)  # everything else stays COCO-pretrained
     else:
         net = builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
-    return RetinaNetDetector(net, num_classes, cfg.image_size, cfg.max_detections)
+    return detector(net, num_classes, cfg.image_size, cfg.max_detections)
+
+
+def build_torchvision_retinanet(name: str, cfg: Any, num_classes: int) -> TorchvisionDetector:
+    """torchvision's RetinaNet `name` (a key of TORCHVISION_BUILDERS), registered under that name below."""
+    return build_torchvision_one_stage(name, cfg, num_classes, TORCHVISION_BUILDERS[name], RETINANET_OPTIONS,
+                                       RetinaNetDetector)
 
 
 for _name in TORCHVISION_BUILDERS:
@@ -114,5 +122,5 @@ def build_timm_retinanet(cfg: Any, num_classes: int) -> RetinaNetDetector:
     head.regression_head._loss_type = box_loss  # how torchvision's v2 builder selects it
     mean, std = body_mean_std(body)
     net = RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head,
-                    **{**_retinanet_kwargs(cfg, mean, std), **options})
+                    **{**one_stage_kwargs(cfg, mean, std), **options})
     return RetinaNetDetector(net, num_classes, cfg.image_size, cfg.max_detections)
