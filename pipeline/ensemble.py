@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -46,6 +47,10 @@ from pipeline.tracking import stage_run
 
 
 REPORT_SCORE_THR = 0.3
+# A TTA view alone scoring this much below its member's plain view on OOF is flagged (a wrong view or inverse
+# shows as a large loss; an honest view of the same model costs about a point at most on BCCD).
+VIEW_GAP_WARN = 0.015
+log = logging.getLogger(__name__)
 
 
 class EnsembleError(RuntimeError):
@@ -249,36 +254,75 @@ def cells(split: str, results: list[MetricResult]) -> dict[str, float]:
     return row
 
 
+def fold_ensemble_cells(m: Member, views: list[str], train, oof_scorer: Scorer, test_scorer: Scorer | None,
+                        sizes_test) -> dict[str, float]:
+    """OOF (and, with labels, test) cells of member ``m``'s fold ensemble over ``views``: one view as predicted
+    (on test its folds fused), several fused by WBF with the member's TTA settings (``predict.tta_*``)."""
+    tta = m.cfg.predict
+    wbf = {"iou_thr": tta.tta_iou_thr, "skip_box_thr": tta.tta_skip_box_thr, "conf_type": tta.tta_conf_type}
+    oof = m.oof[m.oof.tta.isin(views)]
+    row = cells("oof", [oof_scorer(oof if len(views) == 1 else fuse_views(oof, train.images, views, m.name, **wbf))])
+    if test_scorer is not None and m.test is not None:
+        test, folds = m.test[m.test.tta.isin(views)], sorted(m.test.fold.unique())
+        if len(views) == 1:
+            fused = fuse_predictions(test, sizes_test, group_col="fold", sets=folds, model_name=m.name, **wbf)
+        else:
+            fused = fuse_predictions(test, sizes_test, group_col=("fold", "tta"), model_name=m.name,
+                                     sets=[(f, v) for f in folds for v in views], **wbf)
+        row |= cells("test", [test_scorer(fused)])
+    return row
+
+
+def plain_view(m: Member) -> str:
+    """The view a member's single-model rows use: ``none`` when it was predicted, else its first view."""
+    return "none" if "none" in m.views else m.views[0]
+
+
 def member_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None, sizes_test, folds) -> list[dict]:
-    """Per member: mean single-fold model, fold ensemble without and with TTA (OOF and, with labels, test)."""
-    cfg, rows = m.cfg, []
+    """Per member: mean single-fold model, fold ensemble without TTA, with TTA, and with TTA but no scale views
+    when it has both kinds (OOF and, with labels, test)."""
+    cfg = m.cfg
     name = m.name if m.pseudo is None else f"{m.name} (pseudo round {m.pseudo})"
-    plain = m.oof[m.oof.tta == "none"] if "none" in m.views else m.oof[m.oof.tta == m.views[0]]
+    plain = m.oof[m.oof.tta == plain_view(m)]
     per_fold = [Scorer(cfg.metric, train, folds.image_id[folds.fold == f].tolist())(plain)
                 for f in sorted(folds.fold.unique())]
     row = {"row": f"{name}: mean single-fold model", **cells("oof", per_fold)}
     if test_scorer is not None and m.test is not None:
-        test_plain = m.test[m.test.tta == plain.tta.iloc[0]] if len(plain) else m.test.iloc[:0]
+        test_plain = m.test[m.test.tta == plain_view(m)]
         row |= cells("test", [test_scorer(test_plain[test_plain.fold == f]) for f in sorted(m.test.fold.unique())])
-    rows.append(row)
-    row = {"row": f"{name}: fold ensemble, no TTA", **cells("oof", [oof_scorer(plain)])}
-    if test_scorer is not None and m.test is not None:
-        folds_sets = sorted(m.test.fold.unique())
-        fused = fuse_predictions(test_plain, sizes_test, group_col="fold", sets=folds_sets, model_name=m.name,
-                                 iou_thr=cfg.predict.tta_iou_thr, conf_type=cfg.predict.tta_conf_type)
-        row |= cells("test", [test_scorer(fused)])
-    rows.append(row)
+    rows = [row]
+    score = lambda views: fold_ensemble_cells(m, views, train, oof_scorer, test_scorer, sizes_test)  # noqa: E731
+    rows.append({"row": f"{name}: fold ensemble, no TTA", **score([plain_view(m)])})
     if len(m.views) > 1:
-        row = {"row": f"{name}: fold ensemble, TTA {'+'.join(m.views)}",
-               **cells("oof", [oof_scorer(fuse_views(m.oof, train.images, m.views, m.name, iou_thr=cfg.predict.tta_iou_thr,
-                                                    skip_box_thr=cfg.predict.tta_skip_box_thr,
-                                                    conf_type=cfg.predict.tta_conf_type))])}
-        if test_scorer is not None and m.test is not None:
-            sets = [(f, v) for f in sorted(m.test.fold.unique()) for v in m.views]
-            fused = fuse_predictions(m.test, sizes_test, group_col=("fold", "tta"), sets=sets, model_name=m.name,
-                                     iou_thr=cfg.predict.tta_iou_thr, conf_type=cfg.predict.tta_conf_type)
-            row |= cells("test", [test_scorer(fused)])
-        rows.append(row)
+        from pipeline.tta import is_scale_view  # the TTA registry imports torch: only for members with views
+        rows.append({"row": f"{name}: fold ensemble, TTA {'+'.join(m.views)}", **score(m.views)})
+        unscaled = [v for v in m.views if not is_scale_view(v)]
+        if 1 < len(unscaled) < len(m.views):
+            rows.append({"row": f"{name}: fold ensemble, TTA without scale views {'+'.join(unscaled)}",
+                         **score(unscaled)})
+    return rows
+
+
+def view_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None, sizes_test) -> list[dict]:
+    """Each TTA view of member ``m`` alone (fold ensemble; OOF, and test with labels) and its OOF gain over the
+    plain view, in the metric's direction. A view scoring more than ``VIEW_GAP_WARN`` below the plain view is
+    flagged: a view is the same model on a transformed image, so a large loss points at the view or its inverse."""
+    if len(m.views) < 2:
+        return []
+    metric = get_metric(m.cfg.metric)
+    rows = [{"member": m.name, "view": v, **fold_ensemble_cells(m, [v], train, oof_scorer, test_scorer, sizes_test)}
+            for v in [plain_view(m)] + [v for v in m.views if v != plain_view(m)]]
+    from pipeline.tta import is_scale_view  # the TTA registry imports torch: only for members with views
+    for row in rows:
+        row["oof gain"] = float(metric.gain(row["oof"], rows[0]["oof"]))
+        if row["oof gain"] < -VIEW_GAP_WARN:
+            # measured on BCCD: one-size models' scale views kept box centres (0.1 px) but sized boxes 10-17% toward
+            # the training size, 8-23 points below `none`; still, fused with the others they added 0.4-0.7
+            why = (" or the model, trained at one input size, sizes objects toward it (train.multiscale trains it "
+                   "at the view's sizes)" if is_scale_view(row["view"]) else "")
+            log.warning("%s: view %s scores %.4f OOF, %.4f below its %s view (more than %.3f): check the view and "
+                        "its inverse%s", m.name, row["view"], row["oof"], -row["oof gain"], rows[0]["view"],
+                        VIEW_GAP_WARN, why)
     return rows
 
 
@@ -294,6 +338,7 @@ def run(cfg: ExperimentConfig) -> dict:
     sizes_test = test_table.images if test_table is not None else None
 
     rows = [r for m in members for r in member_rows(m, train, oof_scorer, test_scorer, sizes_test, folds)]
+    views = [r for m in members for r in view_rows(m, train, oof_scorer, test_scorer, sizes_test)]
     chosen, tuned = tune_rules(members, train.images, oof_scorer, cfg)
     methods, params, oof_score = list(tuned), tuned[chosen][0], tuned[chosen][1]
     evaluations = sum(t[2] for t in tuned.values())
@@ -335,13 +380,14 @@ def run(cfg: ExperimentConfig) -> dict:
                                **({"test": rule_rows[m]["test"]} if "test" in rule_rows[m] else {})}
                            for m in methods}
     rows += [default_row, *rule_rows.values()]
-    result["table"] = rows
+    result["table"], result["views"] = rows, views
     if cfg.tracking.enabled:
         result["mlflow_run_id"] = log_ensemble(
             cfg, members=result["members"], fusion_params=result["params"], ensemble_score=oof_score,
             member_scores={r["row"]: r["oof"] for r in rows if "fold ensemble" in r["row"]})
     atomic_write_text(ensemble_dir(cfg) / ENSEMBLE_RESULT, json.dumps(result, indent=2))
     print_table(rows, cfg.metric, params, evaluations)
+    print_views(views)
     return result
 
 
@@ -372,6 +418,14 @@ def print_table(rows: list[dict], metric: str, params: FusionParams, evaluations
     rule = ", ".join(f"{k}={v}" for k, v in get_rule(params.method).resolve(params.rule).items())
     print(f"chosen: {get_rule(params.method).label} ({rule}), score_thr={params.score_thr}, weights [{weights}] "
           f"({evaluations} fusions tried on OOF)")
+
+
+def print_views(views: list[dict]) -> None:
+    """Each member's TTA views alone (fold ensemble), the first one of each member its plain view."""
+    if views:
+        print("\neach TTA view alone (fold ensemble); oof gain: over the member's plain view, flagged below "
+              f"-{VIEW_GAP_WARN}")
+        print(pd.DataFrame(views).set_index(["member", "view"]).to_string(float_format=lambda v: f"{v:.4f}"))
 
 
 def main(argv: list[str] | None = None) -> int:

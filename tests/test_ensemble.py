@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.config import MemberConfig, load_config
 from pipeline.data.table import AnnotationTable
-from pipeline.ensemble import FusionParams, Member, fuse, oof_sets, tune
+from pipeline.ensemble import VIEW_GAP_WARN, FusionParams, Member, fuse, member_rows, oof_sets, tune, view_rows
 from pipeline.metrics import Scorer
 
 
@@ -148,3 +148,46 @@ def test_many_members_are_weighted_one_at_a_time_and_never_below_the_best_alone(
     assert score >= alone and params.weights["good"] > 0
     assert [params.weights[f"bad{k}"] for k in range(3)] == [0.0, 0.0, 0.0]
     assert evaluations < 3 ** 4  # fewer fusions than the full grid would take
+
+
+def views_member(table, good, cfg):
+    """A member predicted under none, hflip (the same boxes: an exact view), scale0.75 (boxes shifted 6 px: a
+    view whose inverse is wrong) and on test by two folds."""
+    shifted = good.assign(x1=good.x1 + 6, x2=good.x2 + 6)
+    oof = pd.concat([good.assign(tta="none"), good.assign(tta="hflip"), shifted.assign(tta="scale0.75")],
+                    ignore_index=True)
+    test = pd.concat([oof.assign(fold=0), oof.assign(fold=1)], ignore_index=True)
+    return Member("m", cfg, oof, test, ["none", "hflip", "scale0.75"])
+
+
+def test_each_view_is_scored_alone_and_a_view_far_below_the_plain_one_is_flagged(caplog):
+    table, good, _ = synthetic(12)
+    cfg = load_config("configs/demo/ensemble.yaml")
+    member, scorer = views_member(table, good, cfg), Scorer("coco_map", table)
+    with caplog.at_level("WARNING", logger="pipeline.ensemble"):
+        rows = view_rows(member, table, scorer, scorer, table.images)
+    by_view = {r["view"]: r for r in rows}
+    assert [r["view"] for r in rows] == ["none", "hflip", "scale0.75"]
+    assert by_view["none"]["oof"] == pytest.approx(scorer(good).score)
+    assert by_view["hflip"]["oof gain"] == 0.0  # identical boxes: no gap, no warning
+    # on test each view's folds are fused: identical views score identically, the shifted one lower
+    assert by_view["hflip"]["test"] == by_view["none"]["test"] > by_view["scale0.75"]["test"]
+    assert by_view["scale0.75"]["oof gain"] < -VIEW_GAP_WARN
+    flagged = [r.getMessage() for r in caplog.records]
+    assert len(flagged) == 1 and "scale0.75" in flagged[0] and "inverse" in flagged[0]
+    assert "train.multiscale" in flagged[0]  # a scale view: the one-size training is the other suspect
+
+
+def test_members_with_scale_views_get_a_row_without_them():
+    table, good, _ = synthetic(12)
+    cfg = load_config("configs/demo/ensemble.yaml")
+    member, scorer = views_member(table, good, cfg), Scorer("coco_map", table)
+    folds = pd.DataFrame({"image_id": table.images.image_id, "fold": 0})
+    rows = {r["row"]: r for r in member_rows(member, table, scorer, None, table.images, folds)}
+    unscaled = rows["m: fold ensemble, TTA without scale views none+hflip"]
+    full = rows["m: fold ensemble, TTA none+hflip+scale0.75"]
+    assert "test" not in unscaled
+    assert unscaled["oof"] > full["oof"]  # the broken view costs the full TTA, not the unscaled one
+    no_scale = Member("n", cfg, member.oof[member.oof.tta != "scale0.75"], None, ["none", "hflip"])
+    assert not any("without scale" in r["row"] for r in member_rows(no_scale, table, scorer, None, table.images,
+                                                                      folds))
