@@ -25,10 +25,10 @@ Only the glue the library does not have lives here; the CAM arithmetic is ``pyto
 - **EigenCAM** needs no target: the first principal component of the feature layer, with the library's sign
   correction (SVD's sign is arbitrary; without it a map can come out inverted).
 
-Frames: the model sees the image stretched to ``image_size`` (a side, or width x height) as
-:class:`pipeline.dataset.EvalDataset` feeds it with ``model.resize: square`` (a letterboxed model is explained on the
-stretched image); boxes in original pixels are scaled per axis into that frame and
-the heat map is resized back to the image's own size.
+Frames: the model sees the image as :class:`pipeline.dataset.EvalDataset` feeds it (``resize``: the model's
+``model.resize``): stretched to ``image_size`` (a side, or width x height) for ``square``, scaled to fit and padded
+at the right and bottom for ``letterbox``. Boxes in original pixels are scaled per axis into the image's part of
+the input (its content size); the heat map of that part (padding cropped) is resized back to the image's own size.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.ssd import SSD
 
-from pipeline.config import InputSize, input_wh
+from pipeline.augment import Resize, fit_to_input
+from pipeline.config import InputSize
 from pipeline.models import Detector
 from pipeline.models.base import eval_mode
 from pipeline.models.efficientdet import EfficientDet  # effdet's class, imported there with its warnings silenced
@@ -210,11 +211,14 @@ class _SignedEigenCAM(EigenCAM):
 
 # ------------------------------------------------------------------------------------------------ API
 
-def model_input(image: np.ndarray, size: InputSize, device: torch.device | str = "cpu") -> Tensor:
-    """(1, 3, height, width) float in [0, 1] for ``size`` (a side or (width, height)): the image stretched to the
-    input as the evaluation loader and engine give it to a model."""
-    resized = cv2.resize(image, input_wh(size), interpolation=cv2.INTER_LINEAR)
-    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))).float().div(255.0)[None].to(device)
+def model_input(image: np.ndarray, size: InputSize, device: torch.device | str = "cpu",
+                resize: Resize = "square") -> tuple[Tensor, tuple[int, int]]:
+    """(1, 3, height, width) float in [0, 1] for ``size`` (a side or (width, height)), as the evaluation loader and
+    engine give it to a model (:func:`pipeline.augment.fit_to_input`), and the image's content width and height
+    in it."""
+    fitted, content = fit_to_input(image, size, resize)
+    tensor = torch.from_numpy(np.ascontiguousarray(fitted.transpose(2, 0, 1))).float().div(255.0)[None]
+    return tensor.to(device), content
 
 
 def cam_device(setting: str = "auto") -> torch.device:
@@ -228,19 +232,20 @@ def _device(detector: Detector) -> torch.device:
     return next(detector.parameters()).device
 
 
-def detections(detector: Detector, image: np.ndarray) -> dict[str, np.ndarray]:
-    """The model's own detections of ``image`` (H, W, 3 uint8), best first, boxes in original pixels."""
+def detections(detector: Detector, image: np.ndarray, resize: Resize = "square") -> dict[str, np.ndarray]:
+    """The model's own detections of ``image`` (H, W, 3 uint8), best first, boxes in original pixels
+    (``resize``: how the model's input was made, ``model.resize``)."""
     h, w = image.shape[:2]
-    size_w, size_h = input_wh(detector.image_size)
-    out = detector.predict(model_input(image, detector.image_size, _device(detector)))[0]
-    scale = np.array([w / size_w, h / size_h] * 2, dtype=np.float64)
+    images, (content_w, content_h) = model_input(image, detector.image_size, _device(detector), resize)
+    out = detector.predict(images)[0]
+    scale = np.array([w / content_w, h / content_h] * 2, dtype=np.float64)
     return {"boxes": out["boxes"].float().cpu().numpy().reshape(-1, 4) * scale,
             "scores": out["scores"].float().cpu().numpy(), "labels": out["labels"].cpu().numpy()}
 
 
-def _target_in_input(target: CamTarget, width: int, height: int, size: InputSize) -> np.ndarray:
-    size_w, size_h = input_wh(size)
-    return np.asarray(target.box, dtype=np.float32) * np.array([size_w / width, size_h / height] * 2,
+def _target_in_input(target: CamTarget, width: int, height: int, content: tuple[int, int]) -> np.ndarray:
+    content_w, content_h = content
+    return np.asarray(target.box, dtype=np.float32) * np.array([content_w / width, content_h / height] * 2,
                                                                dtype=np.float32)
 
 
@@ -260,15 +265,15 @@ def _check_target(detector: Detector, images: Tensor, box: np.ndarray, target: C
 
 
 def explain(detector: Detector, image: np.ndarray, method: str = "gradcam",
-            target: CamTarget | None = None) -> np.ndarray:
+            target: CamTarget | None = None, resize: Resize = "square") -> np.ndarray:
     """The heat map of ``method`` for ``image`` (H, W, 3 uint8): (H, W) float32 in [0, 1].
 
-    ``gradcam`` explains ``target`` (required); ``eigencam`` ignores it."""
+    ``gradcam`` explains ``target`` (required); ``eigencam`` ignores it. ``resize``: how the model's input is made
+    (``model.resize``); a letterboxed input's padding is cropped from the map."""
     if method not in METHODS:
         raise CamError(f"unknown CAM method {method!r}; known: {', '.join(METHODS)}")
     h, w = image.shape[:2]
-    size = detector.image_size
-    images = model_input(image, size, _device(detector))
+    images, content = model_input(image, detector.image_size, _device(detector), resize)
     transform = partial(merge_levels, max_cells=MAX_CELLS[method])
     model = _DifferentiablePredict(detector)
     layers = cam_target_layers(detector)
@@ -280,7 +285,7 @@ def explain(detector: Detector, image: np.ndarray, method: str = "gradcam",
         else:
             if target is None:
                 raise CamError("gradcam explains one detection: give a CamTarget (box and class)")
-            box = _target_in_input(target, w, h, size)
+            box = _target_in_input(target, w, h, content)
             _check_target(detector, images, box, target)
             cam = GradCAM(model, layers, reshape_transform=transform)
             targets = [_ClassBoxScoreTarget([target.label], [box], target.iou_threshold)]
@@ -291,7 +296,8 @@ def explain(detector: Detector, image: np.ndarray, method: str = "gradcam",
                 heat = cam(images, targets=targets)[0]
         finally:
             cam.activations_and_grads.release()
-    heat = cv2.resize(np.nan_to_num(heat.astype(np.float32)), (w, h), interpolation=cv2.INTER_LINEAR)
+    heat = np.nan_to_num(heat.astype(np.float32))[: content[1], : content[0]]  # the padding is not the image
+    heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
     return np.clip(heat, 0.0, 1.0)
 
 

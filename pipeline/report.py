@@ -675,14 +675,17 @@ class _FoldModels:
         return None, None
 
 
-def _explained(model, image: np.ndarray, box: np.ndarray, label: int, colour: tuple[int, int, int]) -> tuple[str, str]:
-    """(data URI of the heat map with the box drawn, which method made it and why)."""
+def _explained(model, resize: str, image: np.ndarray, box: np.ndarray, label: int,
+               colour: tuple[int, int, int]) -> tuple[str, str]:
+    """(data URI of the heat map with the box drawn, which method made it and why); ``resize``: the model's."""
     from pipeline.cam import CamError, CamTarget, explain, overlay
 
     try:
-        heat, how = explain(model, image, "gradcam", CamTarget(tuple(float(v) for v in box), int(label))), "Grad-CAM"
+        target = CamTarget(tuple(float(v) for v in box), int(label))
+        heat, how = explain(model, image, "gradcam", target, resize), "Grad-CAM"
     except CamError:  # the model has no box of that class there: show where its features are instead
-        heat, how = explain(model, image, "eigencam"), "EigenCAM (the fold model has no box of this class here)"
+        heat = explain(model, image, "eigencam", resize=resize)
+        how = "EigenCAM (the fold model has no box of this class here)"
     picture = draw_boxes(overlay(image, heat), box[None], colour=colour, width=max(2, image.shape[1] // 200))
     return _array_uri(picture, CAM_TILE), how
 
@@ -710,7 +713,7 @@ def _worst_row(inputs: ReportInputs, m: Matching, row, fold: int, models: _FoldM
             why = "heat maps off" if models is None else "no fold checkpoint"
             cells.append(f"<figure><figcaption>{kind}: {html.escape(what)} ({why})</figcaption></figure>")
             continue
-        uri, how = _explained(model, image, box, int(err.label), colour)
+        uri, how = _explained(model, models.members[name].model.resize, image, box, int(err.label), colour)
         caption = f"{kind}: {what}; {how} of {name} fold {fold}"
         cells.append(f"<figure>{_img(uri, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>")
     return "<div>" + "".join(cells) + "</div>"

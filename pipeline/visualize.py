@@ -205,14 +205,14 @@ def cam_png(cfg, fold: int, image_id: str, box: int | None = None, class_name: s
                          "the folds file is stale (python -m pipeline.folds --config ... --force)")
     image = read_image(paths[image_id])
     model = load_fold_model(cfg, fold, len(table.classes), cam_device(cfg.train.device))
-    found = detections(model, image)
+    found = detections(model, image, cfg.model.resize)
     target, what = None, "no target"
     if method == "gradcam" or box is not None or class_name is not None:  # eigencam: the box is only marked
         i = pick_detection(found, box, class_name, list(table.classes))
         target = CamTarget(tuple(float(v) for v in found["boxes"][i]), int(found["labels"][i]))
         what = (f"detection #{i}: {table.classes[target.label]} {found['scores'][i]:.2f}"
                 + (" (marked, not a target)" if method == "eigencam" else ""))
-    heat = explain(model, image, method, target)
+    heat = explain(model, image, method, target, cfg.model.resize)
     width = max(1, image.shape[1] // 250)
     shown = found["scores"] >= show_thr
     left = draw_boxes(image, found["boxes"][shown], found["labels"][shown], width=width)

@@ -69,7 +69,7 @@ def test_explaining_leaves_the_model_as_it_was(detector, image):
 
 @pytest.mark.slow
 def test_differentiable_predict_equals_predict(detector, image):
-    images = model_input(image, detector.image_size)
+    images, _ = model_input(image, detector.image_size)
     plain = detector.predict(images)[0]
     with torch.enable_grad():
         graded = detect_with_grad(detector, images)[0]
@@ -176,3 +176,36 @@ def test_gradcam_explains_the_box_of_the_targets_class_even_when_another_class_o
     wide = tuple(found["boxes"][found["labels"] == 1][0])  # the class-1 box; explain class 0 there
     heat = explain(toy, image, "gradcam", CamTarget(wide, 0))
     assert heat.shape == (H, W) and heat.max() > 0.5
+
+
+class BrightnessDetector(ToyDetector):
+    """Its one feature channel is the image's brightness, so EigenCAM's map is the brightness itself: the heat map
+    must show a bright object where it is in the image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = nn.Conv2d(3, 1, 1)
+        nn.init.constant_(conv.weight, 1 / 3)
+        nn.init.zeros_(conv.bias)
+        self.net = nn.Sequential(conv, nn.ReLU())
+
+
+@pytest.mark.parametrize("resize", ["square", "letterbox"])
+def test_the_heat_map_lies_on_the_image_under_either_resize(resize):
+    img = np.zeros((H, W, 3), np.uint8)
+    img[20:60, 30:80] = 255  # centre (54.5, 39.5); a letterboxed input is 64 x 41 of image over grey padding
+    heat = explain(BrightnessDetector().eval(), img, "eigencam", resize=resize)
+    hot = np.argwhere(heat > 0.5)
+    assert heat.shape == (H, W)
+    assert abs(hot[:, 0].mean() - 39.5) < 3 and abs(hot[:, 1].mean() - 54.5) < 3
+
+
+def test_detections_of_a_letterboxed_model_come_back_in_image_pixels(image):
+    toy = ToyDetector().eval()  # boxes: the input's left and right halves, 64 x 64 input
+    content_h = round(H * 64 / W)  # letterbox: the 140 x 90 image fills 64 x 41 of the input
+    for resize, (sx, sy) in (("square", (W / 64, H / 64)), ("letterbox", (W / 64, H / content_h))):
+        boxes = detections(toy, image, resize)["boxes"]
+        expected = np.array([[0, 0, 32 * sx, 64 * sy], [32 * sx, 0, 64 * sx, 64 * sy]])
+        np.testing.assert_allclose(boxes[np.argsort(boxes[:, 0])], expected, rtol=1e-6)
+    tensor, content = model_input(image, 64, resize="letterbox")
+    assert tensor.shape == (1, 3, 64, 64) and content == (64, content_h)
