@@ -307,7 +307,8 @@ def test_predict_with_and_without_the_cache_writes_identical_tables(tmp_path, mo
         torch.manual_seed(fold)
         checkpoint.save({"model": create_model(cfg.model, num_classes=1).state_dict()},
                         fold_dir(cfg, fold) / BEST_CHECKPOINT)
-    assert main(["cache", "--config", str(tmp_path / "config.yaml"), "--size", "64"]) == 0
+    assert cfg.model.image_size == 64
+    assert main(["cache", "--config", str(tmp_path / "config.yaml")]) == 0  # --size: model.image_size
     for split in ("oof", "test"):
         files = read_predictions(predict.run(no_cache, split, ["none", "hflip"]))
         assert len(files) > 0 and set(files.tta) == {"none", "hflip"}

@@ -3,12 +3,13 @@
     python -m pipeline.data check --config configs/bccd/base.yaml [--set key=value ...] [--split train|test]
                                   [--verify]
 
-    python -m pipeline.data cache --config C --size S [--resize square|letterbox] [--split train|test]
+    python -m pipeline.data cache --config C [--size S] [--resize square|letterbox] [--split train|test]
                                   [--dir cache] [--workers N]
 
 ``check`` loads the split exactly as training will, then prints a summary (images, boxes per class and source,
 image and box sizes) and every repair made. ``cache`` decodes every image of the split(s) once and stores it
-resized to the model input S, a side or WIDTHxHEIGHT (``pipeline.data.cache``): ``<dir>/<data.name>/<resize><S>/``,
+resized to the model input S, a side or WIDTHxHEIGHT (default: the config's ``model.image_size``;
+``pipeline.data.cache``): ``<dir>/<data.name>/<resize><S>/``,
 ``<dir>`` being ``--dir``, else the config's ``data.cache_dir``, else ``./cache``; run it again after images change and only those
 are decoded again. Training and prediction read it when ``data.cache_dir`` is set and S is ``model.image_size``.
 Bad input exits with code 1 and the error message, no traceback.
@@ -38,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--max-repairs", type=int, default=50, help="repair lines to list (default 50)")
     cache = sub.add_parser("cache", help="decode every image once and store it resized to the model input")
     add_config_args(cache)
-    cache.add_argument("--size", type=parse_size, required=True,
-                       help="the model's input (model.image_size): a side, or WIDTHxHEIGHT (1280x736)")
+    cache.add_argument("--size", type=parse_size, default=None,
+                       help="the model's input: a side, or WIDTHxHEIGHT (1280x736); default: model.image_size")
     cache.add_argument("--resize", choices=["square", "letterbox"], default=None,
                        help="default: the config's model.resize")
     cache.add_argument("--split", choices=["train", "test"], action="append", default=None,
@@ -53,8 +54,8 @@ def _cache(args: argparse.Namespace) -> int:
     from pipeline.data.cache import DEFAULT_CACHE_DIR, build_cache, cache_folder  # cv2/albumentations: only here
 
     cfg = config_from_args(args)
-    resize = args.resize or cfg.model.resize
-    folder = cache_folder(args.dir or cfg.data.cache_dir or DEFAULT_CACHE_DIR, cfg.data.name, args.size, resize)
+    resize, size = args.resize or cfg.model.resize, args.size or cfg.model.image_size
+    folder = cache_folder(args.dir or cfg.data.cache_dir or DEFAULT_CACHE_DIR, cfg.data.name, size, resize)
     for split in args.split or ["train", "test"]:
         try:
             table = load_dataset(cfg.data, split)
@@ -63,9 +64,9 @@ def _cache(args: argparse.Namespace) -> int:
                 raise
             print(f"{split}: not cached ({exc})")
             continue
-        report = build_cache(table.images, folder, split, args.size, resize, args.workers)
+        report = build_cache(table.images, folder, split, size, resize, args.workers)
         rate = report.decoded / report.seconds if report.decoded and report.seconds > 0 else 0.0
-        print(f"{split}: {report.images} images at {resize} {size_text(args.size)} px, {report.decoded} decoded "
+        print(f"{split}: {report.images} images at {resize} {size_text(size)} px, {report.decoded} decoded "
               f"({rate:.1f} images/s), {report.reused} reused, {report.channels} channel(s), "
               f"{report.bytes / 2**20:.1f} MiB in {report.path} ({report.seconds:.1f} s)")
     return 0
