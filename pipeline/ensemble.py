@@ -316,8 +316,8 @@ def view_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None, 
     for row in rows:
         row["oof gain"] = float(metric.gain(row["oof"], rows[0]["oof"]))
         if row["oof gain"] < -VIEW_GAP_WARN:
-            # measured on BCCD: one-size models' scale views kept box centres (0.1 px) but sized boxes 10-17% toward
-            # the training size, 8-23 points below `none`; still, fused with the others they added 0.4-0.7
+            # measured on BCCD (4 families): one-size models' scale views kept box centres (within 2 px) but sized
+            # boxes 3-31% toward the training size, 4-28 points below `none`; fused, they still added up to 0.7
             why = (" or the model, trained at one input size, sizes objects toward it (train.multiscale trains it "
                    "at the view's sizes)" if is_scale_view(row["view"]) else "")
             log.warning("%s: view %s scores %.4f OOF, %.4f below its %s view (more than %.3f): check the view and "
