@@ -294,6 +294,7 @@ def test_the_cache_is_no_part_of_the_training_fingerprint(tmp_path):
     assert not same_training(older, other_data)  # the rest of the data section still counts
 
 
+@pytest.mark.slow  # two prediction runs per split: 20+ s, the rest of the file is fast
 def test_predict_with_and_without_the_cache_writes_identical_tables(tmp_path, monkeypatch, capsys):
     import torch
 
