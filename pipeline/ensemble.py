@@ -26,6 +26,7 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -291,7 +292,8 @@ def member_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None
         test_plain = m.test[m.test.tta == plain_view(m)]
         row |= cells("test", [test_scorer(test_plain[test_plain.fold == f]) for f in sorted(m.test.fold.unique())])
     rows = [row]
-    score = lambda views: fold_ensemble_cells(m, views, train, oof_scorer, test_scorer, sizes_test)  # noqa: E731
+    score = partial(fold_ensemble_cells, m, train=train, oof_scorer=oof_scorer, test_scorer=test_scorer,
+                    sizes_test=sizes_test)
     rows.append({"row": f"{name}: fold ensemble, no TTA", **score([plain_view(m)])})
     if len(m.views) > 1:
         from pipeline.tta import is_scale_view  # the TTA registry imports torch: only for members with views
