@@ -233,6 +233,9 @@ class AugmentConfig(Strict):
     mosaic_prob: float = Field(0.0, ge=0.0, le=1.0)
     mixup_prob: float = Field(0.0, ge=0.0, le=1.0)
     cutmix_prob: float = Field(0.0, ge=0.0, le=1.0)
+    # auto: the fused engine (pipeline.fused_augment) when `train` holds only flips, rot90, transpose, HSV and
+    # brightness/contrast and there is no Mosaic, else albumentations; fused: that engine or an error
+    engine: Literal["auto", "albumentations", "fused"] = "auto"
 
 
 class TrainConfig(Strict):

@@ -15,12 +15,12 @@ from pipeline.visualize import augment_grid
 FLIPS = [TransformSpec(name="HorizontalFlip", params={"p": 0.5}), TransformSpec(name="RandomRotate90", params={"p": 0.5})]
 
 
-def dataset(tiny_data, **augment):
+def dataset(tiny_data, train=FLIPS, **augment):
     from conftest import TINY_SYNTHETIC
     from pipeline.config import DataConfig
 
     table = load_dataset(DataConfig(name="t", format="gwd_csv", root=tiny_data, classes=TINY_SYNTHETIC.classes))
-    cfg = AugmentConfig(train=FLIPS, **augment)
+    cfg = AugmentConfig(train=train, **augment)
     return TrainDataset(make_records(table, table.images.image_id), 96, cfg, seed=0)
 
 
@@ -62,12 +62,12 @@ def _flips_seen(ds: TrainDataset, reference: np.ndarray, epochs: int) -> dict[st
     return seen
 
 
-def test_steps_of_a_pipeline_draw_independently(tiny_data):
+@pytest.mark.parametrize("engine", ["albumentations", "fused"])
+def test_steps_of_a_pipeline_draw_independently(tiny_data, engine):
     # albumentations seeds every step of a Compose alike; two p=0.5 flips then fire together or not at all
-    ds = dataset(tiny_data)
-    ds.cfg = AugmentConfig(train=[TransformSpec(name="HorizontalFlip", params={"p": 0.5}),
-                                  TransformSpec(name="VerticalFlip", params={"p": 0.5})])
-    ds.transform = build_train(ds.cfg, ds.size)
+    ds = dataset(tiny_data, train=[TransformSpec(name="HorizontalFlip", params={"p": 0.5}),
+                                   TransformSpec(name="VerticalFlip", params={"p": 0.5})], engine=engine)
+    assert (ds.fused is not None) == (engine == "fused")
     rec = ds.records[0]
     assert len(rec.boxes) > 0
     reference = rec.boxes * np.array([ds.size / rec.width, ds.size / rec.height] * 2)
