@@ -45,8 +45,8 @@ def pinned(name: str, params: dict) -> A.BasicTransform:
     return transform
 
 
-def oracle(steps: list[tuple[str, dict]], image, boxes, labels, cfg: AugmentConfig, size) -> dict:
-    compose = A.Compose([pinned(n, p) for n, p in steps] + resize_steps(size, "square"),
+def oracle(steps: list[tuple[str, dict]], image, boxes, labels, cfg: AugmentConfig, size, resize="square") -> dict:
+    compose = A.Compose([pinned(n, p) for n, p in steps] + resize_steps(size, resize),
                         bbox_params=bbox_params(cfg), strict=True)
     out = compose(image=image, bboxes=boxes, labels=labels)
     return {"image": out["image"], "bboxes": np.asarray(out["bboxes"]).reshape(-1, 4), "labels": out["labels"]}
@@ -77,13 +77,14 @@ def test_hsv_shift_is_albumentations_to_the_bit(shifts):
     assert np.array_equal(shift_hsv(image, *shifts), fpixel.shift_hsv(image, *shifts))
 
 
+@pytest.mark.parametrize("resize", ["square", "letterbox"])
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("recipe", [RECIPE, [RECIPE[4], RECIPE[0], RECIPE[5], RECIPE[2], RECIPE[4]], []],
                          ids=["recipe", "colour-between-geometry", "resize-only"])
-def test_a_sample_is_albumentations_with_the_same_draws(seed, recipe):
+def test_a_sample_is_albumentations_with_the_same_draws(seed, recipe, resize):
     """Every transform of the recipe, fired or not as the draw says, in the recipe's order, then the resize."""
     cfg = AugmentConfig(train=recipe, min_area=4.0, min_visibility=0.3)
-    fused = FusedAugment(cfg)
+    fused = FusedAugment(cfg, resize)
     image, boxes, labels = image_and_boxes(np.random.default_rng(100 + seed))
     boxes[0] = [-3, -2, 4, 5]  # partly outside: clipped, and kept only when visible enough
     boxes[1] = [30, 18, 45, 30]
@@ -92,7 +93,7 @@ def test_a_sample_is_albumentations_with_the_same_draws(seed, recipe):
     boxes[4] = [12, 3, 13, 4.5]  # 1.5 px2 here, 3.4 at the input: dropped
     steps = [(type(t).__name__, params) for t, params in fused.draw(np.random.default_rng(seed))]
     out = fused(image, boxes, labels, np.random.default_rng(seed), (48, 40))
-    expected = oracle(steps, image, boxes, labels, cfg, (48, 40))
+    expected = oracle(steps, image, boxes, labels, cfg, (48, 40), resize)
     assert np.array_equal(out["image"], expected["image"])
     np.testing.assert_allclose(out["bboxes"], expected["bboxes"], atol=1e-3)
     assert list(out["labels"]) == list(expected["labels"])
