@@ -2,9 +2,9 @@
 
 albumentations is the engine for every recipe; this one runs when ``augment.train`` holds only the transforms
 below (``augment.engine: auto``, the default) because on a pre-resized cached image albumentations' bookkeeping
-costs more than the pixels: at 512 px a BCCD sample spent ~1.4 ms in ``np.rot90``'s strided copy, ~3 ms in
-``shift_hsv`` (split, per-channel look-ups, merge) and ~1.5 ms normalising, clipping and filtering boxes after every
-step (benchmarks/data_cache.py). Here:
+costs more than the pixels (a 512-px image on the 2-core machine: ``np.rot90`` then a contiguous copy ~1.4 ms,
+``shift_hsv`` with its split, per-channel look-ups and merge ~3 ms, and ~1 ms a sample normalising, clipping and
+filtering boxes after every step, by cProfile; ``benchmarks/data_cache.py`` times the engines). Here:
 
 - the flips, rot90s and transposes of a sample compose into one element of the square's symmetry group (a
   transpose or not, then a flip of rows and/or columns): one or two OpenCV copies, boxes by formula;
