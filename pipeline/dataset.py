@@ -136,22 +136,16 @@ class TrainDataset(Dataset):
         self.cache = cache if cache is not None and cache.resize == resize else None
         self.epoch = 0
         self.fused = fused_engine(cfg, resize)
-        self._other_sides: dict[InputSize, tuple[A.Compose, A.Compose | None]] = {}
-        self.transform, self.mosaic_transform = self._build(self.size)
-
-    def _build(self, side: InputSize) -> tuple[A.Compose, A.Compose | None]:
-        mosaic = build_train(self.cfg, side, mosaic=True, resize=self.resize) if self.cfg.mosaic_prob > 0 else None
-        return build_train(self.cfg, side, resize=self.resize), mosaic
+        self._pipelines: dict[InputSize, tuple[A.Compose, A.Compose | None]] = {}
 
     def pipelines(self, side: InputSize) -> tuple[A.Compose, A.Compose | None]:
-        """The plain and the mosaic pipeline ending at the input size ``side`` (a side or (width, height)):
-        ``transform`` and ``mosaic_transform`` at ``size``, others built once per size."""
+        """The albumentations plain and mosaic pipelines ending at the input size ``side`` (a side or (width,
+        height)), built on first use per size (never, when the fused engine runs the recipe)."""
         side = canonical_size(side)
-        if side == self.size:
-            return self.transform, self.mosaic_transform
-        if side not in self._other_sides:
-            self._other_sides[side] = self._build(side)
-        return self._other_sides[side]
+        if side not in self._pipelines:
+            mosaic = build_train(self.cfg, side, mosaic=True, resize=self.resize) if self.cfg.mosaic_prob > 0 else None
+            self._pipelines[side] = build_train(self.cfg, side, resize=self.resize), mosaic
+        return self._pipelines[side]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
