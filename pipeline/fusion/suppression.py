@@ -46,10 +46,11 @@ when weighting). float32 *boxes* are computed in float64 (the library's hard NMS
 soft-NMS converts to float64 as here). Integer or float16 score arrays are treated as float64 (the library would
 store decayed scores in their own dtype).
 
-Speed. Each box is compared only with boxes that can matter: NMS files the kept boxes in a grid over their
-centres and looks only at those whose centre is close enough for IoU > ``iou_thr`` (the bound of
-:mod:`pipeline.fusion.grid`); soft-NMS decays only the boxes that overlap the selected one (every other weight is
-exactly 1, and ``1.0 * s == s``), found through a grid, drops boxes whose score fell to ``thresh`` or below (with
+Speed. Each box is compared only with boxes that can matter: NMS files every box in a grid over the centres and
+each kept box tests only the boxes whose centre is close enough for IoU > ``iou_thr`` (the bound of
+:mod:`pipeline.fusion.grid`), marking those it suppresses in one vectorised loop per row of cells; soft-NMS
+decays only the boxes that overlap the selected one (every other weight is exactly 1, and ``1.0 * s == s``),
+found through a grid, drops boxes whose score fell to ``thresh`` or below (with
 ``thresh >= 0`` they can never be returned nor decay a box that can, since the library selects them last), and
 finds each step's maximum of the library's score array through per-block upper bounds, rescanning a block only
 when its bound has gone stale (a decay only lowers a score). The drop-ins concatenate the per-set lists in one

@@ -7,18 +7,20 @@
    weight the scores;
 2. :func:`_order_by_label` -- label groups in ascending label order, each in input order;
 3. per group (:func:`_gather_group`; NMS of a single label reads the boxes where they are),
-   :func:`_hard_nms_group` (greedy suppression in score order, kept boxes filed in a grid over their centres, IoUs
-   tested against ``iou_thr`` without a division when clearly apart) or :func:`_soft_nms_group` (the library's
-   selection loop over its own score array, whose maximum is found through lazy per-block maxima; only boxes that
-   overlap the selected one are decayed -- every other weight is exactly 1 -- found by :func:`_overlapping` in a
-   grid of their own (:func:`_soft_grid_build`); boxes that can no longer be returned drop out);
+   :func:`_hard_nms_group` (greedy suppression in score order, as the library's forward: each kept box marks the
+   boxes it suppresses among the members filed in the grid cells of its window, a vectorised test) or
+   :func:`_soft_nms_group` (the library's selection loop over its own score array, whose maximum is found through
+   lazy per-block maxima; only boxes that overlap the selected one are decayed -- every other weight is exactly 1
+   -- found by :func:`_overlapping` in a grid of their own (:func:`_soft_grid_build`); boxes that can no longer be
+   returned drop out);
 4. the kept boxes are written group by group, in selection order.
 
-Cost. NMS: a sort and a few grid cells per box. Soft-NMS: per selected box, a window of grid rows and its
-overlapping live boxes, each an IoU and (gaussian) an ``exp`` -- every overlapping pair is decayed once, as in the
-library, which computes the same products for all remaining boxes at every step; finding each step's maximum
-costs two scans of about ``sqrt(n)`` scores, about twice per step. Tens of thousands of overlapping pairs per
-image at 40 sets x 100 boxes keep gaussian soft-NMS the slowest rule.
+Cost. NMS: a sort, filing every member, and per kept box a few runs of grid slots tested in SIMD lanes.
+Soft-NMS: per selected box, a window of grid rows and its overlapping live boxes, each an IoU and (gaussian) an
+``exp`` -- every overlapping pair is decayed once, as in the library, which computes the same products for all
+remaining boxes at every step; finding each step's maximum costs two scans of about ``sqrt(n)`` scores, about
+twice per step. Tens of thousands of overlapping pairs per image at 40 sets x 100 boxes keep gaussian soft-NMS
+the slowest rule.
 
 Work arrays are laid out in :class:`Scratch` (one allocation per thread, rows named by :class:`BoxRow`,
 :class:`FloatRow`, :class:`IntRow`), passed as separate arguments like the WBF kernel's.
@@ -33,7 +35,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from pipeline.fusion.grid import (GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, cells_per_axis, grid_add, grid_layout,
+from pipeline.fusion.grid import (GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, cells_per_axis, grid_layout,
                                   search_radius_factor, window_cells)
 from pipeline.fusion.primitives import (NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys, iou,
                                         radix_argsort, radix_argsort_top)
@@ -50,6 +52,7 @@ HARD = 3
 SOFT_LARGE = 3.0  # soft-NMS: members wider or taller than this many times the mean are checked on every step
 SOFT_CELL_FACTOR = 0.25  # soft-NMS grid cells per axis: about 1 / (this * the largest filed size)
 SOFT_REFILE_MIN = 64  # soft-NMS: refile the grid once fewer than half its slots are live, if it has more than this
+HARD_CELL_FACTOR = 1.0  # NMS grid cells per axis: about 1 / (this * the mean search radius)
 
 
 @unique
@@ -58,7 +61,6 @@ class BoxRow(IntEnum):
 
     KEPT = 0  # per box: the image's boxes after clipping, in (set, input) order
     GROUP = 1  # per group member: its box (contiguous, in the library's order)
-    SLOT = 2  # NMS, per grid slot: the box filed there (pipeline.fusion.grid)
 
 
 @unique
@@ -88,9 +90,9 @@ class IntRow(IntEnum):
     SLOT_BOX = 10  # per grid slot: the member filed there
     AT_POS = 11  # soft-NMS: member at each library array position
     POS_OF = 12  # soft-NMS: library array position of each member
-    LIST = 13  # hard: the kept members in order; soft: the large members (checked on every step)
+    LIST = 13  # soft-NMS: the large members (checked on every step)
     SELECTED = 14  # soft-NMS: member selected at each step
-    REMOVED = 15  # soft-NMS, per member: 1 once selected or dead (score <= thresh)
+    REMOVED = 15  # soft-NMS, per member: 1 once selected or dead (score <= thresh); NMS, per slot: suppressed
     CAND = 16  # soft-NMS: the members a selected member overlaps (between steps: free work space)
 
 
@@ -103,7 +105,7 @@ class Scratch(NamedTuple):
     group_start: np.ndarray  # int64 (cap + 1)
     pos_score: np.ndarray  # float64 (score_room(cap)): soft-NMS, the library's score array (padded to whole
     #                        blocks), then each block's upper bound of its maximum (see _soft_nms_group)
-    soft_slots: np.ndarray  # float64 (4, cap): soft-NMS grid, per slot: x1, y1, x2, y2 (one row per coordinate)
+    soft_slots: np.ndarray  # float64 (4, cap): the grid (NMS and soft-NMS), per slot: x1, y1, x2, y2 (a row each)
     cell_start: np.ndarray  # int64 (GRID_MAX ** 2 + 1): first slot of each grid cell
     cell_count: np.ndarray  # int64 (GRID_MAX ** 2): boxes filed in each cell
     radix_hist: np.ndarray  # int64 (RADIX_HIST_SIZE)
@@ -228,103 +230,55 @@ def _gather_group(gs: int, ge: int, scratch: Scratch) -> None:
         gscore[q] = kept_score[i]
 
 
-@numba.njit(inline="always", **NJIT_OPTIONS)
-def _iou_above(ax1: float, ay1: float, ax2: float, ay2: float, bx1: float, by1: float, bx2: float, by2: float,
-               thr: float) -> bool:
-    """``not (iou(A, B) <= thr)`` for ``thr > 0`` (the grid is used only then), exactly, without the division
-    when ``inter`` is clearly below or above ``thr * union``: the margin 1e-12 exceeds the rounding of the
-    product, and a quotient strictly below (above) ``thr`` rounds to at most (more than) ``thr``."""
-    xa = max(ax1, bx1)
-    ya = max(ay1, by1)
-    xb = min(ax2, bx2)
-    yb = min(ay2, by2)
-    inter = max(xb - xa, 0.0) * max(yb - ya, 0.0)
-    union = ((ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1)) - inter
-    bound = thr * union
-    if inter <= bound * (1.0 - 1e-12):
-        return False
-    if inter >= bound * (1.0 + 1e-12):
-        return True
-    return not (inter / union <= thr)
-
-
 @numba.njit(**NJIT_OPTIONS)
 def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: float, use_grid: bool,
                     out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, gbox: np.ndarray,
                     gscore: np.ndarray, scratch: Scratch) -> int:
     """Greedy NMS of one label group, members ``gbox[:n]`` with scores ``gscore[:n]`` (``n = ge - gs``); writes
     the kept boxes from slot ``o`` in selection order, returns the next slot. A box is kept unless a kept box has
-    IoU with it ``> iou_thr`` (the library keeps ``ovr <= thr``)."""
-    slot_xy = scratch.boxes[BoxRow.SLOT]
+    IoU with it ``> iou_thr`` (the library keeps ``ovr <= thr``).
+
+    As the library, forward: each kept box marks the boxes it suppresses. Every member is filed in a grid over
+    the centres (one cell when the bound is too loose or the group small), so the candidates of a kept box are
+    the members in the cells of its window (pipeline.fusion.grid's bound, in the kept box's own size) -- a few
+    contiguous runs of slots, tested without a branch so the test vectorises. Members already decided are
+    tested too (a mark on them is never read): cheaper than taking them out."""
     ints = scratch.ints
     by_score = ints[IntRow.BY_SCORE]
-    cell_of = ints[IntRow.CELL_OF]
     slot_of = ints[IntRow.SLOT_OF]
-    slot_box = ints[IntRow.SLOT_BOX]
-    kept_list = ints[IntRow.LIST]
+    dead = ints[IntRow.REMOVED]  # per slot: 1 once a kept box suppresses its member
     cell_start = scratch.cell_start
-    cell_count = scratch.cell_count
+    slots = scratch.soft_slots
     n = ge - gs
     keys = ints[IntRow.SORT_KEY]
     float_sort_keys(gscore, n, keys)
     radix_argsort_top(keys, n, by_score, ints[IntRow.SORT_KEY_A], ints[IntRow.SORT_KEY_B],
                       ints[IntRow.SORT_INDEX_B], scratch.radix_hist)
-    n_cells = 0
+    n_cells = 1
     if use_grid and n >= GRID_MIN_BOXES:
         sw = 0.0
         for q in range(n):
             sw += (gbox[q, 2] - gbox[q, 0]) + (gbox[q, 3] - gbox[q, 1])
-        n_cells = cells_per_axis(radius_factor * sw / (2.0 * n), n)
-        grid_layout(n_cells, gbox, by_score, n, cell_of, cell_start, cell_count)  # room for every member
+        n_cells = cells_per_axis(HARD_CELL_FACTOR * radius_factor * sw / (2.0 * n), n)
+    else:
+        radius_factor = np.inf  # one cell: every member is a candidate
+    _file_slots(n_cells, gbox, by_score, n, scratch)
+    for s in range(n):
+        dead[s] = 0
     label = ints[IntRow.KEPT_LABEL, ints[IntRow.BY_LABEL, gs]]
-    nk = 0
     for r in range(n - 1, -1, -1):  # score descending; ties: the later box first
         q = by_score[r]
+        if dead[slot_of[q]]:
+            continue
         bx1 = gbox[q, 0]
         by1 = gbox[q, 1]
         bx2 = gbox[q, 2]
         by2 = gbox[q, 3]
-        suppressed = False
-        scan_all = n_cells == 0
-        if n_cells > 0:
-            # the box's own cell first, before its window is worked out: the kept box that suppresses it is most
-            # often centred in the same cell
-            own = cell_of[q]
-            for s in range(cell_start[own], cell_start[own] + cell_count[own]):
-                if _iou_above(slot_xy[s, 0], slot_xy[s, 1], slot_xy[s, 2], slot_xy[s, 3], bx1, by1, bx2, by2,
-                              iou_thr):
-                    suppressed = True
-                    break
-        if n_cells > 0 and not suppressed:
-            gx0, gx1, gy0, gy1 = window_cells(bx1, by1, bx2, by2, (bx2 - bx1) * radius_factor,
-                                              (by2 - by1) * radius_factor, n_cells)
-            scan_all = (gx1 - gx0 + 1) * (gy1 - gy0 + 1) >= nk  # few kept boxes yet: test them all
-            gy = gy0
-            while gy <= gy1 and not (suppressed or scan_all):
-                for gx in range(gx0, gx1 + 1):
-                    c = gy * n_cells + gx
-                    if c == own:
-                        continue
-                    for s in range(cell_start[c], cell_start[c] + cell_count[c]):
-                        if _iou_above(slot_xy[s, 0], slot_xy[s, 1], slot_xy[s, 2], slot_xy[s, 3], bx1, by1, bx2,
-                                      by2, iou_thr):
-                            suppressed = True
-                            break
-                    if suppressed:
-                        break
-                gy += 1
-        if scan_all:
-            for t in range(nk):
-                k = kept_list[t]
-                if not (iou(gbox[k, 0], gbox[k, 1], gbox[k, 2], gbox[k, 3], bx1, by1, bx2, by2) <= iou_thr):
-                    suppressed = True
-                    break
-        if suppressed:
-            continue
-        kept_list[nk] = q
-        nk += 1
-        if n_cells > 0:
-            grid_add(q, gbox, cell_of, slot_of, slot_box, slot_xy, cell_start, cell_count)
+        gx0, gx1, gy0, gy1 = window_cells(bx1, by1, bx2, by2, (bx2 - bx1) * radius_factor,
+                                          (by2 - by1) * radius_factor, n_cells)
+        for gy in range(gy0, gy1 + 1):
+            _suppress_run(cell_start[gy * n_cells + gx0], cell_start[gy * n_cells + gx1 + 1], bx1, by1, bx2, by2,
+                          iou_thr, slots[0], slots[1], slots[2], slots[3], dead)
         out_box[o, 0] = bx1
         out_box[o, 1] = by1
         out_box[o, 2] = bx2
@@ -333,6 +287,25 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
         out_label[o] = label
         o += 1
     return o
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _suppress_run(lo: int, hi: int, bx1: float, by1: float, bx2: float, by2: float, iou_thr: float,
+                  sx1: np.ndarray, sy1: np.ndarray, sx2: np.ndarray, sy2: np.ndarray, dead: np.ndarray) -> None:
+    """Mark slots ``lo..hi-1`` whose box has IoU ``> iou_thr`` with the kept box B: the library's ``ovr`` (B's
+    area first, as ``areas[i] + areas[order[1:]] - inter``), never NaN as zero areas were dropped. Written so
+    that LLVM vectorises it (~3x): conditional expressions, not ``max``/``min`` (the same values without NaN),
+    and unsigned positions (no negative-index wraparound)."""
+    area_b = (bx2 - bx1) * (by2 - by1)
+    for s in range(numba.uint64(lo), numba.uint64(hi)):
+        x1 = sx1[s]
+        y1 = sy1[s]
+        x2 = sx2[s]
+        y2 = sy2[s]
+        w = (bx2 if bx2 < x2 else x2) - (bx1 if bx1 > x1 else x1)
+        h = (by2 if by2 < y2 else y2) - (by1 if by1 > y1 else y1)
+        inter = (w if w > 0.0 else 0.0) * (h if h > 0.0 else 0.0)
+        dead[s] |= inter / ((area_b + (x2 - x1) * (y2 - y1)) - inter) > iou_thr
 
 
 @numba.njit(**NJIT_OPTIONS)
@@ -581,8 +554,14 @@ def _file_soft_group(n: int, scratch: Scratch) -> tuple[int, float, float, int]:
 # ----------------------------------------------------------------------------------------------------------------
 @numba.njit(**NJIT_OPTIONS)
 def _soft_grid_build(n_cells: int, ids: np.ndarray, k: int, scratch: Scratch) -> None:
-    """File members ``ids[:k]`` (any order) in ``n_cells`` x ``n_cells`` cells, each cell in ``ids`` order."""
-    gbox = scratch.boxes[BoxRow.GROUP]
+    """File members ``ids[:k]`` (any order) of the gathered group in ``n_cells`` x ``n_cells`` cells."""
+    _file_slots(n_cells, scratch.boxes[BoxRow.GROUP], ids, k, scratch)
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _file_slots(n_cells: int, gbox: np.ndarray, ids: np.ndarray, k: int, scratch: Scratch) -> None:
+    """File members ``ids[:k]`` (rows of ``gbox``, any order) in ``n_cells`` x ``n_cells`` cells, each cell in
+    ``ids`` order, with no room between cells: ``cell_of``, ``slot_of``, ``slot_box``, ``soft_slots``."""
     ints = scratch.ints
     cell_of = ints[IntRow.CELL_OF]
     slot_of = ints[IntRow.SLOT_OF]
