@@ -292,9 +292,9 @@ def _soft_scratch(boxes: np.ndarray, dead: np.ndarray):
 
 
 def test_soft_overlap_search_finds_exactly_the_live_overlapping_boxes():
-    """The soft-NMS grid through removals and refiles: every live member that intersects the selected one is
-    found, with the library's IoU; nothing else (gaussian window); linear's narrower window still finds every
-    member above ``iou_thr``."""
+    """The soft-NMS grid through removals and refiles: every live member whose IoU with the selected one is
+    positive is found, with the library's IoU; nothing else (gaussian window); linear's narrower window finds
+    exactly the members above ``iou_thr``."""
     from pipeline.fusion.grid import search_radius_factor
     from pipeline.fusion.primitives import iou
     from pipeline.fusion.suppression_kernel import (FloatRow, IntRow, _file_soft_group, _overlapping, _refile,
@@ -325,13 +325,14 @@ def test_soft_overlap_search_finds_exactly_the_live_overlapping_boxes():
         live = np.flatnonzero(removed[:n] == 0)
         inter = ((np.minimum(boxes[q, 2], boxes[live, 2]) - np.maximum(boxes[q, 0], boxes[live, 0]) > 0)
                  & (np.minimum(boxes[q, 3], boxes[live, 3]) - np.maximum(boxes[q, 1], boxes[live, 1]) > 0))
-        k = _overlapping(q, n_cells, fw, fh, n_big, 0.0, scratch)
+        k = _overlapping(q, n_cells, fw, fh, n_big, 0.0, 0.0, scratch)
         found = dict(zip(ints[IntRow.CAND, :k].tolist(), scratch.floats[FloatRow.CAND_IOU, :k].tolist()))
         assert len(found) == k and set(found) == set(live[inter].tolist())
         assert all(v == iou(*boxes[q], *boxes[j]) for j, v in found.items())
-        k = _overlapping(q, n_cells, fw, fh, n_big, search_radius_factor(0.5), scratch)
-        narrow = set(ints[IntRow.CAND, :k].tolist())
-        assert {j for j in live[inter].tolist() if iou(*boxes[q], *boxes[j]) > 0.5} <= narrow <= set(found)
+        k = _overlapping(q, n_cells, fw, fh, n_big, search_radius_factor(0.5), 0.5, scratch)
+        narrow = dict(zip(ints[IntRow.CAND, :k].tolist(), scratch.floats[FloatRow.CAND_IOU, :k].tolist()))
+        assert set(narrow) == {j for j in live[inter].tolist() if iou(*boxes[q], *boxes[j]) > 0.5}
+        assert all(v == found[j] for j, v in narrow.items())
     assert steps >= 160  # four refiles at least
 
 
@@ -350,6 +351,43 @@ def test_block_max_and_first_equal():
 def test_block_layout_fits_the_scratch():
     from pipeline.fusion.suppression_kernel import block_layout, score_room
     for n in list(range(1, 3000)) + [10 ** 5, 10 ** 6 + 7]:
-        bs, nb, nb_pad = block_layout(n)
-        assert bs % 8 == 0 and nb_pad % 8 == 0 and nb_pad >= nb and (nb - 1) * bs < n <= nb * bs
-        assert nb * bs + nb_pad <= score_room(n)
+        bs, gsz, nb, ng = block_layout(n)
+        assert bs % 8 == 0 and gsz % 8 == 0 and ng % 4 == 0 and (nb - 1) * bs < n <= nb * bs and ng * gsz >= nb
+        assert nb * bs + ng * gsz + ng <= score_room(n)
+
+
+def test_leftmost_max_through_decays_removals_and_growth():
+    """The three-level lazy maxima give ``np.argmax``'s leftmost maximum after any sequence of the loop's updates:
+    scores lowered (bounds left stale), removed (-inf) and raised (bounds raised with them)."""
+    from pipeline.fusion.suppression_kernel import (_block_max, _leftmost_max, _position_arrays, block_layout,
+                                                    score_room)
+    rng = np.random.default_rng(11)
+    for n in (1, 5, 64, 333, 4000):
+        bs, gsz, nb, ng = block_layout(n)
+        room = np.empty(score_room(n))
+        score, bound, group_bound = _position_arrays(room, bs, gsz, nb, ng)
+        score[:] = -np.inf
+        score[:n] = np.round(rng.normal(0, 1, n) * 3) / 3  # ties
+        bound[:] = [_block_max(score, b * bs, b * bs + bs) if b < nb else -np.inf for b in range(len(bound))]
+        group_bound[:] = [_block_max(bound, g * gsz, g * gsz + gsz) for g in range(ng)]
+        for _ in range(min(n, 300)):
+            top, p = _leftmost_max(score, bound, group_bound, bs, gsz)
+            if p == -1:  # every score removed
+                assert top == -np.inf and score.max() == -np.inf
+                break
+            assert (top, p) == (score.max(), int(np.argmax(score)))
+            score[p] = -np.inf
+            for j in rng.integers(0, n, 5):
+                if score[j] == -np.inf:
+                    continue
+                r = rng.random()
+                if r < 0.6:
+                    score[j] = score[j] * 0.5 if score[j] > 0 else score[j] - 1.0  # lowered
+                elif r < 0.8:
+                    score[j] = -np.inf
+                else:  # raised
+                    score[j] = score[j] + 0.5
+                    bound[j // bs] = max(bound[j // bs], score[j])
+                    group_bound[j // (bs * gsz)] = max(group_bound[j // (bs * gsz)], score[j])
+        assert _leftmost_max(np.full_like(score, -np.inf), np.full_like(bound, -np.inf),
+                             np.full_like(group_bound, -np.inf), bs, gsz) == (-np.inf, -1)

@@ -71,6 +71,7 @@ class FloatRow(IntEnum):
     GROUP_SCORE = 1  # per group member: weighted score (hard: the sort input; soft: the score returned)
     FINAL = 2  # soft-NMS, per step: the selected member's score at selection (compared with ``thresh``)
     CAND_IOU = 3  # soft-NMS: IoU of the selected member with each candidate (``IntRow.CAND``)
+    SLOT_IOU = 4  # soft-NMS, per grid slot: IoU of the selected member with the slot's box (window slots only)
 
 
 @unique
@@ -112,9 +113,10 @@ class Scratch(NamedTuple):
 
 
 def score_room(cap: int) -> int:
-    """Length of ``Scratch.pos_score`` for groups of up to ``cap`` members (:func:`block_layout`): under
-    ``cap + sqrt(cap) + 8`` scores in whole blocks, then at most ``cap / 8 + 8`` bounds."""
-    return 2 * cap + 64
+    """Length of ``Scratch.pos_score`` for groups of up to ``cap`` members: the scores in whole blocks, the block
+    bounds in whole groups and the group bounds of :func:`block_layout` (tests/test_fusion_suppression.py checks
+    the fit)."""
+    return 2 * cap + 256
 
 
 def allocate_scratch(cap: int) -> Scratch:
@@ -308,6 +310,23 @@ def _suppress_run(lo: int, hi: int, bx1: float, by1: float, bx2: float, by2: flo
         dead[s] |= inter / ((area_b + (x2 - x1) * (y2 - y1)) - inter) > iou_thr
 
 
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _iou_run(lo: int, hi: int, bx1: float, by1: float, bx2: float, by2: float, sx1: np.ndarray, sy1: np.ndarray,
+             sx2: np.ndarray, sy2: np.ndarray, out: np.ndarray) -> None:
+    """``out[s]``: IoU of box B with slot ``s``'s box for ``s`` in ``lo..hi-1``, as :func:`_suppress_run` computes
+    it (vectorised); an emptied slot (x1 = y1 = inf, x2 = y2 = -inf) gets 0."""
+    area_b = (bx2 - bx1) * (by2 - by1)
+    for s in range(numba.uint64(lo), numba.uint64(hi)):
+        x1 = sx1[s]
+        y1 = sy1[s]
+        x2 = sx2[s]
+        y2 = sy2[s]
+        w = (bx2 if bx2 < x2 else x2) - (bx1 if bx1 > x1 else x1)
+        h = (by2 if by2 < y2 else y2) - (by1 if by1 > y1 else y1)
+        inter = (w if w > 0.0 else 0.0) * (h if h > 0.0 else 0.0)
+        out[s] = inter / ((area_b + (x2 - x1) * (y2 - y1)) - inter)
+
+
 @numba.njit(**NJIT_OPTIONS)
 def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma: float, thresh: float,
                     float32_scores: bool, out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray,
@@ -325,12 +344,13 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
     box above ``thresh``. Such boxes count as -inf (which compares below every live score exactly as their true
     score does) and leave the grid, and the loop stops once the maximum is dead.
 
-    Lazy block maxima. The positions are cut into blocks of about ``sqrt(n)``; ``bound[b]`` is at least the
-    maximum of block ``b``. A decay only lowers a score, so bounds are left alone by decays; a step finds the
-    leftmost block holding the largest bound and rescans it: if its maximum is the bound, that is the leftmost
-    maximum of the array (every block to its left has a smaller bound), else the bound is lowered and the search
-    repeats -- about two rescans per step. A score that grows (a negative one, decayed towards 0 when
-    ``thresh < 0``) raises its block's bound at once.
+    Lazy block maxima. The positions are cut into blocks of ``bs`` and the blocks into groups of ``gsz`` (about
+    ``2 cbrt(n)`` and ``cbrt(n) / 2``); ``bound[b]`` is at least the maximum of block ``b``, ``group_bound[g]`` at least every
+    bound of group ``g``. A decay only lowers a score, so bounds are left alone by decays; a step finds the
+    leftmost group of the largest group bound, in it the leftmost block of that bound, and rescans the block: if
+    its maximum is the bound, that is the leftmost maximum of the array (every block and group to its left has a
+    smaller bound), else the stale bound is lowered and the search repeats. A score that grows (a negative one,
+    decayed towards 0 when ``thresh < 0``) raises its block's and group's bounds at once.
     """
     gbox = scratch.boxes[BoxRow.GROUP]
     floats = scratch.floats
@@ -349,10 +369,10 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
     prune = thresh >= 0.0
     # linear decay acts only above iou_thr: the IoU bound of pipeline.fusion.grid narrows the search (0: overlap)
     window_factor = search_radius_factor(iou_thr) if method == LINEAR and iou_thr >= GRID_MIN_THR else 0.0
+    decay_above = iou_thr if method == LINEAR else 0.0  # an IoU at or below this leaves the score as it is
     n = ge - gs
-    bs, nb, nb_pad = _start_positions(n, prune, thresh, scratch)
-    score = scratch.pos_score[:nb * bs]
-    bound = scratch.pos_score[nb * bs:nb * bs + nb_pad]
+    bs, gsz, nb, ng = _start_positions(n, prune, thresh, scratch)
+    score, bound, group_bound = _position_arrays(scratch.pos_score, bs, gsz, nb, ng)
     n_cells, fw, fh, n_big = _file_soft_group(n, scratch)
     n_filed = 0
     for q in range(n):
@@ -360,7 +380,7 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
     n_room = n_filed  # grid slots, live or emptied
     n_sel = 0
     for i in range(n):
-        top, p = _leftmost_max(score, bound, bs, nb_pad)
+        top, p = _leftmost_max(score, bound, group_bound, bs, gsz)
         if p == -1:
             break  # every remaining box is dead: none can be returned
         if p != i:  # the library swaps the maximum into position i (the box there keeps its score, <= top)
@@ -380,13 +400,11 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
         n_filed -= _soft_grid_remove(q, cell_of, slot_of, slots)
         if n_cells > 0 and 2 * n_filed < n_room and n_room > SOFT_REFILE_MIN:
             n_room = _refile(n, n_cells, scratch)  # the scans cover emptied slots too: drop them
-        nc = _overlapping(q, n_cells, fw, fh, n_big, window_factor, scratch)
+        nc = _overlapping(q, n_cells, fw, fh, n_big, window_factor, decay_above, scratch)
         for t in range(nc):
             j = cand[t]
             ovr = cand_iou[t]
             if method == LINEAR:
-                if not (ovr > iou_thr):
-                    continue
                 weight = 1.0 - ovr
             else:
                 weight = math.exp(-(ovr * ovr) / sigma)
@@ -401,8 +419,9 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
                 n_filed -= _soft_grid_remove(j, cell_of, slot_of, slots)
             else:
                 score[pj] = sj
-                if sj > old:  # a negative score grows towards 0: its block's bound must grow with it
+                if sj > old:  # a negative score grows towards 0: its block's and group's bounds grow with it
                     bound[pj // bs] = max(bound[pj // bs], sj)
+                    group_bound[pj // (bs * gsz)] = max(group_bound[pj // (bs * gsz)], sj)
     label = ints[IntRow.KEPT_LABEL, ints[IntRow.BY_LABEL, gs]]
     for k in range(n_sel):
         if final[k] > thresh:
@@ -416,18 +435,16 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
 
 
 @numba.njit(**NJIT_OPTIONS)
-def _start_positions(n: int, prune: bool, thresh: float, scratch: Scratch) -> tuple[int, int, int]:
+def _start_positions(n: int, prune: bool, thresh: float, scratch: Scratch) -> tuple[int, int, int, int]:
     """The library's array before step 0: member ``q`` at position ``q``, its score (-inf and ``REMOVED`` when
-    ``prune`` and it is dead already), -inf up to whole blocks, then each block's maximum. Returns ``(block size
-    bs, blocks nb, nb padded to a multiple of 8)``: scores are ``pos_score[:nb * bs]``, bounds the next
-    ``nb_pad``."""
+    ``prune`` and it is dead already), -inf up to whole blocks, then the bounds: each block's maximum, -inf for
+    the blocks that pad the last group, and each group's maximum. Returns :func:`block_layout`."""
     gscore = scratch.floats[FloatRow.GROUP_SCORE]
     at_pos = scratch.ints[IntRow.AT_POS]
     pos_of = scratch.ints[IntRow.POS_OF]
     removed = scratch.ints[IntRow.REMOVED]
-    bs, nb, nb_pad = block_layout(n)
-    score = scratch.pos_score[:nb * bs]
-    bound = scratch.pos_score[nb * bs:nb * bs + nb_pad]
+    bs, gsz, nb, ng = block_layout(n)
+    score, bound, group_bound = _position_arrays(scratch.pos_score, bs, gsz, nb, ng)
     for q in range(n):
         at_pos[q] = q
         pos_of[q] = q
@@ -436,32 +453,55 @@ def _start_positions(n: int, prune: bool, thresh: float, scratch: Scratch) -> tu
         score[q] = gscore[q] if live else -np.inf
     for p in range(n, nb * bs):
         score[p] = -np.inf
-    for b in range(nb_pad):
+    for b in range(len(bound)):
         bound[b] = _block_max(score, b * bs, b * bs + bs) if b < nb else -np.inf
-    return bs, nb, nb_pad
+    for g in range(len(group_bound)):
+        group_bound[g] = _block_max(bound, g * gsz, g * gsz + gsz)
+    return bs, gsz, nb, ng
 
 
 @numba.njit(**NJIT_OPTIONS)
-def block_layout(n: int) -> tuple[int, int, int]:
-    """``(bs, nb, nb_pad)``: ``n`` positions in ``nb`` blocks of ``bs`` (a multiple of 8, as the scans take 4
-    at a time; about ``sqrt(n)``), ``nb`` rounded up to a multiple of 8. ``nb * bs + nb_pad <= score_room(n)``."""
+def block_layout(n: int) -> tuple[int, int, int, int]:
+    """``(bs, gsz, nb, ng)``: ``n`` positions in ``nb`` blocks of ``bs``, the blocks in ``ng`` groups of ``gsz``
+    (``bs`` and ``gsz`` multiples of 8, as the scans take 4 at a time; about ``2 cbrt(n)`` and ``cbrt(n) / 2``),
+    ``ng`` a multiple of 4. :func:`_position_arrays` cuts ``Scratch.pos_score`` accordingly."""
     bs = 8
-    while bs * bs < n:
+    while bs * bs * bs < 8 * n:  # bs about 2 cbrt(n), gsz about cbrt(n) / 2: the fastest at 4,000 (wbf.py)
         bs += 8
     nb = (n + bs - 1) // bs
-    return bs, nb, (nb + 7) // 8 * 8
+    gsz = 8
+    while 8 * gsz * gsz * gsz < n:
+        gsz += 8
+    ng = ((nb + gsz - 1) // gsz + 3) // 4 * 4
+    return bs, gsz, nb, ng
 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
-def _leftmost_max(score: np.ndarray, bound: np.ndarray, bs: int, nb_pad: int) -> tuple[float, int]:
-    """``(value, position)`` of the leftmost maximum of ``score`` (blocks of ``bs``, ``bound[b]`` at least the
-    maximum of block ``b``); ``(-inf, -1)`` when every score is -inf. Rescans the leftmost block of the largest
-    bound, lowering stale bounds, until a block's maximum is its bound."""
+def _position_arrays(pos_score: np.ndarray, bs: int, gsz: int, nb: int,
+                     ng: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(score, bound, group_bound)``: ``nb * bs`` scores, ``ng * gsz`` block bounds, ``ng`` group bounds."""
+    nbound = ng * gsz
+    return (pos_score[:nb * bs], pos_score[nb * bs:nb * bs + nbound],
+            pos_score[nb * bs + nbound:nb * bs + nbound + ng])
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _leftmost_max(score: np.ndarray, bound: np.ndarray, group_bound: np.ndarray, bs: int,
+                  gsz: int) -> tuple[float, int]:
+    """``(value, position)`` of the leftmost maximum of ``score`` (blocks of ``bs`` in groups of ``gsz`` blocks,
+    each ``bound`` / ``group_bound`` at least the maximum below it); ``(-inf, -1)`` when every score is -inf.
+    Rescans the leftmost group of the largest group bound and its leftmost block of that bound, lowering stale
+    bounds, until a block's maximum is its group's bound."""
     while True:
-        top = _block_max(bound, 0, nb_pad)
+        top = _block_max(group_bound, 0, len(group_bound))
         if top == -np.inf:
             return top, -1
-        b = _first_equal(bound, 0, top)
+        g = _first_equal(group_bound, 0, top)
+        g_max = _block_max(bound, g * gsz, g * gsz + gsz)
+        if g_max != top:
+            group_bound[g] = g_max
+            continue
+        b = _first_equal(bound, g * gsz, top)
         m = _block_max(score, b * bs, b * bs + bs)
         if m == top:
             return top, _first_equal(score, b * bs, top)
@@ -610,7 +650,7 @@ def _refile(n: int, n_cells: int, scratch: Scratch) -> int:
 
 
 @numba.njit(**NJIT_OPTIONS)
-def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_factor: float,
+def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_factor: float, above: float,
                  scratch: Scratch) -> int:
     """``CAND[:k]`` and ``CAND_IOU[:k]``: the remaining live members whose box intersects member ``q``'s, and their
     IoU with it -- the library's, ``q`` first (an IoU that still rounds to 0 leaves the score as it is: the weight
@@ -642,19 +682,25 @@ def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_
             rx = 0.5 * ((qx2 - qx1) + fw)
             ry = 0.5 * ((qy2 - qy1) + fh)
         gx0, gx1, gy0, gy1 = window_cells(qx1, qy1, qx2, qy2, rx, ry, n_cells)
-        for gy in range(gy0, gy1 + 1):  # pass 1, branch-free: the slots whose box intersects q's, row by row
-            for s in range(cell_start[gy * n_cells + gx0], cell_start[gy * n_cells + gx1 + 1]):
+        slot_iou = scratch.floats[FloatRow.SLOT_IOU]
+        for gy in range(gy0, gy1 + 1):  # row by row: every slot's IoU (vectorised), then those above ``above``
+            lo = cell_start[gy * n_cells + gx0]
+            hi = cell_start[gy * n_cells + gx1 + 1]
+            _iou_run(lo, hi, qx1, qy1, qx2, qy2, sx1, sy1, sx2, sy2, slot_iou)
+            for s in range(lo, hi):
                 cand[k] = s
-                k += (min(qx2, sx2[s]) - max(qx1, sx1[s]) > 0.0) & (min(qy2, sy2[s]) - max(qy1, sy1[s]) > 0.0)
-        for t in range(k):  # pass 2: their IoU (pipelined divisions), as member indices
+                k += slot_iou[s] > above
+        for t in range(k):  # as member indices
             s = cand[t]
-            cand_iou[t] = iou(qx1, qy1, qx2, qy2, sx1[s], sy1[s], sx2[s], sy2[s])
+            cand_iou[t] = slot_iou[s]
             cand[t] = slot_box[s]
     for r in range(n_big):
         j = big[r]
         if (removed[j] == 0 and min(qx2, gbox[j, 2]) - max(qx1, gbox[j, 0]) > 0.0
                 and min(qy2, gbox[j, 3]) - max(qy1, gbox[j, 1]) > 0.0):
-            cand[k] = j
-            cand_iou[k] = iou(qx1, qy1, qx2, qy2, gbox[j, 0], gbox[j, 1], gbox[j, 2], gbox[j, 3])
-            k += 1
+            v = iou(qx1, qy1, qx2, qy2, gbox[j, 0], gbox[j, 1], gbox[j, 2], gbox[j, 3])
+            if v > above:
+                cand[k] = j
+                cand_iou[k] = v
+                k += 1
     return k
