@@ -292,39 +292,35 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
+def _slot_iou(bx1: float, by1: float, bx2: float, by2: float, area_b: float, x1: float, y1: float, x2: float,
+              y2: float) -> float:
+    """IoU of box B (area ``area_b``) with box ``x1, y1, x2, y2``: the library's ``ovr``, B's area first (as
+    ``areas[i] + areas[order[1:]] - inter``). Conditional expressions, not ``max``/``min`` (the same values
+    without NaN), so that the loops calling it vectorise; an emptied slot (x1 = y1 = inf, x2 = y2 = -inf) gets 0,
+    and a real box never NaN (zero areas were dropped)."""
+    w = (bx2 if bx2 < x2 else x2) - (bx1 if bx1 > x1 else x1)
+    h = (by2 if by2 < y2 else y2) - (by1 if by1 > y1 else y1)
+    inter = (w if w > 0.0 else 0.0) * (h if h > 0.0 else 0.0)
+    return inter / ((area_b + (x2 - x1) * (y2 - y1)) - inter)
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
 def _suppress_run(lo: int, hi: int, bx1: float, by1: float, bx2: float, by2: float, iou_thr: float,
                   sx1: np.ndarray, sy1: np.ndarray, sx2: np.ndarray, sy2: np.ndarray, dead: np.ndarray) -> None:
-    """Mark slots ``lo..hi-1`` whose box has IoU ``> iou_thr`` with the kept box B: the library's ``ovr`` (B's
-    area first, as ``areas[i] + areas[order[1:]] - inter``), never NaN as zero areas were dropped. Written so
-    that LLVM vectorises it (~3x): conditional expressions, not ``max``/``min`` (the same values without NaN),
-    and unsigned positions (no negative-index wraparound)."""
+    """Mark slots ``lo..hi-1`` whose box has IoU ``> iou_thr`` with the kept box B (vectorised: ~3x; unsigned
+    positions, so no negative-index wraparound)."""
     area_b = (bx2 - bx1) * (by2 - by1)
     for s in range(numba.uint64(lo), numba.uint64(hi)):
-        x1 = sx1[s]
-        y1 = sy1[s]
-        x2 = sx2[s]
-        y2 = sy2[s]
-        w = (bx2 if bx2 < x2 else x2) - (bx1 if bx1 > x1 else x1)
-        h = (by2 if by2 < y2 else y2) - (by1 if by1 > y1 else y1)
-        inter = (w if w > 0.0 else 0.0) * (h if h > 0.0 else 0.0)
-        dead[s] |= inter / ((area_b + (x2 - x1) * (y2 - y1)) - inter) > iou_thr
+        dead[s] |= _slot_iou(bx1, by1, bx2, by2, area_b, sx1[s], sy1[s], sx2[s], sy2[s]) > iou_thr
 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
 def _iou_run(lo: int, hi: int, bx1: float, by1: float, bx2: float, by2: float, sx1: np.ndarray, sy1: np.ndarray,
              sx2: np.ndarray, sy2: np.ndarray, out: np.ndarray) -> None:
-    """``out[s]``: IoU of box B with slot ``s``'s box for ``s`` in ``lo..hi-1``, as :func:`_suppress_run` computes
-    it (vectorised); an emptied slot (x1 = y1 = inf, x2 = y2 = -inf) gets 0."""
+    """``out[s]``: IoU of box B with slot ``s``'s box for ``s`` in ``lo..hi-1`` (vectorised)."""
     area_b = (bx2 - bx1) * (by2 - by1)
     for s in range(numba.uint64(lo), numba.uint64(hi)):
-        x1 = sx1[s]
-        y1 = sy1[s]
-        x2 = sx2[s]
-        y2 = sy2[s]
-        w = (bx2 if bx2 < x2 else x2) - (bx1 if bx1 > x1 else x1)
-        h = (by2 if by2 < y2 else y2) - (by1 if by1 > y1 else y1)
-        inter = (w if w > 0.0 else 0.0) * (h if h > 0.0 else 0.0)
-        out[s] = inter / ((area_b + (x2 - x1) * (y2 - y1)) - inter)
+        out[s] = _slot_iou(bx1, by1, bx2, by2, area_b, sx1[s], sy1[s], sx2[s], sy2[s])
 
 
 @numba.njit(**NJIT_OPTIONS)
