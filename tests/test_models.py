@@ -387,6 +387,21 @@ def test_efficientdet_decodes_other_sizes_with_their_own_anchors(monkeypatch: py
     assert det["labels"][0] == 1 and det["scores"][0] > 0.99
 
 
+def test_efficientdet_at_another_size_is_the_detector_built_for_that_size() -> None:
+    """A detector built for S px predicting at 2S (a scale view, a multi-scale batch) gives exactly what the same
+    weights give when built for 2S: same network outputs (the BiFPN's resampling follows the input) and the same
+    detections (anchors of 2S). So a scale view that scores far below `none` is the model's, not the geometry's."""
+    small = build("efficientdet").eval()
+    native = build("efficientdet", image_size=2 * S).eval()
+    native.load_state_dict(small.state_dict())
+    x = torch.rand(2, 3, 2 * S, 2 * S)
+    with torch.no_grad():
+        (cls_a, box_a), (cls_b, box_b) = small.net(small._normalise(x)), native.net(native._normalise(x))
+    assert all(torch.equal(a, b) for a, b in zip(cls_a + box_a, cls_b + box_b))
+    for got, want in zip(small.predict(x), native.predict(x)):
+        assert len(got["boxes"]) > 0 and all(torch.equal(got[k], want[k]) for k in ("boxes", "scores", "labels"))
+
+
 def test_efficientdet_network_runs_at_other_sizes_unchanged_at_its_own() -> None:
     # effdet's BiFPN upsamples to fixed sizes; the detector swaps those for the equal factors
     model = build("efficientdet").eval()
