@@ -518,6 +518,67 @@ def test_coco_parity_with_pycocotools(seed):
     assert evaluate("coco_map50", table, preds, image_ids).score == pytest.approx(ref["map50"], abs=1e-9)
 
 
+def packed_case(rng: np.random.Generator, n_images: int, n_gt: int, n_det: int, n_classes: int,
+                tied: bool) -> tuple[Packed, Packed]:
+    """Ground truth and detections packed as the scorer packs them: jittered copies of the ground truth (some
+    with the wrong class, some moved to another image, some with x2 < x1 or y2 < y1), random scores (rounded to
+    two decimals when ``tied``); images without ground truth or detections included."""
+    gt_image = rng.integers(0, n_images, n_gt)
+    xy = rng.uniform(0, 500, (n_gt, 2))
+    gt_boxes = np.c_[xy, xy + rng.uniform(3, 80, (n_gt, 2))]
+    gt_labels = rng.integers(0, n_classes, n_gt)
+    src = rng.integers(0, n_gt, n_det)
+    det_boxes = gt_boxes[src] + rng.normal(0, 6, (n_det, 4))
+    det_image, det_labels = gt_image[src].copy(), gt_labels[src].copy()
+    swap = rng.random(n_det) < 0.2
+    det_labels[swap] = rng.integers(0, n_classes, swap.sum())
+    moved = rng.random(n_det) < 0.3
+    det_image[moved] = rng.integers(0, n_images, moved.sum())
+    scores = rng.random(n_det)
+    scores = np.round(scores, 2) if tied else scores
+
+    def pack(boxes, s, labels, image) -> Packed:
+        order, offsets = group_by_image(image, s, n_images)
+        return Packed(np.ascontiguousarray(boxes[order]), s[order], labels[order], image[order], offsets)
+
+    return pack(gt_boxes, np.ones(n_gt), gt_labels, gt_image), pack(det_boxes, scores, det_labels, det_image)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_coco_matches_faster_coco_eval(seed):
+    """The compiled evaluator against the library on the same packed boxes: every detail to 1e-12, with tied
+    scores, wrong classes, empty images, classes without ground truth and negative-area detections (COCO
+    ignores those when unmatched)."""
+    from pipeline.metrics.coco import CocoEvaluator, CompiledCocoEvaluator
+
+    rng = np.random.default_rng(seed)
+    n_classes = 2 + seed % 3
+    classes = [f"c{k}" for k in range(n_classes + 1)]  # the last class never has ground truth
+    gt, dets = packed_case(rng, n_images=3 + 7 * seed, n_gt=10 + 60 * seed, n_det=30 + 400 * seed,
+                           n_classes=n_classes, tied=seed % 2 == 0)
+    assert ((dets.boxes[:, 2] < dets.boxes[:, 0]) ^ (dets.boxes[:, 3] < dets.boxes[:, 1])).any() or seed == 0
+    n_images = len(gt.offsets) - 1
+    want = CocoEvaluator(gt, n_images, classes)(dets)
+    got = CompiledCocoEvaluator(gt, n_images, classes)(dets)
+    assert set(got) == set(want) and 0.02 < want["map"] < 0.9
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_coco_ground_truth_outside_the_area_range_goes_to_the_library():
+    """COCO ignores ground truth whose area is outside [0, 1e10]: only the library evaluator replicates that."""
+    from pipeline.metrics.coco import CocoEvaluator, CompiledCocoEvaluator
+
+    def evaluator(table: AnnotationTable):
+        return Scorer("coco_map", table)._score.args[0]  # the entry's prepared state
+
+    big = make_gt({"a": [(0, 0, 10, 10, 0), (0, 0, 2e5, 2e5, 0)]})
+    assert isinstance(evaluator(big), CocoEvaluator)
+    # the ignored giant box is no miss: one exact detection scores 1
+    assert evaluate("coco_map50", big, make_preds([("a", 0, 0, 10, 10, 0.9, 0)])).score == pytest.approx(1.0)
+    assert isinstance(evaluator(make_gt({"a": [(0, 0, 10, 10, 0)]})), CompiledCocoEvaluator)
+
+
 def test_coco_counts_more_than_100_detections_per_image():
     # 150 GT, 150 exact predictions with decreasing scores: with maxDets=100 recall would stop at 100/150.
     boxes = [(20 * (j % 15), 20 * (j // 15), 20 * (j % 15) + 15, 20 * (j // 15) + 15) for j in range(150)]
