@@ -648,11 +648,11 @@ def _refile(n: int, n_cells: int, scratch: Scratch) -> int:
 @numba.njit(**NJIT_OPTIONS)
 def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_factor: float, above: float,
                  scratch: Scratch) -> int:
-    """``CAND[:k]`` and ``CAND_IOU[:k]``: the remaining live members whose box intersects member ``q``'s, and their
-    IoU with it -- the library's, ``q`` first (an IoU that still rounds to 0 leaves the score as it is: the weight
-    is exactly 1). Filed members are looked up in a window around ``q``'s centre: ``(w_q + fw) / 2`` (a positive
-    intersection needs ``|dx| < (w_q + w_j) / 2``) or, when ``radius_factor > 0`` (linear decay, which only acts
-    above ``iou_thr``), ``radius_factor * w_q``; large members are all checked. Returns ``k``."""
+    """``CAND[:k]`` and ``CAND_IOU[:k]``: the remaining live members whose IoU with member ``q`` is above ``above``
+    (the decay acts on no other: linear only above ``iou_thr``; gaussian's weight is exactly 1 at IoU 0), and that
+    IoU -- the library's, ``q``'s area first. Filed members are looked up in a window around ``q``'s centre:
+    ``(w_q + fw) / 2`` (a positive intersection needs ``|dx| < (w_q + w_j) / 2``) or, when ``radius_factor > 0``
+    (linear decay), ``radius_factor * w_q``; large members are all checked. Returns ``k``."""
     gbox = scratch.boxes[BoxRow.GROUP]
     ints = scratch.ints
     cand = ints[IntRow.CAND]

@@ -14,7 +14,9 @@ What is replicated, step by step as pycocotools does it:
 3. Accumulation (``accumulate``), per category: the detections of all images in image order, stably sorted by
    descending score (``mergesort``), cumulative true / false positives, ``recall = tp / n_gt``, ``precision =
    tp / (tp + fp + eps)``, made non-increasing from the right, read at the 101 recall thresholds
-   (``searchsorted(recall, thr, 'left')``, 0 past the end); -1 for a category without ground truth.
+   (``searchsorted(recall, thr, 'left')``, 0 past the end); -1 for a category without ground truth. An unmatched
+   detection whose area ``w * h`` is outside the range [0, 1e10] (negative when exactly one of ``x2 < x1``,
+   ``y2 < y1``) is ignored: neither a true nor a false positive.
 
 Cost: the IoUs of each detection with the ground truth of its image and class, and a few passes per category --
 no Python objects per box.
@@ -38,10 +40,12 @@ def coco_precision(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_offsets: np.n
     n_gt = np.zeros(n_classes, np.int64)
     for g in range(gt_labels.shape[0]):
         n_gt[gt_labels[g]] += 1
+    area = (det_boxes[:, 2] - det_boxes[:, 0]) * (det_boxes[:, 3] - det_boxes[:, 1])
+    outside = (area < 0.0) | (area > AREA_MAX)  # an unmatched one is ignored (the "all" area range)
     precision = np.full((iou_thrs.shape[0], rec_thrs.shape[0], n_classes), -1.0)
     for k in range(n_classes):
         if n_gt[k] > 0:
-            precision[:, :, k] = class_precision(k, n_gt[k], det_boxes, det_scores, det_labels, matched, rec_thrs)
+            precision[:, :, k] = class_precision(k, n_gt[k], det_scores, det_labels, matched, outside, rec_thrs)
     return precision
 
 
@@ -81,14 +85,12 @@ def match_detections(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_offsets: np
 
 
 @numba.njit(cache=True, nogil=True)
-def class_precision(k: int, n_gt: int, det_boxes: np.ndarray, det_scores: np.ndarray, det_labels: np.ndarray,
-                    matched: np.ndarray, rec_thrs: np.ndarray) -> np.ndarray:
-    """``precision[t, r]`` of class ``k`` (step 3)."""
+def class_precision(k: int, n_gt: int, det_scores: np.ndarray, det_labels: np.ndarray, matched: np.ndarray,
+                    outside: np.ndarray, rec_thrs: np.ndarray) -> np.ndarray:
+    """``precision[t, r]`` of class ``k`` (step 3); ``outside[d]``: detection ``d``'s area is outside the range."""
     dets = np.flatnonzero(det_labels == k)  # image order, each image by descending score
     order = dets[np.argsort(-det_scores[dets], kind="mergesort")]
     nd = order.shape[0]
-    area = (det_boxes[:, 2] - det_boxes[:, 0]) * (det_boxes[:, 3] - det_boxes[:, 1])
-    outside = (area < 0.0) | (area > AREA_MAX)  # an unmatched one is ignored (the "all" area range)
     out = np.zeros((matched.shape[0], rec_thrs.shape[0]))
     recall = np.empty(nd)
     prec = np.empty(nd)
