@@ -341,12 +341,12 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
     score does) and leave the grid, and the loop stops once the maximum is dead.
 
     Lazy block maxima. The positions are cut into blocks of ``bs`` and the blocks into groups of ``gsz`` (about
-    ``2 cbrt(n)`` and ``cbrt(n) / 2``); ``bound[b]`` is at least the maximum of block ``b``, ``group_bound[g]`` at least every
-    bound of group ``g``. A decay only lowers a score, so bounds are left alone by decays; a step finds the
-    leftmost group of the largest group bound, in it the leftmost block of that bound, and rescans the block: if
-    its maximum is the bound, that is the leftmost maximum of the array (every block and group to its left has a
-    smaller bound), else the stale bound is lowered and the search repeats. A score that grows (a negative one,
-    decayed towards 0 when ``thresh < 0``) raises its block's and group's bounds at once.
+    ``2 cbrt(n)`` and ``cbrt(n) / 2``); ``bound[b]`` is at least the maximum of block ``b``, ``group_bound[g]``
+    at least every bound of group ``g``. A decay only lowers a score, so bounds are left alone by decays; a step
+    finds the leftmost group of the largest group bound, in it the leftmost block of that bound, and rescans the
+    block: if its maximum is the bound, that is the leftmost maximum of the array (every block and group to its
+    left has a smaller bound), else the stale bound is lowered and the search repeats. A score that grows (a
+    negative one, decayed towards 0 when ``thresh < 0``) raises its block's and group's bounds at once.
     """
     gbox = scratch.boxes[BoxRow.GROUP]
     floats = scratch.floats
