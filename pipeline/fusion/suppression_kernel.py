@@ -52,7 +52,6 @@ HARD = 3
 SOFT_LARGE = 3.0  # soft-NMS: members wider or taller than this many times the mean are checked on every step
 SOFT_CELL_FACTOR = 0.25  # soft-NMS grid cells per axis: about 1 / (this * the largest filed size)
 SOFT_REFILE_MIN = 64  # soft-NMS: refile the grid once fewer than half its slots are live, if it has more than this
-HARD_CELL_FACTOR = 1.0  # NMS grid cells per axis: about 1 / (this * the mean search radius)
 
 
 @unique
@@ -261,7 +260,7 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
         sw = 0.0
         for q in range(n):
             sw += (gbox[q, 2] - gbox[q, 0]) + (gbox[q, 3] - gbox[q, 1])
-        n_cells = cells_per_axis(HARD_CELL_FACTOR * radius_factor * sw / (2.0 * n), n)
+        n_cells = cells_per_axis(radius_factor * sw / (2.0 * n), n)
     else:
         radius_factor = np.inf  # one cell: every member is a candidate
     _file_slots(n_cells, gbox, by_score, n, scratch)

@@ -40,8 +40,7 @@ def coco_precision(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_offsets: np.n
     n_gt = np.zeros(n_classes, np.int64)
     for g in range(gt_labels.shape[0]):
         n_gt[gt_labels[g]] += 1
-    area = (det_boxes[:, 2] - det_boxes[:, 0]) * (det_boxes[:, 3] - det_boxes[:, 1])
-    outside = (area < 0.0) | (area > AREA_MAX)  # an unmatched one is ignored (the "all" area range)
+    outside = outside_area_range(det_boxes)  # an unmatched one is ignored
     precision = np.full((iou_thrs.shape[0], rec_thrs.shape[0], n_classes), -1.0)
     for k in range(n_classes):
         if n_gt[k] > 0:
@@ -113,6 +112,13 @@ def class_precision(k: int, n_gt: int, det_scores: np.ndarray, det_labels: np.nd
             if at[r] < nd:
                 out[t, r] = prec[at[r]]
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def outside_area_range(boxes: np.ndarray) -> np.ndarray:
+    """Per box: its COCO area ``w * h`` is outside the "all" range [0, 1e10]."""
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return (area < 0.0) | (area > AREA_MAX)
 
 
 @numba.njit(cache=True, nogil=True)
