@@ -391,3 +391,49 @@ def test_leftmost_max_through_decays_removals_and_growth():
                     group_bound[j // (bs * gsz)] = max(group_bound[j // (bs * gsz)], score[j])
         assert _leftmost_max(np.full_like(score, -np.inf), np.full_like(bound, -np.inf),
                              np.full_like(group_bound, -np.inf), bs, gsz) == (-np.inf, -1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the drop-ins' kernel entry (no packed table)
+# ------------------------------------------------------------------------------------------------------------------
+def test_needs_no_repair_exactly_when_reading_repairs_nothing():
+    from pipeline.fusion.suppression_kernel import _needs_no_repair
+    ok = [0.0, 0.0, 1.0, 1.0]
+    cases = {  # box, score -> nothing to repair
+        "edges": (ok, 0.5, True), "inside": (A, -3.0, True), "swapped": ([0.5, 0.1, 0.1, 0.5], 0.5, False),
+        "zero width": ([0.2, 0.1, 0.2, 0.5], 0.5, False), "below 0": ([-0.1, 0.1, 0.3, 0.5], 0.5, False),
+        "above 1": ([0.1, 0.1, 0.3, 1.5], 0.5, False), "NaN box": ([0.1, np.nan, 0.3, 0.5], 0.5, False),
+        "NaN score": (A, np.nan, False), "infinite score": (A, np.inf, False),
+        "area underflows to 0": ([0.5, 0.5, 0.5 + 1e-170, 0.5 + 1e-170], 0.5, False),
+    }
+    for name, (box, score, clean) in cases.items():
+        b = np.array([A, box], np.float64)
+        for sc in (np.array([0.9, score]), np.array([0.9, score], np.float32)):
+            assert _needs_no_repair(b[:, 0], b[:, 1], b[:, 2], b[:, 3], sc) == clean, name
+
+
+@pytest.mark.parametrize("messy", [False, True])
+@pytest.mark.parametrize("method", [1, 2, 3])
+def test_drop_ins_fuse_as_the_packed_table_path(messy, method):
+    """``nms_method`` (kernel entry ``fuse_lists``) and ``fuse_packed`` on the same one-image table give the same
+    rows and report the same repairs."""
+    from pipeline.fusion.packing import pack_lists
+    from pipeline.fusion.suppression import fuse_packed
+    rng = np.random.default_rng(5 + messy)
+    boxes, scores, labels = make_inputs(rng, 6, 30, 2, False, messy)
+    b = np.concatenate([np.reshape(x, (-1, 4)) for x in boxes]).astype(np.float64)
+    sc = np.concatenate(scores).astype(np.float64)
+    lab = np.concatenate(labels).astype(np.int64)
+    lens = np.array([len(x) for x in scores])
+    with warnings.catch_warnings(record=True) as packed_warnings:
+        warnings.simplefilter("always")
+        out = fuse_packed(pack_lists(b, sc, lab, lens, len(lens)), method, 0.5, 0.5, 0.001, weighted=False)
+    with warnings.catch_warnings(record=True) as list_warnings:
+        warnings.simplefilter("always")
+        got_b, got_s, got_l = nms_method(boxes, scores, labels, method=method, iou_thr=0.5, sigma=0.5, thresh=0.001)
+    m = int(out.count[0])
+    np.testing.assert_array_equal(got_b, out.boxes[:m])
+    np.testing.assert_array_equal(got_s, out.score[:m])
+    np.testing.assert_array_equal(got_l, out.label[:m])
+    assert [str(w.message) for w in list_warnings] == [str(w.message) for w in packed_warnings]
+    assert bool(list_warnings) == messy

@@ -41,7 +41,7 @@ def run_kernel(packed: PackedTable, work: Work, threads: int, rule: str, reuse: 
     it returns before the next call)."""
     n_img = len(packed.width)
     n = int(packed.row_offs[-1])
-    out = _thread_output(n, n_img) if reuse else KernelOutput(np.empty((n, 4)), np.empty(n), np.empty(n, np.int64),
+    out = thread_output(n, n_img) if reuse else KernelOutput(np.empty((n, 4)), np.empty(n), np.empty(n, np.int64),
                                                              np.zeros(n_img, np.int64))
     if threads <= 1 or n_img < 4 * threads:
         stats = np.zeros(N_STATS, np.int64)
@@ -52,16 +52,14 @@ def run_kernel(packed: PackedTable, work: Work, threads: int, rule: str, reuse: 
         with ThreadPoolExecutor(max_workers=threads) as ex:
             list(ex.map(lambda k: work(ranges[k][0], ranges[k][1], out, all_stats[k], False), range(len(ranges))))
         stats = all_stats.sum(axis=0)
-    if stats[STAT_NON_FINITE]:
-        raise ValueError("boxes and scores must be finite")
-    warn_repairs(stats, rule)
+    check_repairs(stats, rule)
     return out
 
 
 _THREAD_LOCAL = threading.local()
 
 
-def _thread_output(n: int, n_img: int) -> KernelOutput:
+def thread_output(n: int, n_img: int) -> KernelOutput:
     """This thread's cached output slots for ``n`` rows and ``n_img`` images (grown by half, never shrunk)."""
     cached: KernelOutput | None = getattr(_THREAD_LOCAL, "output", None)
     if cached is None or len(cached.score) < n or len(cached.count) < n_img:
@@ -87,17 +85,21 @@ def largest_image(packed: PackedTable, lo: int, hi: int) -> int:
     return max(int(np.diff(packed.row_offs[lo:hi + 1]).max(initial=1)), 1)
 
 
-def warn_repairs(stats: np.ndarray, rule: str) -> None:
-    """One warning per kind of input repair, with counts (the library warns or prints once per box)."""
+def check_repairs(stats: np.ndarray, rule: str, stacklevel: int = 4) -> None:
+    """``ValueError`` for non-finite boxes or scores, else one warning per kind of input repair, with counts (the
+    library warns or prints once per box); ``stacklevel`` as the caller would give ``warnings.warn``."""
+    if stats[STAT_NON_FINITE]:
+        raise ValueError("boxes and scores must be finite")
+    stacklevel += 1
     swapped, clipped, zero = int(stats[STAT_SWAPPED]), int(stats[STAT_CLIPPED]), int(stats[STAT_ZERO_AREA])
     if swapped:
         warnings.warn(f"{rule}: {swapped} box coordinate pair(s) with x2 < x1 or y2 < y1 were swapped.",
-                      stacklevel=5)
+                      stacklevel=stacklevel)
     if clipped:
         warnings.warn(f"{rule}: {clipped} box coordinate(s) outside [0, 1] were clipped. Check that you normalise "
-                      "boxes to the [0, 1] range.", stacklevel=5)
+                      "boxes to the [0, 1] range.", stacklevel=stacklevel)
     if zero:
-        warnings.warn(f"{rule}: {zero} zero-area box(es) skipped.", stacklevel=5)
+        warnings.warn(f"{rule}: {zero} zero-area box(es) skipped.", stacklevel=stacklevel)
 
 
 class DenseRows(NamedTuple):

@@ -54,7 +54,8 @@ found through a grid, drops boxes whose score fell to ``thresh`` or below (with
 ``thresh >= 0`` they can never be returned nor decay a box that can, since the library selects them last), and
 finds each step's maximum of the library's score array through per-block upper bounds, rescanning a block only
 when its bound has gone stale (a decay only lowers a score). The drop-ins concatenate the per-set lists in one
-call when they are arrays, and reuse their work and output arrays between calls.
+call when they are arrays, hand them to the kernel as they are (no packed table) and reuse their work and output
+arrays between calls.
 """
 from __future__ import annotations
 
@@ -66,10 +67,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.fusion.lists import check_lengths, effective_threshold
-from pipeline.fusion.packing import PackedTable, pack_lists
-from pipeline.fusion.runner import KernelOutput, largest_image, run_kernel
+from pipeline.fusion.packing import PackedTable
+from pipeline.fusion.rows import N_STATS
+from pipeline.fusion.runner import KernelOutput, check_repairs, largest_image, run_kernel, thread_output
 from pipeline.fusion.suppression_kernel import (GAUSSIAN, HARD, LINEAR, allocate_scratch, fuse_image_range,
-                                               thread_scratch)
+                                               fuse_lists, thread_scratch)
 
 __all__ = ["DECAYS", "nms", "soft_nms", "nms_method", "fuse_packed", "check_nms_params"]
 
@@ -130,9 +132,9 @@ def _library_inputs(boxes: Any, scores: Any, labels: Any, weights: Any,
         else:
             fast = b.ndim == 2 and b.shape[1] == 4 and sc.ndim == 1 and lab.ndim == 1
     if fast:
-        box_lens = [len(x) for x in boxes]
-        if box_lens != [len(x) for x in scores] or box_lens != [len(x) for x in labels]:
-            check_lengths(np.array(box_lens), np.array([len(x) for x in scores]), np.array([len(x) for x in labels]))
+        box_lens = list(map(len, boxes))
+        if box_lens != list(map(len, scores)) or box_lens != list(map(len, labels)):
+            check_lengths(np.array(box_lens), np.array(list(map(len, scores))), np.array(list(map(len, labels))))
         lens = np.array(box_lens, np.int64)
         if weights is not None:
             w = np.array(weights)
@@ -164,23 +166,26 @@ def nms_method(boxes: Any, scores: Any, labels: Any, method: int = 3, iou_thr: f
     n_sets = len(boxes)
     if len(scores) != n_sets or len(labels) != n_sets:
         raise ValueError("boxes, scores and labels must have the same length")
-    b, sc, lab, lens = _library_inputs(boxes, scores, labels, weights, n_sets)
+    b, sc, lab, _ = _library_inputs(boxes, scores, labels, weights, n_sets)
     if len(sc) == 0:
         return np.zeros((0, 4)), np.zeros(0), np.zeros(0)
     if sc.dtype.kind != "f" or sc.dtype.itemsize not in (4, 8):
         sc = sc.astype(np.float64)  # the library would decay integer or float16 scores in their own dtype
-    # non-finite boxes or scores: the kernel counts them and run_kernel raises ValueError
+    # non-finite boxes or scores: the kernel counts them and check_repairs raises ValueError
     if lab.dtype.kind in "iu" and (lab.dtype.itemsize < 8 or lab.dtype.kind == "i"):
         uniq, codes = None, lab  # integers sort as themselves: the kernel's ascending labels are np.unique's
     else:
         if lab.dtype.kind == "f" and np.isnan(lab).any():
             raise ValueError("labels must not be NaN")
         uniq, codes = np.unique(lab, return_inverse=True)  # ascending: the library's label order
-    packed = pack_lists(b, sc, codes.reshape(-1), lens, n_sets)
     thresh_eff = effective_threshold(sc.dtype, thresh)  # the library compares its score array with ``thresh``
-    out = fuse_packed(packed, method, iou_thr, sigma, thresh_eff, weighted=False,
-                      float32_scores=sc.dtype == np.float32, reuse=True)
-    m = int(out.count[0])
+    n = len(sc)
+    out = thread_output(n, 1)
+    stats = np.zeros(N_STATS, np.int64)
+    m = fuse_lists(b[:, 0], b[:, 1], b[:, 2], b[:, 3], sc, codes.reshape(-1).astype(np.int64, copy=False), method,
+                   iou_thr, sigma, thresh_eff, sc.dtype == np.float32, out.boxes, out.score, out.label, stats,
+                   *thread_scratch(n))
+    check_repairs(stats, RULE_NAMES[method], stacklevel=3)  # the caller of nms() or soft_nms()
     labels_out = out.label[:m].astype(lab.dtype) if uniq is None else uniq[out.label[:m]]
     return out.boxes[:m].copy(), out.score[:m].astype(sc.dtype), labels_out
 
