@@ -304,7 +304,7 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
     ints = scratch.ints
     by_score = ints[IntRow.BY_SCORE]
     slot_of = ints[IntRow.SLOT_OF]
-    dead = ints[IntRow.REMOVED]  # per slot: 1 once a kept box suppresses its member
+    dead = ints[IntRow.REMOVED].view(np.uint8)  # per slot: 1 once a kept box suppresses its member
     cell_start = scratch.cell_start
     slots = scratch.soft_slots
     n = ge - gs
@@ -320,17 +320,17 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
         n_cells = cells_per_axis(radius_factor * sw / (2.0 * n), n)
     else:
         radius_factor = np.inf  # one cell: every member is a candidate
-    members = ints[IntRow.CAND]  # free in hard NMS
-    for q in range(n):
-        members[q] = q
-    _file_slots(n_cells, gbox, members, n, scratch)  # in member order: sequential reads (a cell's order is free)
+    _file_members(n_cells, gbox, n, scratch)
     for s in range(n):
         dead[s] = 0
+    slot_at_rank = ints[IntRow.SORT_INDEX_B]  # free after the sort
+    for r in range(n):
+        slot_at_rank[r] = slot_of[by_score[r]]
     label = ints[IntRow.KEPT_LABEL, ints[IntRow.BY_LABEL, gs]]
     for r in range(n - 1, -1, -1):  # score descending; ties: the later box first
-        q = by_score[r]
-        if dead[slot_of[q]]:
+        if dead[slot_at_rank[r]]:
             continue
+        q = by_score[r]
         bx1 = gbox[q, 0]
         by1 = gbox[q, 1]
         bx2 = gbox[q, 2]
@@ -348,6 +348,41 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
         out_label[o] = label
         o += 1
     return o
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _file_members(n_cells: int, gbox: np.ndarray, n: int, scratch: Scratch) -> None:
+    """NMS's grid: members ``0..n-1`` filed by centre cell in member order (hard NMS needs no order within a cell),
+    no room between cells: ``slot_of`` and ``soft_slots``. The cells come from a branch-free loop (it vectorises),
+    the slots from one counting pass and one scatter."""
+    ints = scratch.ints
+    cell_of = ints[IntRow.CELL_OF]
+    slot_of = ints[IntRow.SLOT_OF]
+    next_slot = scratch.cell_start
+    slots = scratch.soft_slots
+    g = float(n_cells)
+    top = n_cells - 1
+    for q in range(n):
+        cx = int(min(max((gbox[q, 0] + gbox[q, 2]) * 0.5 * g, 0.0), float(top)))
+        cy = int(min(max((gbox[q, 1] + gbox[q, 3]) * 0.5 * g, 0.0), float(top)))
+        cell_of[q] = cy * n_cells + cx
+    n_all = n_cells * n_cells
+    for c in range(n_all + 1):
+        next_slot[c] = 0
+    for q in range(n):
+        next_slot[cell_of[q] + 1] += 1
+    for c in range(n_all):
+        next_slot[c + 1] += next_slot[c]
+    for q in range(n):
+        c = cell_of[q]
+        s = next_slot[c]
+        next_slot[c] = s + 1
+        slot_of[q] = s
+        for d in range(4):
+            slots[d, s] = gbox[q, d]
+    for c in range(n_all, 0, -1):  # back to each cell's first slot
+        next_slot[c] = next_slot[c - 1]
+    next_slot[0] = 0
 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
