@@ -52,6 +52,7 @@ HARD = 3
 
 SOFT_LARGE = 3.0  # soft-NMS: members wider or taller than this many times the mean are checked on every step
 SOFT_CELL_FACTOR = 0.25  # soft-NMS grid cells per axis: about 1 / (this * the largest filed size)
+SLOT_PAD = 8  # NMS tests runs of grid slots 8 at a time (the SIMD width), past a run's end when it is not whole
 SOFT_REFILE_MIN = 64  # soft-NMS: refile the grid once fewer than half its slots are live, if it has more than this
 
 
@@ -106,7 +107,8 @@ class Scratch(NamedTuple):
     group_start: np.ndarray  # int64 (cap + 1)
     pos_score: np.ndarray  # float64 (score_room(cap)): soft-NMS, the library's score array (padded to whole
     #                        blocks), then each block's upper bound of its maximum (see _soft_nms_group)
-    soft_slots: np.ndarray  # float64 (4, cap): the grid (NMS and soft-NMS), per slot: x1, y1, x2, y2 (a row each)
+    soft_slots: np.ndarray  # float64 (4, cap + SLOT_PAD): the grid (NMS and soft-NMS), per slot: x1, y1, x2, y2 (a
+    #                         row each); NMS's runs of slots are read in whole multiples of SLOT_PAD
     cell_start: np.ndarray  # int64 (GRID_MAX ** 2 + 1): first slot of each grid cell
     cell_count: np.ndarray  # int64 (GRID_MAX ** 2): boxes filed in each cell
     radix_hist: np.ndarray  # int64 (RADIX_HIST_SIZE)
@@ -120,12 +122,16 @@ def score_room(cap: int) -> int:
 
 
 def allocate_scratch(cap: int) -> Scratch:
-    """Uninitialised work arrays for images of up to ``cap`` boxes (the kernel writes before it reads)."""
+    """Work arrays for images of up to ``cap`` boxes, uninitialised (the kernel writes before it reads) but for
+    the grid's padding slots, which hold a box that overlaps nothing."""
     cap = max(int(cap), 1)
+    slots = np.empty((4, cap + SLOT_PAD))
+    slots[:2, cap:] = np.inf
+    slots[2:, cap:] = -np.inf
     return Scratch(np.empty((len(BoxRow), cap, 4)), np.empty((len(FloatRow), cap)),
                    np.empty((len(IntRow), cap), np.int64), np.empty(cap + 1, np.int64), np.empty(score_room(cap)),
-                   np.empty((4, cap)), np.empty(GRID_MAX * GRID_MAX + 1, np.int64),
-                   np.empty(GRID_MAX * GRID_MAX, np.int64), np.empty(RADIX_HIST_SIZE, np.int64))
+                   slots, np.empty(GRID_MAX * GRID_MAX + 1, np.int64), np.empty(GRID_MAX * GRID_MAX, np.int64),
+                   np.empty(RADIX_HIST_SIZE, np.int64))
 
 
 _THREAD_LOCAL = threading.local()
@@ -338,8 +344,12 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
         gx0, gx1, gy0, gy1 = window_cells(bx1, by1, bx2, by2, (bx2 - bx1) * radius_factor,
                                           (by2 - by1) * radius_factor, n_cells)
         for gy in range(gy0, gy1 + 1):
-            _suppress_run(cell_start[gy * n_cells + gx0], cell_start[gy * n_cells + gx1 + 1], bx1, by1, bx2, by2,
-                          iou_thr, slots[0], slots[1], slots[2], slots[3], dead)
+            lo = cell_start[gy * n_cells + gx0]
+            # whole multiples of SLOT_PAD: no scalar remainder loop. The slots past the run hold other members (or
+            # padding, flagged in bytes past n that nothing reads): marking those with IoU > iou_thr is what NMS
+            # does anyway (a mark on a member already decided is never read)
+            hi = lo + (cell_start[gy * n_cells + gx1 + 1] - lo + SLOT_PAD - 1) // SLOT_PAD * SLOT_PAD
+            _suppress_run(lo, hi, bx1, by1, bx2, by2, iou_thr, slots[0], slots[1], slots[2], slots[3], dead)
         out_box[o, 0] = bx1
         out_box[o, 1] = by1
         out_box[o, 2] = bx2
