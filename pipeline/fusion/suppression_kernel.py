@@ -102,7 +102,7 @@ class Scratch(NamedTuple):
     """The kernel's work arrays for images of up to ``cap`` boxes."""
 
     boxes: np.ndarray  # float64 (len(BoxRow), cap, 4)
-    floats: np.ndarray  # float64 (len(FloatRow), cap)
+    floats: np.ndarray  # float64 (len(FloatRow), cap + SLOT_PAD)
     ints: np.ndarray  # int64 (len(IntRow), cap)
     group_start: np.ndarray  # int64 (cap + 1)
     pos_score: np.ndarray  # float64 (score_room(cap)): soft-NMS, the library's score array (padded to whole
@@ -128,7 +128,7 @@ def allocate_scratch(cap: int) -> Scratch:
     slots = np.empty((4, cap + SLOT_PAD))
     slots[:2, cap:] = np.inf
     slots[2:, cap:] = -np.inf
-    return Scratch(np.empty((len(BoxRow), cap, 4)), np.empty((len(FloatRow), cap)),
+    return Scratch(np.empty((len(BoxRow), cap, 4)), np.empty((len(FloatRow), cap + SLOT_PAD)),
                    np.empty((len(IntRow), cap), np.int64), np.empty(cap + 1, np.int64), np.empty(score_room(cap)),
                    slots, np.empty(GRID_MAX * GRID_MAX + 1, np.int64), np.empty(GRID_MAX * GRID_MAX, np.int64),
                    np.empty(RADIX_HIST_SIZE, np.int64))
@@ -420,11 +420,16 @@ def _suppress_run(lo: int, hi: int, bx1: float, by1: float, bx2: float, by2: flo
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
 def _iou_run(lo: int, hi: int, bx1: float, by1: float, bx2: float, by2: float, sx1: np.ndarray, sy1: np.ndarray,
-             sx2: np.ndarray, sy2: np.ndarray, out: np.ndarray) -> None:
-    """``out[s]``: IoU of box B with slot ``s``'s box for ``s`` in ``lo..hi-1`` (vectorised)."""
+             sx2: np.ndarray, sy2: np.ndarray, above: float, out: np.ndarray) -> int:
+    """``out[s]``: IoU of box B with slot ``s``'s box for ``s`` in ``lo..hi-1`` (vectorised); returns how many are
+    above ``above``."""
     area_b = (bx2 - bx1) * (by2 - by1)
+    n_above = 0
     for s in range(numba.uint64(lo), numba.uint64(hi)):
-        out[s] = _slot_iou(bx1, by1, bx2, by2, area_b, sx1[s], sy1[s], sx2[s], sy2[s])
+        v = _slot_iou(bx1, by1, bx2, by2, area_b, sx1[s], sy1[s], sx2[s], sy2[s])
+        out[s] = v
+        n_above += v > above
+    return n_above
 
 
 @numba.njit(**NJIT_OPTIONS)
@@ -497,6 +502,10 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
         n_sel += 1
         removed[q] = 1
         score[i] = -np.inf
+        bp = p // bs  # the selected box's block (and its group) lost their maximum: refresh them now
+        bound[bp] = _block_max(score, bp * bs, bp * bs + bs)
+        gp = bp // gsz
+        group_bound[gp] = _block_max(bound, gp * gsz, gp * gsz + gsz)
         n_filed -= _soft_grid_remove(q, cell_of, slot_of, slots)
         if n_cells > 0 and 2 * n_filed < n_room and n_room > SOFT_REFILE_MIN:
             n_room = _refile(n, n_cells, scratch)  # the scans cover emptied slots too: drop them
@@ -786,7 +795,10 @@ def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_
         for gy in range(gy0, gy1 + 1):  # row by row: every slot's IoU (vectorised), then those above ``above``
             lo = cell_start[gy * n_cells + gx0]
             hi = cell_start[gy * n_cells + gx1 + 1]
-            _iou_run(lo, hi, qx1, qy1, qx2, qy2, sx1, sy1, sx2, sy2, slot_iou)
+            # whole multiples of SLOT_PAD (no scalar remainder); only the run's own IoUs are read below
+            if _iou_run(lo, lo + (hi - lo + SLOT_PAD - 1) // SLOT_PAD * SLOT_PAD, qx1, qy1, qx2, qy2, sx1, sy1, sx2,
+                        sy2, above, slot_iou) == 0:
+                continue  # (counted past the run too: at worst a compaction that finds nothing)
             for s in range(lo, hi):
                 cand[k] = s
                 k += slot_iou[s] > above
