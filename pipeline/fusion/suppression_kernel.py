@@ -179,8 +179,8 @@ def fuse_lists(x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray, s
                out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, stats: np.ndarray,
                *scratch_blocks: np.ndarray) -> int:
     """The drop-ins' one image, straight from the library's lists concatenated (coordinates normalised, scores
-    already weighted): :func:`fuse_image_range` without a packed table (its bookkeeping is ~15 % of a 4,000-box
-    NMS). Writes the kept rows from slot 0, returns their number."""
+    already weighted): :func:`fuse_image_range` without a packed table to build in Python. Writes the kept rows
+    from slot 0, returns their number."""
     scratch = Scratch(*scratch_blocks)
     n = x1.shape[0]
     kept = scratch.boxes[BoxRow.KEPT]
