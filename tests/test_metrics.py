@@ -16,7 +16,7 @@ from pipeline.data.table import AnnotationTable
 from pipeline.metrics import (METRICS, GroundTruth, Metric, MetricResult, Packed, Scorer, evaluate, get_metric,
                               higher_is_better, metric_names, register_metric, unregister_metric)
 from pipeline.metrics.gwd import IOU_THRESHOLDS, gwd_score
-from pipeline.metrics.packing import group_by_image
+from pipeline.metrics.packing import group_by_image, image_positions, pack_boxes
 from pipeline.metrics.voc import average_precision
 
 THRESHOLDS = [0.50, 0.55, 0.60, 0.65, 0.70, 0.75]
@@ -198,6 +198,40 @@ def test_group_by_image_is_a_stable_lexsort(rows):
     order, offsets = group_by_image(image, scores, 5)
     assert order.tolist() == np.lexsort((-scores, image)).tolist()
     assert offsets.tolist() == [0, *np.cumsum(np.bincount(image, minlength=5)).tolist()]
+
+
+@pytest.mark.parametrize("kind", ["str", "object", "int", "category"])
+def test_image_positions_look_ids_up_as_strings(kind):
+    index = pd.Index(["7", "a", "b", "nan"])
+    raw = {"str": pd.array(["b", "zz", "a", "b", None, "7"], dtype="str"),
+           "object": pd.Series(["b", "zz", "a", "b", np.nan, "7"], dtype=object),
+           "int": pd.Series([7, 3, 7, 7, 3, 7]),
+           "category": pd.Series(["b", "zz", "a", "b", np.nan, "7"], dtype="category")}[kind]
+    col = pd.Series(raw)
+    expected = index.get_indexer(col.astype(str))  # what the scorer did before factorising
+    assert image_positions(index, col).tolist() == expected.tolist()
+    assert image_positions(index, col.iloc[:0]).tolist() == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c", "x"]), st.sampled_from([0.1, 0.5, 0.5, 0.9])),
+                max_size=30), st.booleans())
+def test_pack_boxes_groups_by_image_and_score_whether_or_not_already_sorted(rows, presort):
+    index = pd.Index(["c", "a", "b"])
+    if presort:  # the fused tables' order, where pack_boxes copies nothing
+        rows = sorted(rows, key=lambda r: (index.get_indexer([r[0]])[0], -r[1]))
+    ids = pd.Series([r[0] for r in rows], dtype="str")
+    scores = np.array([r[1] for r in rows], dtype=np.float64)
+    boxes = np.arange(4 * len(rows), dtype=np.float64).reshape(-1, 4)
+    labels = np.arange(len(rows), dtype=np.int64)
+    p = pack_boxes(index, ids, boxes, scores, labels)
+    pos = index.get_indexer(ids)
+    keep = np.flatnonzero(pos >= 0)
+    ref = keep[np.lexsort((-scores[keep], pos[keep]))]
+    assert p.labels.tolist() == ref.tolist() and p.image.tolist() == pos[ref].tolist()
+    np.testing.assert_array_equal(p.boxes, boxes[ref])
+    assert p.boxes.flags.c_contiguous
+    assert p.offsets.tolist() == [0, *np.cumsum(np.bincount(pos[keep], minlength=3)).tolist()]
 
 
 # ----------------------------------------------------------------------------------------------- evaluate / Scorer

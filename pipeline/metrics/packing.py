@@ -77,11 +77,30 @@ def resolve_image_ids(gt: AnnotationTable, image_ids: Sequence[str] | None) -> p
 def pack_boxes(index: pd.Index, image_id: pd.Series, boxes: np.ndarray, scores: np.ndarray,
                labels: np.ndarray) -> Packed:
     """Keep rows of images in ``index``; order by image, then descending score (stable: ties keep row order)."""
-    image = index.get_indexer(image_id.astype(str))
+    image = image_positions(index, image_id)
     keep = image >= 0
-    image, boxes, scores, labels = image[keep].astype(np.int64), boxes[keep], scores[keep], labels[keep]
+    if not keep.all():
+        image, boxes, scores, labels = image[keep], boxes[keep], scores[keep], labels[keep]
     order, offsets = group_by_image(image, scores, len(index))
+    if _is_identity(order):  # a fused table comes grouped and sorted already: no copies
+        return Packed(np.ascontiguousarray(boxes), scores, labels, image, offsets)
     return Packed(np.ascontiguousarray(boxes[order]), scores[order], labels[order], image[order], offsets)
+
+
+def image_positions(index: pd.Index, image_id: pd.Series) -> np.ndarray:
+    """Each row's position in ``index`` (int64, -1 when absent), ids compared as strings. The column is factorised
+    first (arrow's dictionary encoding for pandas' str columns), so only its distinct ids are looked up."""
+    codes, uniques = pd.factorize(image_id, use_na_sentinel=False)  # NaN is a value: "nan" as astype(str) makes it
+    where = index.get_indexer(pd.Index(uniques).astype(str)).astype(np.int64)
+    return where[codes] if len(codes) else np.zeros(0, np.int64)
+
+
+@numba.njit(cache=True)
+def _is_identity(order: np.ndarray) -> bool:
+    for i in range(order.shape[0]):
+        if order[i] != i:
+            return False
+    return True
 
 
 def pack_ground_truth(gt: AnnotationTable, index: pd.Index) -> Packed:
@@ -108,5 +127,5 @@ def pack_predictions(preds: pd.DataFrame, index: pd.Index, n_classes: int, class
     return packed
 
 
-__all__ = ["BOX_COLUMNS", "Packed", "group_by_image", "pack_boxes", "pack_ground_truth", "pack_predictions",
-           "resolve_image_ids"]
+__all__ = ["BOX_COLUMNS", "Packed", "group_by_image", "image_positions", "pack_boxes", "pack_ground_truth",
+           "pack_predictions", "resolve_image_ids"]
