@@ -190,6 +190,25 @@ def test_gwd_matches_plain_python_reference(images):
     assert r.score == pytest.approx(sum(expected) / len(expected), abs=1e-12)
 
 
+def test_gwd_threads_over_images_give_the_single_thread_table(monkeypatch):
+    from pipeline.metrics import gwd
+    rng = np.random.default_rng(3)
+    gts, preds, scores = [], [], []
+    for _ in range(300):
+        g = rng.uniform(0, 80, (int(rng.integers(0, 12)), 2))
+        gts.append(np.c_[g, g + rng.uniform(5, 20, (len(g), 2))])
+        p = np.r_[gts[-1] + rng.normal(0, 2, gts[-1].shape), rng.uniform(0, 80, (int(rng.integers(0, 8)), 4))]
+        preds.append(np.c_[np.minimum(p[:, :2], p[:, 2:]), np.maximum(p[:, :2], p[:, 2:])])
+        scores.append(rng.random(len(p)))
+    monkeypatch.setattr(gwd, "n_cpus", lambda: 3)
+    threaded = gwd_score(gts, preds, scores)
+    monkeypatch.setattr(gwd, "n_cpus", lambda: 1)
+    single = gwd_score(gts, preds, scores)
+    assert threaded.per_image.tolist() == single.per_image.tolist()
+    assert threaded.per_image.tolist() == pytest.approx([ref_gwd_image(g, p, s) for g, p, s in zip(gts, preds, scores)],
+                                                        abs=1e-12)
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 4), st.sampled_from([0.0, 0.3, 0.3, 0.7, 1.0])), max_size=40))
 def test_group_by_image_is_a_stable_lexsort(rows):

@@ -28,7 +28,9 @@ descending score inside each image for :func:`gwd_packed`; :func:`gwd_score` sor
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
@@ -77,14 +79,28 @@ def _image_scores(gt, gt_area, pr, pr_area, thresholds, cand_g, cand_iou, cand_o
         out[:] = 1.0 if (n_g == 0 and n_p == 0) else 0.0
         return
     lowest = thresholds.min()
+    # Only ground truth whose x1 lies in (px1 - widest, px2) can overlap prediction p: walk the GT by x1 from
+    # there (a margin far beyond rounding keeps the bound safe), then put p's few candidates back in GT order.
+    by_x1 = np.argsort(gt[:, 0], kind="mergesort")
+    xs = gt[by_x1, 0]
+    widest = max((gt[:, 2] - gt[:, 0]).max(), 0.0)
     k = 0
     for p in range(n_p):
         cand_off[p] = k
-        for g in range(n_g):
+        px1, px2 = pr[p, 0], pr[p, 2]
+        for j in range(np.searchsorted(xs, px1 - widest - 1e-9 * (abs(px1) + widest + 1.0)), n_g):
+            if xs[j] >= px2:
+                break
+            g = by_x1[j]
             iou = box_iou(pr[p], gt[g], pr_area[p], gt_area[g])
             if iou > lowest:
-                cand_g[k] = g
-                cand_iou[k] = iou
+                c = k  # insertion by GT index: candidates stay in GT order (ties go to the lower index)
+                while c > cand_off[p] and cand_g[c - 1] > g:
+                    cand_g[c] = cand_g[c - 1]
+                    cand_iou[c] = cand_iou[c - 1]
+                    c -= 1
+                cand_g[c] = g
+                cand_iou[c] = iou
                 k += 1
     cand_off[n_p] = k
     for t in range(thresholds.shape[0]):
@@ -103,24 +119,50 @@ def _image_scores(gt, gt_area, pr, pr_area, thresholds, cand_g, cand_iou, cand_o
         out[t] = tp / (n_p + n_g - tp)  # TP + FP + FN with FP = n_p - TP, FN = n_g - TP
 
 
-@numba.njit(cache=True)
-def _gwd_kernel(gt_boxes, gt_offsets, pr_boxes, pr_offsets, thresholds) -> np.ndarray:
-    n_img = gt_offsets.shape[0] - 1
-    out = np.empty((n_img, thresholds.shape[0]), dtype=np.float64)
-    gt_area, pr_area = box_areas(gt_boxes), box_areas(pr_boxes)
+@numba.njit(cache=True, nogil=True)
+def _gwd_rows(gt_boxes, gt_area, gt_offsets, pr_boxes, pr_area, pr_offsets, thresholds, lo, hi, out) -> None:
+    """``out[i]`` (one value per threshold) for images ``lo..hi-1``; releases the GIL (threads over images)."""
     max_g = max_p = 0
-    for i in range(n_img):
+    for i in range(lo, hi):
         max_g = max(max_g, gt_offsets[i + 1] - gt_offsets[i])
         max_p = max(max_p, pr_offsets[i + 1] - pr_offsets[i])
     cand_g = np.empty(max_g * max_p, dtype=np.int64)
     cand_iou = np.empty(max_g * max_p, dtype=np.float64)
     cand_off = np.empty(max_p + 1, dtype=np.int64)
     matched = np.zeros(max_g, dtype=np.bool_)
-    for i in range(n_img):
+    for i in range(lo, hi):
         g0, g1, p0, p1 = gt_offsets[i], gt_offsets[i + 1], pr_offsets[i], pr_offsets[i + 1]
         _image_scores(gt_boxes[g0:g1], gt_area[g0:g1], pr_boxes[p0:p1], pr_area[p0:p1], thresholds,
                       cand_g, cand_iou, cand_off, matched, out[i])
+
+
+PARALLEL_MIN_IMAGES = 64  # images per thread at least (fewer: one thread scores them all)
+
+
+def _gwd_table(gt_boxes: np.ndarray, gt_offsets: np.ndarray, pr_boxes: np.ndarray, pr_offsets: np.ndarray,
+               thresholds: np.ndarray) -> np.ndarray:
+    """``(n_images, n_thresholds)`` scores; images split over this process's CPUs in ranges of about equal
+    prediction counts (the work grows with predictions x ground truth per image)."""
+    n_img = gt_offsets.shape[0] - 1
+    out = np.empty((n_img, thresholds.shape[0]), dtype=np.float64)
+    args = (gt_boxes, box_areas(gt_boxes), gt_offsets, pr_boxes, box_areas(pr_boxes), pr_offsets, thresholds)
+    threads = min(n_cpus(), n_img // PARALLEL_MIN_IMAGES)
+    if threads < 2:
+        _gwd_rows(*args, 0, n_img, out)
+        return out
+    cuts = np.searchsorted(pr_offsets, np.linspace(0, pr_offsets[-1], threads + 1)[1:-1]).tolist()
+    bounds = sorted({0, n_img, *[min(max(c, 1), n_img - 1) for c in cuts]})
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(lambda r: _gwd_rows(*args, r[0], r[1], out), zip(bounds[:-1], bounds[1:])))
     return out
+
+
+def n_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def gwd_packed(
@@ -133,7 +175,7 @@ def gwd_packed(
     """Score packed arrays; predictions already sorted by descending score inside each image."""
     if len(gt_offsets) != len(pred_offsets):
         raise ValueError("gt_offsets and pred_offsets must describe the same number of images")
-    table = _gwd_kernel(
+    table = _gwd_table(
         np.ascontiguousarray(gt_boxes, dtype=np.float64).reshape(-1, 4),
         np.ascontiguousarray(gt_offsets, dtype=np.int64),
         np.ascontiguousarray(pred_boxes, dtype=np.float64).reshape(-1, 4),
