@@ -52,7 +52,7 @@ HARD = 3
 
 SOFT_LARGE = 3.0  # soft-NMS: members wider or taller than this many times the mean are checked on every step
 SOFT_CELL_FACTOR = 0.25  # soft-NMS grid cells per axis: about 1 / (this * the largest filed size)
-SLOT_PAD = 8  # NMS tests runs of grid slots 8 at a time (the SIMD width), past a run's end when it is not whole
+SLOT_PAD = 8  # grid slots are tested in runs of whole 8s (AVX-512's doubles, twice AVX2's), past a run's end
 SOFT_REFILE_MIN = 64  # soft-NMS: refile the grid once fewer than half its slots are live, if it has more than this
 
 
@@ -363,8 +363,8 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
 @numba.njit(**NJIT_OPTIONS)
 def _file_members(n_cells: int, gbox: np.ndarray, n: int, scratch: Scratch) -> None:
     """NMS's grid: members ``0..n-1`` filed by centre cell in member order (hard NMS needs no order within a cell),
-    no room between cells: ``slot_of`` and ``soft_slots``. The cells come from a branch-free loop (it vectorises),
-    the slots from one counting pass and one scatter."""
+    no room between cells: ``slot_of`` and ``soft_slots``. The cells come from a branch-free loop (so that it can
+    vectorise), the slots from one counting pass and one scatter."""
     ints = scratch.ints
     cell_of = ints[IntRow.CELL_OF]
     slot_of = ints[IntRow.SLOT_OF]
