@@ -200,9 +200,9 @@ def test_gwd_threads_over_images_give_the_single_thread_table(monkeypatch):
         p = np.r_[gts[-1] + rng.normal(0, 2, gts[-1].shape), rng.uniform(0, 80, (int(rng.integers(0, 8)), 4))]
         preds.append(np.c_[np.minimum(p[:, :2], p[:, 2:]), np.maximum(p[:, :2], p[:, 2:])])
         scores.append(rng.random(len(p)))
-    monkeypatch.setattr(gwd, "n_cpus", lambda: 3)
+    monkeypatch.setattr(gwd, "available_cpus", lambda: 3)
     threaded = gwd_score(gts, preds, scores)
-    monkeypatch.setattr(gwd, "n_cpus", lambda: 1)
+    monkeypatch.setattr(gwd, "available_cpus", lambda: 1)
     single = gwd_score(gts, preds, scores)
     assert threaded.per_image.tolist() == single.per_image.tolist()
     assert threaded.per_image.tolist() == pytest.approx([ref_gwd_image(g, p, s) for g, p, s in zip(gts, preds, scores)],

@@ -10,7 +10,6 @@ maps the fused rows back to a prediction table. Rules: :data:`pipeline.fusion.ru
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipeline.cpus import available_cpus
 from pipeline.fusion.packing import PackedTable, pack_table
 from pipeline.fusion.runner import DenseRows, dense_rows
 from pipeline.fusion.rules import get_rule
@@ -79,7 +79,7 @@ def fuse_predictions(preds: pd.DataFrame, image_sizes: Mapping[str, tuple[int, i
     if packed is None:
         return empty_predictions()
     if backend == "numba":
-        n_threads = _n_threads() if threads is None else int(threads)
+        n_threads = available_cpus() if threads is None else int(threads)
         rows = dense_rows(packed, rule.fuse(packed, resolved, weights is not None, n_threads), n_threads)
     else:
         from pipeline.fusion.oracle import fuse_with_ensemble_boxes  # the library is imported only when asked for
@@ -93,12 +93,6 @@ def fuse_predictions(preds: pd.DataFrame, image_sizes: Mapping[str, tuple[int, i
     return _fused_table(packed, rows, name, method)
 
 
-def _n_threads() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _constant_strings(value: str, n: int) -> pd.api.extensions.ExtensionArray:

@@ -28,7 +28,6 @@ descending score inside each image for :func:`gwd_packed`; :func:`gwd_score` sor
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import numba
 import numpy as np
 import pandas as pd
 
+from pipeline.cpus import available_cpus
 from pipeline.metrics.packing import Packed
 from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, register_metric
 
@@ -146,7 +146,7 @@ def _gwd_table(gt_boxes: np.ndarray, gt_offsets: np.ndarray, pr_boxes: np.ndarra
     n_img = gt_offsets.shape[0] - 1
     out = np.empty((n_img, thresholds.shape[0]), dtype=np.float64)
     args = (gt_boxes, box_areas(gt_boxes), gt_offsets, pr_boxes, box_areas(pr_boxes), pr_offsets, thresholds)
-    threads = min(n_cpus(), n_img // PARALLEL_MIN_IMAGES)
+    threads = min(available_cpus(), n_img // PARALLEL_MIN_IMAGES)
     if threads < 2:
         _gwd_rows(*args, 0, n_img, out)
         return out
@@ -155,14 +155,6 @@ def _gwd_table(gt_boxes: np.ndarray, gt_offsets: np.ndarray, pr_boxes: np.ndarra
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(lambda r: _gwd_rows(*args, r[0], r[1], out), zip(bounds[:-1], bounds[1:])))
     return out
-
-
-def n_cpus() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def gwd_packed(
