@@ -92,7 +92,7 @@ def check_nms_params(method: int, iou_thr: float, sigma: float, thresh: float) -
 
 
 def fuse_packed(packed: PackedTable, method: int, iou_thr: float, sigma: float, thresh: float, weighted: bool,
-                float32_scores: bool = False, threads: int = 1, reuse: bool = False) -> KernelOutput:
+                float32_scores: bool = False, threads: int = 1) -> KernelOutput:
     """NMS (``method=3``) or soft-NMS (1, 2) of every image of ``packed``; image ``k``'s kept rows (normalised,
     grouped by label ascending, each in selection order) are the output slots ``packed.row_offs[k] : +
     count[k]``. ``weighted``: scores become ``score * weight / sum(weights)`` (the library given ``weights``),
@@ -110,12 +110,12 @@ def fuse_packed(packed: PackedTable, method: int, iou_thr: float, sigma: float, 
         scratch = thread_scratch(cap) if cached else allocate_scratch(cap)
         fuse_image_range(lo, hi, *packed.kernel_rows, packed.row_offs, *params, *out, stats, *scratch)
 
-    return run_kernel(packed, work, threads, RULE_NAMES[method], reuse)
+    return run_kernel(packed, work, threads, RULE_NAMES[method])
 
 
 def _library_inputs(boxes: Any, scores: Any, labels: Any, weights: Any,
-                    n_sets: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(boxes (n, 4) float64, scores, labels, boxes per set)`` concatenated as the library does, scores weighted
+                    n_sets: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(boxes (n, 4) float64, scores, labels)`` concatenated as the library does, scores weighted
     as ``(scores[t] * weights[t]) / weights.sum()`` when ``weights`` is valid (numpy's own expressions, so dtypes
     and bits agree; on the concatenated scores when every set's scores are arrays of one dtype, which computes the
     same per element). ``ValueError`` when a set's lengths differ."""
@@ -135,11 +135,10 @@ def _library_inputs(boxes: Any, scores: Any, labels: Any, weights: Any,
         box_lens = list(map(len, boxes))
         if box_lens != list(map(len, scores)) or box_lens != list(map(len, labels)):
             check_lengths(np.array(box_lens), np.array(list(map(len, scores))), np.array(list(map(len, labels))))
-        lens = np.array(box_lens, np.int64)
         if weights is not None:
             w = np.array(weights)
-            sc = (sc * np.repeat(w, lens)) / w.sum()
-        return b.astype(np.float64, copy=False), sc, lab, lens
+            sc = (sc * np.repeat(w, np.array(box_lens, np.int64))) / w.sum()
+        return b.astype(np.float64, copy=False), sc, lab
     box_parts = [np.asarray(x, dtype=np.float64).reshape(-1, 4) for x in boxes]
     if weights is None:
         score_parts = [np.asarray(x).reshape(-1) for x in scores]
@@ -151,8 +150,8 @@ def _library_inputs(boxes: Any, scores: Any, labels: Any, weights: Any,
     check_lengths(lens, np.array([len(x) for x in score_parts], np.int64),
                   np.array([len(x) for x in label_parts], np.int64))
     if lens.sum() == 0:
-        return np.zeros((0, 4)), np.zeros(0), np.zeros(0), lens
-    return np.concatenate(box_parts), np.concatenate(score_parts), np.concatenate(label_parts), lens
+        return np.zeros((0, 4)), np.zeros(0), np.zeros(0)
+    return np.concatenate(box_parts), np.concatenate(score_parts), np.concatenate(label_parts)
 
 
 def nms_method(boxes: Any, scores: Any, labels: Any, method: int = 3, iou_thr: float = 0.5, sigma: float = 0.5,
@@ -166,7 +165,7 @@ def nms_method(boxes: Any, scores: Any, labels: Any, method: int = 3, iou_thr: f
     n_sets = len(boxes)
     if len(scores) != n_sets or len(labels) != n_sets:
         raise ValueError("boxes, scores and labels must have the same length")
-    b, sc, lab, _ = _library_inputs(boxes, scores, labels, weights, n_sets)
+    b, sc, lab = _library_inputs(boxes, scores, labels, weights, n_sets)
     if len(sc) == 0:
         return np.zeros((0, 4)), np.zeros(0), np.zeros(0)
     if sc.dtype.kind != "f" or sc.dtype.itemsize not in (4, 8):
