@@ -19,10 +19,10 @@ import math
 import numba
 import numpy as np
 
-from pipeline.fusion.primitives import NJIT_OPTIONS, cell_index
+from pipeline.fusion.primitives import NJIT_NO_REFCOUNT, NJIT_OPTIONS, cell_index
 
 # Digests of the package files compiled into this module's cached functions; see wbf_kernel.COMPILED_AGAINST.
-COMPILED_AGAINST = {"primitives.py": "46bd61cf9a6430ff"}
+COMPILED_AGAINST = {"primitives.py": "fc16f38e8e16c161"}
 
 GRID_MAX = 128  # cells per axis at most
 GRID_MIN_THR = 0.1  # below this IoU threshold the centre bound is too loose: scan every box
@@ -80,7 +80,7 @@ def window_cells(x1: float, y1: float, x2: float, y2: float, rx: float, ry: floa
 #   cell_of[j]: box j's cell (-1: not in the grid); slot_of[j]: its slot; slot_box[s]: the box in slot s;
 #   slot_xy[s]: its x1, y1, x2, y2; cell_start[c] .. + cell_count[c]: the slots of cell c.
 # ----------------------------------------------------------------------------------------------------------------
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def grid_layout(n_cells: int, boxes: np.ndarray, ids: np.ndarray, k: int, cell_of: np.ndarray,
                 cell_start: np.ndarray, cell_count: np.ndarray) -> None:
     """Cells and capacities for boxes ``ids[:k]`` (rows of ``boxes``): sets their ``cell_of``, ``cell_start``
@@ -98,7 +98,7 @@ def grid_layout(n_cells: int, boxes: np.ndarray, ids: np.ndarray, k: int, cell_o
         cell_count[c] = 0
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def grid_add(j: int, boxes: np.ndarray, cell_of: np.ndarray, slot_of: np.ndarray, slot_box: np.ndarray,
              slot_xy: np.ndarray, cell_start: np.ndarray, cell_count: np.ndarray) -> None:
     """Append box ``j`` (laid out by :func:`grid_layout`) to its cell."""
@@ -111,7 +111,7 @@ def grid_add(j: int, boxes: np.ndarray, cell_of: np.ndarray, slot_of: np.ndarray
         slot_xy[s, k] = boxes[j, k]
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def grid_remove(j: int, cell_of: np.ndarray, slot_of: np.ndarray, slot_box: np.ndarray, slot_xy: np.ndarray,
                 cell_start: np.ndarray, cell_count: np.ndarray) -> None:
     """Take box ``j`` out of the grid (nothing when it is not in it): its cell's last slot moves into its slot."""

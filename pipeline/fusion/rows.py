@@ -18,10 +18,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from pipeline.fusion.primitives import NJIT_OPTIONS
+from pipeline.fusion.primitives import NJIT_NO_REFCOUNT, NJIT_OPTIONS
 
 # Digests of the package files compiled into this module's cached functions; see wbf_kernel.COMPILED_AGAINST.
-COMPILED_AGAINST = {"primitives.py": "46bd61cf9a6430ff"}
+COMPILED_AGAINST = {"primitives.py": "fc16f38e8e16c161"}
 
 STAT_SWAPPED, STAT_CLIPPED, STAT_ZERO_AREA, STAT_NON_FINITE = 0, 1, 2, 3
 N_STATS = 4
@@ -37,7 +37,7 @@ def _clip_unit(v: float) -> tuple[float, int]:
     return v, 0
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def read_image(img: int, seg_offs: np.ndarray, seg_start: np.ndarray, seg_len: np.ndarray, seg_set: np.ndarray,
                x1c: np.ndarray, y1c: np.ndarray, x2c: np.ndarray, y2c: np.ndarray, score: np.ndarray,
                label: np.ndarray, width: np.ndarray, height: np.ndarray, skip_thr: np.ndarray,

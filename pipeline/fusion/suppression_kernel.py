@@ -38,12 +38,12 @@ import numpy as np
 
 from pipeline.fusion.grid import (GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, cells_per_axis, grid_layout,
                                   search_radius_factor, window_cells)
-from pipeline.fusion.primitives import (NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys, iou,
-                                        radix_argsort, radix_argsort_top)
+from pipeline.fusion.primitives import (NJIT_NO_REFCOUNT, NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys,
+                                        iou, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
-COMPILED_AGAINST = {"grid.py": "6e6fe18acb12b6d1", "primitives.py": "46bd61cf9a6430ff", "rows.py": "3ed670801634b1df"}
+COMPILED_AGAINST = {"grid.py": "0cf85fc79720c76f", "primitives.py": "fc16f38e8e16c161", "rows.py": "a4bd6298c1a3e32d"}
 
 # The library's ``method`` codes.
 LINEAR = 1
@@ -203,7 +203,7 @@ def fuse_lists(x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray, s
     return _fuse_kept(m, 0, method, iou_thr, sigma, thresh, float32_scores, out_box, out_score, out_label, scratch)
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def _needs_no_repair(x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray, score: np.ndarray) -> bool:
     """Whether every box is inside [0, 1] with ``x1 < x2``, ``y1 < y2`` and a positive area, and every score
     finite: what :func:`~pipeline.fusion.rows.read_image` would then keep is the rows as they are (a branch-free
@@ -220,7 +220,7 @@ def _needs_no_repair(x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndar
     return bad == 0
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def _fuse_kept(m: int, o: int, method: int, iou_thr: float, sigma: float, thresh: float, float32_scores: bool,
                out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, scratch: Scratch) -> int:
     """One image's ``m`` read boxes (``KEPT`` rows) fused label by label, written from slot ``o``; returns the
@@ -245,7 +245,7 @@ def _fuse_kept(m: int, o: int, method: int, iou_thr: float, sigma: float, thresh
     return o
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def _order_by_label(m: int, scratch: Scratch) -> int:
     """``BY_LABEL``: the ``m`` kept boxes by label ascending (``np.unique`` order), each label in input order;
     ``group_start``: where each label starts. Returns the number of labels."""
@@ -279,7 +279,7 @@ def _order_by_label(m: int, scratch: Scratch) -> int:
     return n_groups
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def _gather_group(gs: int, ge: int, scratch: Scratch) -> None:
     """The group's boxes and scores, contiguous in the library's order: member ``q`` is ``BY_LABEL[gs + q]``."""
     kept = scratch.boxes[BoxRow.KEPT]
@@ -294,7 +294,7 @@ def _gather_group(gs: int, ge: int, scratch: Scratch) -> None:
         gscore[q] = kept_score[i]
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: float, use_grid: bool,
                     out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, gbox: np.ndarray,
                     gscore: np.ndarray, scratch: Scratch) -> int:
@@ -360,7 +360,7 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
     return o
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def _file_members(n_cells: int, gbox: np.ndarray, n: int, scratch: Scratch) -> None:
     """NMS's grid: members ``0..n-1`` filed by centre cell in member order (hard NMS needs no order within a cell),
     no room between cells: ``slot_of`` and ``soft_slots``. The cells come from a branch-free loop (so that it can
@@ -432,7 +432,7 @@ def _iou_run(lo: int, hi: int, bx1: float, by1: float, bx2: float, by2: float, s
     return n_above
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma: float, thresh: float,
                     float32_scores: bool, out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray,
                     scratch: Scratch) -> int:
@@ -543,7 +543,7 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
     return o
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def _start_positions(n: int, prune: bool, thresh: float, scratch: Scratch) -> tuple[int, int, int, int]:
     """The library's array before step 0: member ``q`` at position ``q``, its score (-inf and ``REMOVED`` when
     ``prune`` and it is dead already), -inf up to whole blocks, then the bounds: each block's maximum, -inf for
@@ -569,7 +569,7 @@ def _start_positions(n: int, prune: bool, thresh: float, scratch: Scratch) -> tu
     return bs, gsz, nb, ng
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def block_layout(n: int) -> tuple[int, int, int, int]:
     """``(bs, gsz, nb, ng)``: ``n`` positions in ``nb`` blocks of ``bs``, the blocks in ``ng`` groups of ``gsz``
     (``bs`` and ``gsz`` multiples of 8, as the scans take 4 at a time; about ``2 cbrt(n)`` and ``cbrt(n) / 2``),
@@ -647,7 +647,7 @@ def _first_equal(a: np.ndarray, lo: int, v: float) -> int:
     return k
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def _file_soft_group(n: int, scratch: Scratch) -> tuple[int, float, float, int]:
     """File the group's live members for the overlap search: members up to ``SOFT_LARGE`` times the mean width and
     height in the grid, larger ones in ``LIST``. Returns ``(cells per axis (0: no grid, every member in LIST),
@@ -701,13 +701,13 @@ def _file_soft_group(n: int, scratch: Scratch) -> tuple[int, float, float, int]:
 #   cell_of[j]: member j's cell (-1: not in the grid); slot_of[j]: its slot; slot_box[s]: the member in slot s;
 #   soft_slots[:, s]: its x1, y1, x2, y2; cell_start[c] .. cell_start[c + 1]: the slots of cell c.
 # ----------------------------------------------------------------------------------------------------------------
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def _soft_grid_build(n_cells: int, ids: np.ndarray, k: int, scratch: Scratch) -> None:
     """File members ``ids[:k]`` (any order) of the gathered group in ``n_cells`` x ``n_cells`` cells."""
     _file_slots(n_cells, scratch.boxes[BoxRow.GROUP], ids, k, scratch)
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def _file_slots(n_cells: int, gbox: np.ndarray, ids: np.ndarray, k: int, scratch: Scratch) -> None:
     """File members ``ids[:k]`` (rows of ``gbox``, any order) in ``n_cells`` x ``n_cells`` cells, each cell in
     ``ids`` order, with no room between cells: ``cell_of``, ``slot_of``, ``slot_box``, ``soft_slots``."""
@@ -744,7 +744,7 @@ def _soft_grid_remove(j: int, cell_of: np.ndarray, slot_of: np.ndarray, slots: n
     return 1
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def _refile(n: int, n_cells: int, scratch: Scratch) -> int:
     """File the members still in the grid again, without the emptied slots; returns their number."""
     cell_of = scratch.ints[IntRow.CELL_OF]
@@ -758,7 +758,7 @@ def _refile(n: int, n_cells: int, scratch: Scratch) -> int:
     return k
 
 
-@numba.njit(**NJIT_OPTIONS)
+@numba.njit(**NJIT_NO_REFCOUNT)
 def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_factor: float, above: float,
                  scratch: Scratch) -> int:
     """``CAND[:k]`` and ``CAND_IOU[:k]``: the remaining live members whose IoU with member ``q`` is above ``above``
