@@ -25,12 +25,12 @@ import numpy as np
 
 from pipeline.fusion.grid import (GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, cells_per_axis, grid_layout,
                                   search_radius_factor, window_cells)
-from pipeline.fusion.primitives import (NJIT_NO_REFCOUNT, NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys,
-                                        iou, radix_argsort, radix_argsort_top)
+from pipeline.fusion.primitives import (NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys, iou,
+                                        radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
-COMPILED_AGAINST = {"grid.py": "0cf85fc79720c76f", "primitives.py": "fc16f38e8e16c161", "rows.py": "a4bd6298c1a3e32d"}
+COMPILED_AGAINST = {"grid.py": "ba774df63a1eee6c", "primitives.py": "080a3120f62c3e07", "rows.py": "ae079c7f4692c3fb"}
 
 
 @unique
@@ -128,7 +128,7 @@ def fuse_image_range(img_lo: int, img_hi: int, seg_offs: np.ndarray, seg_start: 
         out_count[img] = _emit_by_score(nc, row_offs[img], out_box, out_score, out_label, scratch)
 
 
-@numba.njit(**NJIT_NO_REFCOUNT)
+@numba.njit(**NJIT_OPTIONS)
 def _order_by_label(m: int, scratch: Scratch) -> int:
     """``BY_GROUP`` and ``group_start`` for the ``m`` kept boxes: label groups in the order in which their label
     first appears (the library's dict), inside a group by weighted score descending, ties: later box first.
@@ -191,7 +191,7 @@ def _order_by_label(m: int, scratch: Scratch) -> int:
     return n_groups
 
 
-@numba.njit(**NJIT_NO_REFCOUNT)
+@numba.njit(**NJIT_OPTIONS)
 def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_factor: float, use_grid: bool,
                          scratch: Scratch) -> int:
     """Cluster the boxes ``BY_GROUP[gs:ge]`` into clusters ``first, first + 1, ...`` as the library does, and
@@ -283,7 +283,7 @@ def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_fa
     return nc
 
 
-@numba.njit(**NJIT_NO_REFCOUNT)
+@numba.njit(**NJIT_OPTIONS)
 def _emit_by_score(nc: int, out_row: int, out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray,
                    scratch: Scratch) -> int:
     """Write clusters ``0..nc-1`` from row ``out_row`` by float32 score descending (ties: the cluster created

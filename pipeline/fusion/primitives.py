@@ -17,12 +17,13 @@ import numpy as np
 # Every compiled function of the package: cached on disk (first import compiles once), callable without the GIL
 # (the table driver runs images on threads), numpy's division semantics (0/0 is NaN, as in the library).
 NJIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy")
-# Compiled functions that allocate no array: no reference counting (numba's ``_nrt`` flag). numba
-# increfs every array argument of a compiled call on entry and decrefs it on every exit -- two atomic operations per
-# array per call, which its pruning pass leaves in functions with loops and several exits: about a fifth of
-# soft-NMS's time at 40 sets x 100 boxes (perf). The arrays stay alive in the caller that holds them. numba compiles
-# a function's callees with its flags, refuses an allocation in any of them at compile time (pairwise_sum's
-# callers are counted for that reason), and counts an argument such a function returns.
+# Compiled functions that allocate no array: no reference counting (numba's ``_nrt`` flag). numba increfs every
+# array argument of a compiled call on entry and decrefs it on every exit -- two atomic operations per array per
+# call, which its pruning pass leaves in functions with loops and several exits: about a fifth of soft-NMS's time at
+# 40 sets x 100 boxes (perf), whose selection loop calls its helpers once per step. The arrays stay alive in the
+# caller that holds them. numba compiles a function's callees with its flags and refuses an allocation in any of
+# them at compile time. Used by the suppression kernel and the helpers it shares; WBF's and NMW's inner functions,
+# called once per label group, showed no gain and stay counted (pairwise_sum allocates).
 NJIT_NO_REFCOUNT = dict(NJIT_OPTIONS, _nrt=False)
 
 RADIX_HIST_SIZE = 2048  # 8 digits of 8 bits: one 256-bin histogram per digit

@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.fusion.primitives import NJIT_NO_REFCOUNT, NJIT_OPTIONS
 
 # Digests of the package files compiled into this module's cached functions; see wbf_kernel.COMPILED_AGAINST.
-COMPILED_AGAINST = {"primitives.py": "fc16f38e8e16c161"}
+COMPILED_AGAINST = {"primitives.py": "080a3120f62c3e07"}
 
 STAT_SWAPPED, STAT_CLIPPED, STAT_ZERO_AREA, STAT_NON_FINITE = 0, 1, 2, 3
 N_STATS = 4

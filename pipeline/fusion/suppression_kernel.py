@@ -43,7 +43,7 @@ from pipeline.fusion.primitives import (NJIT_NO_REFCOUNT, NJIT_OPTIONS, RADIX_HI
 from pipeline.fusion.rows import read_image
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
-COMPILED_AGAINST = {"grid.py": "0cf85fc79720c76f", "primitives.py": "fc16f38e8e16c161", "rows.py": "a4bd6298c1a3e32d"}
+COMPILED_AGAINST = {"grid.py": "ba774df63a1eee6c", "primitives.py": "080a3120f62c3e07", "rows.py": "ae079c7f4692c3fb"}
 
 # The library's ``method`` codes.
 LINEAR = 1

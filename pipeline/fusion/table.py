@@ -112,7 +112,8 @@ def _fused_table(packed: PackedTable, rows: DenseRows, model_name: str, tta: str
     df = pd.DataFrame(rows.values.T, columns=["x1", "y1", "x2", "y2", "score"], copy=False)
     df.insert(0, "image_id", packed.image_ids.take(rows.image))
     df["label"] = rows.label
-    df["model"] = _constant_strings(model_name, n)
+    model = _constant_strings(model_name, n)
+    df["model"] = model
     df["fold"] = np.full(n, -1, np.int64)
-    df["tta"] = _constant_strings(tta, n)
+    df["tta"] = model if tta == model_name else _constant_strings(tta, n)  # arrow arrays are immutable: shared
     return normalise_predictions(df[PREDICTION_COLUMNS])

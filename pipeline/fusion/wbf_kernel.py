@@ -24,7 +24,7 @@ import math
 import numba
 import numpy as np
 
-from pipeline.fusion.primitives import (NJIT_NO_REFCOUNT, NJIT_OPTIONS, cell_index, float_sort_keys, int_sort_keys, iou,
+from pipeline.fusion.primitives import (NJIT_OPTIONS, cell_index, float_sort_keys, int_sort_keys, iou,
                                         pairwise_sum, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
 from pipeline.fusion.wbf_scratch import GRID_MAX, BoxRow, FloatRow, IntRow, Scratch
@@ -34,8 +34,8 @@ from pipeline.fusion.wbf_scratch import GRID_MAX, BoxRow, FloatRow, IntRow, Scra
 # digests of the files compiled in here are recorded below, so changing one of them means changing this file, which
 # drops the stale cache; tests/test_fusion.py fails (and prints the new record) until they are current.
 COMPILED_AGAINST = {
-    "primitives.py": "fc16f38e8e16c161",
-    "rows.py": "a4bd6298c1a3e32d",
+    "primitives.py": "080a3120f62c3e07",
+    "rows.py": "ae079c7f4692c3fb",
     "wbf_scratch.py": "05406944a5d313b2",
 }
 
@@ -107,7 +107,7 @@ def _search_radius_factor(iou_thr: float) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # 2. label groups
 # ----------------------------------------------------------------------------------------------------------------
-@numba.njit(**NJIT_NO_REFCOUNT)
+@numba.njit(**NJIT_OPTIONS)
 def _order_by_label(m: int, scratch: Scratch) -> int:
     """Fill ``BY_GROUP`` and ``group_start`` for the ``m`` kept boxes; returns the number of label groups.
 
@@ -176,7 +176,7 @@ def _order_by_label(m: int, scratch: Scratch) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # 3. clustering
 # ----------------------------------------------------------------------------------------------------------------
-@numba.njit(**NJIT_NO_REFCOUNT)
+@numba.njit(**NJIT_OPTIONS)
 def _cluster_label_group(gs: int, ge: int, first: int, weights: np.ndarray, iou_thr: float, radius_factor: float,
                          use_grid: bool, conf_code: int, scratch: Scratch) -> int:
     """Cluster one label group, the boxes ``BY_GROUP[gs:ge]``, into clusters ``first, first + 1, ...`` in the
@@ -261,7 +261,7 @@ def _centre_cell(x1: float, y1: float, x2: float, y2: float, n_cells: int) -> in
     return cell_index((y1 + y2) * 0.5, n_cells) * n_cells + cell_index((x1 + x2) * 0.5, n_cells)
 
 
-@numba.njit(**NJIT_NO_REFCOUNT)
+@numba.njit(**NJIT_OPTIONS)
 def _grid_cells_per_axis(gs: int, ge: int, by_group: np.ndarray, kept: np.ndarray, radius_factor: float) -> int:
     """Cells per axis for a label group: a search radius of about one cell, at most ``2 sqrt(n) + 1`` cells per
     axis (and ``GRID_MAX``), so that the index costs less than the scans it saves."""
@@ -373,7 +373,7 @@ def _join_cluster(c: int, i: int, ws: float, w_set: float, conf_code: int, kept:
 # ----------------------------------------------------------------------------------------------------------------
 # 4. rescoring
 # ----------------------------------------------------------------------------------------------------------------
-@numba.njit(**NJIT_OPTIONS)  # counted: pairwise_sum, compiled into it, allocates its stack for long sums
+@numba.njit(**NJIT_OPTIONS)
 def _rescore_clusters(nc: int, stamp: int, weights: np.ndarray, wsum: float, wmax: float, conf_code: int,
                       allows_overflow: bool, scratch: Scratch) -> int:
     """``FINAL_SCORE`` of clusters ``0..nc-1``: the library's ``conf_type`` rescaling. ``stamp``: the last value
@@ -448,7 +448,7 @@ def _absent_set_weight(c: int, stamp: int, weights: np.ndarray, scratch: Scratch
 # ----------------------------------------------------------------------------------------------------------------
 # 5. output
 # ----------------------------------------------------------------------------------------------------------------
-@numba.njit(**NJIT_NO_REFCOUNT)
+@numba.njit(**NJIT_OPTIONS)
 def _emit_by_score(nc: int, out_row: int, out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray,
                    scratch: Scratch) -> int:
     """Write clusters ``0..nc-1`` to rows ``out_row...`` by final score descending (ties: the cluster created
