@@ -364,6 +364,31 @@ def test_fuse_predictions_tuple_groups_weights_by_model_and_sets():
         fuse_predictions(table, SIZES, group_col=("model", "fold"), sets=keys[:-1])
 
 
+@pytest.mark.parametrize("method", ["wbf", "nms", "soft_nms", "nmw"])
+def test_fuse_predictions_leave_out_equals_filtering_the_rows(method):
+    """Leaving sets out at packing gives the output of filtering the table first, for a set key and, with several
+    group columns, for a member (every set it heads); rows of an image without a size may be left out."""
+    table = make_table(seed=2)
+    kw = dict(method=method, model_name="f")
+    keys = sorted(set(zip(table["model"], table["fold"])))
+    weights = {"m0": 1.0, "m1": 2.0, "m2": 0.0}
+    kept = table[table["model"] != "m2"]
+    want = fuse_predictions(kept, SIZES, group_col=("model", "fold"), weights=weights,
+                            sets=[k for k in keys if k[0] != "m2"], **kw)
+    got = fuse_predictions(table, SIZES, group_col=("model", "fold"), weights=weights, sets=keys,
+                           leave_out={"m2"}, **kw)
+    assert len(want) > 0
+    pd.testing.assert_frame_equal(got, want)
+    want = fuse_predictions(table[table["model"] != "m1"], SIZES, group_col="model", **kw)
+    got = fuse_predictions(table, SIZES, group_col="model", leave_out=["m1"], **kw)
+    pd.testing.assert_frame_equal(got, want)
+    alone = pd.concat([table, table[table["model"] == "m2"].assign(image_id="unsized")], ignore_index=True)
+    got = fuse_predictions(alone, SIZES, group_col="model", leave_out=["m1", "m2"], **kw)
+    pd.testing.assert_frame_equal(got, fuse_predictions(table[table["model"] == "m0"], SIZES, group_col="model",
+                                                        **kw))
+    assert fuse_predictions(table, SIZES, group_col="model", leave_out=["m0", "m1", "m2"], **kw).empty
+
+
 def test_fuse_predictions_backends_agree_and_threads_agree():
     rng = np.random.default_rng(5)
     parts = []

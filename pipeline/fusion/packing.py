@@ -20,7 +20,7 @@ slots back to dense pixel columns.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numba
@@ -105,8 +105,12 @@ def readonly_i64(values: Any) -> np.ndarray:
 
 def pack_table(preds: pd.DataFrame, image_sizes: Mapping[str, tuple[int, int]] | pd.DataFrame,
                group_col: str | Sequence[str], weights: Mapping[Any, float] | None,
-               sets: Sequence[Any] | None) -> PackedTable | None:
+               sets: Sequence[Any] | None, leave_out: Collection[Any] = ()) -> PackedTable | None:
     """``preds`` packed (see :class:`PackedTable`), or ``None`` when there is nothing to fuse (no rows or no sets).
+
+    ``leave_out``: sets whose rows are left out, as if ``preds`` had none (with several group columns a set's first
+    value, e.g. a member name, leaves out all of its sets); they are dropped from ``sets`` too. Dropping their
+    segments costs nothing next to filtering the table's rows (which copies every column).
 
     ``ValueError`` for missing columns, missing values, images without a size or unknown set keys; ``KeyError``
     for a set without a weight. Non-finite boxes are reported by the kernels, which read every row anyway.
@@ -116,16 +120,20 @@ def pack_table(preds: pd.DataFrame, image_sizes: Mapping[str, tuple[int, int]] |
     if missing:
         raise ValueError(f"prediction table lacks columns {missing}")
     starts = _segment_starts({c: preds[c] for c in ["image_id", *cols]})
+    seg_len = np.diff(np.append(starts, len(preds)))
     set_codes, keys = _set_codes(preds, cols, sets, starts)
+    if leave_out:
+        set_codes, keys = _leave_out(set_codes, keys, set(leave_out), multi=len(cols) > 1)
+        kept = set_codes >= 0
+        starts, seg_len, set_codes = starts[kept], seg_len[kept], set_codes[kept]
     w = _set_weights(keys, weights, multi=len(cols) > 1)
-    if len(preds) == 0 or len(keys) == 0:
+    if len(starts) == 0 or len(keys) == 0:
         return None
     img_codes, uniq_ids = pd.factorize(_take_rows(preds["image_id"], starts), sort=True)
     if (img_codes < 0).any():
         raise ValueError("image_id has missing values")
     image_ids = pd.Index(uniq_ids).astype(str)
     width, height = _image_size_arrays(image_sizes, np.asarray(image_ids, dtype=object))
-    seg_len = np.diff(np.append(starts, len(preds)))
     order, seg_offs, row_offs = _order_segments(img_codes.astype(np.int64), set_codes, seg_len, len(image_ids),
                                                 len(keys))
     x1, y1, x2, y2, score = (readonly_f64(preds[c].to_numpy(np.float64)) for c in ("x1", "y1", "x2", "y2", "score"))
@@ -282,6 +290,13 @@ def _set_codes(preds: pd.DataFrame, cols: list[str], sets: Sequence[Any] | None,
         raise ValueError(f"the table has set keys that are not in `sets`: {bad[:3]}")
     remap = np.array([position[k] for k in found], np.int64)
     return remap[codes], keys
+
+
+def _leave_out(codes: np.ndarray, keys: list[Any], leave_out: set, multi: bool) -> tuple[np.ndarray, list[Any]]:
+    """Set codes renumbered over the keys not left out (-1 for a segment of a left-out set), and those keys."""
+    gone = np.array([k in leave_out or (multi and k[0] in leave_out) for k in keys], bool)
+    renumber = np.where(gone, -1, np.cumsum(~gone) - 1)
+    return renumber[codes] if len(codes) else codes, [k for k, g in zip(keys, gone) if not g]
 
 
 def _set_weights(keys: list[Any], weights: Mapping[Any, float] | None, multi: bool) -> np.ndarray:

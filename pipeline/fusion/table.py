@@ -10,7 +10,7 @@ maps the fused rows back to a prediction table. Rules: :data:`pipeline.fusion.ru
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ def fuse_predictions(preds: pd.DataFrame, image_sizes: Mapping[str, tuple[int, i
                      method: str = "wbf", group_col: str | Sequence[str] = "model",
                      weights: Mapping[Any, float] | None = None, sets: Sequence[Any] | None = None,
                      model_name: str | None = None, backend: str = "numba", threads: int | None = None,
-                     **params: Any) -> pd.DataFrame:
+                     leave_out: Collection[Any] = (), **params: Any) -> pd.DataFrame:
     """Fusion of a whole prediction table with one rule, image by image, in pixels in and pixels out.
 
     ``method``: a key of :data:`~pipeline.fusion.rules.FUSION_METHODS` -- ``"wbf"`` (default), ``"nms"``,
@@ -68,13 +68,16 @@ def fuse_predictions(preds: pd.DataFrame, image_sizes: Mapping[str, tuple[int, i
     label ascending and then in selection order for NMS and soft-NMS (the library's order). Images without kept
     boxes have no rows. ``backend="ensemble_boxes"`` calls the library image by image (slow; same output).
     ``threads``: worker threads for the numba backend (default: the CPUs available to this process).
+    ``leave_out``: sets (or, with several group columns, first values such as a member name) whose rows are left
+    out, as if ``preds`` had none, and which leave ``sets`` too -- the same output as filtering ``preds`` first,
+    without copying its rows (the OOF tuner drops members this way).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; must be one of {BACKENDS}")
     rule = get_rule(method)
     resolved = rule.resolve(params)
     rule.check(resolved)
-    packed = pack_table(preds, image_sizes, group_col, weights, sets)
+    packed = pack_table(preds, image_sizes, group_col, weights, sets, leave_out)
     name = method if model_name is None else model_name
     if packed is None:
         return empty_predictions()

@@ -45,17 +45,15 @@ def fuse_tuned(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | pd.Da
     method, rule = rule_params(params)
     weights = dict(params.get("weights") or {}) or None
     dropped = {m for m, w in (weights or {}).items() if w == 0}
-    if dropped:
-        sets = [s for s in sets if s[0] not in dropped]
-        preds = preds[~preds.model.isin(dropped)]
+    kept_sets = [s for s in sets if s[0] not in dropped]
     scale = 1.0
     if weights and get_rule(method).divides_by_weight_sum:
-        per_set = np.array([weights[s] if s in weights else weights[s[0]] for s in sets], dtype=np.float64)
+        per_set = np.array([weights[s] if s in weights else weights[s[0]] for s in kept_sets], dtype=np.float64)
         scale = float(per_set.sum() / per_set.max())
         # a threshold the rule compares with the divided scores (soft-NMS's thresh) is divided alike
         rule = {k: (v / scale if k in get_rule(method).score_params else v) for k, v in rule.items()}
     fused = fuse_predictions(preds, sizes, method=method, group_col=group_col, sets=sets, weights=weights,
-                             model_name=name, backend=backend, **rule)
+                             model_name=name, backend=backend, leave_out=dropped, **rule)
     if scale != 1.0 and len(fused):
         fused = fused.assign(score=(fused.score * scale).astype(fused.score.dtype))
     score_thr = float(params.get("score_thr") or 0.0)
