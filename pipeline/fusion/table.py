@@ -96,8 +96,6 @@ def fuse_predictions(preds: pd.DataFrame, image_sizes: Mapping[str, tuple[int, i
     return _fused_table(packed, rows, name, method)
 
 
-
-
 def _constant_strings(value: str, n: int) -> pd.api.extensions.ExtensionArray:
     """``n`` copies of ``value`` as pandas' str array, built from arrow buffers (no per-row Python object)."""
     data = value.encode("utf-8")
