@@ -13,10 +13,11 @@ probability 0.95 - 0.05 k, as the object's box plus Gaussian jitter of 5 % of it
 
 For each rule of ``--rules``, ``tune()`` runs exactly as the ensemble stage calls it (the search grid of
 ``configs/demo/ensemble.yaml``, ``--set ensemble.tune.iou_thr=[0.5,0.6]`` etc. to change it): wall seconds,
-fusions tried, fusions a minute. Then one step on the same table is timed in its two parts, the median of three:
-the fusion (``pipeline.ensemble.fuse``: packing, the compiled rule, the fused table) and the scoring of its output
-(``Scorer``: packing the predictions, the metric's kernel). The machine's load average is printed: compare runs
-made in the same conditions only.
+fusions tried, fusions a minute. Then one step on the same table is timed in its two parts, as the tuner runs them,
+the median of three: the fusion (``pipeline.fusion.tuned.fuse_tuned_rows`` from scratch: packing, the compiled rule,
+the dense rows; the tuner packs once per subset of members) and the scoring of its rows
+(``pipeline.ensemble.score_rows``: grouping them by scored image, the metric's kernel; no table is built). The
+machine's load average is printed: compare runs made in the same conditions only.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ import pyarrow as pa
 
 from pipeline.config import MemberConfig, load_config
 from pipeline.data.table import AnnotationTable
-from pipeline.ensemble import Member, fuse, oof_sets, start_params, tune
+from pipeline.ensemble import Member, fuse, oof_sets, score_rows, start_params, tune
+from pipeline.fusion.tuned import fuse_tuned_rows
 from pipeline.metrics import Scorer
 
 SIZE = 1024
@@ -134,11 +136,14 @@ def main() -> None:
         t0 = time.perf_counter()
         _, score, n_fusions = tune(members, table.images, scorer, cfg, method)
         seconds = time.perf_counter() - t0
-        p = start_params(method, members, cfg)
-        fused = fuse(oof_all, table.images, p, oof_sets(members), ("model", "tta"), "numba", "bench")
-        t_fuse = median_seconds(lambda: fuse(oof_all, table.images, p, oof_sets(members), ("model", "tta"), "numba",
-                                             "bench"))
-        t_score = median_seconds(lambda: scorer(fused))
+        record = start_params(method, members, cfg).record()
+
+        def fuse_rows():
+            return fuse_tuned_rows(oof_all, table.images, record, oof_sets(members), ("model", "tta"))
+
+        fused = fuse_rows()
+        t_fuse = median_seconds(fuse_rows)
+        t_score = median_seconds(lambda: score_rows(scorer, fused))
         print(f"| {method} | {n_fusions} | {seconds:.1f} | {60 * n_fusions / seconds:.0f} | {score:.4f} | "
               f"{t_fuse:.3f} | {t_score:.3f} |", flush=True)
 

@@ -37,12 +37,14 @@ from pipeline.config import ConfigError, ExperimentConfig, MemberConfig, add_con
 from pipeline.data import DataError, load_dataset
 from pipeline.external import ExternalError, load_external_oof, load_external_test
 from pipeline.fusion import FUSION_METHODS, fuse_predictions, fuse_tuned
+from pipeline.fusion.tuned import TunedRows, fuse_tuned_rows
 from pipeline.fusion.rules import get_rule
 from pipeline.fusion.views import fuse_views
 from pipeline.io import atomic_write_text
-from pipeline.layout import (ENSEMBLE_REPORT, ENSEMBLE_RESULT, FoldsError, ensemble_dir, folds_path, fused_path,
-                             predictions_path, read_folds, read_predictions, write_predictions)
-from pipeline.metrics import MetricResult, Scorer, get_metric
+from pipeline.layout import (ENSEMBLE_REPORT, ENSEMBLE_RESULT, FoldsError, empty_predictions, ensemble_dir,
+                             folds_path, fused_path, predictions_path, read_folds, read_predictions,
+                             write_predictions)
+from pipeline.metrics import Metric, MetricResult, Scorer, get_metric
 from pipeline.report import write_ensemble_report, write_html_report
 from pipeline.tracking import stage_run
 
@@ -167,15 +169,24 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
     grid, names, metric = cfg.ensemble.tune, [m.name for m in members], get_metric(scorer.metric)
     oof = pd.concat([m.oof for m in members], ignore_index=True)
     sets, backend = oof_sets(members), cfg.ensemble.wbf_backend
-    cache: dict[tuple, tuple[float, pd.DataFrame]] = {}
+    scores: dict[tuple, float] = {}  # one fusion per (rule parameters, weights); thresholds re-score its rows
+    held = HeldRows(metric)
+    packings: dict = {}  # the OOF table packed once per subset of members (fuse_tuned_rows)
+
+    def fused_rows(p: FusionParams) -> TunedRows | None:
+        return fuse_tuned_rows(oof, sizes, replace(p, score_thr=0.0).record(), sets, ("model", "tta"),
+                               backend=backend, packings=packings)
 
     def evaluate(p: FusionParams) -> float:
         key = (tuple(sorted(p.rule.items())), tuple(sorted((p.weights or {}).items())))
-        if key not in cache:
-            fused = fuse(oof, sizes, replace(p, score_thr=0.0), sets, ("model", "tta"), backend, "ensemble")
-            cache[key] = (scorer(fused).score, fused)
-        score, fused = cache[key]
-        return score if p.score_thr == 0 else scorer(fused[fused.score >= p.score_thr]).score
+        if key not in scores:
+            fused = fused_rows(p)
+            scores[key] = score_rows(scorer, fused)
+            held.offer(key, scores[key], fused)
+        if p.score_thr == 0:
+            return scores[key]
+        fused = held.rows(key) if held.holds(key) else fused_rows(p)
+        return score_rows(scorer, fused, p.score_thr)
 
     best = start_params(method, members, cfg)
 
@@ -196,7 +207,41 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
         search_weights(search, lambda: best, names, grid.weight_steps)
         search("rule", rules)
     search("score_thr", sorted(set([0.0] + list(grid.score_thr))))
-    return best, evaluate(best), len(cache)
+    return best, evaluate(best), len(scores)
+
+
+def score_rows(scorer: Scorer, fused: TunedRows | None, score_thr: float = 0.0) -> float:
+    """The score of a fusion's rows (None: nothing fused), those under ``score_thr`` left out: the same number as
+    scoring ``fuse_tuned``'s table, without building it."""
+    if fused is None:
+        return scorer(empty_predictions()).score
+    rows = fused.rows
+    keep = slice(None) if score_thr <= 0 else rows.values[4] >= score_thr
+    return scorer.score_rows(fused.packed.image_ids, rows.image[keep], rows.values[:4, keep].T, rows.values[4, keep],
+                             rows.label[keep]).score
+
+
+class HeldRows:
+    """The fused rows of the best-scoring fusions seen so far (all of them, on a tie), for the score-threshold
+    search, which starts from the best point found: holding every fusion would take gigabytes on a large OOF table
+    (a point not held, such as a rule grid's winner scoring below an earlier point, is fused again)."""
+
+    def __init__(self, metric: Metric) -> None:
+        self.metric: Metric = metric
+        self.score: float | None = None
+        self.held: dict[tuple, TunedRows | None] = {}
+
+    def offer(self, key: tuple, score: float, fused: TunedRows | None) -> None:
+        if self.score is None or self.metric.better(score, self.score):
+            self.score, self.held = score, {key: fused}
+        elif score == self.score:
+            self.held[key] = fused
+
+    def holds(self, key: tuple) -> bool:
+        return key in self.held
+
+    def rows(self, key: tuple) -> TunedRows | None:
+        return self.held[key]
 
 
 def tune_rules(members: list[Member], sizes: pd.DataFrame, scorer: Scorer,

@@ -97,6 +97,49 @@ def test_the_tuner_drops_a_member_that_only_hurts():
     assert params.weights["bad"] == 0.0
 
 
+@pytest.mark.parametrize("method", ["wbf", "nms"])
+def test_the_tuned_score_is_the_tables_score_whether_or_not_the_rows_were_held(method, monkeypatch):
+    # the tuner scores fused rows, never tables, and keeps only the best fusions' rows for the threshold search;
+    # its score must be the score of the table fuse_tuned makes, and re-fusing a point it did not hold must not
+    # change anything
+    from pipeline import ensemble
+
+    table, good, bad = synthetic(10, seed=2)
+    cfg = load_config("configs/demo/ensemble.yaml", [f"ensemble.method={method}", "ensemble.tune.weight_steps=1"])
+    cfg.ensemble.members = [MemberConfig(config="good.yaml"), MemberConfig(config="bad.yaml")]
+    members = [Member("good", cfg, good, None, ["none"]), Member("bad", cfg, bad, None, ["none"])]
+    scorer = Scorer("coco_map", table)
+    calls = []
+    fuse_rows = ensemble.fuse_tuned_rows
+    monkeypatch.setattr(ensemble, "fuse_tuned_rows", lambda *a, **k: calls.append(1) or fuse_rows(*a, **k))
+    params, score, fusions = tune(members, table.images, scorer, cfg, method)
+    assert len(calls) == fusions  # every threshold scored from held rows
+    fused = fuse(pd.concat([good, bad]), table.images, params, oof_sets(members), ("model", "tta"), "numba", "e")
+    assert scorer(fused).score == score
+    monkeypatch.setattr(ensemble.HeldRows, "holds", lambda self, key: False)
+    calls.clear()
+    assert tune(members, table.images, scorer, cfg, method) == (params, score, fusions)
+    assert len(calls) == fusions + len(set(cfg.ensemble.tune.score_thr) - {0.0}) + (params.score_thr > 0)
+
+
+def test_held_rows_are_those_of_every_best_fusion_so_far():
+    from pipeline.ensemble import HeldRows
+    from pipeline.metrics import get_metric
+
+    held = HeldRows(get_metric("gwd"))
+    held.offer("a", 0.5, "rows a")
+    held.offer("b", 0.4, "rows b")
+    assert held.holds("a") and not held.holds("b")
+    held.offer("c", 0.5, "rows c")  # a tie: both kept, either may end up the tuner's point
+    assert held.rows("a") == "rows a" and held.rows("c") == "rows c"
+    held.offer("d", 0.6, "rows d")
+    assert held.holds("d") and not held.holds("a") and not held.holds("c")
+    lower = HeldRows(get_metric("gwd").__class__(**{**get_metric("gwd").__dict__, "higher_is_better": False}))
+    lower.offer("a", 0.5, 1)
+    lower.offer("b", 0.4, 2)
+    assert lower.holds("b") and not lower.holds("a")
+
+
 def test_weight_grid_has_zero_and_one_entry_per_ratio():
     from pipeline.ensemble import member_weight_grid
 

@@ -64,3 +64,33 @@ def test_the_score_threshold_is_applied_after_fusion():
     cut = fuse_tuned(table, SIZES, {"method": "nmw", "score_thr": 0.5}, SETS, GROUP, name="e")
     assert 0 < len(cut) < len(fused) and (cut.score >= 0.5).all()
     pd.testing.assert_frame_equal(cut.reset_index(drop=True), fused[fused.score >= 0.5].reset_index(drop=True))
+
+
+@pytest.mark.parametrize("method", ["wbf", "nmw", "nms", "soft_nms"])
+def test_rows_with_a_shared_packing_equal_the_table(method):
+    # the OOF tuner packs once per subset of members and only changes the weights: every fusion must be the one
+    # fuse_tuned gives from scratch, weight-0 members, the score threshold and soft-NMS's rescaling included
+    from pipeline.fusion.table import fused_table
+    from pipeline.fusion.tuned import fuse_tuned_rows
+
+    table = make_table(seed=3)
+    packings: dict = {}
+    for weights, score_thr in [({"m0": 1.0, "m1": 1.0, "m2": 1.0}, 0.0), ({"m0": 2.0, "m1": 0.0, "m2": 1.0}, 0.2),
+                               ({"m0": 1.0, "m1": 3.0, "m2": 1.0}, 0.0), ({"m0": 3.0, "m1": 0.0, "m2": 1.0}, 0.0),
+                               ({"m0": 0.0, "m1": 0.0, "m2": 1.0}, 0.1)]:
+        params = {"method": method, "weights": weights, "score_thr": score_thr}
+        fused = fuse_tuned_rows(table, SIZES, params, SETS, GROUP, packings=packings)
+        expected = fuse_tuned(table, SIZES, params, SETS, GROUP, name="e")
+        pd.testing.assert_frame_equal(fused_table(fused.packed, fused.rows, "e", method),
+                                      expected.reset_index(drop=True))
+    assert set(packings) == {frozenset(), frozenset({"m1"}), frozenset({"m0", "m1"})}
+
+
+def test_rows_of_a_table_with_nothing_to_fuse_are_none():
+    from pipeline.fusion.tuned import fuse_tuned_rows
+
+    table = make_table(seed=3)
+    only_m1 = table[table.model == "m1"]
+    params = {"method": "wbf", "weights": {"m0": 1.0, "m1": 0.0, "m2": 1.0}}
+    assert fuse_tuned_rows(only_m1, SIZES, params, SETS, GROUP, packings={}) is None
+    assert len(fuse_tuned(only_m1, SIZES, params, SETS, GROUP, name="e")) == 0

@@ -275,6 +275,37 @@ def test_scorer_is_reusable_and_matches_evaluate():
         assert scorer(preds.iloc[:0]).score == 0.0  # no predictions at all
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1), st.sampled_from([0.2, 0.5, 0.5, 0.9]),
+                          st.integers(0, 8), st.integers(0, 8)), max_size=25), st.booleans())
+def test_scoring_rows_equals_scoring_the_table(rows, class_aware):
+    # the OOF tuner scores a fusion's rows (images as positions in the fusion's own sorted ids) without a table;
+    # the ids here are in another order than the scorer's, and "zz" is not scored
+    gt = make_gt({"a": [(0, 0, 10, 10), (4, 4, 12, 12)], "b": [(2, 2, 9, 9)], "c": []}, classes=("p", "q"))
+    image_ids = pd.Index(["b", "zz", "c", "a"])
+    image = np.array([r[0] for r in rows], dtype=np.int64)
+    boxes = np.array([(r[3], r[4], r[3] + 5.0, r[4] + 6.0) for r in rows], dtype=np.float64).reshape(-1, 4)
+    scores = np.array([r[2] for r in rows], dtype=np.float64)
+    labels = np.array([r[1] for r in rows], dtype=np.int64)
+    table = pd.DataFrame({"image_id": pd.array(np.asarray(image_ids)[image], dtype="str"), "x1": boxes[:, 0],
+                          "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3], "score": scores, "label": labels})
+    for metric in [m for m in METRICS if get_metric(m).class_aware == class_aware] or METRICS:
+        scorer = Scorer(metric, gt)
+        from_rows = scorer.score_rows(image_ids, image, boxes, scores, labels)
+        from_table = scorer(table)
+        assert from_rows.score == from_table.score
+        assert from_rows == from_table
+
+
+def test_scoring_rows_refuses_nan_and_labels_outside_the_classes():
+    scorer = Scorer("coco_map", make_gt({"a": [(0, 0, 10, 10)]}, classes=("p", "q")))
+    ids, image, box = pd.Index(["a"]), np.zeros(1, np.int64), np.array([[0.0, 0.0, 10.0, 10.0]])
+    with pytest.raises(ValueError, match="NaN"):
+        scorer.score_rows(ids, image, box, np.array([np.nan]), np.zeros(1, np.int64))
+    with pytest.raises(ValueError, match="outside the class list"):
+        scorer.score_rows(ids, image, box, np.array([0.5]), np.array([2]))
+
+
 def test_api_contract():
     gt = make_gt({"a": [(0, 0, 10, 10)]})
     assert METRICS == ("gwd", "coco_map", "coco_map50", "voc_map50")

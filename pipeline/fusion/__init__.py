@@ -10,7 +10,8 @@ Public API::
   :data:`BACKENDS`.
 * :func:`~pipeline.fusion.tuned.fuse_tuned` -- an ensemble's fusion with its tuned parameters as ``result.json``
   records them (weight-0 members left out, the rule, the score threshold): the ensemble, pseudo-labelling and
-  offline inference all fuse through it.
+  offline inference all fuse through it; :func:`~pipeline.fusion.tuned.fuse_tuned_rows` is the same fusion as rows,
+  the table packed once per subset of members (what the OOF tuner scores, without building tables).
 * :data:`FUSION_METHODS` -- the registry of rules (:class:`FusionRule`: parameters with the library's defaults,
   default tuning grid, compiled backend), for a tuner that loops over rules without knowing them.
 * Drop-ins for ensemble-boxes 1.0.9 (same arguments, same boxes, scores, labels and order):

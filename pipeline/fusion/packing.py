@@ -299,6 +299,13 @@ def _leave_out(codes: np.ndarray, keys: list[Any], leave_out: set, multi: bool) 
     return renumber[codes] if len(codes) else codes, [k for k, g in zip(keys, gone) if not g]
 
 
+def with_weights(packed: PackedTable, weights: Mapping[Any, float] | None, multi: bool) -> PackedTable:
+    """``packed`` with other set weights (the rows and segments shared, not copied): what :func:`pack_table` would
+    give for ``weights``. ``multi``: the table was packed on several group columns (a set key's first value may then
+    carry the weight). The OOF tuner packs once and tries many weights."""
+    return packed._replace(weights=_set_weights(packed.set_keys, weights, multi))
+
+
 def _set_weights(keys: list[Any], weights: Mapping[Any, float] | None, multi: bool) -> np.ndarray:
     """One weight per set key; with several group columns a key's first value (the model) may carry it."""
     if weights is None:

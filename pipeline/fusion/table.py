@@ -20,10 +20,10 @@ import pyarrow as pa
 from pipeline.cpus import available_cpus
 from pipeline.fusion.packing import PackedTable, pack_table
 from pipeline.fusion.runner import DenseRows, dense_rows
-from pipeline.fusion.rules import get_rule
+from pipeline.fusion.rules import FusionRule, get_rule
 from pipeline.layout import PREDICTION_COLUMNS, empty_predictions, normalise_predictions
 
-__all__ = ["BACKENDS", "fuse_predictions"]
+__all__ = ["BACKENDS", "fuse_packed", "fuse_predictions", "fused_table"]
 
 BACKENDS = ("numba", "ensemble_boxes")
 
@@ -72,28 +72,43 @@ def fuse_predictions(preds: pd.DataFrame, image_sizes: Mapping[str, tuple[int, i
     out, as if ``preds`` had none, and which leave ``sets`` too -- the same output as filtering ``preds`` first,
     without copying its rows (the OOF tuner drops members this way).
     """
+    _resolved_rule(method, backend, params)  # bad arguments fail before any work, also on an empty table
+    packed = pack_table(preds, image_sizes, group_col, weights, sets, leave_out)
+    if packed is None:
+        return empty_predictions()
+    rows = fuse_packed(packed, method, weights is not None, backend, threads, **params)
+    return fused_table(packed, rows, method if model_name is None else model_name, method)
+
+
+def fuse_packed(packed: PackedTable, method: str, weighted: bool, backend: str = "numba", threads: int | None = None,
+                **params: Any) -> DenseRows:
+    """The fused rows of a packed table (:func:`~pipeline.fusion.packing.pack_table`), in pixels: what
+    :func:`fuse_predictions` returns before it becomes a table. ``weighted``: weights were given (NMS and soft-NMS
+    then divide scores by their sum, as the library does). The OOF tuner calls this directly, to score the rows
+    without a table and to reuse one packing for many weights (:func:`~pipeline.fusion.packing.with_weights`)."""
+    rule, resolved = _resolved_rule(method, backend, params)
+    if backend == "numba":
+        n_threads = available_cpus() if threads is None else int(threads)
+        return dense_rows(packed, rule.fuse(packed, resolved, weighted, n_threads), n_threads)
+    from pipeline.fusion.oracle import fuse_with_ensemble_boxes  # the library is imported only when asked for
+
+    fused = fuse_with_ensemble_boxes(packed, method, resolved, weighted)
+    ww = packed.width[fused.image]
+    hh = packed.height[fused.image]
+    return DenseRows(fused.image, np.stack([fused.boxes[:, 0] * ww, fused.boxes[:, 1] * hh,
+                                            fused.boxes[:, 2] * ww, fused.boxes[:, 3] * hh, fused.score]),
+                     fused.label)
+
+
+def _resolved_rule(method: str, backend: str, params: dict[str, Any]) -> tuple[FusionRule, dict[str, Any]]:
+    """The rule and its full parameters; ``ValueError`` for an unknown backend or rule, ``TypeError`` for an
+    unknown parameter, the rule's own errors for bad values."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; must be one of {BACKENDS}")
     rule = get_rule(method)
     resolved = rule.resolve(params)
     rule.check(resolved)
-    packed = pack_table(preds, image_sizes, group_col, weights, sets, leave_out)
-    name = method if model_name is None else model_name
-    if packed is None:
-        return empty_predictions()
-    if backend == "numba":
-        n_threads = available_cpus() if threads is None else int(threads)
-        rows = dense_rows(packed, rule.fuse(packed, resolved, weights is not None, n_threads), n_threads)
-    else:
-        from pipeline.fusion.oracle import fuse_with_ensemble_boxes  # the library is imported only when asked for
-
-        fused = fuse_with_ensemble_boxes(packed, method, resolved, weights is not None)
-        ww = packed.width[fused.image]
-        hh = packed.height[fused.image]
-        rows = DenseRows(fused.image, np.stack([fused.boxes[:, 0] * ww, fused.boxes[:, 1] * hh,
-                                                fused.boxes[:, 2] * ww, fused.boxes[:, 3] * hh, fused.score]),
-                         fused.label)
-    return _fused_table(packed, rows, name, method)
+    return rule, resolved
 
 
 def _constant_strings(value: str, n: int) -> pd.api.extensions.ExtensionArray:
@@ -104,7 +119,7 @@ def _constant_strings(value: str, n: int) -> pd.api.extensions.ExtensionArray:
     return pd.array(strings, dtype="str")
 
 
-def _fused_table(packed: PackedTable, rows: DenseRows, model_name: str, tta: str) -> pd.DataFrame:
+def fused_table(packed: PackedTable, rows: DenseRows, model_name: str, tta: str) -> pd.DataFrame:
     """Dense fused rows in pixels as a normalised prediction table (``model=model_name``, ``fold=-1``,
     ``tta=tta``); the float columns are ``rows.values`` itself (one block, not copied)."""
     n = len(rows.image)

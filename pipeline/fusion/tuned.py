@@ -8,15 +8,18 @@ in files written before rules could be chosen), the rule's own parameters (``iou
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from pipeline.fusion.packing import PackedTable, pack_table, with_weights
 from pipeline.fusion.rules import get_rule
-from pipeline.fusion.table import fuse_predictions
+from pipeline.fusion.runner import DenseRows
+from pipeline.fusion.table import fuse_packed, fused_table
+from pipeline.layout import empty_predictions
 
-__all__ = ["fuse_tuned", "rule_params"]
+__all__ = ["TunedRows", "fuse_tuned", "fuse_tuned_rows", "rule_params"]
 
 _NOT_RULE = ("method", "weights", "score_thr")
 
@@ -42,19 +45,54 @@ def fuse_tuned(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | pd.Da
       constant, so the boxes it keeps do not depend on the number of sets either).
     * Then boxes under ``score_thr`` are dropped.
     """
+    fused = fuse_tuned_rows(preds, sizes, params, sets, group_col, backend=backend)
+    if fused is None:
+        return empty_predictions()
+    method, _ = rule_params(params)
+    return fused_table(fused.packed, fused.rows, name, method)
+
+
+class TunedRows(NamedTuple):
+    """:func:`fuse_tuned`'s output before it becomes a table: ``rows.image`` indexes ``packed.image_ids``."""
+
+    packed: PackedTable
+    rows: DenseRows
+
+
+def fuse_tuned_rows(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | pd.DataFrame,
+                    params: Mapping[str, Any], sets: Sequence[tuple], group_col: str | Sequence[str], *,
+                    backend: str = "numba", packings: dict[frozenset, PackedTable | None] | None = None
+                    ) -> TunedRows | None:
+    """:func:`fuse_tuned` as rows (None: nothing to fuse). ``packings``: a cache of ``preds`` packed, one entry per
+    set of left-out members, for a caller fusing the same table many times (the OOF tuner): the rows and segments
+    are packed once per subset of members and only the set weights change."""
     method, rule = rule_params(params)
+    get_rule(method).check(rule)  # bad values fail before any work, also on an empty table
     weights = dict(params.get("weights") or {}) or None
-    dropped = {m for m, w in (weights or {}).items() if w == 0}
-    kept_sets = [s for s in sets if s[0] not in dropped]
+    dropped = frozenset(m for m, w in (weights or {}).items() if w == 0)
     scale = 1.0
     if weights and get_rule(method).divides_by_weight_sum:
+        kept_sets = [s for s in sets if s[0] not in dropped]
         per_set = np.array([weights[s] if s in weights else weights[s[0]] for s in kept_sets], dtype=np.float64)
         scale = float(per_set.sum() / per_set.max())
         # a threshold the rule compares with the divided scores (soft-NMS's thresh) is divided alike
         rule = {k: (v / scale if k in get_rule(method).score_params else v) for k, v in rule.items()}
-    fused = fuse_predictions(preds, sizes, method=method, group_col=group_col, sets=sets, weights=weights,
-                             model_name=name, backend=backend, leave_out=dropped, **rule)
-    if scale != 1.0 and len(fused):
-        fused = fused.assign(score=(fused.score * scale).astype(fused.score.dtype))
+    multi = not isinstance(group_col, str) and len(group_col) > 1
+    if packings is None or dropped not in packings:
+        packed = pack_table(preds, sizes, group_col, weights, sets, dropped)
+        if packings is not None:
+            packings[dropped] = packed
+    else:
+        packed = packings[dropped]
+        packed = None if packed is None else with_weights(packed, weights, multi)
+    if packed is None:
+        return None
+    rows = fuse_packed(packed, method, weights is not None, backend, **rule)
+    if scale != 1.0 and len(rows.image):
+        rows.values[4] *= scale
     score_thr = float(params.get("score_thr") or 0.0)
-    return fused[fused.score >= score_thr] if score_thr > 0 else fused
+    if score_thr > 0:
+        keep = rows.values[4] >= score_thr
+        if not keep.all():
+            rows = DenseRows(rows.image[keep], rows.values[:, keep], rows.label[keep])
+    return TunedRows(packed, rows)

@@ -40,7 +40,8 @@ class Packed:
 @numba.njit(cache=True)
 def group_by_image(image: np.ndarray, scores: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
     """Row order grouping rows by image index (0..n_images-1), descending score inside an image, stable (equal
-    scores keep row order); and the ``(n_images + 1,)`` offsets. Same order as ``np.lexsort((-scores, image))``."""
+    scores keep row order); and the ``(n_images + 1,)`` offsets. Same order as ``np.lexsort((-scores, image))``
+    for scores without NaN (every caller refuses NaN scores)."""
     offsets = np.zeros(n_images + 1, dtype=np.int64)
     for i in image:
         offsets[i + 1] += 1
@@ -52,10 +53,19 @@ def group_by_image(image: np.ndarray, scores: np.ndarray, n_images: int) -> tupl
         pos[image[r]] += 1
     for i in range(n_images):
         a, b = offsets[i], offsets[i + 1]
-        if b - a > 1:
+        if b - a > 1 and not _descending(order, scores, a, b):  # fused rows come sorted: no sort needed
             seg = order[a:b].copy()
             order[a:b] = seg[np.argsort(-scores[seg], kind="mergesort")]
     return order, offsets
+
+
+@numba.njit(cache=True)
+def _descending(order: np.ndarray, scores: np.ndarray, a: int, b: int) -> bool:
+    """Whether ``scores[order[a:b]]`` never increases (a stable sort would then leave the rows as they are)."""
+    for r in range(a + 1, b):
+        if scores[order[r]] > scores[order[r - 1]]:
+            return False
+    return True
 
 
 def resolve_image_ids(gt: AnnotationTable, image_ids: Sequence[str] | None) -> pd.Index:
@@ -77,11 +87,16 @@ def resolve_image_ids(gt: AnnotationTable, image_ids: Sequence[str] | None) -> p
 def pack_boxes(index: pd.Index, image_id: pd.Series, boxes: np.ndarray, scores: np.ndarray,
                labels: np.ndarray) -> Packed:
     """Keep rows of images in ``index``; order by image, then descending score (stable: ties keep row order)."""
-    image = image_positions(index, image_id)
+    return pack_positions(image_positions(index, image_id), boxes, scores, labels, len(index))
+
+
+def pack_positions(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                   n_images: int) -> Packed:
+    """:func:`pack_boxes` for rows whose image is already a position in the scored index (-1: not scored)."""
     keep = image >= 0
     if not keep.all():
         image, boxes, scores, labels = image[keep], boxes[keep], scores[keep], labels[keep]
-    order, offsets = group_by_image(image, scores, len(index))
+    order, offsets = group_by_image(image, scores, n_images)
     if _is_identity(order):  # a fused table comes grouped and sorted already: no copies
         return Packed(np.ascontiguousarray(boxes), scores, labels, image, offsets)
     return Packed(np.ascontiguousarray(boxes[order]), scores[order], labels[order], image[order], offsets)
@@ -119,7 +134,24 @@ def pack_predictions(preds: pd.DataFrame, index: pd.Index, n_classes: int, class
     boxes = preds[_BOX].to_numpy(np.float64)
     scores = preds["score"].to_numpy(np.float64)
     labels = preds["label"].to_numpy(np.int64) if class_aware else np.zeros(len(preds), dtype=np.int64)
-    packed = pack_boxes(index, preds["image_id"], boxes, scores, labels)
+    return checked_predictions(pack_boxes(index, preds["image_id"], boxes, scores, labels), n_classes, class_aware)
+
+
+def pack_indexed(index: pd.Index, image_ids: pd.Index, image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                 labels: np.ndarray | None, n_classes: int) -> Packed:
+    """:func:`pack_predictions` for predictions given as arrays, each row's image a position in ``image_ids``
+    (a fusion's output, scored without building a table); ``labels`` None: class-agnostic (zeros)."""
+    where = index.get_indexer(pd.Index(image_ids).astype(str)).astype(np.int64)
+    position = where[image] if len(image) else np.zeros(0, np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    class_aware = labels is not None
+    labels = np.asarray(labels, dtype=np.int64) if class_aware else np.zeros(len(scores), dtype=np.int64)
+    packed = pack_positions(position, np.asarray(boxes, dtype=np.float64), scores, labels, len(index))
+    return checked_predictions(packed, n_classes, class_aware)
+
+
+def checked_predictions(packed: Packed, n_classes: int, class_aware: bool) -> Packed:
+    """``packed``, or ``ValueError`` for NaN coordinates or scores, or labels outside ``0..n_classes-1``."""
     if np.isnan(packed.boxes).any() or np.isnan(packed.scores).any():
         raise ValueError("prediction table has NaN coordinates or scores")
     if class_aware and len(packed.labels) and (packed.labels.min() < 0 or packed.labels.max() >= n_classes):
@@ -127,5 +159,5 @@ def pack_predictions(preds: pd.DataFrame, index: pd.Index, n_classes: int, class
     return packed
 
 
-__all__ = ["BOX_COLUMNS", "Packed", "group_by_image", "image_positions", "pack_boxes", "pack_ground_truth",
-           "pack_predictions", "resolve_image_ids"]
+__all__ = ["BOX_COLUMNS", "Packed", "checked_predictions", "group_by_image", "image_positions", "pack_boxes",
+           "pack_ground_truth", "pack_indexed", "pack_positions", "pack_predictions", "resolve_image_ids"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
-from pipeline.metrics.packing import pack_ground_truth, pack_predictions, resolve_image_ids
+from pipeline.metrics.packing import pack_ground_truth, pack_indexed, pack_predictions, resolve_image_ids
 from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, get_metric
 
 if TYPE_CHECKING:  # type only: importing pipeline.data at runtime would pull in pipeline.config (an import cycle)
@@ -31,6 +32,15 @@ class Scorer:
 
     def __call__(self, preds: pd.DataFrame) -> MetricResult:
         packed = pack_predictions(preds, self.index, len(self.classes), class_aware=self.entry.class_aware)
+        return self._score(packed)
+
+    def score_rows(self, image_ids: pd.Index, image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                   labels: np.ndarray) -> MetricResult:
+        """The score of predictions given as arrays -- row ``r``: image ``image_ids[image[r]]``, ``boxes[r]``
+        (x1, y1, x2, y2 pixels), ``scores[r]``, ``labels[r]`` -- equal to scoring them as a table in row order
+        (the OOF tuner scores each fusion so, without building a table)."""
+        packed = pack_indexed(self.index, image_ids, image, boxes, scores,
+                              labels if self.entry.class_aware else None, len(self.classes))
         return self._score(packed)
 
 
