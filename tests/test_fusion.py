@@ -210,6 +210,25 @@ def test_iou_exactly_at_threshold_does_not_match():
         assert_same(ref, out)
 
 
+@pytest.mark.parametrize("iou_thr", [1 / 3, 0.5, 0.6, 0.5 - 1e-12, 1 / 3 - 1e-13, 0.25 - 1e-12])
+def test_ious_at_and_just_above_the_threshold_in_the_grid_search(iou_thr):
+    # boxes on a 1/16 lattice in label groups big enough for the grid index: many pairs have an IoU of exactly
+    # 1/2, 1/3, 1/4 or 3/5, at the threshold or a hair above it; the kernel passes a cluster over without dividing
+    # only when its IoU cannot exceed the threshold
+    rng = np.random.default_rng(7)
+    boxes, scores, labels = [], [], []
+    for _ in range(5):
+        n = 40
+        xy = rng.integers(0, 12, (n, 2)) / 16
+        wh = rng.integers(1, 5, (n, 2)) / 16
+        boxes.append(np.c_[xy, np.minimum(xy + wh, 1.0)])
+        scores.append(rng.permutation(np.linspace(0.05, 0.95, n)))  # no equal weighted scores
+        labels.append(np.zeros(n, dtype=np.int64))
+    scores = [s * (1 + 1e-3 * t) for t, s in enumerate(scores)]
+    kw = dict(iou_thr=iou_thr, conf_type="avg")
+    assert_same(lib(boxes, scores, labels, **kw), ours(boxes, scores, labels, **kw))
+
+
 def test_labels_are_fused_separately_and_truncated():
     boxes = [[BOX, BOX], [BOX]]
     out = weighted_boxes_fusion(boxes, [[0.9, 0.3], [0.5]], [[1.7, 2.0], [1.0]])
