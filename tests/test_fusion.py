@@ -214,19 +214,23 @@ def test_iou_exactly_at_threshold_does_not_match():
 def test_ious_at_and_just_above_the_threshold_in_the_grid_search(iou_thr):
     # boxes on a 1/16 lattice in label groups big enough for the grid index: many pairs have an IoU of exactly
     # 1/2, 1/3, 1/4 or 3/5, at the threshold or a hair above it; the kernel passes a cluster over without dividing
-    # only when its IoU cannot exceed the threshold
-    rng = np.random.default_rng(7)
+    # only when its IoU cannot exceed the threshold (tests/test_fusion_nmw.py runs the same boxes through NMW)
+    boxes, scores, labels = lattice_boxes()
+    kw = dict(iou_thr=iou_thr, conf_type="avg")
+    assert_same(lib(boxes, scores, labels, **kw), ours(boxes, scores, labels, **kw))
+
+
+def lattice_boxes(seed: int = 7, n_sets: int = 5, n: int = 40):
+    """Boxes on a 1/16 lattice, one label, distinct weighted scores: IoUs of exactly 1/2, 1/3, 1/4, 3/5..."""
+    rng = np.random.default_rng(seed)
     boxes, scores, labels = [], [], []
-    for _ in range(5):
-        n = 40
+    for t in range(n_sets):
         xy = rng.integers(0, 12, (n, 2)) / 16
         wh = rng.integers(1, 5, (n, 2)) / 16
         boxes.append(np.c_[xy, np.minimum(xy + wh, 1.0)])
-        scores.append(rng.permutation(np.linspace(0.05, 0.95, n)))  # no equal weighted scores
+        scores.append(rng.permutation(np.linspace(0.05, 0.95, n)) * (1 + 1e-3 * t))
         labels.append(np.zeros(n, dtype=np.int64))
-    scores = [s * (1 + 1e-3 * t) for t, s in enumerate(scores)]
-    kw = dict(iou_thr=iou_thr, conf_type="avg")
-    assert_same(lib(boxes, scores, labels, **kw), ours(boxes, scores, labels, **kw))
+    return boxes, scores, labels
 
 
 def test_labels_are_fused_separately_and_truncated():

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline.fusion import non_maximum_weighted
-from tests.test_fusion import make_inputs
+from tests.test_fusion import lattice_boxes, make_inputs
 
 
 def lib(*args, **kwargs):
@@ -161,3 +161,11 @@ def test_results_of_consecutive_calls_are_independent():
     non_maximum_weighted(*make_inputs(rng, 5, 30, 1, quantise=False, messy=False))
     for a, b in zip(first, kept):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("iou_thr", [1 / 3, 0.5, 0.6, 0.5 - 1e-12, 1 / 3 - 1e-13, 0.25 - 1e-12])
+def test_ious_at_and_just_above_the_threshold_in_the_grid_search(iou_thr):
+    # the representatives' search passes a candidate over without dividing only when its IoU cannot exceed the
+    # threshold: lattice boxes put many IoUs exactly at it or a hair above it
+    boxes, scores, labels = lattice_boxes()
+    assert_identical(lib(boxes, scores, labels, iou_thr=iou_thr), ours(boxes, scores, labels, iou_thr=iou_thr))

@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.fusion.primitives import NJIT_NO_REFCOUNT, NJIT_OPTIONS, cell_index
 
 # Digests of the package files compiled into this module's cached functions; see wbf_kernel.COMPILED_AGAINST.
-COMPILED_AGAINST = {"primitives.py": "080a3120f62c3e07"}
+COMPILED_AGAINST = {"primitives.py": "5a867f87f2eb7faf"}
 
 GRID_MAX = 128  # cells per axis at most
 GRID_MIN_THR = 0.1  # below this IoU threshold the centre bound is too loose: scan every box

@@ -26,11 +26,11 @@ import numpy as np
 from pipeline.fusion.grid import (GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, cells_per_axis, grid_layout,
                                   search_radius_factor, window_cells)
 from pipeline.fusion.primitives import (NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys, iou,
-                                        radix_argsort, radix_argsort_top)
+                                        may_exceed, overlap_union, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
-COMPILED_AGAINST = {"grid.py": "ba774df63a1eee6c", "primitives.py": "080a3120f62c3e07", "rows.py": "ae079c7f4692c3fb"}
+COMPILED_AGAINST = {"grid.py": "8ac979225a4172af", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a"}
 
 
 @unique
@@ -221,6 +221,7 @@ def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_fa
         n_cells = cells_per_axis(radius_factor * sw / (2.0 * (ge - gs)), ge - gs)
         # room for every box of the group, since any may become a representative
         grid_layout(n_cells, kept, by_group[gs:ge], ge - gs, cell_of, cell_start, cell_count)
+    thr_low = iou_thr * (1.0 - 1e-9)  # a candidate certainly not above iou_thr is passed over (may_exceed)
     nc = first
     for r in range(gs, ge):
         i = by_group[r]
@@ -231,6 +232,7 @@ def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_fa
         best_iou = -np.inf
         best_c = -1
         scan_all = True
+        area_b = (bx2 - bx1) * (by2 - by1)
         if n_cells > 0:
             gx0, gx1, gy0, gy1 = window_cells(bx1, by1, bx2, by2, (bx2 - bx1) * radius_factor,
                                               (by2 - by1) * radius_factor, n_cells)
@@ -240,7 +242,11 @@ def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_fa
                     for gx in range(gx0, gx1 + 1):
                         cell = gy * n_cells + gx
                         for s in range(cell_start[cell], cell_start[cell] + cell_count[cell]):
-                            v = iou(slot_xy[s, 0], slot_xy[s, 1], slot_xy[s, 2], slot_xy[s, 3], bx1, by1, bx2, by2)
+                            inter, union = overlap_union(slot_xy[s, 0], slot_xy[s, 1], slot_xy[s, 2], slot_xy[s, 3],
+                                                         bx1, by1, bx2, by2, area_b)
+                            if not may_exceed(inter, union, thr_low):  # cannot match: no division
+                                continue
+                            v = inter / union
                             c = slot_cluster[s]  # slots are unordered: keep the lowest index among equal IoUs
                             if v > best_iou or (v == best_iou and c < best_c):
                                 best_iou = v
@@ -248,10 +254,12 @@ def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_fa
         if scan_all:
             for c in range(first, nc):
                 j = rep[c]
-                v = iou(kept[j, 0], kept[j, 1], kept[j, 2], kept[j, 3], bx1, by1, bx2, by2)
-                if v > best_iou:
-                    best_iou = v
-                    best_c = c
+                inter, union = overlap_union(kept[j, 0], kept[j, 1], kept[j, 2], kept[j, 3], bx1, by1, bx2, by2, area_b)
+                if may_exceed(inter, union, thr_low):
+                    v = inter / union
+                    if v > best_iou:
+                        best_iou = v
+                        best_c = c
         if best_c == -1 or not (best_iou > iou_thr):
             c = nc
             nc += 1

@@ -31,7 +31,7 @@ from pipeline.fusion.primitives import NJIT_OPTIONS
 
 # Digests of the package files compiled into this module's cached functions (numba's cache cannot see changes to
 # them); see pipeline.fusion.wbf_kernel.COMPILED_AGAINST.
-COMPILED_AGAINST = {"primitives.py": "080a3120f62c3e07"}
+COMPILED_AGAINST = {"primitives.py": "5a867f87f2eb7faf"}
 
 
 class PackedTable(NamedTuple):

@@ -128,6 +128,30 @@ def iou(ax1: float, ay1: float, ax2: float, ay2: float, bx1: float, by1: float, 
 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
+def overlap_union(ax1: float, ay1: float, ax2: float, ay2: float, bx1: float, by1: float, bx2: float, by2: float,
+                  area_b: float) -> tuple[float, float]:
+    """The intersection and the union whose quotient is :func:`iou`'s result (the same operations in the same
+    order; ``area_b`` is ``(bx2 - bx1) * (by2 - by1)``), for a search that divides only when it must
+    (:func:`may_exceed`)."""
+    xa = max(ax1, bx1)
+    ya = max(ay1, by1)
+    xb = min(ax2, bx2)
+    yb = min(ay2, by2)
+    inter = max(xb - xa, 0.0) * max(yb - ya, 0.0)
+    return inter, (ax2 - ax1) * (ay2 - ay1) + area_b - inter
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def may_exceed(inter: float, union: float, thr_low: float) -> bool:
+    """False only when ``inter / union`` (rounded) is certainly ``<= iou_thr``, given ``thr_low = iou_thr * (1 -
+    1e-9)``: ``inter <= thr_low * union`` puts the exact quotient 1e-9 below the threshold, which the two roundings
+    (~1e-16 each) cannot cross. A match search (best IoU, kept only if ``> iou_thr``) can pass such a candidate
+    over without the division: it cannot be the answer, whatever the others score. NaN (0 / 0, NaN boxes) is never
+    a best IoU: passed over as well."""
+    return inter > thr_low * union
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
 def cell_index(v: float, g: int) -> int:
     """Cell ``0..g-1`` of coordinate ``v`` on a ``g``-cell axis over ``[0, 1]`` (values outside go to the edges)."""
     if v <= 0.0:

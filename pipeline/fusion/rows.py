@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.fusion.primitives import NJIT_NO_REFCOUNT, NJIT_OPTIONS
 
 # Digests of the package files compiled into this module's cached functions; see wbf_kernel.COMPILED_AGAINST.
-COMPILED_AGAINST = {"primitives.py": "080a3120f62c3e07"}
+COMPILED_AGAINST = {"primitives.py": "5a867f87f2eb7faf"}
 
 STAT_SWAPPED, STAT_CLIPPED, STAT_ZERO_AREA, STAT_NON_FINITE = 0, 1, 2, 3
 N_STATS = 4

@@ -43,7 +43,7 @@ from pipeline.fusion.primitives import (NJIT_NO_REFCOUNT, NJIT_OPTIONS, RADIX_HI
 from pipeline.fusion.rows import read_image
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
-COMPILED_AGAINST = {"grid.py": "ba774df63a1eee6c", "primitives.py": "080a3120f62c3e07", "rows.py": "ae079c7f4692c3fb"}
+COMPILED_AGAINST = {"grid.py": "8ac979225a4172af", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a"}
 
 # The library's ``method`` codes.
 LINEAR = 1

@@ -24,8 +24,8 @@ import math
 import numba
 import numpy as np
 
-from pipeline.fusion.primitives import (NJIT_OPTIONS, cell_index, float_sort_keys, int_sort_keys,
-                                        pairwise_sum, radix_argsort, radix_argsort_top)
+from pipeline.fusion.primitives import (NJIT_OPTIONS, cell_index, float_sort_keys, int_sort_keys, may_exceed,
+                                        overlap_union, pairwise_sum, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
 from pipeline.fusion.wbf_scratch import GRID_MAX, BoxRow, FloatRow, IntRow, Scratch
 
@@ -34,8 +34,8 @@ from pipeline.fusion.wbf_scratch import GRID_MAX, BoxRow, FloatRow, IntRow, Scra
 # digests of the files compiled in here are recorded below, so changing one of them means changing this file, which
 # drops the stale cache; tests/test_fusion.py fails (and prints the new record) until they are current.
 COMPILED_AGAINST = {
-    "primitives.py": "080a3120f62c3e07",
-    "rows.py": "ae079c7f4692c3fb",
+    "primitives.py": "5a867f87f2eb7faf",
+    "rows.py": "7abf6a39d4426c6a",
     "wbf_scratch.py": "05406944a5d313b2",
 }
 
@@ -286,7 +286,7 @@ def _best_cluster(x1: float, y1: float, x2: float, y2: float, first: int, nc: in
     IoU is ``> iou_thr``; else -1. Through the grid when it visits fewer cells than there are clusters.
 
     A cluster whose IoU cannot pass ``iou_thr`` cannot be the answer, whatever the others score: it is passed over
-    on a multiplication (:func:`_may_pass`), and the division of the library's IoU is made only for the others."""
+    on a multiplication (:func:`~pipeline.fusion.primitives.may_exceed`), and the division of the library's IoU is made only for the others."""
     best_iou = -np.inf
     best_c = -1
     n_open = nc - first
@@ -308,9 +308,9 @@ def _best_cluster(x1: float, y1: float, x2: float, y2: float, first: int, nc: in
                 for gx in range(gx0, gx1 + 1):
                     c = grid_head[gy * n_cells + gx]
                     while c != -1:  # cells are unordered: keep the lowest index among equal IoUs
-                        inter, union = _overlap(fused[c, 0], fused[c, 1], fused[c, 2], fused[c, 3], x1, y1, x2, y2,
-                                                area_b)
-                        if _may_pass(inter, union, thr_low):
+                        inter, union = overlap_union(fused[c, 0], fused[c, 1], fused[c, 2], fused[c, 3], x1, y1, x2,
+                                                     y2, area_b)
+                        if may_exceed(inter, union, thr_low):
                             v = inter / union
                             if v > best_iou or (v == best_iou and c < best_c):
                                 best_iou = v
@@ -318,8 +318,8 @@ def _best_cluster(x1: float, y1: float, x2: float, y2: float, first: int, nc: in
                         c = cell_next[c]
     if scan_all:
         for c in range(first, nc):
-            inter, union = _overlap(fused[c, 0], fused[c, 1], fused[c, 2], fused[c, 3], x1, y1, x2, y2, area_b)
-            if _may_pass(inter, union, thr_low):
+            inter, union = overlap_union(fused[c, 0], fused[c, 1], fused[c, 2], fused[c, 3], x1, y1, x2, y2, area_b)
+            if may_exceed(inter, union, thr_low):
                 v = inter / union
                 if v > best_iou:
                     best_iou = v
@@ -327,27 +327,6 @@ def _best_cluster(x1: float, y1: float, x2: float, y2: float, first: int, nc: in
     if best_c != -1 and not (best_iou > iou_thr):
         best_c = -1
     return best_c
-
-
-@numba.njit(inline="always", **NJIT_OPTIONS)
-def _overlap(ax1: float, ay1: float, ax2: float, ay2: float, bx1: float, by1: float, bx2: float, by2: float,
-             area_b: float) -> tuple[float, float]:
-    """The intersection and the union whose quotient is :func:`~pipeline.fusion.primitives.iou`'s result (the
-    same operations in the same order; ``area_b`` is ``(bx2 - bx1) * (by2 - by1)``)."""
-    xa = max(ax1, bx1)
-    ya = max(ay1, by1)
-    xb = min(ax2, bx2)
-    yb = min(ay2, by2)
-    inter = max(xb - xa, 0.0) * max(yb - ya, 0.0)
-    return inter, (ax2 - ax1) * (ay2 - ay1) + area_b - inter
-
-
-@numba.njit(inline="always", **NJIT_OPTIONS)
-def _may_pass(inter: float, union: float, thr_low: float) -> bool:
-    """False only when ``inter / union`` (rounded) is certainly ``<= iou_thr``: ``inter <= thr_low * union`` with
-    ``thr_low = iou_thr * (1 - 1e-9)`` puts the exact quotient 1e-9 below the threshold, which the two roundings
-    (~1e-16 each) cannot cross. NaN (0 / 0, or NaN boxes) is never the best IoU: passed over as well."""
-    return inter > thr_low * union
 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
