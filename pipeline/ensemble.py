@@ -160,18 +160,21 @@ def start_params(method: str, members: list[Member], cfg: ExperimentConfig) -> F
 
 
 def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: ExperimentConfig,
-         method: str = "wbf") -> tuple[FusionParams, float, int]:
+         method: str = "wbf", oof: pd.DataFrame | None = None,
+         packings: dict | None = None) -> tuple[FusionParams, float, int]:
     """Coordinate search for rule ``method`` in the metric's direction, from the best of {all members equal, each
     member alone}: the rule's parameters, then member weights from {0..weight_steps} (0 drops a member), then the
     rule's parameters again, then the score threshold (which needs no new fusion). Every step includes the current
     point, so the result never scores below its start, nor below its best member alone. Deterministic; returns the
-    params, their OOF score and the number of fusions evaluated."""
+    params, their OOF score and the number of fusions evaluated. ``oof`` (the members' OOF rows concatenated) and
+    ``packings`` (its packings, :func:`~pipeline.fusion.tuned.fuse_tuned_rows`) may be shared by the calls of
+    several rules: neither depends on the rule."""
     grid, names, metric = cfg.ensemble.tune, [m.name for m in members], get_metric(scorer.metric)
-    oof = pd.concat([m.oof for m in members], ignore_index=True)
+    oof = pd.concat([m.oof for m in members], ignore_index=True) if oof is None else oof
+    packings = {} if packings is None else packings  # the OOF table packed once per subset of members
     sets, backend = oof_sets(members), cfg.ensemble.wbf_backend
     scores: dict[tuple, float] = {}  # one fusion per (rule parameters, weights); thresholds re-score its rows
     held = HeldRows(metric)
-    packings: dict = {}  # the OOF table packed once per subset of members (fuse_tuned_rows)
 
     def fused_rows(p: FusionParams) -> TunedRows | None:
         return fuse_tuned_rows(oof, sizes, replace(p, score_thr=0.0).record(), sets, ("model", "tta"),
@@ -249,7 +252,8 @@ def tune_rules(members: list[Member], sizes: pd.DataFrame, scorer: Scorer,
     """``ensemble.method`` tuned, or with ``auto`` every registered rule: ``(the chosen rule, {rule: tune()})``.
     ``auto`` keeps the best tuned OOF score; a tie goes to the earlier rule in the registry (WBF first)."""
     methods = list(FUSION_METHODS) if cfg.ensemble.method == "auto" else [cfg.ensemble.method]
-    tuned = {method: tune(members, sizes, scorer, cfg, method) for method in methods}
+    oof, packings = pd.concat([m.oof for m in members], ignore_index=True), {}
+    tuned = {method: tune(members, sizes, scorer, cfg, method, oof, packings) for method in methods}
     return methods[get_metric(scorer.metric).best_index([tuned[m][1] for m in methods])], tuned
 
 
