@@ -205,10 +205,16 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
         # scores below its best member on OOF (a weak member can be switched off, not only down-weighted)
         search("weights", [best.weights] + [{n: float(n == m) for n in names} for m in names])
     rules = rule_grid(method, cfg)
-    search("rule", rules)
+
+    def rule_options() -> list[dict[str, Any]]:
+        # a configured grid may leave out the current rule parameters (the library's defaults at the start): they
+        # are tried last, so ties keep the grid's order and the search never steps down
+        return rules if best.rule in rules else rules + [best.rule]
+
+    search("rule", rule_options())
     if weights_free:
         search_weights(search, lambda: best, names, grid.weight_steps)
-        search("rule", rules)
+        search("rule", rule_options())
     search("score_thr", sorted(set([0.0] + list(grid.score_thr))))
     return best, evaluate(best), len(scores)
 

@@ -122,6 +122,22 @@ def test_the_tuned_score_is_the_tables_score_whether_or_not_the_rows_were_held(m
     assert len(calls) == fusions + len(set(cfg.ensemble.tune.score_thr) - {0.0}) + (params.score_thr > 0)
 
 
+def test_a_grid_without_the_starting_rule_never_steps_down():
+    # a configured grid whose only point drops every box (skip_box_thr above every score): the library's defaults
+    # the search starts from must stay a candidate, so the tuned ensemble never scores below its start
+    table, good, bad = synthetic(10, seed=4)
+    cfg = load_config("configs/demo/ensemble.yaml", ["ensemble.tune.iou_thr=[0.6]", "ensemble.tune.skip_box_thr=[0.99]",
+                                                     "ensemble.tune.weight_steps=1"])
+    cfg.ensemble.members = [MemberConfig(config="good.yaml"), MemberConfig(config="bad.yaml")]
+    members = [Member("good", cfg, good, None, ["none"]), Member("bad", cfg, bad, None, ["none"])]
+    scorer = Scorer("coco_map", table)
+    params, score, _ = tune(members, table.images, scorer, cfg)
+    alone = scorer(fuse(good, table.images, FusionParams(weights={"good": 1.0}), [("good", "none")],
+                        ("model", "tta"), "numba", "e")).score
+    assert alone > 0.3 and score >= alone
+    assert params.rule["skip_box_thr"] == 0.0
+
+
 def test_held_rows_are_those_of_every_best_fusion_so_far():
     from pipeline.ensemble import HeldRows
     from pipeline.metrics import get_metric
