@@ -31,12 +31,23 @@ def synthetic(n_images=30, seed=0):
     return table, preds(good, "good"), preds(bad, "bad")
 
 
+def good_and_bad(cfg, good, bad) -> list[Member]:
+    """The two synthetic members, their weights free, as the ensemble stage would load them."""
+    cfg.ensemble.members = [MemberConfig(config="good.yaml"), MemberConfig(config="bad.yaml")]
+    return [Member("good", cfg, good, None, ["none"]), Member("bad", cfg, bad, None, ["none"])]
+
+
+def good_alone(scorer, table, good) -> float:
+    """The good member fused alone with the library's defaults: the score no tuned ensemble may fall below."""
+    return scorer(fuse(good, table.images, FusionParams(weights={"good": 1.0}), [("good", "none")],
+                       ("model", "tta"), "numba", "e")).score
+
+
 @pytest.mark.slow
 def test_tuning_is_monotone_deterministic_and_favours_the_better_member():
     table, good, bad = synthetic()
     cfg = load_config("configs/demo/ensemble.yaml")
-    cfg.ensemble.members = [MemberConfig(config="good.yaml"), MemberConfig(config="bad.yaml")]
-    members = [Member("good", cfg, good, None, ["none"]), Member("bad", cfg, bad, None, ["none"])]
+    members = good_and_bad(cfg, good, bad)
     scorer = Scorer("coco_map", table)
     params, score, evaluations = tune(members, table.images, scorer, cfg)
     defaults = FusionParams(weights={"good": 1.0, "bad": 1.0})
@@ -72,8 +83,7 @@ def test_the_tuner_follows_a_lower_is_better_metric(mean_confidence_metric):
     # highest score threshold, the opposite of what a "higher is better" search would choose
     table, good, bad = synthetic(12)
     cfg = load_config("configs/demo/ensemble.yaml", ["metric=mean_confidence"])
-    cfg.ensemble.members = [MemberConfig(config="good.yaml"), MemberConfig(config="bad.yaml")]
-    members = [Member("good", cfg, good, None, ["none"]), Member("bad", cfg, bad, None, ["none"])]
+    members = good_and_bad(cfg, good, bad)
     scorer = Scorer("mean_confidence", table)
     params, score, _ = tune(members, table.images, scorer, cfg)
     assert params.score_thr == max(cfg.ensemble.tune.score_thr)
@@ -87,12 +97,10 @@ def test_the_tuner_drops_a_member_that_only_hurts():
     # the noise member adds only false positives: the best ensemble is the good member alone
     table, good, bad = synthetic(12, seed=3)
     cfg = load_config("configs/demo/ensemble.yaml")
-    cfg.ensemble.members = [MemberConfig(config="good.yaml"), MemberConfig(config="bad.yaml")]
-    members = [Member("good", cfg, good, None, ["none"]), Member("bad", cfg, bad, None, ["none"])]
+    members = good_and_bad(cfg, good, bad)
     scorer = Scorer("coco_map", table)
     params, score, _ = tune(members, table.images, scorer, cfg)
-    alone = scorer(fuse(good, table.images, FusionParams(weights={"good": 1.0}), [("good", "none")],
-                        ("model", "tta"), "numba", "e")).score
+    alone = good_alone(scorer, table, good)
     assert score >= alone
     assert params.weights["bad"] == 0.0
 
@@ -106,8 +114,7 @@ def test_the_tuned_score_is_the_tables_score_whether_or_not_the_rows_were_held(m
 
     table, good, bad = synthetic(10, seed=2)
     cfg = load_config("configs/demo/ensemble.yaml", [f"ensemble.method={method}", "ensemble.tune.weight_steps=1"])
-    cfg.ensemble.members = [MemberConfig(config="good.yaml"), MemberConfig(config="bad.yaml")]
-    members = [Member("good", cfg, good, None, ["none"]), Member("bad", cfg, bad, None, ["none"])]
+    members = good_and_bad(cfg, good, bad)
     scorer = Scorer("coco_map", table)
     calls = []
     fuse_rows = ensemble.fuse_tuned_rows
@@ -128,12 +135,10 @@ def test_a_grid_without_the_starting_rule_never_steps_down():
     table, good, bad = synthetic(10, seed=4)
     cfg = load_config("configs/demo/ensemble.yaml", ["ensemble.tune.iou_thr=[0.6]", "ensemble.tune.skip_box_thr=[0.99]",
                                                      "ensemble.tune.weight_steps=1"])
-    cfg.ensemble.members = [MemberConfig(config="good.yaml"), MemberConfig(config="bad.yaml")]
-    members = [Member("good", cfg, good, None, ["none"]), Member("bad", cfg, bad, None, ["none"])]
+    members = good_and_bad(cfg, good, bad)
     scorer = Scorer("coco_map", table)
     params, score, _ = tune(members, table.images, scorer, cfg)
-    alone = scorer(fuse(good, table.images, FusionParams(weights={"good": 1.0}), [("good", "none")],
-                        ("model", "tta"), "numba", "e")).score
+    alone = good_alone(scorer, table, good)
     assert alone > 0.3 and score >= alone
     assert params.rule["skip_box_thr"] == 0.0
 
@@ -172,8 +177,7 @@ def test_auto_tunes_every_rule_and_keeps_the_best_on_oof():
 
     table, good, bad = synthetic(10, seed=1)
     cfg = load_config("configs/demo/ensemble.yaml", ["ensemble.method=auto", "ensemble.tune.weight_steps=1"])
-    cfg.ensemble.members = [MemberConfig(config="good.yaml"), MemberConfig(config="bad.yaml")]
-    members = [Member("good", cfg, good, None, ["none"]), Member("bad", cfg, bad, None, ["none"])]
+    members = good_and_bad(cfg, good, bad)
     scorer = Scorer("coco_map", table)
     chosen, tuned = tune_rules(members, table.images, scorer, cfg)
     assert list(tuned) == list(FUSION_METHODS)
@@ -202,8 +206,7 @@ def test_many_members_are_weighted_one_at_a_time_and_never_below_the_best_alone(
     assert 3 ** 4 > ensemble.FULL_WEIGHT_GRID  # this case takes the member-by-member search
     scorer = Scorer("coco_map", table)
     params, score, evaluations = tune(members, table.images, scorer, cfg)
-    alone = scorer(fuse(good, table.images, FusionParams(weights={"good": 1.0}), [("good", "none")],
-                        ("model", "tta"), "numba", "e")).score
+    alone = good_alone(scorer, table, good)
     assert score >= alone and params.weights["good"] > 0
     assert [params.weights[f"bad{k}"] for k in range(3)] == [0.0, 0.0, 0.0]
     assert evaluations < 3 ** 4  # fewer fusions than the full grid would take
