@@ -41,9 +41,11 @@ from pipeline.fusion.grid import (GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, cells_
 from pipeline.fusion.primitives import (NJIT_NO_REFCOUNT, NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys,
                                         iou, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
+from pipeline.fusion.vector_exp import covers_gaussian_weights, exp_vectorisable
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
-COMPILED_AGAINST = {"grid.py": "8ac979225a4172af", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a"}
+COMPILED_AGAINST = {"grid.py": "8ac979225a4172af", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a",
+                    "vector_exp.py": "824cc4dac6b35a2c"}
 
 # The library's ``method`` codes.
 LINEAR = 1
@@ -475,6 +477,7 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
     # linear decay acts only above iou_thr: the IoU bound of pipeline.fusion.grid narrows the search (0: overlap)
     window_factor = search_radius_factor(iou_thr) if method == LINEAR and iou_thr >= GRID_MIN_THR else 0.0
     decay_above = iou_thr if method == LINEAR else 0.0  # an IoU at or below this leaves the score as it is
+    vector_weights = method == GAUSSIAN and covers_gaussian_weights(sigma)
     n = ge - gs
     bs, gsz, nb, ng = _start_positions(n, prune, thresh, scratch)
     score, bound, group_bound = _position_arrays(scratch.pos_score, bs, gsz, nb, ng)
@@ -510,10 +513,15 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
         if n_cells > 0 and 2 * n_filed < n_room and n_room > SOFT_REFILE_MIN:
             n_room = _refile(n, n_cells, scratch)  # the scans cover emptied slots too: drop them
         nc = _overlapping(q, n_cells, fw, fh, n_big, window_factor, decay_above, scratch)
+        if vector_weights:  # CAND_IOU becomes the weights, in one vectorised loop
+            for t in range(numba.uint64(0), numba.uint64(nc)):
+                cand_iou[t] = exp_vectorisable(-(cand_iou[t] * cand_iou[t]) / sigma)
         for t in range(nc):
             j = cand[t]
             ovr = cand_iou[t]
-            if method == LINEAR:
+            if vector_weights:
+                weight = ovr
+            elif method == LINEAR:
                 weight = 1.0 - ovr
             else:
                 weight = math.exp(-(ovr * ovr) / sigma)
