@@ -807,7 +807,7 @@ def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_
             if _iou_run(lo, lo + (hi - lo + SLOT_PAD - 1) // SLOT_PAD * SLOT_PAD, qx1, qy1, qx2, qy2, sx1, sy1, sx2,
                         sy2, above, slot_iou) == 0:
                 continue  # (counted past the run too: at worst a compaction that finds nothing)
-            for s in range(lo, hi):
+            for s in range(numba.uint64(lo), numba.uint64(hi)):  # unsigned: no negative-index wraparound
                 cand[k] = s
                 k += slot_iou[s] > above
         for t in range(k):  # as member indices
