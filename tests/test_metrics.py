@@ -219,6 +219,30 @@ def test_group_by_image_is_a_stable_lexsort(rows):
     assert offsets.tolist() == [0, *np.cumsum(np.bincount(image, minlength=5)).tolist()]
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_packing_on_threads_is_the_stable_lexsort(monkeypatch, threads):
+    """Images sorted and rows gathered in ranges on several threads: the same packed arrays as one lexsort, rows
+    of unscored images dropped, ties in row order, images already in score order and empty images included."""
+    from pipeline.metrics import packing
+    monkeypatch.setattr(packing, "PARALLEL_MIN_ROWS", 10)
+    monkeypatch.setattr(packing, "available_cpus", lambda: threads)
+    rng = np.random.default_rng(threads)
+    n_images, n = 40, 3000
+    image = rng.integers(-1, n_images - 3, n)  # -1: not scored; the last three images have no row
+    scores = np.round(rng.random(n), 2)  # ties
+    first = np.flatnonzero(image == 0)
+    scores[first] = np.sort(scores[first])[::-1]  # an image already in score order
+    boxes, labels = rng.random((n, 4)), rng.integers(0, 3, n)
+    packed = packing.pack_positions(image, boxes, scores, labels, n_images)
+    kept = np.flatnonzero(image >= 0)
+    ref = kept[np.lexsort((-scores[kept], image[kept]))]
+    np.testing.assert_array_equal(packed.boxes, boxes[ref])
+    np.testing.assert_array_equal(packed.scores, scores[ref])
+    np.testing.assert_array_equal(packed.labels, labels[ref])
+    np.testing.assert_array_equal(packed.image, image[ref])
+    assert packed.offsets.tolist() == [0, *np.cumsum(np.bincount(image[kept], minlength=n_images)).tolist()]
+
+
 @pytest.mark.parametrize("kind", ["str", "object", "int", "category"])
 def test_image_positions_look_ids_up_as_strings(kind):
     index = pd.Index(["7", "a", "b", "nan"])

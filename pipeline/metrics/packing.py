@@ -11,13 +11,16 @@ Every metric and :mod:`pipeline.report` score from the same layout (:class:`Pack
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
 import pandas as pd
+
+from pipeline.cpus import available_cpus
 
 if TYPE_CHECKING:  # type only: importing pipeline.data at runtime would pull in pipeline.config (an import cycle)
     from pipeline.data.table import AnnotationTable
@@ -37,11 +40,35 @@ class Packed:
     offsets: np.ndarray  # (n_images + 1,) int64
 
 
-@numba.njit(cache=True)
 def group_by_image(image: np.ndarray, scores: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
     """Row order grouping rows by image index (0..n_images-1), descending score inside an image, stable (equal
     scores keep row order); and the ``(n_images + 1,)`` offsets. Same order as ``np.lexsort((-scores, image))``
-    for scores without NaN (every caller refuses NaN scores)."""
+    for scores without NaN (every caller refuses NaN scores). The images are sorted on this process's CPUs."""
+    order, offsets = _count_by_image(image, n_images)
+    _on_threads(lambda lo, hi: _sort_images(order, scores, offsets, lo, hi), offsets)
+    return order, offsets
+
+
+PARALLEL_MIN_ROWS = 50_000  # rows per thread at least (fewer: one thread does it all)
+
+
+def _on_threads(work: Callable[[int, int], None], offsets: np.ndarray) -> None:
+    """``work(lo, hi)`` over ranges of images of about equal row counts, one range per available CPU (the
+    compiled functions release the GIL), or once over every image for small inputs."""
+    n_images = len(offsets) - 1
+    threads = min(available_cpus(), int(offsets[-1]) // PARALLEL_MIN_ROWS, n_images)
+    if threads < 2:
+        work(0, n_images)
+        return
+    cuts = np.searchsorted(offsets, np.linspace(0, offsets[-1], threads + 1)[1:-1]).tolist()
+    bounds = sorted({0, n_images, *[min(max(c, 1), n_images - 1) for c in cuts]})
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(lambda r: work(r[0], r[1]), zip(bounds[:-1], bounds[1:])))
+
+
+@numba.njit(cache=True)
+def _count_by_image(image: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row order grouping rows by image index, row order inside an image (a counting sort), and the offsets."""
     offsets = np.zeros(n_images + 1, dtype=np.int64)
     for i in image:
         offsets[i + 1] += 1
@@ -51,21 +78,40 @@ def group_by_image(image: np.ndarray, scores: np.ndarray, n_images: int) -> tupl
     for r in range(image.shape[0]):
         order[pos[image[r]]] = r
         pos[image[r]] += 1
-    for i in range(n_images):
+    return order, offsets
+
+
+@numba.njit(cache=True, nogil=True)
+def _sort_images(order: np.ndarray, scores: np.ndarray, offsets: np.ndarray, lo: int, hi: int) -> None:
+    """Images ``lo..hi-1`` of ``order``: descending score inside each, stable."""
+    for i in range(lo, hi):
         a, b = offsets[i], offsets[i + 1]
         if b - a > 1 and not _descending(order, scores, a, b):  # fused rows come sorted: no sort needed
             seg = order[a:b].copy()
             order[a:b] = seg[np.argsort(-scores[seg], kind="mergesort")]
-    return order, offsets
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _descending(order: np.ndarray, scores: np.ndarray, a: int, b: int) -> bool:
     """Whether ``scores[order[a:b]]`` never increases (a stable sort would then leave the rows as they are)."""
     for r in range(a + 1, b):
         if scores[order[r]] > scores[order[r - 1]]:
             return False
     return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_rows(order: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, image: np.ndarray,
+                 r0: int, r1: int, out_boxes: np.ndarray, out_scores: np.ndarray, out_labels: np.ndarray,
+                 out_image: np.ndarray) -> None:
+    """Rows ``r0..r1-1`` of the packed arrays: row ``order[r]`` of the inputs."""
+    for r in range(r0, r1):
+        k = order[r]
+        for c in range(4):
+            out_boxes[r, c] = boxes[k, c]
+        out_scores[r] = scores[k]
+        out_labels[r] = labels[k]
+        out_image[r] = image[k]
 
 
 def resolve_image_ids(gt: AnnotationTable, image_ids: Sequence[str] | None) -> pd.Index:
@@ -99,7 +145,11 @@ def pack_positions(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, lab
     order, offsets = group_by_image(image, scores, n_images)
     if _is_identity(order):  # a fused table comes grouped and sorted already: no copies
         return Packed(np.ascontiguousarray(boxes), scores, labels, image, offsets)
-    return Packed(np.ascontiguousarray(boxes[order]), scores[order], labels[order], image[order], offsets)
+    out = Packed(np.empty((len(order), 4)), np.empty(len(order)), np.empty(len(order), np.int64),
+                 np.empty(len(order), np.int64), offsets)
+    _on_threads(lambda lo, hi: _gather_rows(order, boxes, scores, labels, image, offsets[lo], offsets[hi], out.boxes,
+                                            out.scores, out.labels, out.image), offsets)
+    return out
 
 
 def image_positions(index: pd.Index, image_id: pd.Series) -> np.ndarray:
