@@ -469,7 +469,6 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
     pos_of = ints[IntRow.POS_OF]
     selected = ints[IntRow.SELECTED]
     removed = ints[IntRow.REMOVED]
-    cand = ints[IntRow.CAND]
     cell_of = ints[IntRow.CELL_OF]
     slot_of = ints[IntRow.SLOT_OF]
     slots = scratch.soft_slots
@@ -513,32 +512,11 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
         if n_cells > 0 and 2 * n_filed < n_room and n_room > SOFT_REFILE_MIN:
             n_room = _refile(n, n_cells, scratch)  # the scans cover emptied slots too: drop them
         nc = _overlapping(q, n_cells, fw, fh, n_big, window_factor, decay_above, scratch)
-        if vector_weights:  # CAND_IOU becomes the weights, in one vectorised loop
-            for t in range(numba.uint64(0), numba.uint64(nc)):
-                cand_iou[t] = exp_vectorisable(-(cand_iou[t] * cand_iou[t]) / sigma)
-        for t in range(nc):
-            j = cand[t]
-            ovr = cand_iou[t]
-            if vector_weights:
-                weight = ovr
-            elif method == LINEAR:
-                weight = 1.0 - ovr
-            else:
-                weight = math.exp(-(ovr * ovr) / sigma)
-            pj = pos_of[j]
-            old = score[pj]
-            sj = weight * old
-            if float32_scores:
-                sj = np.float64(np.float32(sj))
-            if prune and not (sj > thresh):
-                removed[j] = 1
-                score[pj] = -np.inf
-                n_filed -= _soft_grid_remove(j, cell_of, slot_of, slots)
-            else:
-                score[pj] = sj
-                if sj > old:  # a negative score grows towards 0: its block's and group's bounds grow with it
-                    bound[pj // bs] = max(bound[pj // bs], sj)
-                    group_bound[pj // (bs * gsz)] = max(group_bound[pj // (bs * gsz)], sj)
+        _decay_weights(nc, method, sigma, vector_weights, cand_iou)
+        if float32_scores:  # two loops, so that the common one carries no float32 rounding
+            n_filed -= _decay(nc, True, prune, thresh, score, bound, group_bound, bs, gsz, scratch)
+        else:
+            n_filed -= _decay(nc, False, prune, thresh, score, bound, group_bound, bs, gsz, scratch)
     label = ints[IntRow.KEPT_LABEL, ints[IntRow.BY_LABEL, gs]]
     for k in range(n_sel):
         if final[k] > thresh:
@@ -549,6 +527,54 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
             out_label[o] = label
             o += 1
     return o
+
+
+@numba.njit(**NJIT_NO_REFCOUNT)
+def _decay_weights(nc: int, method: int, sigma: float, vector_weights: bool, w: np.ndarray) -> None:
+    """``w[:nc]``, the candidates' IoUs, become their weights: ``1 - iou`` (linear; only IoUs above ``iou_thr``
+    are candidates) or ``exp(-(iou * iou) / sigma)``, in one vectorised loop when ``vector_weights``
+    (:mod:`pipeline.fusion.vector_exp`), else glibc's ``exp`` per candidate."""
+    if vector_weights:
+        for t in range(numba.uint64(0), numba.uint64(nc)):
+            w[t] = exp_vectorisable(-(w[t] * w[t]) / sigma)
+    elif method == LINEAR:
+        for t in range(numba.uint64(0), numba.uint64(nc)):
+            w[t] = 1.0 - w[t]
+    else:
+        for t in range(nc):
+            w[t] = math.exp(-(w[t] * w[t]) / sigma)
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _decay(nc: int, float32_scores: bool, prune: bool, thresh: float, score: np.ndarray, bound: np.ndarray,
+           group_bound: np.ndarray, bs: int, gsz: int, scratch: Scratch) -> int:
+    """Each candidate's score (at its library position) times its weight (``CAND_IOU``), as the library
+    computes it (``weight * score``, rounded to float32 when its array is float32); a score that falls to
+    ``thresh`` or below (``prune``) dies: -inf, ``REMOVED``, out of the grid. Returns how many left the grid."""
+    cand = scratch.ints[IntRow.CAND]
+    weight = scratch.floats[FloatRow.CAND_IOU]
+    pos_of = scratch.ints[IntRow.POS_OF]
+    removed = scratch.ints[IntRow.REMOVED]
+    cell_of = scratch.ints[IntRow.CELL_OF]
+    slot_of = scratch.ints[IntRow.SLOT_OF]
+    n_out = 0
+    for t in range(nc):
+        j = cand[t]
+        pj = pos_of[j]
+        old = score[pj]
+        sj = weight[t] * old
+        if float32_scores:
+            sj = np.float64(np.float32(sj))
+        if prune and not (sj > thresh):
+            removed[j] = 1
+            score[pj] = -np.inf
+            n_out += _soft_grid_remove(j, cell_of, slot_of, scratch.soft_slots)
+        else:
+            score[pj] = sj
+            if sj > old:  # a negative score grows towards 0: its block's and group's bounds grow with it
+                bound[pj // bs] = max(bound[pj // bs], sj)
+                group_bound[pj // (bs * gsz)] = max(group_bound[pj // (bs * gsz)], sj)
+    return n_out
 
 
 @numba.njit(**NJIT_NO_REFCOUNT)
