@@ -18,7 +18,8 @@ drop-ins' one image, read from the library's lists concatenated (no packed table
 
 Cost. NMS: a sort, filing every member, and per kept box a few runs of grid slots tested in SIMD lanes.
 Soft-NMS: per selected box, a window of grid rows and its overlapping live boxes, each an IoU and (gaussian) an
-``exp`` -- every overlapping pair is decayed once, as in the library, which computes the same products for all
+``exp`` (the step's weights in one vectorised loop, :mod:`pipeline.fusion.vector_exp`), then the decays at the
+library's positions -- every overlapping pair is decayed once, as in the library, which computes the same products for all
 remaining boxes at every step; finding each step's maximum costs two scans of about ``sqrt(n)`` scores, about
 twice per step. Tens of thousands of overlapping pairs per image at 40 sets x 100 boxes keep gaussian soft-NMS
 the slowest rule.
