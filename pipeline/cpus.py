@@ -1,7 +1,12 @@
-"""How many CPUs this process may use: the thread count of the compiled kernels (fusion, metrics)."""
+"""How many CPUs this process may use: the thread count of the compiled kernels (fusion, metrics), and the split of
+their work into ranges of images, one per thread."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 
 def available_cpus() -> int:
@@ -10,3 +15,17 @@ def available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def on_ranges(work: Callable[[int, int], None], offsets: np.ndarray, threads: int) -> None:
+    """``work(lo, hi)`` over consecutive ranges of the ``len(offsets) - 1`` items (images), each holding about an
+    equal share of their ``offsets[-1]`` rows, one range per thread (the compiled work releases the GIL); once over
+    every item when ``threads < 2``."""
+    n_items = len(offsets) - 1
+    if threads < 2:
+        work(0, n_items)
+        return
+    cuts = np.searchsorted(offsets, np.linspace(0, offsets[-1], threads + 1)[1:-1]).tolist()
+    bounds = sorted({0, n_items, *[min(max(c, 1), n_items - 1) for c in cuts]})
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(lambda r: work(r[0], r[1]), zip(bounds[:-1], bounds[1:])))

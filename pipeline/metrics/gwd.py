@@ -29,14 +29,13 @@ descending score inside each image for :func:`gwd_packed`; :func:`gwd_score` sor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 import pandas as pd
 
-from pipeline.cpus import available_cpus
+from pipeline.cpus import available_cpus, on_ranges
 from pipeline.metrics.packing import Packed
 from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, register_metric
 
@@ -146,14 +145,8 @@ def _gwd_table(gt_boxes: np.ndarray, gt_offsets: np.ndarray, pr_boxes: np.ndarra
     n_img = gt_offsets.shape[0] - 1
     out = np.empty((n_img, thresholds.shape[0]), dtype=np.float64)
     args = (gt_boxes, box_areas(gt_boxes), gt_offsets, pr_boxes, box_areas(pr_boxes), pr_offsets, thresholds)
-    threads = min(available_cpus(), n_img // PARALLEL_MIN_IMAGES)
-    if threads < 2:
-        _gwd_rows(*args, 0, n_img, out)
-        return out
-    cuts = np.searchsorted(pr_offsets, np.linspace(0, pr_offsets[-1], threads + 1)[1:-1]).tolist()
-    bounds = sorted({0, n_img, *[min(max(c, 1), n_img - 1) for c in cuts]})
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(lambda r: _gwd_rows(*args, r[0], r[1], out), zip(bounds[:-1], bounds[1:])))
+    on_ranges(lambda lo, hi: _gwd_rows(*args, lo, hi, out), pr_offsets,
+              min(available_cpus(), n_img // PARALLEL_MIN_IMAGES))
     return out
 
 

@@ -12,7 +12,6 @@ Every metric and :mod:`pipeline.report` score from the same layout (:class:`Pack
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ import numba
 import numpy as np
 import pandas as pd
 
-from pipeline.cpus import available_cpus
+from pipeline.cpus import available_cpus, on_ranges
 
 if TYPE_CHECKING:  # type only: importing pipeline.data at runtime would pull in pipeline.config (an import cycle)
     from pipeline.data.table import AnnotationTable
@@ -53,17 +52,9 @@ PARALLEL_MIN_ROWS = 50_000  # rows per thread at least (fewer: one thread does i
 
 
 def _on_threads(work: Callable[[int, int], None], offsets: np.ndarray) -> None:
-    """``work(lo, hi)`` over ranges of images of about equal row counts, one range per available CPU (the
-    compiled functions release the GIL), or once over every image for small inputs."""
-    n_images = len(offsets) - 1
-    threads = min(available_cpus(), int(offsets[-1]) // PARALLEL_MIN_ROWS, n_images)
-    if threads < 2:
-        work(0, n_images)
-        return
-    cuts = np.searchsorted(offsets, np.linspace(0, offsets[-1], threads + 1)[1:-1]).tolist()
-    bounds = sorted({0, n_images, *[min(max(c, 1), n_images - 1) for c in cuts]})
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(lambda r: work(r[0], r[1]), zip(bounds[:-1], bounds[1:])))
+    """``work(lo, hi)`` over ranges of images of about equal row counts on this process's CPUs, at least
+    ``PARALLEL_MIN_ROWS`` rows a thread."""
+    on_ranges(work, offsets, min(available_cpus(), int(offsets[-1]) // PARALLEL_MIN_ROWS, len(offsets) - 1))
 
 
 @numba.njit(cache=True)

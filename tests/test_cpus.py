@@ -1,0 +1,42 @@
+"""pipeline.cpus: the CPUs a process may use and the split of per-image work over them."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from pipeline.cpus import available_cpus, on_ranges
+
+
+def test_available_cpus_is_at_least_one():
+    assert available_cpus() >= 1
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2, 3, 8])
+def test_on_ranges_covers_every_item_once_in_ranges_of_equal_rows(threads):
+    rng = np.random.default_rng(threads)
+    counts = rng.integers(0, 50, 200)
+    counts[:5] = 0  # empty items at the start
+    offsets = np.r_[0, np.cumsum(counts)]
+    calls, lock = [], threading.Lock()
+
+    def work(lo: int, hi: int) -> None:
+        with lock:
+            calls.append((lo, hi, threading.get_ident()))
+
+    on_ranges(work, offsets, threads)
+    ranges = sorted((lo, hi) for lo, hi, _ in calls)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(counts)
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:]))  # consecutive, none empty
+    assert len(ranges) == max(1, threads)
+    if threads >= 2:
+        rows = [offsets[hi] - offsets[lo] for lo, hi in ranges]
+        assert max(rows) - min(rows) <= 2 * counts.max()  # equal shares, to an item's rows
+        assert all(ident != threading.get_ident() for _, _, ident in calls)  # on the pool, not the caller
+
+
+def test_on_ranges_with_one_item_runs_it_once():
+    calls = []
+    on_ranges(lambda lo, hi: calls.append((lo, hi)), np.array([0, 10]), 4)
+    assert calls == [(0, 1)]
