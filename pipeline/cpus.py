@@ -17,15 +17,23 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def on_ranges(work: Callable[[int, int], None], offsets: np.ndarray, threads: int) -> None:
-    """``work(lo, hi)`` over consecutive ranges of the ``len(offsets) - 1`` items (images), each holding about an
-    equal share of their ``offsets[-1]`` rows, one range per thread (the compiled work releases the GIL); once over
-    every item when ``threads < 2``."""
+def item_ranges(offsets: np.ndarray, n_ranges: int) -> list[tuple[int, int]]:
+    """At most ``n_ranges`` consecutive, non-empty ranges ``(lo, hi)`` of the ``len(offsets) - 1`` items (images),
+    each holding about an equal share of their ``offsets[-1]`` rows."""
     n_items = len(offsets) - 1
-    if threads < 2:
-        work(0, n_items)
-        return
-    cuts = np.searchsorted(offsets, np.linspace(0, offsets[-1], threads + 1)[1:-1]).tolist()
+    if n_items == 0:
+        return []
+    cuts = np.searchsorted(offsets, np.linspace(0, offsets[-1], min(max(n_ranges, 1), n_items) + 1)[1:-1]).tolist()
     bounds = sorted({0, n_items, *[min(max(c, 1), n_items - 1) for c in cuts]})
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def on_ranges(work: Callable[[int, int], None], offsets: np.ndarray, threads: int) -> None:
+    """``work(lo, hi)`` over :func:`item_ranges`, one range per thread (the compiled work releases the GIL); once
+    over every item when ``threads < 2``."""
+    if threads < 2:
+        work(0, len(offsets) - 1)
+        return
+    ranges = item_ranges(offsets, threads)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(lambda r: work(r[0], r[1]), zip(bounds[:-1], bounds[1:])))
+        list(pool.map(lambda r: work(r[0], r[1]), ranges))

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from pipeline.cpus import available_cpus, on_ranges
+from pipeline.cpus import available_cpus, item_ranges, on_ranges
 
 
 def test_available_cpus_is_at_least_one():
@@ -40,3 +40,12 @@ def test_on_ranges_with_one_item_runs_it_once():
     calls = []
     on_ranges(lambda lo, hi: calls.append((lo, hi)), np.array([0, 10]), 4)
     assert calls == [(0, 1)]
+
+
+def test_item_ranges_never_more_than_asked_nor_empty():
+    offsets = np.r_[0, np.cumsum([0, 0, 7, 1, 0, 30, 2])]
+    for n in range(1, 12):
+        ranges = item_ranges(offsets, n)
+        assert 1 <= len(ranges) <= n and ranges[0][0] == 0 and ranges[-1][1] == 7
+        assert all(lo < hi for lo, hi in ranges) and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert item_ranges(np.array([0]), 4) == []  # no items

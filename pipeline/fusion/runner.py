@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.cpus import item_ranges
 from pipeline.fusion.packing import PackedTable, compact_rows
 from pipeline.fusion.rows import N_STATS, STAT_CLIPPED, STAT_NON_FINITE, STAT_SWAPPED, STAT_ZERO_AREA
 
@@ -73,11 +74,7 @@ def thread_output(n: int, n_img: int) -> KernelOutput:
 
 def image_ranges(row_offs: np.ndarray, threads: int) -> list[tuple[int, int]]:
     """Image ranges of roughly equal row counts, several per thread for balance."""
-    n_img = len(row_offs) - 1
-    n_chunks = min(n_img, 8 * threads)
-    cuts = np.searchsorted(row_offs, np.linspace(0, row_offs[-1], n_chunks + 1)[1:-1]).tolist()
-    bounds = sorted(set([0] + [min(max(c, 1), n_img - 1) for c in cuts] + [n_img]))
-    return list(zip(bounds[:-1], bounds[1:]))
+    return item_ranges(row_offs, 8 * threads)
 
 
 def largest_image(packed: PackedTable, lo: int, hi: int) -> int:
