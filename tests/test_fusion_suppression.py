@@ -62,7 +62,7 @@ RANDOM_CASES = dict(
     seed=st.integers(0, 2**32 - 1), n_sets=st.integers(1, 6), max_boxes=st.sampled_from([3, 12, 30]),
     n_labels=st.integers(1, 3), quantise=st.booleans(), messy=st.booleans(), weighted=st.booleans(),
     method=st.sampled_from([1, 2, 3]), iou_thr=st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.55, 0.7, 0.9, 1.0, 0.42]),
-    sigma=st.sampled_from([0.05, 0.5, 1.0, 0.001]), thresh=st.sampled_from([0.0, 0.001, 0.05, 0.3]),
+    sigma=st.sampled_from([0.05, 0.25, 0.5, 1.0, 0.001]), thresh=st.sampled_from([0.0, 0.001, 0.05, 0.3]),
     float32_scores=st.booleans())
 
 
