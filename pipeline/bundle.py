@@ -213,8 +213,10 @@ def plan_members(cfg: ExperimentConfig, result: dict) -> list[MemberPlan]:
             raise BundleError(f"{oof_path} not found: run python -m pipeline.predict --config {member_cfg.source} "
                               "--split oof")
         # as the ensemble reads them; only the column needed (an OOF table can hold millions of boxes)
-        views = sorted(pd.read_parquet(oof_path, columns=["tta"]).tta.astype(str).unique(),
-                       key=lambda v: (v != "none", v))
+        try:
+            views = spec.chosen_views(pd.read_parquet(oof_path, columns=["tta"]).tta.unique())
+        except ValueError as err:
+            raise BundleError(f"member {member_cfg.run} ({oof_path}): {err}") from None
         folds = sorted(int(f) for f in read_folds(folds_path(member_cfg)).fold.unique())
         test_path = predictions_path(member_cfg, "test")
         if test_path.is_file():

@@ -343,6 +343,25 @@ class MemberConfig(Strict):
     name: str | None = None  # the member's name (required with predictions; default: the config's `run`)
     format: Literal["table", "coco_json", "yolo_txt"] = "table"  # of the predictions folder's files
     weight: float | None = None  # fixed weight; None: tuned on OOF
+    # the TTA views to fuse, each one its OOF predictions hold; None: all of them. A view left out is neither tuned
+    # nor fused nor run by a bundle: drop a view that does not help without predicting again
+    views: list[str] | None = None
+
+    @field_validator("views")
+    @classmethod
+    def _distinct_views(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError(f"views must be distinct and at least one, got {value}")
+        return value
+
+    def chosen_views(self, predicted: Sequence[str]) -> list[str]:
+        """The views to fuse, ``none`` first then by name: every predicted view, or those ``views`` names
+        (``ValueError`` for one that was not predicted)."""
+        have = sorted({str(v) for v in predicted}, key=lambda v: (v != "none", v))
+        missing = [v for v in self.views or [] if v not in have]
+        if missing:
+            raise ValueError(f"views {missing} were not predicted; the predictions hold {have}")
+        return have if self.views is None else [v for v in have if v in self.views]
 
     @model_validator(mode="after")
     def _one_source(self) -> "MemberConfig":

@@ -110,7 +110,8 @@ def config_member(cfg: ExperimentConfig, spec: MemberConfig, need_test: bool) ->
                                 f"{member_cfg.source} --split {split}")
     oof = read_predictions(paths["oof"])
     test = read_predictions(paths["test"]) if paths["test"].exists() else None
-    return Member(member_cfg.run, member_cfg, oof, test, views_of(oof), member_cfg.train.pseudo)
+    views = chosen_views(spec, oof, f"member {member_cfg.run} ({paths['oof']})")
+    return Member(member_cfg.run, member_cfg, *only_views(oof, test, views), views, member_cfg.train.pseudo)
 
 
 def external_member(cfg: ExperimentConfig, spec: MemberConfig) -> Member:
@@ -121,11 +122,26 @@ def external_member(cfg: ExperimentConfig, spec: MemberConfig) -> Member:
     folds = read_folds(folds_path(cfg))
     oof = load_external_oof(folder, spec.format, spec.name, load_dataset(cfg.data, "train"), folds)
     test = load_external_test(folder, spec.format, spec.name, load_dataset(cfg.data, "test"), folds)
-    return Member(spec.name, cfg, oof, test, views_of(oof))
+    views = chosen_views(spec, oof, f"member {spec.name} ({folder})")
+    return Member(spec.name, cfg, *only_views(oof, test, views), views)
 
 
-def views_of(preds: pd.DataFrame) -> list[str]:
-    return sorted(preds.tta.unique(), key=lambda v: (v != "none", v))
+def chosen_views(spec: MemberConfig, oof: pd.DataFrame, where: str) -> list[str]:
+    """The member's views to fuse (``views`` in its entry, else every view its OOF predictions hold)."""
+    try:
+        return spec.chosen_views(oof.tta.unique())
+    except ValueError as err:
+        raise EnsembleError(f"{where}: {err}") from None
+
+
+def only_views(oof: pd.DataFrame, test: pd.DataFrame | None,
+               views: list[str]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    if len(views) == oof.tta.nunique():
+        return oof, test
+    def keep(preds: pd.DataFrame) -> pd.DataFrame:
+        return preds[preds.tta.isin(views)].reset_index(drop=True)
+
+    return keep(oof), None if test is None else keep(test)
 
 
 def fuse(preds: pd.DataFrame, sizes: pd.DataFrame, p: FusionParams, sets: list, group_col, backend: str,

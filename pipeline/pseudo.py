@@ -160,8 +160,8 @@ def source_tables(cfg: ExperimentConfig, classes: list[str]) -> dict[str, Annota
 
 def member_predictions(cfg: ExperimentConfig, split: str, table: AnnotationTable,
                        folds: pd.DataFrame) -> list[tuple[str, pd.DataFrame, list[str]]]:
-    """(name, predictions of ``split``, TTA views) per member; the views are those its OOF predictions hold, as the
-    ensemble fused them."""
+    """(name, predictions of ``split``, TTA views) per member; the views are those the ensemble fused (the entry's
+    ``views``, else every view its OOF predictions hold), and only their rows are kept."""
     out = []
     for spec in cfg.ensemble.members:
         if spec.config is None:
@@ -172,15 +172,26 @@ def member_predictions(cfg: ExperimentConfig, split: str, table: AnnotationTable
             preds = load_external_test(folder, spec.format, spec.name, table, folds)
             if preds is None:
                 raise PseudoLabelError(f"member {spec.name}: no test predictions in {folder}")
-            out.append((str(spec.name), preds, sorted(preds.tta.unique(), key=lambda v: (v != "none", v))))
+            views = member_views(spec, preds.tta.unique(), folder)
+            out.append((str(spec.name), preds[preds.tta.isin(views)].reset_index(drop=True), views))
             continue
         member_cfg = cfg.load_sibling(spec.config)
         path = predictions_path(member_cfg, split)
         if not path.is_file():
             raise PseudoLabelError(f"{path} not found: predict {split} with {member_cfg.source} first")
-        views = pd.read_parquet(predictions_path(member_cfg, "oof"), columns=["tta"]).tta.unique()
-        out.append((member_cfg.run, read_predictions(path), sorted(views, key=lambda v: (v != "none", v))))
+        oof_path = predictions_path(member_cfg, "oof")
+        views = member_views(spec, pd.read_parquet(oof_path, columns=["tta"]).tta.unique(), oof_path)
+        preds = read_predictions(path)
+        out.append((member_cfg.run, preds[preds.tta.isin(views)].reset_index(drop=True), views))
     return out
+
+
+def member_views(spec: MemberConfig, predicted, source: Path) -> list[str]:
+    """The views the ensemble fused for this member (its entry's ``views``, else every predicted view)."""
+    try:
+        return spec.chosen_views(predicted)
+    except ValueError as err:
+        raise PseudoLabelError(f"member {spec.name or spec.config} ({source}): {err}") from None
 
 
 def _fuse(preds: pd.DataFrame, sizes: pd.DataFrame, params: dict, sets: list, group_col: tuple[str, ...],

@@ -387,3 +387,19 @@ def test_wheels_are_fetched_for_the_target_and_a_local_build_only_when_pure(tmp_
 def test_the_command_line_refuses_a_python_version_it_cannot_read(ensemble_yaml, tmp_path, capsys):
     code = bundle.main(["--config", str(ensemble_yaml), "--out", str(tmp_path / "b"), "--python-version", "312"])
     assert code == 1 and "give the notebook's Python as MAJOR.MINOR" in capsys.readouterr().err
+
+
+def test_a_bundle_runs_only_the_views_the_ensemble_fused(tmp_path, tiny_data):
+    import yaml
+
+    ens = fake_trained_ensemble(tmp_path, tiny_data)
+    tree = yaml.safe_load(ens.read_text())
+    tree["ensemble"]["members"][1]["views"] = ["hflip"]
+    ens.write_text(yaml.safe_dump(tree))
+    result = json.loads((ensemble_dir(load_config(ens)) / ENSEMBLE_RESULT).read_text())
+    plans = bundle.plan_members(load_config(ens), result)
+    assert [p.views for p in plans] == [["none", "hflip"], ["hflip"]]
+    tree["ensemble"]["members"][1]["views"] = ["scale1.5"]
+    ens.write_text(yaml.safe_dump(tree))
+    with pytest.raises(bundle.BundleError, match=r"member effdet \(.*\): views \['scale1.5'\] were not predicted"):
+        bundle.plan_members(load_config(ens), result)

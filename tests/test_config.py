@@ -122,3 +122,18 @@ def test_multiscale_with_a_non_square_input_takes_width_height_pairs_only(tmp_pa
     # a square input keeps its sides, and may mix in pairs
     square = load_config(write(tmp_path / "s.yaml", DATA), ["train.multiscale=[384, [512, 384]]"])
     assert square.train.multiscale == [384, (512, 384)]
+
+
+def test_a_member_fuses_the_views_its_entry_names_in_the_ensembles_order(tmp_path):
+    from pipeline.config import MemberConfig
+
+    assert MemberConfig(config="m.yaml").chosen_views(["hflip", "none", "hflip"]) == ["none", "hflip"]
+    chosen = MemberConfig(config="m.yaml", views=["scale1.25", "none"])
+    assert chosen.chosen_views(["hflip", "scale1.25", "none"]) == ["none", "scale1.25"]
+    with pytest.raises(ValueError, match=r"\['vflip'\] were not predicted; the predictions hold \['none', 'hflip'\]"):
+        MemberConfig(config="m.yaml", views=["vflip", "none"]).chosen_views(["hflip", "none"])
+    for bad in ("[]", "[none, none]"):
+        path = write(tmp_path / "e.yaml", "data: {name: d, format: voc, root: x}\n"
+                     f"ensemble: {{members: [{{config: m.yaml, views: {bad}}}]}}\n")
+        with pytest.raises(ConfigError, match="views must be distinct and at least one"):
+            load_config(path)

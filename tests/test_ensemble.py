@@ -253,3 +253,36 @@ def test_members_with_scale_views_get_a_row_without_them():
     no_scale = Member("n", cfg, member.oof[member.oof.tta != "scale0.75"], None, ["none", "hflip"])
     assert not any("without scale" in r["row"] for r in member_rows(no_scale, table, scorer, None, table.images,
                                                                       folds))
+
+
+def views_config(tmp_path, tiny_data, views) -> "ExperimentConfig":
+    """An ensemble of one member whose OOF and test predictions hold none, hflip and scale1.25, its entry
+    naming ``views``."""
+    import yaml
+
+    from conftest import FRCNN_TINY, write_config_dir
+    from pipeline.layout import predictions_path, write_predictions
+
+    folder = write_config_dir(tmp_path, tiny_data, {"m": FRCNN_TINY})
+    tree = yaml.safe_load((folder / "ensemble.yaml").read_text())
+    tree["ensemble"]["members"] = [{"config": "m.yaml", "views": views}]
+    (folder / "ensemble.yaml").write_text(yaml.safe_dump(tree))
+    cfg = load_config(folder / "ensemble.yaml")
+    for split in ("oof", "test"):
+        preds = pd.DataFrame({"image_id": "a", "x1": 1.0, "y1": 1.0, "x2": 9.0, "y2": 9.0, "score": [0.5, 0.6, 0.7],
+                              "label": 0, "model": "m", "fold": 0, "tta": ["hflip", "none", "scale1.25"]})
+        write_predictions(preds, predictions_path(cfg.load_sibling("m.yaml"), split))
+    return cfg
+
+
+def test_a_members_entry_keeps_only_the_views_it_names(tmp_path, tiny_data):
+    from pipeline.ensemble import EnsembleError, load_members
+
+    (member,) = load_members(views_config(tmp_path / "a", tiny_data, ["scale1.25", "none"]), need_test=True)
+    assert member.views == ["none", "scale1.25"]
+    assert sorted(member.oof.tta) == sorted(member.test.tta) == ["none", "scale1.25"]
+    assert list(member.oof.index) == [0, 1]
+    (member,) = load_members(views_config(tmp_path / "b", tiny_data, None), need_test=True)
+    assert member.views == ["none", "hflip", "scale1.25"] and len(member.test) == 3
+    with pytest.raises(EnsembleError, match=r"member m \(.*oof.parquet\): views \['vflip'\] were not predicted"):
+        load_members(views_config(tmp_path / "c", tiny_data, ["vflip"]), need_test=True)

@@ -420,3 +420,16 @@ def test_round_two_training_sets_from_a_real_round(chain, tmp_path):
         images, targets, _ = next(iter(loader))  # pseudo images load and carry their boxes through augmentation
         assert len(images) == r2.train.batch_size and sum(len(t["boxes"]) for t in targets) > 0
     assert np.all(made.boxes.label.between(0, len(table.classes) - 1))
+
+
+def test_the_teachers_fuse_only_the_views_the_ensemble_kept(tmp_path, tiny_data):
+    from test_ensemble import views_config
+
+    from pipeline.pseudo import member_predictions
+
+    cfg = views_config(tmp_path, tiny_data, ["hflip"])
+    ((name, preds, views),) = member_predictions(cfg, "test", None, None)
+    assert name == "m" and views == ["hflip"] and list(preds.tta) == ["hflip"]
+    cfg = views_config(tmp_path / "b", tiny_data, ["rot90_2"])
+    with pytest.raises(PseudoLabelError, match=r"member m.yaml \(.*oof.parquet\): views \['rot90_2'\] were not"):
+        member_predictions(cfg, "test", None, None)
