@@ -111,7 +111,8 @@ def config_member(cfg: ExperimentConfig, spec: MemberConfig, need_test: bool) ->
     oof = read_predictions(paths["oof"])
     test = read_predictions(paths["test"]) if paths["test"].exists() else None
     views = chosen_views(spec, oof, f"member {member_cfg.run} ({paths['oof']})")
-    return Member(member_cfg.run, member_cfg, *only_views(oof, test, views), views, member_cfg.train.pseudo)
+    return Member(member_cfg.run, member_cfg, *only_views(oof, test, views, member_cfg.run), views,
+                  member_cfg.train.pseudo)
 
 
 def external_member(cfg: ExperimentConfig, spec: MemberConfig) -> Member:
@@ -123,7 +124,7 @@ def external_member(cfg: ExperimentConfig, spec: MemberConfig) -> Member:
     oof = load_external_oof(folder, spec.format, spec.name, load_dataset(cfg.data, "train"), folds)
     test = load_external_test(folder, spec.format, spec.name, load_dataset(cfg.data, "test"), folds)
     views = chosen_views(spec, oof, f"member {spec.name} ({folder})")
-    return Member(spec.name, cfg, *only_views(oof, test, views), views)
+    return Member(spec.name, cfg, *only_views(oof, test, views, spec.name), views)
 
 
 def chosen_views(spec: MemberConfig, oof: pd.DataFrame, where: str) -> list[str]:
@@ -134,13 +135,18 @@ def chosen_views(spec: MemberConfig, oof: pd.DataFrame, where: str) -> list[str]
         raise EnsembleError(f"{where}: {err}") from None
 
 
-def only_views(oof: pd.DataFrame, test: pd.DataFrame | None,
-               views: list[str]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    if len(views) == oof.tta.nunique():
-        return oof, test
+def only_views(oof: pd.DataFrame, test: pd.DataFrame | None, views: list[str],
+               name: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The member's rows of ``views`` only; test views outside them (never tuned on OOF) are left out, logged."""
     def keep(preds: pd.DataFrame) -> pd.DataFrame:
-        return preds[preds.tta.isin(views)].reset_index(drop=True)
+        inside = preds.tta.isin(views)
+        return preds if inside.all() else preds[inside].reset_index(drop=True)
 
+    if test is not None:
+        extra = sorted(set(test.tta.unique()) - set(oof.tta.unique()))
+        if extra:
+            log.warning("member %s: test predictions of views %s that its OOF predictions lack are left out "
+                        "(a view is fused only where it was tuned)", name, extra)
     return keep(oof), None if test is None else keep(test)
 
 

@@ -180,10 +180,22 @@ def member_predictions(cfg: ExperimentConfig, split: str, table: AnnotationTable
         if not path.is_file():
             raise PseudoLabelError(f"{path} not found: predict {split} with {member_cfg.source} first")
         oof_path = predictions_path(member_cfg, "oof")
-        views = member_views(spec, pd.read_parquet(oof_path, columns=["tta"]).tta.unique(), oof_path)
-        preds = read_predictions(path)
-        out.append((member_cfg.run, preds[preds.tta.isin(views)].reset_index(drop=True), views))
+        oof_views = pd.read_parquet(oof_path, columns=["tta"]).tta.unique()
+        views = member_views(spec, oof_views, oof_path)
+        out.append((member_cfg.run, fused_views(read_predictions(path), views, member_cfg.run, oof_views), views))
     return out
+
+
+def fused_views(preds: pd.DataFrame, views: list[str], name: str, oof_views=()) -> pd.DataFrame:
+    """The rows of the fused ``views``; rows of a view its OOF predictions (``oof_views``) lack -- never tuned --
+    are logged as they go."""
+    inside = preds.tta.isin(views)
+    if inside.all():
+        return preds
+    untuned = sorted(set(preds.tta[~inside].unique()) - set(oof_views))
+    if untuned:
+        log.warning("member %s: predictions of views %s that its OOF predictions lack are left out", name, untuned)
+    return preds[inside].reset_index(drop=True)
 
 
 def member_views(spec: MemberConfig, predicted, source: Path) -> list[str]:

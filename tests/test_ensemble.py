@@ -255,9 +255,9 @@ def test_members_with_scale_views_get_a_row_without_them():
                                                                       folds))
 
 
-def views_config(tmp_path, tiny_data, views) -> "ExperimentConfig":
-    """An ensemble of one member whose OOF and test predictions hold none, hflip and scale1.25, its entry
-    naming ``views``."""
+def views_config(tmp_path, tiny_data, views, test_views=("hflip", "none", "scale1.25")) -> "ExperimentConfig":
+    """An ensemble of one member whose OOF predictions hold none, hflip and scale1.25 (its test predictions
+    ``test_views``), its entry naming ``views``."""
     import yaml
 
     from conftest import FRCNN_TINY, write_config_dir
@@ -268,9 +268,9 @@ def views_config(tmp_path, tiny_data, views) -> "ExperimentConfig":
     tree["ensemble"]["members"] = [{"config": "m.yaml", "views": views}]
     (folder / "ensemble.yaml").write_text(yaml.safe_dump(tree))
     cfg = load_config(folder / "ensemble.yaml")
-    for split in ("oof", "test"):
-        preds = pd.DataFrame({"image_id": "a", "x1": 1.0, "y1": 1.0, "x2": 9.0, "y2": 9.0, "score": [0.5, 0.6, 0.7],
-                              "label": 0, "model": "m", "fold": 0, "tta": ["hflip", "none", "scale1.25"]})
+    for split, tta in (("oof", ["hflip", "none", "scale1.25"]), ("test", list(test_views))):
+        preds = pd.DataFrame({"image_id": "a", "x1": 1.0, "y1": 1.0, "x2": 9.0, "y2": 9.0, "score": 0.5,
+                              "label": 0, "model": "m", "fold": 0, "tta": tta})
         write_predictions(preds, predictions_path(cfg.load_sibling("m.yaml"), split))
     return cfg
 
@@ -286,3 +286,13 @@ def test_a_members_entry_keeps_only_the_views_it_names(tmp_path, tiny_data):
     assert member.views == ["none", "hflip", "scale1.25"] and len(member.test) == 3
     with pytest.raises(EnsembleError, match=r"member m \(.*oof.parquet\): views \['vflip'\] were not predicted"):
         load_members(views_config(tmp_path / "c", tiny_data, ["vflip"]), need_test=True)
+
+
+def test_test_views_that_were_never_tuned_are_left_out_and_logged(tmp_path, tiny_data, caplog):
+    from pipeline.ensemble import load_members
+
+    cfg = views_config(tmp_path, tiny_data, None, test_views=("none", "vflip", "hflip", "vflip"))
+    with caplog.at_level("WARNING", logger="pipeline.ensemble"):
+        (member,) = load_members(cfg, need_test=True)
+    assert sorted(member.test.tta) == ["hflip", "none"] and list(member.test.index) == [0, 1]
+    assert "member m: test predictions of views ['vflip'] that its OOF predictions lack are left out" in caplog.text

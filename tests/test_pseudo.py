@@ -422,14 +422,28 @@ def test_round_two_training_sets_from_a_real_round(chain, tmp_path):
     assert np.all(made.boxes.label.between(0, len(table.classes) - 1))
 
 
-def test_the_teachers_fuse_only_the_views_the_ensemble_kept(tmp_path, tiny_data):
+def test_the_teachers_fuse_only_the_views_the_ensemble_kept(tmp_path, tiny_data, caplog):
     from test_ensemble import views_config
 
     from pipeline.pseudo import member_predictions
 
     cfg = views_config(tmp_path, tiny_data, ["hflip"])
-    ((name, preds, views),) = member_predictions(cfg, "test", None, None)
+    with caplog.at_level("WARNING", logger="pipeline.pseudo"):
+        ((name, preds, views),) = member_predictions(cfg, "test", None, None)
     assert name == "m" and views == ["hflip"] and list(preds.tta) == ["hflip"]
+    assert "left out" not in caplog.text  # the entry left them out: nothing to warn of
     cfg = views_config(tmp_path / "b", tiny_data, ["rot90_2"])
     with pytest.raises(PseudoLabelError, match=r"member m.yaml \(.*oof.parquet\): views \['rot90_2'\] were not"):
         member_predictions(cfg, "test", None, None)
+
+
+def test_a_test_view_the_oof_predictions_lack_is_left_out_and_logged(tmp_path, tiny_data, caplog):
+    from test_ensemble import views_config
+
+    from pipeline.pseudo import member_predictions
+
+    cfg = views_config(tmp_path, tiny_data, None, test_views=("none", "rot90_1", "hflip"))
+    with caplog.at_level("WARNING", logger="pipeline.pseudo"):
+        ((_, preds, views),) = member_predictions(cfg, "test", None, None)
+    assert views == ["none", "hflip", "scale1.25"] and list(preds.tta) == ["none", "hflip"]
+    assert "member m: predictions of views ['rot90_1'] that its OOF predictions lack are left out" in caplog.text
