@@ -43,7 +43,7 @@ from pipeline.fusion.views import fuse_views
 from pipeline.io import atomic_write_text
 from pipeline.layout import (ENSEMBLE_REPORT, ENSEMBLE_RESULT, FoldsError, empty_predictions, ensemble_dir,
                              folds_path, fused_path, predictions_path, read_folds, read_predictions,
-                             write_predictions)
+                             rows_of_views, write_predictions)
 from pipeline.metrics import Metric, MetricResult, Scorer, get_metric
 from pipeline.report import write_ensemble_report, write_html_report
 from pipeline.tracking import stage_run
@@ -137,17 +137,9 @@ def chosen_views(spec: MemberConfig, oof: pd.DataFrame, where: str) -> list[str]
 
 def only_views(oof: pd.DataFrame, test: pd.DataFrame | None, views: list[str],
                name: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """The member's rows of ``views`` only; test views outside them (never tuned on OOF) are left out, logged."""
-    def keep(preds: pd.DataFrame) -> pd.DataFrame:
-        inside = preds.tta.isin(views)
-        return preds if inside.all() else preds[inside].reset_index(drop=True)
-
-    if test is not None:
-        extra = sorted(set(test.tta.unique()) - set(oof.tta.unique()))
-        if extra:
-            log.warning("member %s: test predictions of views %s that its OOF predictions lack are left out "
-                        "(a view is fused only where it was tuned)", name, extra)
-    return keep(oof), None if test is None else keep(test)
+    """The member's rows of ``views`` only; test views its OOF predictions lack are left out, logged."""
+    tuned = oof.tta.unique()
+    return rows_of_views(oof, views, name), None if test is None else rows_of_views(test, views, name, tuned)
 
 
 def fuse(preds: pd.DataFrame, sizes: pd.DataFrame, p: FusionParams, sets: list, group_col, backend: str,

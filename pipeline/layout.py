@@ -27,6 +27,7 @@ images is known from the annotation table / folds file, never from this table.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,8 @@ from pipeline.io import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
     from pipeline.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ annotation table
 
@@ -149,6 +152,19 @@ def write_predictions(df: pd.DataFrame, path: str | Path) -> Path:
 
 def read_predictions(path: str | Path) -> pd.DataFrame:
     return normalise_predictions(pd.read_parquet(path))
+
+
+def rows_of_views(preds: pd.DataFrame, views: list[str], member: str, tuned=None) -> pd.DataFrame:
+    """A member's rows of the TTA ``views`` it is fused with (``preds`` itself when it holds no other). Rows of a
+    view outside ``tuned`` too (the views of its OOF predictions, when given), never tuned, are logged as they go."""
+    inside = preds.tta.isin(views)
+    if inside.all():
+        return preds
+    untuned = sorted(set(preds.tta[~inside].unique()) - set(tuned)) if tuned is not None else []
+    if untuned:
+        log.warning("member %s: predictions of views %s that its OOF predictions lack are left out (a view is "
+                    "fused only where it was tuned)", member, untuned)
+    return preds[inside].reset_index(drop=True)
 
 
 # -------------------------------------------------------------------------------------------- ensembles

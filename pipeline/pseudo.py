@@ -44,7 +44,8 @@ from pipeline.data import AnnotationTable, DataError, load_dataset
 from pipeline.external import ExternalError, load_external_test
 from pipeline.fusion import fuse_tuned
 from pipeline.layout import (ALL_FOLDS, ENSEMBLE_RESULT, PSEUDO_META, FoldsError, ensemble_dir, folds_path,
-                             fused_path, predictions_path, pseudo_dir, read_folds, read_predictions)
+                             fused_path, predictions_path, pseudo_dir, read_folds, read_predictions,
+                             rows_of_views)
 from pipeline.pseudo_labels import (PseudoLabelError, check_no_labelled_images, file_sha256, read_pseudo_meta,
                                     resolve_pseudo_dir, unlabelled_table, write_pseudo_table)
 from pipeline.report import match, threshold_curve
@@ -173,7 +174,7 @@ def member_predictions(cfg: ExperimentConfig, split: str, table: AnnotationTable
             if preds is None:
                 raise PseudoLabelError(f"member {spec.name}: no test predictions in {folder}")
             views = member_views(spec, preds.tta.unique(), folder)
-            out.append((str(spec.name), preds[preds.tta.isin(views)].reset_index(drop=True), views))
+            out.append((str(spec.name), rows_of_views(preds, views, str(spec.name)), views))
             continue
         member_cfg = cfg.load_sibling(spec.config)
         path = predictions_path(member_cfg, split)
@@ -182,20 +183,8 @@ def member_predictions(cfg: ExperimentConfig, split: str, table: AnnotationTable
         oof_path = predictions_path(member_cfg, "oof")
         oof_views = pd.read_parquet(oof_path, columns=["tta"]).tta.unique()
         views = member_views(spec, oof_views, oof_path)
-        out.append((member_cfg.run, fused_views(read_predictions(path), views, member_cfg.run, oof_views), views))
+        out.append((member_cfg.run, rows_of_views(read_predictions(path), views, member_cfg.run, oof_views), views))
     return out
-
-
-def fused_views(preds: pd.DataFrame, views: list[str], name: str, oof_views=()) -> pd.DataFrame:
-    """The rows of the fused ``views``; rows of a view its OOF predictions (``oof_views``) lack -- never tuned --
-    are logged as they go."""
-    inside = preds.tta.isin(views)
-    if inside.all():
-        return preds
-    untuned = sorted(set(preds.tta[~inside].unique()) - set(oof_views))
-    if untuned:
-        log.warning("member %s: predictions of views %s that its OOF predictions lack are left out", name, untuned)
-    return preds[inside].reset_index(drop=True)
 
 
 def member_views(spec: MemberConfig, predicted, source: Path) -> list[str]:

@@ -292,7 +292,7 @@ def test_test_views_that_were_never_tuned_are_left_out_and_logged(tmp_path, tiny
     from pipeline.ensemble import load_members
 
     cfg = views_config(tmp_path, tiny_data, None, test_views=("none", "vflip", "hflip", "vflip"))
-    with caplog.at_level("WARNING", logger="pipeline.ensemble"):
+    with caplog.at_level("WARNING", logger="pipeline.layout"):
         (member,) = load_members(cfg, need_test=True)
     assert sorted(member.test.tta) == ["hflip", "none"] and list(member.test.index) == [0, 1]
-    assert "member m: test predictions of views ['vflip'] that its OOF predictions lack are left out" in caplog.text
+    assert "member m: predictions of views ['vflip'] that its OOF predictions lack are left out" in caplog.text

@@ -66,3 +66,16 @@ def test_prediction_tables_keep_string_ids(tmp_path):
                          "label": 0, "model": "m", "fold": 0, "tta": "none"})
     back = read_predictions(write_predictions(rows, tmp_path / "p.parquet"))
     assert back.image_id.tolist() == NA_LIKE_IDS
+
+
+def test_rows_of_views_keeps_the_fused_views_and_logs_the_untuned_ones(caplog):
+    from pipeline.layout import rows_of_views
+
+    preds = pd.DataFrame({"tta": ["none", "hflip", "vflip", "none"], "score": [0.1, 0.2, 0.3, 0.4]})
+    assert rows_of_views(preds, ["hflip", "none", "vflip"], "m") is preds  # nothing to leave out: no copy
+    with caplog.at_level("WARNING", logger="pipeline.layout"):
+        kept = rows_of_views(preds, ["none"], "m")  # left out by the member's entry: said by no one
+        assert list(kept.score) == [0.1, 0.4] and list(kept.index) == [0, 1]
+        assert caplog.text == ""
+        rows_of_views(preds, ["none"], "m", tuned=["none", "hflip"])
+    assert "member m: predictions of views ['vflip'] that its OOF predictions lack are left out" in caplog.text

@@ -428,7 +428,7 @@ def test_the_teachers_fuse_only_the_views_the_ensemble_kept(tmp_path, tiny_data,
     from pipeline.pseudo import member_predictions
 
     cfg = views_config(tmp_path, tiny_data, ["hflip"])
-    with caplog.at_level("WARNING", logger="pipeline.pseudo"):
+    with caplog.at_level("WARNING", logger="pipeline.layout"):
         ((name, preds, views),) = member_predictions(cfg, "test", None, None)
     assert name == "m" and views == ["hflip"] and list(preds.tta) == ["hflip"]
     assert "left out" not in caplog.text  # the entry left them out: nothing to warn of
@@ -443,7 +443,7 @@ def test_a_test_view_the_oof_predictions_lack_is_left_out_and_logged(tmp_path, t
     from pipeline.pseudo import member_predictions
 
     cfg = views_config(tmp_path, tiny_data, None, test_views=("none", "rot90_1", "hflip"))
-    with caplog.at_level("WARNING", logger="pipeline.pseudo"):
+    with caplog.at_level("WARNING", logger="pipeline.layout"):
         ((_, preds, views),) = member_predictions(cfg, "test", None, None)
     assert views == ["none", "hflip", "scale1.25"] and list(preds.tta) == ["none", "hflip"]
     assert "member m: predictions of views ['rot90_1'] that its OOF predictions lack are left out" in caplog.text
