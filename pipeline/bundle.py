@@ -213,10 +213,7 @@ def plan_members(cfg: ExperimentConfig, result: dict) -> list[MemberPlan]:
             raise BundleError(f"{oof_path} not found: run python -m pipeline.predict --config {member_cfg.source} "
                               "--split oof")
         # as the ensemble reads them; only the column needed (an OOF table can hold millions of boxes)
-        try:
-            views = spec.chosen_views(pd.read_parquet(oof_path, columns=["tta"]).tta.unique())
-        except ValueError as err:
-            raise BundleError(f"member {member_cfg.run} ({oof_path}): {err}") from None
+        views = spec.chosen_views(pd.read_parquet(oof_path, columns=["tta"]).tta.unique(), oof_path)
         folds = sorted(int(f) for f in read_folds(folds_path(member_cfg)).fold.unique())
         test_path = predictions_path(member_cfg, "test")
         if test_path.is_file():

@@ -354,13 +354,14 @@ class MemberConfig(Strict):
             raise ValueError(f"views must be distinct and at least one, got {value}")
         return value
 
-    def chosen_views(self, predicted: Sequence[str]) -> list[str]:
-        """The views to fuse, ``none`` first then by name: every predicted view, or those ``views`` names
-        (``ValueError`` for one that was not predicted)."""
+    def chosen_views(self, predicted: Sequence[str], source: object) -> list[str]:
+        """The views to fuse, ``none`` first then by name: every view of ``predicted`` (those of the member's OOF
+        predictions, read from ``source``), or those ``views`` names (``ConfigError`` for one not predicted)."""
         have = sorted({str(v) for v in predicted}, key=lambda v: (v != "none", v))
         missing = [v for v in self.views or [] if v not in have]
         if missing:
-            raise ValueError(f"views {missing} were not predicted; the predictions hold {have}")
+            raise ConfigError(f"member {self.name or self.config} ({source}): views {missing} were not predicted; "
+                              f"the predictions hold {have}")
         return have if self.views is None else [v for v in have if v in self.views]
 
     @model_validator(mode="after")

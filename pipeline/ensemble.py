@@ -110,7 +110,7 @@ def config_member(cfg: ExperimentConfig, spec: MemberConfig, need_test: bool) ->
                                 f"{member_cfg.source} --split {split}")
     oof = read_predictions(paths["oof"])
     test = read_predictions(paths["test"]) if paths["test"].exists() else None
-    views = chosen_views(spec, oof, f"member {member_cfg.run} ({paths['oof']})")
+    views = spec.chosen_views(oof.tta.unique(), paths["oof"])
     return Member(member_cfg.run, member_cfg, *only_views(oof, test, views, member_cfg.run), views,
                   member_cfg.train.pseudo)
 
@@ -123,16 +123,8 @@ def external_member(cfg: ExperimentConfig, spec: MemberConfig) -> Member:
     folds = read_folds(folds_path(cfg))
     oof = load_external_oof(folder, spec.format, spec.name, load_dataset(cfg.data, "train"), folds)
     test = load_external_test(folder, spec.format, spec.name, load_dataset(cfg.data, "test"), folds)
-    views = chosen_views(spec, oof, f"member {spec.name} ({folder})")
+    views = spec.chosen_views(oof.tta.unique(), folder)
     return Member(spec.name, cfg, *only_views(oof, test, views, spec.name), views)
-
-
-def chosen_views(spec: MemberConfig, oof: pd.DataFrame, where: str) -> list[str]:
-    """The member's views to fuse (``views`` in its entry, else every view its OOF predictions hold)."""
-    try:
-        return spec.chosen_views(oof.tta.unique())
-    except ValueError as err:
-        raise EnsembleError(f"{where}: {err}") from None
 
 
 def only_views(oof: pd.DataFrame, test: pd.DataFrame | None, views: list[str],

@@ -173,7 +173,7 @@ def member_predictions(cfg: ExperimentConfig, split: str, table: AnnotationTable
             preds = load_external_test(folder, spec.format, spec.name, table, folds)
             if preds is None:
                 raise PseudoLabelError(f"member {spec.name}: no test predictions in {folder}")
-            views = member_views(spec, preds.tta.unique(), folder)
+            views = spec.chosen_views(preds.tta.unique(), folder)
             out.append((str(spec.name), rows_of_views(preds, views, str(spec.name)), views))
             continue
         member_cfg = cfg.load_sibling(spec.config)
@@ -182,17 +182,9 @@ def member_predictions(cfg: ExperimentConfig, split: str, table: AnnotationTable
             raise PseudoLabelError(f"{path} not found: predict {split} with {member_cfg.source} first")
         oof_path = predictions_path(member_cfg, "oof")
         oof_views = pd.read_parquet(oof_path, columns=["tta"]).tta.unique()
-        views = member_views(spec, oof_views, oof_path)
+        views = spec.chosen_views(oof_views, oof_path)
         out.append((member_cfg.run, rows_of_views(read_predictions(path), views, member_cfg.run, oof_views), views))
     return out
-
-
-def member_views(spec: MemberConfig, predicted, source: Path) -> list[str]:
-    """The views the ensemble fused for this member (its entry's ``views``, else every predicted view)."""
-    try:
-        return spec.chosen_views(predicted)
-    except ValueError as err:
-        raise PseudoLabelError(f"member {spec.name or spec.config} ({source}): {err}") from None
 
 
 def _fuse(preds: pd.DataFrame, sizes: pd.DataFrame, params: dict, sets: list, group_col: tuple[str, ...],

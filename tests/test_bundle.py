@@ -17,7 +17,7 @@ import torch
 
 from conftest import EFFDET_TINY, FRCNN_TINY, write_config_dir
 from pipeline import bundle, checkpoint, folds
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.data import load_dataset
 from pipeline.engine import load_model_checkpoint
 from pipeline.formats import content_hash, read_submission
@@ -401,5 +401,5 @@ def test_a_bundle_runs_only_the_views_the_ensemble_fused(tmp_path, tiny_data):
     assert [p.views for p in plans] == [["none", "hflip"], ["hflip"]]
     tree["ensemble"]["members"][1]["views"] = ["scale1.5"]
     ens.write_text(yaml.safe_dump(tree))
-    with pytest.raises(bundle.BundleError, match=r"member effdet \(.*\): views \['scale1.5'\] were not predicted"):
+    with pytest.raises(ConfigError, match=r"member effdet.yaml \(.*oof.parquet\): views \['scale1.5'\] were not"):
         bundle.plan_members(load_config(ens), result)

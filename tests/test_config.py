@@ -127,11 +127,12 @@ def test_multiscale_with_a_non_square_input_takes_width_height_pairs_only(tmp_pa
 def test_a_member_fuses_the_views_its_entry_names_in_the_ensembles_order(tmp_path):
     from pipeline.config import MemberConfig
 
-    assert MemberConfig(config="m.yaml").chosen_views(["hflip", "none", "hflip"]) == ["none", "hflip"]
+    assert MemberConfig(config="m.yaml").chosen_views(["hflip", "none", "hflip"], "f") == ["none", "hflip"]
     chosen = MemberConfig(config="m.yaml", views=["scale1.25", "none"])
-    assert chosen.chosen_views(["hflip", "scale1.25", "none"]) == ["none", "scale1.25"]
-    with pytest.raises(ValueError, match=r"\['vflip'\] were not predicted; the predictions hold \['none', 'hflip'\]"):
-        MemberConfig(config="m.yaml", views=["vflip", "none"]).chosen_views(["hflip", "none"])
+    assert chosen.chosen_views(["hflip", "scale1.25", "none"], "f") == ["none", "scale1.25"]
+    with pytest.raises(ConfigError, match=r"member m.yaml \(f.parquet\): views \['vflip'\] were not predicted; "
+                                          r"the predictions hold \['none', 'hflip'\]"):
+        MemberConfig(config="m.yaml", views=["vflip", "none"]).chosen_views(["hflip", "none"], "f.parquet")
     for bad in ("[]", "[none, none]"):
         path = write(tmp_path / "e.yaml", "data: {name: d, format: voc, root: x}\n"
                      f"ensemble: {{members: [{{config: m.yaml, views: {bad}}}]}}\n")

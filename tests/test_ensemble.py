@@ -276,7 +276,8 @@ def views_config(tmp_path, tiny_data, views, test_views=("hflip", "none", "scale
 
 
 def test_a_members_entry_keeps_only_the_views_it_names(tmp_path, tiny_data):
-    from pipeline.ensemble import EnsembleError, load_members
+    from pipeline.config import ConfigError
+    from pipeline.ensemble import load_members
 
     (member,) = load_members(views_config(tmp_path / "a", tiny_data, ["scale1.25", "none"]), need_test=True)
     assert member.views == ["none", "scale1.25"]
@@ -284,7 +285,7 @@ def test_a_members_entry_keeps_only_the_views_it_names(tmp_path, tiny_data):
     assert list(member.oof.index) == [0, 1]
     (member,) = load_members(views_config(tmp_path / "b", tiny_data, None), need_test=True)
     assert member.views == ["none", "hflip", "scale1.25"] and len(member.test) == 3
-    with pytest.raises(EnsembleError, match=r"member m \(.*oof.parquet\): views \['vflip'\] were not predicted"):
+    with pytest.raises(ConfigError, match=r"member m.yaml \(.*oof.parquet\): views \['vflip'\] were not predicted"):
         load_members(views_config(tmp_path / "c", tiny_data, ["vflip"]), need_test=True)
 
 

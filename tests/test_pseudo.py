@@ -433,7 +433,7 @@ def test_the_teachers_fuse_only_the_views_the_ensemble_kept(tmp_path, tiny_data,
     assert name == "m" and views == ["hflip"] and list(preds.tta) == ["hflip"]
     assert "left out" not in caplog.text  # the entry left them out: nothing to warn of
     cfg = views_config(tmp_path / "b", tiny_data, ["rot90_2"])
-    with pytest.raises(PseudoLabelError, match=r"member m.yaml \(.*oof.parquet\): views \['rot90_2'\] were not"):
+    with pytest.raises(ConfigError, match=r"member m.yaml \(.*oof.parquet\): views \['rot90_2'\] were not"):
         member_predictions(cfg, "test", None, None)
 
 
