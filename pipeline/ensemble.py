@@ -384,8 +384,8 @@ def view_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None, 
             why = (" or the model, trained at one input size, sizes objects toward it (train.multiscale trains it "
                    "at the view's sizes)" if is_scale_view(row["view"]) else "")
             log.warning("%s: view %s scores %.4f OOF, %.4f below its %s view (more than %.3f): check the view and "
-                        "its inverse%s", m.name, row["view"], row["oof"], -row["oof gain"], rows[0]["view"],
-                        VIEW_GAP_WARN, why)
+                        "its inverse%s; the member's entry can leave it out (views: [...])", m.name, row["view"],
+                        row["oof"], -row["oof gain"], rows[0]["view"], VIEW_GAP_WARN, why)
     return rows
 
 

@@ -238,6 +238,7 @@ def test_each_view_is_scored_alone_and_a_view_far_below_the_plain_one_is_flagged
     flagged = [r.getMessage() for r in caplog.records]
     assert len(flagged) == 1 and "scale0.75" in flagged[0] and "inverse" in flagged[0]
     assert "train.multiscale" in flagged[0]  # a scale view: the one-size training is the other suspect
+    assert "views: [...]" in flagged[0]  # and the way to leave it out without predicting again
 
 
 def test_members_with_scale_views_get_a_row_without_them():
