@@ -2,7 +2,7 @@
 one tuning step's time goes.
 
 Run: ``python benchmarks/tuning_speed.py [--images 3373] [--members 4] [--views 4] [--boxes 100] [--metric gwd]
-[--rules wbf] [--folds 5] [--seed 0] [--set KEY=VALUE ...]``.
+[--rules wbf] [--folds 5] [--seed 0] [--fixed-weights] [--set KEY=VALUE ...]``.
 
 Input (seeded, generated in memory): Global Wheat's training split as ``pipeline`` would hold it -- ``--images``
 images of 1024 x 1024 px (3,373 in GWD), 20 to 70 ground-truth boxes each (GWD averages ~44 wheat heads), one class,
@@ -13,9 +13,14 @@ probability 0.95 - 0.05 k, as the object's box plus Gaussian jitter of 5 % of it
 
 For each rule of ``--rules``, ``tune()`` runs exactly as the ensemble stage calls it (the search grid of
 ``configs/demo/ensemble.yaml``, ``--set ensemble.tune.iou_thr=[0.5,0.6]`` etc. to change it): wall seconds,
-fusions tried, fusions a minute. Then one step on the same table is timed in its two parts, as the tuner runs them,
-the median of three: the fusion (``pipeline.fusion.tuned.fuse_tuned_rows`` from scratch: packing, the compiled rule,
-the dense rows; the tuner packs once per subset of members) and the scoring of its rows
+fusions tried (points of the search, each a complete fused OOF table scored), how many of them ran the rule's
+kernel (the others' rows derived from another fusion's: soft-NMS's higher ``thresh``,
+:class:`pipeline.ensemble.SharedSelection`), fusions a minute, and how many members the tuned weights keep. The
+tuner may settle on fewer members (on this table soft-NMS keeps one, whose fusions are a quarter the size);
+``--fixed-weights`` gives every member weight 1 in the config, so that every fusion is of all members (the search
+is then the rule grid and the score threshold). Then one step on the same table is timed in its two parts, as the
+tuner runs them, the median of three: the fusion (``pipeline.fusion.tuned.fuse_tuned_rows`` from scratch:
+packing, the compiled rule, the dense rows; the tuner packs once per subset of members) and the scoring of its rows
 (``pipeline.ensemble.score_rows``: grouping them by scored image, the metric's kernel; no table is built). The
 machine's load average is printed: compare runs made in the same conditions only.
 """
@@ -31,6 +36,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipeline import ensemble
 from pipeline.config import MemberConfig, load_config
 from pipeline.data.table import AnnotationTable
 from pipeline.ensemble import Member, oof_sets, score_rows, start_params, tune
@@ -111,6 +117,7 @@ def main() -> None:
     ap.add_argument("--metric", default="gwd")
     ap.add_argument("--rules", default="wbf", help="comma-separated: wbf, nms, soft_nms, nmw")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fixed-weights", action="store_true", help="every member weight 1, not tuned")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -118,7 +125,8 @@ def main() -> None:
     table, counts = make_ground_truth(rng, args.images)
     fold = rng.integers(0, args.folds, args.images)
     cfg = load_config("configs/demo/ensemble.yaml", args.set)
-    cfg.ensemble.members = [MemberConfig(config=f"m{k}.yaml") for k in range(args.members)]
+    cfg.ensemble.members = [MemberConfig(config=f"m{k}.yaml", weight=1.0 if args.fixed_weights else None)
+                            for k in range(args.members)]
     members = []
     for k in range(args.members):
         oof = make_member(rng, table, counts, fold, k, args.views, args.boxes)
@@ -128,17 +136,23 @@ def main() -> None:
     print(f"CPUs available: {len(os.sched_getaffinity(0))}; load average: {os.getloadavg()[0]:.1f}; "
           f"{args.images:,} images, {args.members} members x {args.views} views x {args.boxes} boxes = "
           f"{len(oof_all):,} OOF rows; metric {args.metric}\n")
-    print("| rule | fusions tried | tune() s | fusions a minute | tuned OOF | one fusion s | its scoring s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| rule | fusions tried | of them fused | tune() s | fusions a minute | members kept | tuned OOF "
+          "| one fusion s | its scoring s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    kernel_runs = []  # the tuner's calls of fuse_tuned_rows: each runs the rule's kernel once
+    fuse_rows_once = ensemble.fuse_tuned_rows
+    ensemble.fuse_tuned_rows = lambda *a, **k: kernel_runs.append(1) or fuse_rows_once(*a, **k)
     for method in [r for r in args.rules.split(",") if r]:
         # compile (or load from numba's cache) every kernel a step runs -- the rule, packing, the scoring -- before
         # timing: on a fresh checkout the first tune() would otherwise time the compilation too
         warm = fuse_tuned_rows(oof_all.head(5000), table.images, start_params(method, members, cfg).record(),
                                oof_sets(members), ("model", "tta"))
         score_rows(scorer, warm), score_rows(scorer, warm, 0.1)
+        kernel_runs.clear()
         t0 = time.perf_counter()
-        _, score, n_fusions = tune(members, table.images, scorer, cfg, method)
+        params, score, n_fusions = tune(members, table.images, scorer, cfg, method)
         seconds = time.perf_counter() - t0
+        n_kept = sum(w > 0 for w in params.weights.values())
         record = start_params(method, members, cfg).record()
 
         def fuse_rows():
@@ -147,8 +161,8 @@ def main() -> None:
         fused = fuse_rows()
         t_fuse = median_seconds(fuse_rows)
         t_score = median_seconds(lambda: score_rows(scorer, fused))
-        print(f"| {method} | {n_fusions} | {seconds:.1f} | {60 * n_fusions / seconds:.0f} | {score:.4f} | "
-              f"{t_fuse:.3f} | {t_score:.3f} |", flush=True)
+        print(f"| {method} | {n_fusions} | {len(kernel_runs)} | {seconds:.1f} | {60 * n_fusions / seconds:.0f} | "
+              f"{n_kept} of {len(members)} | {score:.4f} | {t_fuse:.3f} | {t_score:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

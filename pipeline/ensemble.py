@@ -37,7 +37,7 @@ from pipeline.config import ConfigError, ExperimentConfig, MemberConfig, add_con
 from pipeline.data import DataError, load_dataset
 from pipeline.external import ExternalError, load_external_oof, load_external_test
 from pipeline.fusion import FUSION_METHODS, fuse_predictions, fuse_tuned
-from pipeline.fusion.tuned import TunedRows, fuse_tuned_rows
+from pipeline.fusion.tuned import TunedRows, derive_rows, fuse_tuned_rows
 from pipeline.fusion.rules import get_rule
 from pipeline.fusion.views import fuse_views
 from pipeline.io import atomic_write_text
@@ -182,12 +182,17 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
     scores: dict[tuple, float] = {}  # one fusion per (rule parameters, weights); thresholds re-score its rows
     held = HeldRows(metric)
 
-    def fused_rows(p: FusionParams) -> TunedRows | None:
+    def fuse_once(p: FusionParams) -> TunedRows | None:
         return fuse_tuned_rows(oof, sizes, replace(p, score_thr=0.0).record(), sets, ("model", "tta"),
                                backend=backend, packings=packings)
 
+    # the compiled backend gives each row's score at selection, from which a rule search derives its options'
+    # higher selection thresholds (soft-NMS's thresh) without fusing again
+    shared = SharedSelection(fuse_once, sets) if backend == "numba" else None
+    fused_rows = fuse_once if shared is None else shared
+
     def evaluate(p: FusionParams) -> float:
-        key = (tuple(sorted(p.rule.items())), tuple(sorted((p.weights or {}).items())))
+        key = point_key(p)
         if key not in scores:
             fused = fused_rows(p)
             scores[key] = score_rows(scorer, fused)
@@ -201,7 +206,11 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
 
     def search(field_name: str, options: list) -> None:
         nonlocal best
+        if shared is not None and field_name == "rule":
+            shared.plan([replace(best, rule=o) for o in options])
         scores = [evaluate(replace(best, **{field_name: o})) for o in options]
+        if shared is not None:
+            shared.plan([])
         # in the metric's direction; ties: the earlier (simpler, or current) option
         best = replace(best, **{field_name: options[metric.best_index(scores)]})
 
@@ -223,6 +232,53 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
         search("rule", rule_options())
     search("score_thr", sorted(set([0.0] + list(grid.score_thr))))
     return best, evaluate(best), len(scores)
+
+
+def point_key(p: FusionParams) -> tuple:
+    """What one fusion depends on: the rule's parameters and the weights (not the score threshold)."""
+    return p.method, tuple(sorted(p.rule.items())), tuple(sorted((p.weights or {}).items()))
+
+
+class SharedSelection:
+    """The tuner's fusions during a rule search: each option fused at the lowest value of each selection threshold
+    (:attr:`~pipeline.fusion.rules.FusionRule.selection_thresholds`, soft-NMS's ``thresh``) among the options that
+    differ from it only there, the others' rows derived from that fusion (:func:`~pipeline.fusion.tuned.derive_rows`:
+    the same rows as fusing them) -- soft-NMS's grids fuse once per ``sigma`` and per ``iou_thr``, not once per
+    point. Holds one base fusion at a time (a grid's options sharing one come one after another); with no plan,
+    or for an option that shares nothing, it fuses as it is asked."""
+
+    def __init__(self, fuse: Callable[[FusionParams], TunedRows | None], sets: list) -> None:
+        self.fuse, self.sets = fuse, sets
+        self.base_of: dict[tuple, FusionParams] = {}
+        self.held: tuple[tuple, TunedRows | None] | None = None
+
+    def plan(self, options: list[FusionParams]) -> None:
+        """The options of the next search (empty: none; the base fusion held is let go)."""
+        self.base_of, self.held = {}, None
+        lowest: dict[tuple, dict[str, float]] = {}
+        group_of: dict[tuple, tuple] = {}
+        for p in options:
+            names = get_rule(p.method).selection_thresholds
+            rule = get_rule(p.method).resolve(p.rule)
+            group = point_key(replace(p, rule={k: v for k, v in rule.items() if k not in names}))
+            low = lowest.setdefault(group, {k: rule[k] for k in names})
+            for k in names:
+                low[k] = min(low[k], rule[k])
+            group_of[point_key(p)] = group
+        for p in options:
+            self.base_of[point_key(p)] = replace(p, rule={**get_rule(p.method).resolve(p.rule),
+                                                          **lowest[group_of[point_key(p)]]}, score_thr=0.0)
+
+    def __call__(self, p: FusionParams) -> TunedRows | None:
+        base = self.base_of.get(point_key(p))
+        if base is None or not get_rule(p.method).selection_thresholds:
+            return self.fuse(p)
+        if self.held is None or self.held[0] != point_key(base):
+            self.held = (point_key(base), self.fuse(base))
+        rows = self.held[1]
+        if rows is None:
+            return None
+        return derive_rows(rows, base.record(), replace(p, score_thr=0.0).record(), self.sets)
 
 
 def score_rows(scorer: Scorer, fused: TunedRows | None, score_thr: float = 0.0) -> float:

@@ -129,6 +129,31 @@ def test_the_tuned_score_is_the_tables_score_whether_or_not_the_rows_were_held(m
     assert len(calls) == fusions + len(set(cfg.ensemble.tune.score_thr) - {0.0}) + (params.score_thr > 0)
 
 
+def test_soft_nms_thresholds_are_derived_not_fused_and_tune_the_same(monkeypatch):
+    # the rule search fuses each (decay, sigma | iou_thr) once, at the grid's lowest thresh, and derives the higher
+    # thresh from the rows' selection scores: the same tuned point and OOF score as fusing every point
+    from pipeline import ensemble
+
+    table, good, bad = synthetic(10, seed=2)
+    cfg = load_config("configs/demo/ensemble.yaml", ["ensemble.method=soft_nms", "ensemble.tune.weight_steps=1"])
+    members = good_and_bad(cfg, good, bad)
+    scorer = Scorer("coco_map", table)
+    calls = []
+    fuse_rows = ensemble.fuse_tuned_rows
+    monkeypatch.setattr(ensemble, "fuse_tuned_rows", lambda *a, **k: calls.append(1) or fuse_rows(*a, **k))
+    shared = tune(members, table.images, scorer, cfg, "soft_nms")
+    n_shared = len(calls)
+    monkeypatch.setattr(ensemble.SharedSelection, "plan", lambda self, options: None)  # every point fused
+    calls.clear()
+    assert tune(members, table.images, scorer, cfg, "soft_nms") == shared
+    assert len(calls) == shared[2]
+    # the first rule search: 10 pairs of thresh (0.001, 0.01); the pair of the start point (sigma 0.5), whose
+    # 0.001 was scored by the weight search before, fuses its base again: 9 fusions spared
+    assert len(ensemble.rule_grid("soft_nms", cfg)) == 20 and n_shared <= shared[2] - 9
+    fused = fuse(pd.concat([good, bad]), table.images, shared[0], oof_sets(members), ("model", "tta"), "numba", "e")
+    assert scorer(fused).score == shared[1]
+
+
 def test_a_grid_without_the_starting_rule_never_steps_down():
     # a configured grid whose only point drops every box (skip_box_thr above every score): the library's defaults
     # the search starts from must stay a candidate, so the tuned ensemble never scores below its start

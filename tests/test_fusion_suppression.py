@@ -437,3 +437,40 @@ def test_drop_ins_fuse_as_the_packed_table_path(messy, method):
     np.testing.assert_array_equal(got_l, out.label[:m])
     assert [str(w.message) for w in list_warnings] == [str(w.message) for w in packed_warnings]
     assert bool(list_warnings) == messy
+
+
+
+@pytest.mark.parametrize("method", [1, 2, 3])
+def test_each_kept_row_carries_its_score_at_selection(method):
+    """Soft-NMS: the rows kept at a ``thresh`` are, in order, the rows kept at a lower one whose selection score is
+    above it, on a table of 24 images split over threads (and the library's at that ``thresh`` on one image); NMS
+    gives none."""
+    import pandas as pd
+
+    from pipeline.fusion.packing import pack_table
+    from pipeline.fusion.runner import dense_rows
+    from pipeline.fusion.suppression import fuse_packed
+
+    rng = np.random.default_rng(8)
+    images = [make_inputs(rng, 4, 30, 2, quantise=False, messy=False) for _ in range(24)]
+    parts = [pd.DataFrame({"image_id": f"i{k:02d}", "x1": b[:, 0], "y1": b[:, 1], "x2": b[:, 2], "y2": b[:, 3],
+                           "score": s, "label": la, "model": f"m{t}"})
+             for k, (bl, sl, ll) in enumerate(images) for t, (b, s, la) in enumerate(zip(bl, sl, ll))]
+    sizes = {f"i{k:02d}": (1, 1) for k in range(24)}
+    packed = pack_table(pd.concat(parts, ignore_index=True), sizes, "model", None, [f"m{t}" for t in range(4)])
+    low = dense_rows(packed, fuse_packed(packed, method, 0.3, 0.2, 0.0, False, threads=2), 2)
+    if method == 3:
+        assert low.selection is None  # NMS has no selection threshold
+        return
+    assert (low.selection <= low.values[4]).all() and (low.selection < low.values[4]).any()
+    for thresh in (0.05, 0.2):
+        high = dense_rows(packed, fuse_packed(packed, method, 0.3, 0.2, thresh, False, threads=2), 2)
+        keep = low.selection > thresh
+        assert 0 < keep.sum() < len(keep)
+        for mine, theirs in zip(low.take(keep), high, strict=True):
+            np.testing.assert_array_equal(mine, theirs)
+        bl, sl, ll = images[5]
+        ref = eb_soft_nms(copy.deepcopy(bl), copy.deepcopy(sl), copy.deepcopy(ll), method=method, iou_thr=0.3,
+                          sigma=0.2, thresh=thresh)
+        np.testing.assert_array_equal(high.values[:4, high.image == 5].T, ref[0])
+        np.testing.assert_array_equal(high.values[4, high.image == 5], ref[1])

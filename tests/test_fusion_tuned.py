@@ -94,3 +94,38 @@ def test_rows_of_a_table_with_nothing_to_fuse_are_none():
     params = {"method": "wbf", "weights": {"m0": 1.0, "m1": 0.0, "m2": 1.0}}
     assert fuse_tuned_rows(only_m1, SIZES, params, SETS, GROUP, packings={}) is None
     assert len(fuse_tuned(only_m1, SIZES, params, SETS, GROUP, name="e")) == 0
+
+
+@pytest.mark.parametrize("rule", [{"decay": "gaussian", "sigma": 0.1}, {"decay": "linear", "iou_thr": 0.3}])
+def test_a_higher_soft_nms_thresh_is_derived_from_a_lower_ones_rows(rule):
+    # the library runs its whole selection loop and drops the rows whose score at selection is <= thresh at the
+    # end: the rows at a higher thresh are the lower one's whose selection score is above it, divided by the same
+    # rescaling as the fusion divides thresh (weights {2, 0, 1}: the library's scores are a third of fuse_tuned's)
+    from pipeline.fusion.tuned import derive_rows, fuse_tuned_rows
+
+    table = make_table(seed=4)
+    for weights in [None, {"m0": 2.0, "m1": 0.0, "m2": 1.0}]:
+        base = {"method": "soft_nms", **rule, "thresh": 0.001, "weights": weights}
+        fused = fuse_tuned_rows(table, SIZES, base, SETS, GROUP)
+        counts = [len(fused.rows.image)]
+        for thresh, score_thr in [(0.03, 0.0), (0.1, 0.0), (0.1, 0.4), (0.3, 0.0)]:
+            params = base | {"thresh": thresh, "score_thr": score_thr}
+            derived = derive_rows(fused, base, params, SETS)
+            expected = fuse_tuned_rows(table, SIZES, params, SETS, GROUP)
+            for mine, theirs in zip(derived.rows, expected.rows, strict=True):
+                np.testing.assert_array_equal(mine, theirs)
+            counts.append(len(derived.rows.image))
+        assert counts[0] > counts[1] > counts[2] > counts[3] > 0 and counts[2] > counts[4] > 0
+
+
+def test_only_a_higher_selection_threshold_is_derived():
+    from pipeline.fusion.tuned import derive_rows, fuse_tuned_rows
+
+    table = make_table(seed=4)
+    base = {"method": "soft_nms", "sigma": 0.1, "thresh": 0.01, "weights": None}
+    fused = fuse_tuned_rows(table, SIZES, base, SETS, GROUP)
+    for params in [base | {"thresh": 0.001}, base | {"sigma": 0.2}, base | {"score_thr": -0.1},
+                   base | {"weights": {"m0": 1.0, "m1": 2.0, "m2": 1.0}}, {"method": "nms", "weights": None}]:
+        with pytest.raises(ValueError, match="cannot be derived"):
+            derive_rows(fused, base, params, SETS)
+    assert derive_rows(fused, base, base, SETS).rows is fused.rows  # nothing raised: the rows as they are

@@ -73,7 +73,7 @@ def fuse_packed(packed: PackedTable, iou_thr: float, skip_thr: float | np.ndarra
     def work(lo: int, hi: int, out: KernelOutput, stats: np.ndarray, cached: bool) -> None:
         cap = largest_image(packed, lo, hi)
         scratch = thread_scratch(cap) if cached else allocate_scratch(cap)
-        fuse_image_range(lo, hi, *packed.kernel_rows, packed.row_offs, *params, *out, stats, *scratch)
+        fuse_image_range(lo, hi, *packed.kernel_rows, packed.row_offs, *params, *out.slots(), stats, *scratch)
 
     return run_kernel(packed, work, threads, "NMW", reuse)
 

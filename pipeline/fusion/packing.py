@@ -375,3 +375,14 @@ def compact_rows(img_lo: int, img_hi: int, row_offs: np.ndarray, count: np.ndarr
             values[4, o] = out_score[r]
             label[o] = out_label[r]
             o += 1
+
+
+@numba.njit(**NJIT_OPTIONS)
+def compact_column(img_lo: int, img_hi: int, row_offs: np.ndarray, count: np.ndarray, dst_offs: np.ndarray,
+                   src: np.ndarray, dst: np.ndarray) -> None:
+    """One more per-row column of the kernels' output compacted as :func:`compact_rows` compacts the rows."""
+    for k in range(img_lo, img_hi):
+        o = dst_offs[k]
+        for r in range(row_offs[k], row_offs[k] + count[k]):
+            dst[o] = src[r]
+            o += 1

@@ -22,6 +22,11 @@
   :func:`pipeline.fusion.tuned.fuse_tuned` undoes so a score threshold tuned on OOF carries over to test;
   ``score_params``: the rule's parameters compared with those divided scores (soft-NMS's ``thresh``), which
   ``fuse_tuned`` divides alike.
+* ``selection_thresholds``: the rule's parameters that only drop output rows, those whose score at selection
+  (``KernelOutput.selection``) is at or below them, and change nothing else (soft-NMS's ``thresh``: the library
+  runs its whole selection loop and filters at the end, so the rows kept at a higher value are, in order, the rows
+  kept at a lower one whose selection score is above it). The OOF tuner fuses once at the grid's lowest value and
+  derives the other values' rows (:func:`pipeline.fusion.tuned.derive_rows`).
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ class FusionRule:
     sorted_by_score: bool  # whether an image's output is sorted by score (NMS and soft-NMS: grouped by label)
     divides_by_weight_sum: bool = False
     score_params: tuple[str, ...] = ()
+    selection_thresholds: tuple[str, ...] = ()
 
     def resolve(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The defaults updated with ``params``; ``TypeError`` naming the rule's parameters for an unknown one."""
@@ -140,7 +146,7 @@ FUSION_METHODS: dict[str, FusionRule] = {
         grids=({"decay": ("gaussian",), "sigma": (0.05, 0.1, 0.25, 0.5, 1.0), "thresh": (0.001, 0.01)},
                {"decay": ("linear",), "iou_thr": (0.3, 0.4, 0.5, 0.6, 0.7), "thresh": (0.001, 0.01)}),
         check=_check_soft_nms, fuse=_fuse_soft_nms, sorted_by_score=False, divides_by_weight_sum=True,
-        score_params=("thresh",)),
+        score_params=("thresh",), selection_thresholds=("thresh",)),
     "nmw": FusionRule(
         "nmw", "non-maximum weighted", "NMW", "non_maximum_weighted",
         defaults={"iou_thr": 0.55, "skip_box_thr": 0.0},

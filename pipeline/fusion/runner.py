@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.cpus import item_ranges
-from pipeline.fusion.packing import PackedTable, compact_rows
+from pipeline.fusion.packing import PackedTable, compact_column, compact_rows
 from pipeline.fusion.rows import N_STATS, STAT_CLIPPED, STAT_NON_FINITE, STAT_SWAPPED, STAT_ZERO_AREA
 
 
@@ -28,6 +28,13 @@ class KernelOutput(NamedTuple):
     score: np.ndarray  # float64 (n,)
     label: np.ndarray  # int64 (n,)
     count: np.ndarray  # int64 per image
+    # float64 (n,), the rules that select boxes one by one (NMS, soft-NMS): each row's score when it was selected,
+    # the value soft-NMS compares with ``thresh`` (run_kernel(selection=True)); None for the others
+    selection: np.ndarray | None = None
+
+    def slots(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(boxes, score, label, count)``: the arguments every kernel writes."""
+        return self.boxes, self.score, self.label, self.count
 
 
 # work(lo, hi, out, stats_row, cached): fuse images lo..hi-1 into ``out``; ``cached``: the call may use this
@@ -35,15 +42,20 @@ class KernelOutput(NamedTuple):
 Work = Callable[[int, int, KernelOutput, np.ndarray, bool], None]
 
 
-def run_kernel(packed: PackedTable, work: Work, threads: int, rule: str, reuse: bool = False) -> KernelOutput:
+def run_kernel(packed: PackedTable, work: Work, threads: int, rule: str, reuse: bool = False,
+               selection: bool = False) -> KernelOutput:
     """``work`` over every image of ``packed``, on ``threads`` threads when there are enough images; warns once
     per kind of input repair; ``ValueError`` for non-finite boxes or scores. ``reuse``: write into this thread's
     cached output arrays (the drop-ins' single images: no allocation, no page faults; the caller copies the rows
-    it returns before the next call)."""
+    it returns before the next call). ``selection``: the output has a ``selection`` column for the kernel to
+    write."""
     n_img = len(packed.width)
     n = int(packed.row_offs[-1])
-    out = thread_output(n, n_img) if reuse else KernelOutput(np.empty((n, 4)), np.empty(n), np.empty(n, np.int64),
-                                                             np.zeros(n_img, np.int64))
+    if reuse:
+        out = thread_output(n, n_img)
+    else:
+        out = KernelOutput(np.empty((n, 4)), np.empty(n), np.empty(n, np.int64), np.zeros(n_img, np.int64),
+                           np.empty(n) if selection else None)
     if threads <= 1 or n_img < 4 * threads:
         stats = np.zeros(N_STATS, np.int64)
         work(0, n_img, out, stats, True)
@@ -61,15 +73,17 @@ _THREAD_LOCAL = threading.local()
 
 
 def thread_output(n: int, n_img: int) -> KernelOutput:
-    """This thread's cached output slots for ``n`` rows and ``n_img`` images (grown by half, never shrunk)."""
+    """This thread's cached output slots for ``n`` rows and ``n_img`` images (grown by half, never shrunk), with a
+    ``selection`` column."""
     cached: KernelOutput | None = getattr(_THREAD_LOCAL, "output", None)
     if cached is None or len(cached.score) < n or len(cached.count) < n_img:
         cap = max(n, int(len(cached.score) * 1.5) if cached is not None else 0, 1)
         cap_img = max(n_img, len(cached.count) if cached is not None else 0, 1)
-        cached = KernelOutput(np.empty((cap, 4)), np.empty(cap), np.empty(cap, np.int64), np.empty(cap_img, np.int64))
+        cached = KernelOutput(np.empty((cap, 4)), np.empty(cap), np.empty(cap, np.int64), np.empty(cap_img, np.int64),
+                              np.empty(cap))
         _THREAD_LOCAL.output = cached
     cached.count[:n_img] = 0
-    return KernelOutput(cached.boxes, cached.score, cached.label, cached.count[:n_img])
+    return KernelOutput(cached.boxes, cached.score, cached.label, cached.count[:n_img], cached.selection)
 
 
 def image_ranges(row_offs: np.ndarray, threads: int) -> list[tuple[int, int]]:
@@ -105,6 +119,12 @@ class DenseRows(NamedTuple):
     image: np.ndarray  # int64 (m,)
     values: np.ndarray  # float64 (5, m): x1, y1, x2, y2, score
     label: np.ndarray  # int64 (m,)
+    selection: np.ndarray | None = None  # float64 (m,): KernelOutput.selection, when the rule has it
+
+    def take(self, keep: np.ndarray) -> DenseRows:
+        """The rows where boolean ``keep`` is true, in order."""
+        return DenseRows(self.image[keep], self.values[:, keep], self.label[keep],
+                         None if self.selection is None else self.selection[keep])
 
 
 def dense_rows(packed: PackedTable, out: KernelOutput, threads: int) -> DenseRows:
@@ -113,11 +133,14 @@ def dense_rows(packed: PackedTable, out: KernelOutput, threads: int) -> DenseRow
     dst = np.zeros(len(out.count) + 1, np.int64)
     np.cumsum(out.count, out=dst[1:])
     m = int(dst[-1])
-    rows = DenseRows(np.empty(m, np.int64), np.empty((5, m)), np.empty(m, np.int64))
+    rows = DenseRows(np.empty(m, np.int64), np.empty((5, m)), np.empty(m, np.int64),
+                     None if out.selection is None else np.empty(m))
 
     def work(lo: int, hi: int) -> None:
         compact_rows(lo, hi, packed.row_offs, out.count, dst, out.boxes, out.score, out.label, packed.width,
-                     packed.height, *rows)
+                     packed.height, *rows[:3])
+        if out.selection is not None:
+            compact_column(lo, hi, packed.row_offs, out.count, dst, out.selection, rows.selection)
 
     n_img = len(out.count)
     if threads <= 1 or n_img < 4 * threads:

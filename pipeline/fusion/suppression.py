@@ -96,7 +96,8 @@ def fuse_packed(packed: PackedTable, method: int, iou_thr: float, sigma: float, 
                 float32_scores: bool = False, threads: int = 1) -> KernelOutput:
     """NMS (``method=3``) or soft-NMS (1, 2) of every image of ``packed``; image ``k``'s kept rows (normalised,
     grouped by label ascending, each in selection order) are the output slots ``packed.row_offs[k] : +
-    count[k]``. ``weighted``: scores become ``score * weight / sum(weights)`` (the library given ``weights``),
+    count[k]``; soft-NMS gives each row's score at selection in ``selection`` (the decayed score compared with
+    ``thresh``). ``weighted``: scores become ``score * weight / sum(weights)`` (the library given ``weights``),
     else they are used as they are (``weights=None``)."""
     method, iou_thr, sigma, thresh = check_nms_params(method, iou_thr, sigma, thresh)
     weights = np.ascontiguousarray(packed.weights, dtype=np.float64)
@@ -109,9 +110,11 @@ def fuse_packed(packed: PackedTable, method: int, iou_thr: float, sigma: float, 
     def work(lo: int, hi: int, out: KernelOutput, stats: np.ndarray, cached: bool) -> None:
         cap = largest_image(packed, lo, hi)
         scratch = thread_scratch(cap) if cached else allocate_scratch(cap)
-        fuse_image_range(lo, hi, *packed.kernel_rows, packed.row_offs, *params, *out, stats, *scratch)
+        fuse_image_range(lo, hi, *packed.kernel_rows, packed.row_offs, *params, *out.slots(), out.selection, stats,
+                         *scratch)
 
-    return run_kernel(packed, work, threads, RULE_NAMES[method])
+    out = run_kernel(packed, work, threads, RULE_NAMES[method], selection=True)
+    return out if method != HARD else out._replace(selection=None)  # NMS writes no selection scores
 
 
 def _library_inputs(boxes: Any, scores: Any, labels: Any, weights: Any,
@@ -183,8 +186,8 @@ def nms_method(boxes: Any, scores: Any, labels: Any, method: int = 3, iou_thr: f
     out = thread_output(n, 1)
     stats = np.zeros(N_STATS, np.int64)
     m = fuse_lists(b[:, 0], b[:, 1], b[:, 2], b[:, 3], sc, codes.reshape(-1).astype(np.int64, copy=False), method,
-                   iou_thr, sigma, thresh_eff, sc.dtype == np.float32, out.boxes, out.score, out.label, stats,
-                   *thread_scratch(n))
+                   iou_thr, sigma, thresh_eff, sc.dtype == np.float32, out.boxes, out.score, out.label,
+                   out.selection, stats, *thread_scratch(n))
     check_repairs(stats, RULE_NAMES[method], stacklevel=3)  # the caller of nms() or soft_nms()
     labels_out = out.label[:m].astype(lab.dtype) if uniq is None else uniq[out.label[:m]]
     return out.boxes[:m].copy(), out.score[:m].astype(sc.dtype), labels_out

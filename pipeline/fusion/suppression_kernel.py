@@ -157,13 +157,15 @@ def fuse_image_range(img_lo: int, img_hi: int, seg_offs: np.ndarray, seg_start: 
                      score: np.ndarray, label: np.ndarray, width: np.ndarray, height: np.ndarray,
                      row_offs: np.ndarray, factor: np.ndarray, divisor: float, method: int, iou_thr: float,
                      sigma: float, thresh: float, float32_scores: bool, out_box: np.ndarray,
-                     out_score: np.ndarray, out_label: np.ndarray, out_count: np.ndarray, stats: np.ndarray,
-                     *scratch_blocks: np.ndarray) -> None:
+                     out_score: np.ndarray, out_label: np.ndarray, out_count: np.ndarray,
+                     out_selection: np.ndarray, stats: np.ndarray, *scratch_blocks: np.ndarray) -> None:
     """NMS (``method`` 3) or soft-NMS (1 linear, 2 gaussian) of images ``img_lo..img_hi-1`` of a packed table.
 
     Scores are weighted as ``(score * factor[set]) / divisor``; ``thresh``: soft-NMS keeps a box whose score at
     selection is ``> thresh``; ``float32_scores``: the library's score array is float32, so each decayed score is
-    rounded to float32 as numpy stores it. Outputs of image ``i``: rows ``row_offs[i] : + out_count[i]``.
+    rounded to float32 as numpy stores it. Outputs of image ``i``: rows ``row_offs[i] : + out_count[i]``;
+    ``out_selection``: soft-NMS, each row's score at selection (decayed: the value compared with ``thresh``); NMS
+    leaves it alone.
     """
     scratch = Scratch(*scratch_blocks)
     no_skip = np.full(factor.shape[0], -np.inf)
@@ -172,15 +174,15 @@ def fuse_image_range(img_lo: int, img_hi: int, seg_offs: np.ndarray, seg_start: 
                        no_skip, factor, divisor, scratch.boxes[BoxRow.KEPT], scratch.floats[FloatRow.KEPT_SCORE],
                        scratch.ints[IntRow.KEPT_SET], scratch.ints[IntRow.KEPT_LABEL], stats)
         o = _fuse_kept(m, row_offs[img], method, iou_thr, sigma, thresh, float32_scores, out_box, out_score,
-                       out_label, scratch)
+                       out_label, out_selection, scratch)
         out_count[img] = o - row_offs[img]
 
 
 @numba.njit(**NJIT_OPTIONS)
 def fuse_lists(x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray, score: np.ndarray,
                label: np.ndarray, method: int, iou_thr: float, sigma: float, thresh: float, float32_scores: bool,
-               out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, stats: np.ndarray,
-               *scratch_blocks: np.ndarray) -> int:
+               out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, out_selection: np.ndarray,
+               stats: np.ndarray, *scratch_blocks: np.ndarray) -> int:
     """The drop-ins' one image, straight from the library's lists concatenated (coordinates normalised, scores
     already weighted): :func:`fuse_image_range` without a packed table to build in Python. Writes the kept rows
     from slot 0, returns their number."""
@@ -203,7 +205,8 @@ def fuse_lists(x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray, s
         m = read_image(0, np.arange(2), np.zeros(1, np.int64), np.full(1, n, np.int64), np.zeros(1, np.int64), x1,
                        y1, x2, y2, score, label, one, one, np.full(1, -np.inf), one, 1.0, kept, kept_score,
                        scratch.ints[IntRow.KEPT_SET], kept_label, stats)
-    return _fuse_kept(m, 0, method, iou_thr, sigma, thresh, float32_scores, out_box, out_score, out_label, scratch)
+    return _fuse_kept(m, 0, method, iou_thr, sigma, thresh, float32_scores, out_box, out_score, out_label,
+                      out_selection, scratch)
 
 
 @numba.njit(**NJIT_NO_REFCOUNT)
@@ -225,7 +228,8 @@ def _needs_no_repair(x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndar
 
 @numba.njit(**NJIT_NO_REFCOUNT)
 def _fuse_kept(m: int, o: int, method: int, iou_thr: float, sigma: float, thresh: float, float32_scores: bool,
-               out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, scratch: Scratch) -> int:
+               out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, out_selection: np.ndarray,
+               scratch: Scratch) -> int:
     """One image's ``m`` read boxes (``KEPT`` rows) fused label by label, written from slot ``o``; returns the
     next slot."""
     radius_factor = search_radius_factor(iou_thr)
@@ -244,7 +248,7 @@ def _fuse_kept(m: int, o: int, method: int, iou_thr: float, sigma: float, thresh
                                 scratch.boxes[BoxRow.GROUP], scratch.floats[FloatRow.GROUP_SCORE], scratch)
         else:
             o = _soft_nms_group(gs, ge, o, method, iou_thr, sigma, thresh, float32_scores, out_box, out_score,
-                                out_label, scratch)
+                                out_label, out_selection, scratch)
     return o
 
 
@@ -438,9 +442,10 @@ def _iou_run(lo: int, hi: int, bx1: float, by1: float, bx2: float, by2: float, s
 @numba.njit(**NJIT_NO_REFCOUNT)
 def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma: float, thresh: float,
                     float32_scores: bool, out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray,
-                    scratch: Scratch) -> int:
+                    out_selection: np.ndarray, scratch: Scratch) -> int:
     """The library's ``cpu_soft_nms_float`` on one label group; writes the boxes whose score at selection is
-    ``> thresh`` from slot ``o``, in selection order, with their undecayed scores; returns the next slot.
+    ``> thresh`` from slot ``o``, in selection order, with their undecayed scores (``out_score``) and their scores
+    at selection (``out_selection``); returns the next slot.
 
     The library's array. ``score[p]`` is the score at the library's position ``p`` (``AT_POS`` / ``POS_OF`` map
     positions and members, swapped as the library swaps rows); a selected box counts as -inf, so step ``i``'s
@@ -525,6 +530,7 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
             for c in range(4):
                 out_box[o, c] = gbox[q, c]
             out_score[o] = gscore[q]
+            out_selection[o] = final[k]
             out_label[o] = label
             o += 1
     return o

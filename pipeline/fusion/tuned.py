@@ -19,7 +19,7 @@ from pipeline.fusion.runner import DenseRows
 from pipeline.fusion.table import fuse_packed, fused_table
 from pipeline.layout import empty_predictions
 
-__all__ = ["TunedRows", "fuse_tuned", "fuse_tuned_rows", "rule_params"]
+__all__ = ["TunedRows", "derive_rows", "fuse_tuned", "fuse_tuned_rows", "rule_params"]
 
 _NOT_RULE = ("method", "weights", "score_thr")
 
@@ -70,13 +70,9 @@ def fuse_tuned_rows(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | 
     get_rule(method).check(rule)  # bad values fail before any work, also on an empty table
     weights = dict(params.get("weights") or {}) or None
     dropped = frozenset(m for m, w in (weights or {}).items() if w == 0)
-    scale = 1.0
-    if weights and get_rule(method).divides_by_weight_sum:
-        kept_sets = [s for s in sets if s[0] not in dropped]
-        per_set = np.array([weights[s] if s in weights else weights[s[0]] for s in kept_sets], dtype=np.float64)
-        scale = float(per_set.sum() / per_set.max())
-        # a threshold the rule compares with the divided scores (soft-NMS's thresh) is divided alike
-        rule = {k: (v / scale if k in get_rule(method).score_params else v) for k, v in rule.items()}
+    scale = _score_scale(method, weights, sets, dropped)
+    # a threshold the rule compares with the divided scores (soft-NMS's thresh) is divided alike
+    rule = {k: (v / scale if k in get_rule(method).score_params else v) for k, v in rule.items()}
     multi = not isinstance(group_col, str) and len(group_col) > 1
     if packings is None or dropped not in packings:
         packed = pack_table(preds, sizes, group_col, weights, sets, dropped)
@@ -90,9 +86,55 @@ def fuse_tuned_rows(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | 
     rows = fuse_packed(packed, method, weights is not None, backend, **rule)
     if scale != 1.0 and len(rows.image):
         rows.values[4] *= scale
+    return TunedRows(packed, _above_score_thr(rows, params))
+
+
+def _score_scale(method: str, weights: dict | None, sets: Sequence[tuple], dropped: frozenset) -> float:
+    """What :func:`fuse_tuned` multiplies a rule's weight-divided scores by: ``sum(w) / max(w)`` over the kept
+    sets (1 for a rule that does not divide, or without weights)."""
+    if not weights or not get_rule(method).divides_by_weight_sum:
+        return 1.0
+    kept_sets = [s for s in sets if s[0] not in dropped]
+    per_set = np.array([weights[s] if s in weights else weights[s[0]] for s in kept_sets], dtype=np.float64)
+    return float(per_set.sum() / per_set.max())
+
+
+def _above_score_thr(rows: DenseRows, params: Mapping[str, Any]) -> DenseRows:
     score_thr = float(params.get("score_thr") or 0.0)
     if score_thr > 0:
         keep = rows.values[4] >= score_thr
         if not keep.all():
-            rows = DenseRows(rows.image[keep], rows.values[:, keep], rows.label[keep])
-    return TunedRows(packed, rows)
+            return rows.take(keep)
+    return rows
+
+
+def derive_rows(base: TunedRows, base_params: Mapping[str, Any], params: Mapping[str, Any],
+                sets: Sequence[tuple]) -> TunedRows:
+    """:func:`fuse_tuned_rows` with ``params``, from its rows with ``base_params`` (same ``sets``), without fusing
+    again: ``params`` may differ from ``base_params`` only in the rule's selection thresholds
+    (:attr:`~pipeline.fusion.rules.FusionRule.selection_thresholds`, soft-NMS's ``thresh``), each at least as high,
+    and in a score threshold at least as high. The rows kept are the base rows whose score at selection is above
+    each threshold, divided as the fusion divides it (bit for bit what fusing with ``params`` returns);
+    ``ValueError`` for any other difference."""
+    method, rule = rule_params(params)
+    base_method, base_rule = rule_params(base_params)
+    names = get_rule(method).selection_thresholds
+    other = {k: v for k, v in rule.items() if k not in names}
+    if (method != base_method or other != {k: v for k, v in base_rule.items() if k not in names}
+            or dict(params.get("weights") or {}) != dict(base_params.get("weights") or {})
+            or any(rule[k] < base_rule[k] for k in names)
+            or float(params.get("score_thr") or 0.0) < float(base_params.get("score_thr") or 0.0)):
+        raise ValueError(f"{dict(params)} cannot be derived from a fusion with {dict(base_params)}")
+    rows = base.rows
+    raised = [k for k in names if rule[k] != base_rule[k]]
+    if raised and len(rows.image):
+        if rows.selection is None:
+            raise ValueError(f"{method}: these fused rows carry no selection scores")
+        weights = dict(params.get("weights") or {}) or None
+        scale = _score_scale(method, weights, sets, frozenset(m for m, w in (weights or {}).items() if w == 0))
+        keep = np.ones(len(rows.image), bool)
+        for k in raised:
+            keep &= rows.selection > (rule[k] / scale if k in get_rule(method).score_params else rule[k])
+        if not keep.all():
+            rows = rows.take(keep)
+    return TunedRows(base.packed, _above_score_thr(rows, params))
