@@ -169,17 +169,20 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
          method: str = "wbf", oof: pd.DataFrame | None = None,
          packings: dict | None = None) -> tuple[FusionParams, float, int]:
     """Coordinate search for rule ``method`` in the metric's direction, from the best of {all members equal, each
-    member alone}: the rule's parameters, then member weights from {0..weight_steps} (0 drops a member), then the
-    rule's parameters again, then the score threshold (which needs no new fusion). Every step includes the current
-    point, so the result never scores below its start, nor below its best member alone. Deterministic; returns the
-    params, their OOF score and the number of fusions evaluated. ``oof`` (the members' OOF rows concatenated) and
+    member alone}: the score threshold, the rule's parameters, member weights from {0..weight_steps} (0 drops a
+    member), the rule's parameters again, the score threshold again. A threshold needs no new fusion (it re-scores
+    a fusion's rows), and searching it first means weights and rule are judged at a useful threshold: with a metric
+    that counts every false positive (GWD), a member's low-scoring boxes would otherwise make adding it look bad.
+    Every step includes the current point, so the result never scores below its start, nor below its best member
+    alone. Deterministic; returns the params, their OOF score and the number of fusions (rule parameters x weights)
+    evaluated. ``oof`` (the members' OOF rows concatenated) and
     ``packings`` (its packings, :func:`~pipeline.fusion.tuned.fuse_tuned_rows`) may be shared by the calls of
     several rules: neither depends on the rule."""
     grid, names, metric = cfg.ensemble.tune, [m.name for m in members], get_metric(scorer.metric)
     oof = pd.concat([m.oof for m in members], ignore_index=True) if oof is None else oof
     packings = {} if packings is None else packings  # the OOF table packed once per subset of members
     sets, backend = oof_sets(members), cfg.ensemble.wbf_backend
-    scores: dict[tuple, float] = {}  # one fusion per (rule parameters, weights); thresholds re-score its rows
+    scores: dict[tuple, float] = {}  # (fusion, score threshold) -> score; a fusion is (rule parameters, weights)
     held = HeldRows(metric)
 
     def fuse_once(p: FusionParams) -> TunedRows | None:
@@ -193,14 +196,11 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
 
     def evaluate(p: FusionParams) -> float:
         key = point_key(p)
-        if key not in scores:
-            fused = fused_rows(p)
-            scores[key] = score_rows(scorer, fused)
-            held.offer(key, scores[key], fused)
-        if p.score_thr == 0:
-            return scores[key]
-        fused = held.rows(key) if held.holds(key) else fused_rows(p)
-        return score_rows(scorer, fused, p.score_thr)
+        if (key, p.score_thr) not in scores:
+            fused = held.rows(key) if held.holds(key) else fused_rows(p)
+            scores[key, p.score_thr] = score_rows(scorer, fused, p.score_thr)
+            held.offer(key, scores[key, p.score_thr], fused)
+        return scores[key, p.score_thr]
 
     best = start_params(method, members, cfg)
 
@@ -226,12 +226,14 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
         # are tried last, so ties keep the grid's order and the search never steps down
         return rules if best.rule in rules else rules + [best.rule]
 
+    thresholds = sorted(set([0.0] + list(grid.score_thr)))
+    search("score_thr", thresholds)
     search("rule", rule_options())
     if weights_free:
         search_weights(search, lambda: best, names, grid.weight_steps)
         search("rule", rule_options())
-    search("score_thr", sorted(set([0.0] + list(grid.score_thr))))
-    return best, evaluate(best), len(scores)
+    search("score_thr", thresholds)
+    return best, evaluate(best), len({key for key, _ in scores})
 
 
 def point_key(p: FusionParams) -> tuple:
