@@ -5,10 +5,11 @@
 Out-of-fold: every training image was predicted only by the fold model that did not see it, so each member has a
 pooled OOF score and so does the fused ensemble. On OOF the stage tunes the rule's parameters (``ensemble.method``:
 ``wbf`` -- ``iou_thr`` x ``skip_box_thr`` from ``ensemble.tune`` --, ``nms``, ``soft_nms``, ``nmw`` -- their grids in
-:data:`pipeline.fusion.FUSION_METHODS`), the member weights and a final score threshold against the competition
-metric (a deterministic coordinate search, in the metric's own direction), then applies the chosen parameters to
-the test predictions of all members x folds x TTA views. ``auto`` tunes every rule and keeps the best on OOF; the
-table prints each rule's tuned OOF (and test, when labelled) so the user sees what the choice of rule is worth.
+:data:`pipeline.fusion.FUSION_METHODS`), the member weights and a score threshold (searched first and again
+last) against the competition metric (a deterministic coordinate search, in the metric's own direction), then
+applies the chosen parameters to the test predictions of all members x folds x TTA views. ``auto`` tunes every
+rule and keeps the best on OOF; the table prints each rule's tuned OOF (and test, when labelled) so the user sees
+what the choice of rule is worth.
 
 Writes ``runs/<experiment>/ensembles/<name>/``: ``oof_fused.parquet``, ``test_fused.parquet`` (what the submission
 stage turns into a file), ``result.json`` (members, chosen rule and parameters, the score table) and ``report/``.
