@@ -176,9 +176,9 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
     that counts every false positive (GWD), a member's low-scoring boxes would otherwise make adding it look bad.
     Every step includes the current point, so the result never scores below its start, nor below its best member
     alone. Deterministic; returns the params, their OOF score and the number of fusions (rule parameters x weights)
-    evaluated. ``oof`` (the members' OOF rows concatenated) and
-    ``packings`` (its packings, :func:`~pipeline.fusion.tuned.fuse_tuned_rows`) may be shared by the calls of
-    several rules: neither depends on the rule."""
+    evaluated. ``oof`` (the members' OOF rows concatenated) and ``packings`` (its packings,
+    :func:`~pipeline.fusion.tuned.fuse_tuned_rows`) may be shared by the calls of several rules: neither depends on
+    the rule."""
     grid, names, metric = cfg.ensemble.tune, [m.name for m in members], get_metric(scorer.metric)
     oof = pd.concat([m.oof for m in members], ignore_index=True) if oof is None else oof
     packings = {} if packings is None else packings  # the OOF table packed once per subset of members

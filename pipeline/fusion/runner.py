@@ -28,8 +28,8 @@ class KernelOutput(NamedTuple):
     score: np.ndarray  # float64 (n,)
     label: np.ndarray  # int64 (n,)
     count: np.ndarray  # int64 per image
-    # float64 (n,), the rules that select boxes one by one (NMS, soft-NMS): each row's score when it was selected,
-    # the value soft-NMS compares with ``thresh`` (run_kernel(selection=True)); None for the others
+    # float64 (n,), soft-NMS: each row's score when it was selected, the value compared with ``thresh``
+    # (run_kernel(selection=True)); None for the other rules
     selection: np.ndarray | None = None
 
     def slots(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
