@@ -172,8 +172,9 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
     """Coordinate search for rule ``method`` in the metric's direction, from the best of {all members equal, each
     member alone}: the score threshold, the rule's parameters, member weights from {0..weight_steps} (0 drops a
     member), the rule's parameters again, the score threshold again. A threshold needs no new fusion (it re-scores
-    a fusion's rows), and searching it first means weights and rule are judged at a useful threshold: with a metric
-    that counts every false positive (GWD), a member's low-scoring boxes would otherwise make adding it look bad.
+    a fusion's rows; a metric with ``score_by_threshold``, GWD, scores all of a fusion's thresholds in one pass),
+    and searching it first means weights and rule are judged at a useful threshold: with a metric that counts every
+    false positive (GWD), a member's low-scoring boxes would otherwise make adding it look bad.
     Every step includes the current point, so the result never scores below its start, nor below its best member
     alone. Deterministic; returns the params, their OOF score and the number of fusions (rule parameters x weights)
     evaluated. ``oof`` (the members' OOF rows concatenated) and ``packings`` (its packings,
@@ -185,6 +186,7 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
     sets, backend = oof_sets(members), cfg.ensemble.wbf_backend
     scores: dict[tuple, float] = {}  # (fusion, score threshold) -> score; a fusion is (rule parameters, weights)
     held = HeldRows(metric)
+    thresholds = sorted(set([0.0] + list(grid.score_thr)))
 
     def fuse_once(p: FusionParams) -> TunedRows | None:
         return fuse_tuned_rows(oof, sizes, replace(p, score_thr=0.0).record(), sets, ("model", "tta"),
@@ -203,12 +205,23 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
             held.offer(key, scores[key, p.score_thr], fused)
         return scores[key, p.score_thr]
 
+    def score_thresholds(p: FusionParams, options: list[float]) -> None:
+        # a metric that scores every threshold from one pass (GWD) scores a threshold search's options at once
+        # (elsewhere one threshold's rows, fewer than all of them, cost less than the pass)
+        key = point_key(p)
+        missing = [t for t in options if (key, t) not in scores]
+        if metric.score_by_threshold is not None and len(missing) > 1:
+            fused = held.rows(key) if held.holds(key) else fused_rows(p)
+            scores.update(zip([(key, t) for t in missing], score_rows_by_threshold(scorer, fused, missing)))
+
     best = start_params(method, members, cfg)
 
     def search(field_name: str, options: list) -> None:
         nonlocal best
         if shared is not None and field_name == "rule":
             shared.plan([replace(best, rule=o) for o in options])
+        if field_name == "score_thr":
+            score_thresholds(best, options)
         scores = [evaluate(replace(best, **{field_name: o})) for o in options]
         if shared is not None:
             shared.plan([])
@@ -227,7 +240,6 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
         # are tried last, so ties keep the grid's order and the search never steps down
         return rules if best.rule in rules else rules + [best.rule]
 
-    thresholds = sorted(set([0.0] + list(grid.score_thr)))
     search("score_thr", thresholds)
     search("rule", rule_options())
     if weights_free:
@@ -293,6 +305,15 @@ def score_rows(scorer: Scorer, fused: TunedRows | None, score_thr: float = 0.0) 
     keep = slice(None) if score_thr <= 0 else rows.values[4] >= score_thr
     return scorer.score_rows(fused.packed.image_ids, rows.image[keep], rows.values[:4, keep].T, rows.values[4, keep],
                              rows.label[keep]).score
+
+
+def score_rows_by_threshold(scorer: Scorer, fused: TunedRows | None, thresholds: list[float]) -> list[float]:
+    """:func:`score_rows` at each score threshold, from one pass when the metric can."""
+    if fused is None:
+        return [score_rows(scorer, None)] * len(thresholds)
+    rows = fused.rows
+    return scorer.score_rows_by_threshold(fused.packed.image_ids, rows.image, rows.values[:4].T, rows.values[4],
+                                          rows.label, thresholds)
 
 
 class HeldRows:

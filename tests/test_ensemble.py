@@ -194,6 +194,32 @@ def test_weights_are_tuned_at_a_useful_score_threshold():
     assert score > alone + 0.05
 
 
+def test_a_metric_scoring_every_threshold_at_once_scores_a_threshold_search_in_one_pass(monkeypatch):
+    # GWD scores all of a fusion's thresholds from one pass: each threshold search is one scoring, and the tuner
+    # tunes exactly as when every threshold is scored apart
+    import dataclasses
+
+    from pipeline import ensemble
+
+    table, preds = detectors_with_false_positives(n_images=20, seed=1)
+    cfg = load_config("configs/demo/ensemble.yaml", ["metric=gwd", "ensemble.tune.weight_steps=1"])
+    cfg.ensemble.members = [MemberConfig(config=f"{m}.yaml") for m in preds]
+    members = [Member(m, cfg, p, None, ["none"]) for m, p in preds.items()]
+    scorer = Scorer("gwd", table)
+    at_once, apart = [], []
+    by_threshold, score_rows = ensemble.score_rows_by_threshold, ensemble.score_rows
+    monkeypatch.setattr(ensemble, "score_rows_by_threshold", lambda *a: at_once.append(1) or by_threshold(*a))
+    monkeypatch.setattr(ensemble, "score_rows", lambda *a: apart.append(1) or score_rows(*a))
+    tuned = tune(members, table.images, scorer, cfg)
+    assert len(at_once) == 2 and tuned[2] <= len(apart) < tuned[2] + 3  # the two threshold searches in one pass
+    n_apart = len(apart)
+    gwd = ensemble.get_metric("gwd")
+    monkeypatch.setattr(ensemble, "get_metric", lambda name: dataclasses.replace(gwd, score_by_threshold=None))
+    at_once.clear(), apart.clear()
+    assert tune(members, table.images, scorer, cfg) == tuned
+    assert not at_once and len(apart) > n_apart + 6  # 7 thresholds, twice: the current one was scored already
+
+
 def test_a_grid_without_the_starting_rule_never_steps_down():
     # a configured grid whose only point drops every box (skip_box_thr above every score): the library's defaults
     # the search starts from must stay a candidate, so the tuned ensemble never scores below its start

@@ -321,6 +321,51 @@ def test_scoring_rows_equals_scoring_the_table(rows, class_aware):
         assert from_rows == from_table
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1), st.sampled_from([0.2, 0.5, 0.5, 0.9]),
+                          st.integers(0, 8), st.integers(0, 8)), max_size=25))
+def test_scoring_every_threshold_at_once_equals_scoring_each(rows):
+    # GWD from one pass (the greedy matching of a score-ordered prefix is the prefix of the matching), the other
+    # metrics threshold by threshold: the score of the rows scoring >= t, bit for bit, thresholds at score values
+    # (ties), above every score and below; images without ground truth ("c") or rows ("a" at times)
+    gt = make_gt({"a": [(0, 0, 10, 10), (4, 4, 12, 12)], "b": [(2, 2, 9, 9)], "c": []}, classes=("p", "q"))
+    image_ids = pd.Index(["b", "zz", "c", "a"])
+    image = np.array([r[0] for r in rows], dtype=np.int64)
+    boxes = np.array([(r[3], r[4], r[3] + 5.0, r[4] + 6.0) for r in rows], dtype=np.float64).reshape(-1, 4)
+    scores = np.array([r[2] for r in rows], dtype=np.float64)
+    labels = np.array([r[1] for r in rows], dtype=np.int64)
+    thresholds = [0.0, 0.2, 0.3, 0.5, 0.9, 1.0]
+    for metric in METRICS:
+        scorer = Scorer(metric, gt)
+        each = [scorer.score_rows(image_ids, image[scores >= t], boxes[scores >= t], scores[scores >= t],
+                                  labels[scores >= t]).score for t in thresholds]
+        assert scorer.score_rows_by_threshold(image_ids, image, boxes, scores, labels, thresholds) == each
+    assert get_metric("gwd").score_by_threshold is not None  # the one-pass path was the one checked for GWD
+
+
+def test_gwd_every_threshold_on_threads_and_many_images(monkeypatch):
+    from pipeline.metrics import gwd
+    rng = np.random.default_rng(4)
+    gts, preds, scores = [], [], []
+    for _ in range(300):
+        g = rng.uniform(0, 80, (int(rng.integers(0, 12)), 2))
+        gts.append(np.c_[g, g + rng.uniform(5, 20, (len(g), 2))])
+        p = np.r_[gts[-1] + rng.normal(0, 2, gts[-1].shape), rng.uniform(0, 80, (int(rng.integers(0, 8)), 4))]
+        preds.append(np.c_[np.minimum(p[:, :2], p[:, 2:]), np.maximum(p[:, :2], p[:, 2:])])
+        scores.append(np.round(rng.random(len(p)), 1))
+    thresholds = np.array([0.0, 0.1, 0.35, 0.5, 0.9])
+    expected = [gwd_score(gts, [p[s >= t] for p, s in zip(preds, scores)], [s[s >= t] for s in scores]).score
+                for t in thresholds]
+    ordered = [np.argsort(-s, kind="stable") for s in scores]
+    gt_boxes, gt_offsets = gwd.pack(gts)
+    pr_boxes, pr_offsets = gwd.pack([p[o] for p, o in zip(preds, ordered)])
+    pr_scores = np.concatenate([s[o] for s, o in zip(scores, ordered)])
+    for cpus in (3, 1):
+        monkeypatch.setattr(gwd, "available_cpus", lambda cpus=cpus: cpus)
+        got = gwd.gwd_by_score_threshold(gt_boxes, gt_offsets, pr_boxes, pr_scores, pr_offsets, thresholds)
+        assert got.tolist() == expected
+
+
 def test_scoring_rows_refuses_nan_and_labels_outside_the_classes():
     scorer = Scorer("coco_map", make_gt({"a": [(0, 0, 10, 10)]}, classes=("p", "q")))
     ids, image, box = pd.Index(["a"]), np.zeros(1, np.int64), np.array([[0.0, 0.0, 10.0, 10.0]])

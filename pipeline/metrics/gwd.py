@@ -77,7 +77,17 @@ def _image_scores(gt, gt_area, pr, pr_area, thresholds, cand_g, cand_iou, cand_o
     if n_g == 0 or n_p == 0:
         out[:] = 1.0 if (n_g == 0 and n_p == 0) else 0.0
         return
-    lowest = thresholds.min()
+    _candidates(gt, gt_area, pr, pr_area, thresholds.min(), cand_g, cand_iou, cand_off)
+    for t in range(thresholds.shape[0]):
+        tp = _greedy_matches(n_g, n_p, thresholds[t], cand_g, cand_iou, cand_off, matched, cand_off, False)
+        out[t] = tp / (n_p + n_g - tp)  # TP + FP + FN with FP = n_p - TP, FN = n_g - TP
+
+
+@numba.njit(cache=True)
+def _candidates(gt, gt_area, pr, pr_area, lowest, cand_g, cand_iou, cand_off) -> None:
+    """``cand_g[cand_off[p]:cand_off[p + 1]]``: the GT boxes whose IoU with prediction ``p`` is above ``lowest``,
+    in GT order (their IoUs in ``cand_iou``)."""
+    n_g, n_p = gt.shape[0], pr.shape[0]
     # Only ground truth whose x1 lies in (px1 - widest, px2) can overlap prediction p: walk the GT by x1 from
     # there (a margin far beyond rounding keeps the bound safe), then put p's few candidates back in GT order.
     by_x1 = np.argsort(gt[:, 0], kind="mergesort")
@@ -102,20 +112,76 @@ def _image_scores(gt, gt_area, pr, pr_area, thresholds, cand_g, cand_iou, cand_o
                 cand_iou[c] = iou
                 k += 1
     cand_off[n_p] = k
+
+
+@numba.njit(cache=True)
+def _greedy_matches(n_g, n_p, thr, cand_g, cand_iou, cand_off, matched, tp_after, record) -> int:
+    """Predictions ``0..n_p-1`` in order, each matched to the unmatched candidate GT of highest IoU ``> thr``
+    (ties: the lower GT index); returns the true positives, and when ``record`` writes ``tp_after[p + 1]``, those
+    among the first ``p + 1``: the greedy matching of a prefix is the prefix of the matching."""
+    matched[:n_g] = False
+    tp = 0
+    for p in range(n_p):
+        best, best_iou = -1, thr
+        for c in range(cand_off[p], cand_off[p + 1]):
+            g = cand_g[c]
+            if not matched[g] and cand_iou[c] > best_iou:
+                best, best_iou = g, cand_iou[c]
+        if best >= 0:
+            matched[best] = True
+            tp += 1
+        if record:
+            tp_after[p + 1] = tp
+    return tp
+
+
+@numba.njit(cache=True)
+def _image_prefix_scores(gt, gt_area, pr, pr_area, pr_score, thresholds, score_thr, cand_g, cand_iou, cand_off,
+                         matched, tp_after, out) -> None:
+    """``out[k, t]`` for one image: :func:`_image_scores` of the predictions scoring ``>= score_thr[k]`` -- a
+    prefix, the predictions being in descending score order -- from one matching per IoU threshold."""
+    n_g, n_p = gt.shape[0], pr.shape[0]
+    n_keep = np.empty(score_thr.shape[0], np.int64)
+    longest = 0
+    for k in range(score_thr.shape[0]):
+        m = 0
+        while m < n_p and pr_score[m] >= score_thr[k]:
+            m += 1
+        n_keep[k] = m
+        longest = max(longest, m)
+    if n_g > 0 and longest > 0:
+        _candidates(gt, gt_area, pr[:longest], pr_area[:longest], thresholds.min(), cand_g, cand_iou, cand_off)
+    tp_after[0] = 0
     for t in range(thresholds.shape[0]):
-        thr = thresholds[t]
-        matched[:n_g] = False
-        tp = 0
-        for p in range(n_p):
-            best, best_iou = -1, thr
-            for c in range(cand_off[p], cand_off[p + 1]):
-                g = cand_g[c]
-                if not matched[g] and cand_iou[c] > best_iou:
-                    best, best_iou = g, cand_iou[c]
-            if best >= 0:
-                matched[best] = True
-                tp += 1
-        out[t] = tp / (n_p + n_g - tp)  # TP + FP + FN with FP = n_p - TP, FN = n_g - TP
+        if n_g > 0 and longest > 0:
+            _greedy_matches(n_g, longest, thresholds[t], cand_g, cand_iou, cand_off, matched, tp_after, True)
+        for k in range(score_thr.shape[0]):
+            m = n_keep[k]
+            if n_g == 0 or m == 0:
+                out[k, t] = 1.0 if (n_g == 0 and m == 0) else 0.0
+            else:
+                tp = tp_after[m]
+                out[k, t] = tp / (m + n_g - tp)
+
+
+@numba.njit(cache=True, nogil=True)
+def _gwd_prefix_rows(gt_boxes, gt_area, gt_offsets, pr_boxes, pr_area, pr_score, pr_offsets, thresholds, score_thr,
+                     lo, hi, out) -> None:
+    """:func:`_gwd_rows` at every score threshold: ``out[i, k]`` (one value per IoU threshold) for images
+    ``lo..hi-1``."""
+    max_g = max_p = 0
+    for i in range(lo, hi):
+        max_g = max(max_g, gt_offsets[i + 1] - gt_offsets[i])
+        max_p = max(max_p, pr_offsets[i + 1] - pr_offsets[i])
+    cand_g = np.empty(max_g * max_p, dtype=np.int64)
+    cand_iou = np.empty(max_g * max_p, dtype=np.float64)
+    cand_off = np.empty(max_p + 1, dtype=np.int64)
+    tp_after = np.empty(max_p + 1, dtype=np.int64)
+    matched = np.zeros(max_g, dtype=np.bool_)
+    for i in range(lo, hi):
+        g0, g1, p0, p1 = gt_offsets[i], gt_offsets[i + 1], pr_offsets[i], pr_offsets[i + 1]
+        _image_prefix_scores(gt_boxes[g0:g1], gt_area[g0:g1], pr_boxes[p0:p1], pr_area[p0:p1], pr_score[p0:p1],
+                             thresholds, score_thr, cand_g, cand_iou, cand_off, matched, tp_after, out[i])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -148,6 +214,30 @@ def _gwd_table(gt_boxes: np.ndarray, gt_offsets: np.ndarray, pr_boxes: np.ndarra
     on_ranges(lambda lo, hi: _gwd_rows(*args, lo, hi, out), pr_offsets,
               min(available_cpus(), n_img // PARALLEL_MIN_IMAGES))
     return out
+
+
+def gwd_by_score_threshold(gt_boxes: np.ndarray, gt_offsets: np.ndarray, pred_boxes: np.ndarray,
+                           pred_scores: np.ndarray, pred_offsets: np.ndarray, score_thresholds: np.ndarray,
+                           thresholds: np.ndarray = IOU_THRESHOLDS) -> np.ndarray:
+    """:func:`gwd_packed`'s score of the predictions scoring ``>= t``, for each ``t`` of ``score_thresholds``, from
+    one pass (predictions sorted by descending score inside each image): equal, bit for bit, to scoring each
+    threshold's predictions apart."""
+    gt_boxes = np.ascontiguousarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+    pred_boxes = np.ascontiguousarray(pred_boxes, dtype=np.float64).reshape(-1, 4)
+    gt_offsets = np.ascontiguousarray(gt_offsets, dtype=np.int64)
+    pred_offsets = np.ascontiguousarray(pred_offsets, dtype=np.int64)
+    score_thr = np.ascontiguousarray(score_thresholds, dtype=np.float64)
+    thresholds = np.ascontiguousarray(thresholds, dtype=np.float64)
+    n_img = gt_offsets.shape[0] - 1
+    if n_img == 0:
+        return np.zeros(len(score_thr))
+    out = np.empty((n_img, len(score_thr), len(thresholds)), dtype=np.float64)
+    args = (gt_boxes, box_areas(gt_boxes), gt_offsets, pred_boxes, box_areas(pred_boxes),
+            np.ascontiguousarray(pred_scores, dtype=np.float64), pred_offsets, thresholds, score_thr)
+    on_ranges(lambda lo, hi: _gwd_prefix_rows(*args, lo, hi, out), pred_offsets,
+              min(available_cpus(), n_img // PARALLEL_MIN_IMAGES))
+    # each threshold's (images x IoU thresholds) table laid out as gwd_packed's, so the means add up alike
+    return np.array([float(np.ascontiguousarray(out[:, k, :]).mean(axis=1).mean()) for k in range(len(score_thr))])
 
 
 def gwd_packed(
@@ -203,4 +293,10 @@ def _score(gt: GroundTruth, preds: Packed) -> MetricResult:
     return MetricResult("gwd", r.score, details, pd.Series(r.per_image, index=gt.image_ids, name="gwd"))
 
 
-register_metric(Metric("gwd", higher_is_better=True, class_aware=False, score=_score))
+def _score_by_threshold(gt: GroundTruth, preds: Packed, score_thresholds: np.ndarray) -> np.ndarray:
+    return gwd_by_score_threshold(gt.packed.boxes, gt.packed.offsets, preds.boxes, preds.scores, preds.offsets,
+                                  score_thresholds)
+
+
+register_metric(Metric("gwd", higher_is_better=True, class_aware=False, score=_score,
+                       score_by_threshold=_score_by_threshold))

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+import numpy as np
 import pandas as pd
 
 from pipeline.metrics.packing import Packed
@@ -60,6 +61,10 @@ class Metric(Generic[State]):
     # how many boxes per image the competition's scorer reads (COCO's maxDets: 100); None: every box counts (a
     # false positive costs score, as in GWD). A submission keeps the best this many: more is size, not score.
     boxes_read: int | None = None
+    # score_by_threshold(state, preds, thresholds): the score of the predictions scoring >= t for each t, from one
+    # pass (GWD: the greedy matching of a score-ordered prefix is the prefix of the matching), equal to scoring
+    # each threshold's predictions apart; None: :class:`~pipeline.metrics.Scorer` scores them apart
+    score_by_threshold: Callable[[State, Packed, np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def worst(self) -> float:

@@ -1,6 +1,7 @@
 """Scoring a prediction table: :class:`Scorer` (ground truth prepared once, many calls) and :func:`evaluate`."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,11 @@ class Scorer:
         self.index = resolve_image_ids(gt, image_ids)
         self.classes = list(gt.classes)
         self.gt = pack_ground_truth(gt, self.index)
-        self._score = self.entry.bind(GroundTruth(self.index, tuple(self.classes), self.gt))
+        ground_truth = GroundTruth(self.index, tuple(self.classes), self.gt)
+        state = self.entry.prepare(ground_truth) if self.entry.prepare is not None else ground_truth
+        self._score = functools.partial(self.entry.score, state)
+        self._by_threshold = (None if self.entry.score_by_threshold is None
+                              else functools.partial(self.entry.score_by_threshold, state))
 
     @property
     def image_ids(self) -> list[str]:
@@ -42,6 +47,17 @@ class Scorer:
         packed = pack_indexed(self.index, image_ids, image, boxes, scores,
                               labels if self.entry.class_aware else None, len(self.classes))
         return self._score(packed)
+
+    def score_rows_by_threshold(self, image_ids: pd.Index, image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                                labels: np.ndarray, thresholds: Sequence[float]) -> list[float]:
+        """:meth:`score_rows` of the rows scoring ``>= t``, for each ``t`` of ``thresholds``: from one pass when the
+        metric can (``Metric.score_by_threshold``), else each threshold's rows apart."""
+        if self._by_threshold is None:
+            return [self.score_rows(image_ids, image[keep], boxes[keep], scores[keep], labels[keep]).score
+                    for keep in (scores >= t for t in thresholds)]
+        packed = pack_indexed(self.index, image_ids, image, boxes, scores,
+                              labels if self.entry.class_aware else None, len(self.classes))
+        return [float(v) for v in self._by_threshold(packed, np.asarray(thresholds, dtype=np.float64))]
 
 
 def evaluate(metric: str, gt: AnnotationTable, preds: pd.DataFrame,
