@@ -190,16 +190,22 @@ def test_gwd_matches_plain_python_reference(images):
     assert r.score == pytest.approx(sum(expected) / len(expected), abs=1e-12)
 
 
-def test_gwd_threads_over_images_give_the_single_thread_table(monkeypatch):
-    from pipeline.metrics import gwd
-    rng = np.random.default_rng(3)
+def random_gwd_images(seed: int, n_images: int = 300) -> tuple[list, list, list]:
+    """Per image: up to 11 GT boxes, their jittered copies plus up to 7 random boxes, uniform scores."""
+    rng = np.random.default_rng(seed)
     gts, preds, scores = [], [], []
-    for _ in range(300):
+    for _ in range(n_images):
         g = rng.uniform(0, 80, (int(rng.integers(0, 12)), 2))
         gts.append(np.c_[g, g + rng.uniform(5, 20, (len(g), 2))])
         p = np.r_[gts[-1] + rng.normal(0, 2, gts[-1].shape), rng.uniform(0, 80, (int(rng.integers(0, 8)), 4))]
         preds.append(np.c_[np.minimum(p[:, :2], p[:, 2:]), np.maximum(p[:, :2], p[:, 2:])])
         scores.append(rng.random(len(p)))
+    return gts, preds, scores
+
+
+def test_gwd_threads_over_images_give_the_single_thread_table(monkeypatch):
+    from pipeline.metrics import gwd
+    gts, preds, scores = random_gwd_images(3)
     monkeypatch.setattr(gwd, "available_cpus", lambda: 3)
     threaded = gwd_score(gts, preds, scores)
     monkeypatch.setattr(gwd, "available_cpus", lambda: 1)
@@ -299,18 +305,27 @@ def test_scorer_is_reusable_and_matches_evaluate():
         assert scorer(preds.iloc[:0]).score == 0.0  # no predictions at all
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1), st.sampled_from([0.2, 0.5, 0.5, 0.9]),
-                          st.integers(0, 8), st.integers(0, 8)), max_size=25), st.booleans())
-def test_scoring_rows_equals_scoring_the_table(rows, class_aware):
-    # the OOF tuner scores a fusion's rows (images as positions in the fusion's own sorted ids) without a table;
-    # the ids here are in another order than the scorer's, and "zz" is not scored
+# rows of a fusion's output: (image position, label, score, x, y)
+_fused_rows = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1), st.sampled_from([0.2, 0.5, 0.5, 0.9]),
+                                 st.integers(0, 8), st.integers(0, 8)), max_size=25)
+
+
+def fused_rows_case(rows: list) -> tuple:
+    """``(gt, image_ids, image, boxes, scores, labels)``: the rows' images are positions in ``image_ids``, which are
+    in another order than the scorer's; "zz" is not scored, "c" has no ground truth."""
     gt = make_gt({"a": [(0, 0, 10, 10), (4, 4, 12, 12)], "b": [(2, 2, 9, 9)], "c": []}, classes=("p", "q"))
-    image_ids = pd.Index(["b", "zz", "c", "a"])
     image = np.array([r[0] for r in rows], dtype=np.int64)
     boxes = np.array([(r[3], r[4], r[3] + 5.0, r[4] + 6.0) for r in rows], dtype=np.float64).reshape(-1, 4)
     scores = np.array([r[2] for r in rows], dtype=np.float64)
     labels = np.array([r[1] for r in rows], dtype=np.int64)
+    return gt, pd.Index(["b", "zz", "c", "a"]), image, boxes, scores, labels
+
+
+@settings(max_examples=40, deadline=None)
+@given(_fused_rows, st.booleans())
+def test_scoring_rows_equals_scoring_the_table(rows, class_aware):
+    # the OOF tuner scores a fusion's rows (images as positions in the fusion's own sorted ids) without a table
+    gt, image_ids, image, boxes, scores, labels = fused_rows_case(rows)
     table = pd.DataFrame({"image_id": pd.array(np.asarray(image_ids)[image], dtype="str"), "x1": boxes[:, 0],
                           "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3], "score": scores, "label": labels})
     for metric in [m for m in METRICS if get_metric(m).class_aware == class_aware] or METRICS:
@@ -322,18 +337,12 @@ def test_scoring_rows_equals_scoring_the_table(rows, class_aware):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1), st.sampled_from([0.2, 0.5, 0.5, 0.9]),
-                          st.integers(0, 8), st.integers(0, 8)), max_size=25))
+@given(_fused_rows)
 def test_scoring_every_threshold_at_once_equals_scoring_each(rows):
     # GWD from one pass (the greedy matching of a score-ordered prefix is the prefix of the matching), the other
     # metrics threshold by threshold: the score of the rows scoring >= t, bit for bit, thresholds at score values
     # (ties), above every score and below; images without ground truth ("c") or rows ("a" at times)
-    gt = make_gt({"a": [(0, 0, 10, 10), (4, 4, 12, 12)], "b": [(2, 2, 9, 9)], "c": []}, classes=("p", "q"))
-    image_ids = pd.Index(["b", "zz", "c", "a"])
-    image = np.array([r[0] for r in rows], dtype=np.int64)
-    boxes = np.array([(r[3], r[4], r[3] + 5.0, r[4] + 6.0) for r in rows], dtype=np.float64).reshape(-1, 4)
-    scores = np.array([r[2] for r in rows], dtype=np.float64)
-    labels = np.array([r[1] for r in rows], dtype=np.int64)
+    gt, image_ids, image, boxes, scores, labels = fused_rows_case(rows)
     thresholds = [0.0, 0.2, 0.3, 0.5, 0.9, 1.0]
     for metric in METRICS:
         scorer = Scorer(metric, gt)
@@ -345,14 +354,8 @@ def test_scoring_every_threshold_at_once_equals_scoring_each(rows):
 
 def test_gwd_every_threshold_on_threads_and_many_images(monkeypatch):
     from pipeline.metrics import gwd
-    rng = np.random.default_rng(4)
-    gts, preds, scores = [], [], []
-    for _ in range(300):
-        g = rng.uniform(0, 80, (int(rng.integers(0, 12)), 2))
-        gts.append(np.c_[g, g + rng.uniform(5, 20, (len(g), 2))])
-        p = np.r_[gts[-1] + rng.normal(0, 2, gts[-1].shape), rng.uniform(0, 80, (int(rng.integers(0, 8)), 4))]
-        preds.append(np.c_[np.minimum(p[:, :2], p[:, 2:]), np.maximum(p[:, :2], p[:, 2:])])
-        scores.append(np.round(rng.random(len(p)), 1))
+    gts, preds, scores = random_gwd_images(4)
+    scores = [np.round(s, 1) for s in scores]  # ties, some at the thresholds
     thresholds = np.array([0.0, 0.1, 0.35, 0.5, 0.9])
     expected = [gwd_score(gts, [p[s >= t] for p, s in zip(preds, scores)], [s[s >= t] for s in scores]).score
                 for t in thresholds]

@@ -165,19 +165,23 @@ def _image_prefix_scores(gt, gt_area, pr, pr_area, pr_score, thresholds, score_t
 
 
 @numba.njit(cache=True, nogil=True)
-def _gwd_prefix_rows(gt_boxes, gt_area, gt_offsets, pr_boxes, pr_area, pr_score, pr_offsets, thresholds, score_thr,
-                     lo, hi, out) -> None:
-    """:func:`_gwd_rows` at every score threshold: ``out[i, k]`` (one value per IoU threshold) for images
-    ``lo..hi-1``."""
+def _work_arrays(gt_offsets, pr_offsets, lo, hi):
+    """Scratch for images ``lo..hi-1``, sized by the largest: candidates (GT index, IoU, offsets per prediction),
+    true positives after each prediction, matched flags per GT."""
     max_g = max_p = 0
     for i in range(lo, hi):
         max_g = max(max_g, gt_offsets[i + 1] - gt_offsets[i])
         max_p = max(max_p, pr_offsets[i + 1] - pr_offsets[i])
-    cand_g = np.empty(max_g * max_p, dtype=np.int64)
-    cand_iou = np.empty(max_g * max_p, dtype=np.float64)
-    cand_off = np.empty(max_p + 1, dtype=np.int64)
-    tp_after = np.empty(max_p + 1, dtype=np.int64)
-    matched = np.zeros(max_g, dtype=np.bool_)
+    return (np.empty(max_g * max_p, dtype=np.int64), np.empty(max_g * max_p, dtype=np.float64),
+            np.empty(max_p + 1, dtype=np.int64), np.empty(max_p + 1, dtype=np.int64), np.zeros(max_g, dtype=np.bool_))
+
+
+@numba.njit(cache=True, nogil=True)
+def _gwd_prefix_rows(gt_boxes, gt_area, gt_offsets, pr_boxes, pr_area, pr_score, pr_offsets, thresholds, score_thr,
+                     lo, hi, out) -> None:
+    """:func:`_gwd_rows` at every score threshold: ``out[i, k]`` (one value per IoU threshold) for images
+    ``lo..hi-1``."""
+    cand_g, cand_iou, cand_off, tp_after, matched = _work_arrays(gt_offsets, pr_offsets, lo, hi)
     for i in range(lo, hi):
         g0, g1, p0, p1 = gt_offsets[i], gt_offsets[i + 1], pr_offsets[i], pr_offsets[i + 1]
         _image_prefix_scores(gt_boxes[g0:g1], gt_area[g0:g1], pr_boxes[p0:p1], pr_area[p0:p1], pr_score[p0:p1],
@@ -187,14 +191,7 @@ def _gwd_prefix_rows(gt_boxes, gt_area, gt_offsets, pr_boxes, pr_area, pr_score,
 @numba.njit(cache=True, nogil=True)
 def _gwd_rows(gt_boxes, gt_area, gt_offsets, pr_boxes, pr_area, pr_offsets, thresholds, lo, hi, out) -> None:
     """``out[i]`` (one value per threshold) for images ``lo..hi-1``; releases the GIL (threads over images)."""
-    max_g = max_p = 0
-    for i in range(lo, hi):
-        max_g = max(max_g, gt_offsets[i + 1] - gt_offsets[i])
-        max_p = max(max_p, pr_offsets[i + 1] - pr_offsets[i])
-    cand_g = np.empty(max_g * max_p, dtype=np.int64)
-    cand_iou = np.empty(max_g * max_p, dtype=np.float64)
-    cand_off = np.empty(max_p + 1, dtype=np.int64)
-    matched = np.zeros(max_g, dtype=np.bool_)
+    cand_g, cand_iou, cand_off, _, matched = _work_arrays(gt_offsets, pr_offsets, lo, hi)
     for i in range(lo, hi):
         g0, g1, p0, p1 = gt_offsets[i], gt_offsets[i + 1], pr_offsets[i], pr_offsets[i + 1]
         _image_scores(gt_boxes[g0:g1], gt_area[g0:g1], pr_boxes[p0:p1], pr_area[p0:p1], thresholds,
