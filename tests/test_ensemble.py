@@ -116,10 +116,12 @@ def test_the_tuned_score_is_the_tables_score_whether_or_not_the_rows_were_held(m
     cfg = load_config("configs/demo/ensemble.yaml", [f"ensemble.method={method}", "ensemble.tune.weight_steps=1"])
     members = good_and_bad(cfg, good, bad)
     scorer = Scorer("coco_map", table)
-    calls, scored = [], []
+    calls, scored = [], []  # scored: each scoring of a fusion's rows (one threshold, or a search's all at once)
     fuse_rows, score_rows = ensemble.fuse_tuned_rows, ensemble.score_rows
+    by_threshold = ensemble.score_rows_by_threshold
     monkeypatch.setattr(ensemble, "fuse_tuned_rows", lambda *a, **k: calls.append(1) or fuse_rows(*a, **k))
     monkeypatch.setattr(ensemble, "score_rows", lambda *a, **k: scored.append(1) or score_rows(*a, **k))
+    monkeypatch.setattr(ensemble, "score_rows_by_threshold", lambda *a: scored.append(1) or by_threshold(*a))
     params, score, fusions = tune(members, table.images, scorer, cfg, method)
     assert len(calls) == fusions < len(scored)  # every threshold scored from held rows
     fused = fuse(pd.concat([good, bad]), table.images, params, oof_sets(members), ("model", "tta"), "numba", "e")

@@ -16,7 +16,7 @@ from pipeline.data.table import AnnotationTable
 from pipeline.metrics import (METRICS, GroundTruth, Metric, MetricResult, Packed, Scorer, evaluate, get_metric,
                               higher_is_better, metric_names, register_metric, unregister_metric)
 from pipeline.metrics.gwd import IOU_THRESHOLDS, gwd_score
-from pipeline.metrics.packing import group_by_image, image_positions, pack_boxes
+from pipeline.metrics.packing import group_by_image, image_positions, pack_boxes, scoring_at_least
 from pipeline.metrics.voc import average_precision
 
 THRESHOLDS = [0.50, 0.55, 0.60, 0.65, 0.70, 0.75]
@@ -349,7 +349,8 @@ def test_scoring_every_threshold_at_once_equals_scoring_each(rows):
         each = [scorer.score_rows(image_ids, image[scores >= t], boxes[scores >= t], scores[scores >= t],
                                   labels[scores >= t]).score for t in thresholds]
         assert scorer.score_rows_by_threshold(image_ids, image, boxes, scores, labels, thresholds) == each
-    assert get_metric("gwd").score_by_threshold is not None  # the one-pass path was the one checked for GWD
+    # the one-pass paths were the ones checked for GWD and COCO
+    assert all(get_metric(m).score_by_threshold is not None for m in ("gwd", "coco_map", "coco_map50"))
 
 
 def test_gwd_every_threshold_on_threads_and_many_images(monkeypatch):
@@ -721,6 +722,30 @@ def test_compiled_coco_matches_faster_coco_eval(seed):
         assert got[key] == pytest.approx(value, abs=1e-12), key
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_coco_scores_every_threshold_as_the_library_scores_each(seed, monkeypatch):
+    """One matching, on two threads, for every score threshold against the library on each threshold's detections
+    alone: thresholds equal to tied scores (two decimals), above every score and below."""
+    from pipeline.metrics import coco_kernel
+    from pipeline.metrics.coco import CocoEvaluator, CompiledCocoEvaluator
+
+    monkeypatch.setattr(coco_kernel, "PARALLEL_MIN_DETECTIONS", 1)  # the images on two threads
+    rng = np.random.default_rng(100 + seed)
+    classes = ["c0", "c1", "c2"]
+    gt, dets = packed_case(rng, n_images=4 + 6 * seed, n_gt=30 + 50 * seed, n_det=100 + 300 * seed, n_classes=2,
+                           tied=True)
+    n_images = len(gt.offsets) - 1
+    thresholds = np.array([-1.0, 0.0, 0.25, 0.5, 0.5, 0.73, 0.99, 1.5])
+    library = CocoEvaluator(gt, n_images, classes)
+    want = [library(scoring_at_least(dets, t)) for t in thresholds]
+    got = CompiledCocoEvaluator(gt, n_images, classes).by_threshold(dets, thresholds)
+    assert len(got) == len(thresholds) and want[0]["map"] > want[5]["map"] > 0.0 == want[-1]["map"]
+    for w, g in zip(want, got):
+        assert set(g) == set(w)
+        for key, value in w.items():
+            assert g[key] == pytest.approx(value, abs=1e-12), key
+
+
 def test_coco_ground_truth_outside_the_area_range_goes_to_the_library():
     """COCO ignores ground truth whose area is outside [0, 1e10]: only the library evaluator replicates that."""
     from pipeline.metrics.coco import CocoEvaluator, CompiledCocoEvaluator
@@ -732,6 +757,11 @@ def test_coco_ground_truth_outside_the_area_range_goes_to_the_library():
     assert isinstance(evaluator(big), CocoEvaluator)
     # the ignored giant box is no miss: one exact detection scores 1
     assert evaluate("coco_map50", big, make_preds([("a", 0, 0, 10, 10, 0.9, 0)])).score == pytest.approx(1.0)
+    # every score threshold from the library too, each threshold's detections apart
+    # (a false positive outranks the exact box: precision 1/2 at full recall with both, none with one)
+    rows = (np.array([0, 0]), np.array([[0, 0, 10, 10], [50, 50, 60, 60.0]]), np.array([0.5, 0.9]), np.array([0, 0]))
+    assert Scorer("coco_map50", big).score_rows_by_threshold(pd.Index(["a"]), *rows, [0.0, 0.6, 1.0]) == \
+        pytest.approx([0.5, 0.0, 0.0])
     assert isinstance(evaluator(make_gt({"a": [(0, 0, 10, 10, 0)]})), CompiledCocoEvaluator)
 
 

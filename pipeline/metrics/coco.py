@@ -31,8 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
-from pipeline.metrics.coco_kernel import AREA_MAX, coco_precision, outside_area_range
-from pipeline.metrics.packing import Packed
+from pipeline.metrics.coco_kernel import AREA_MAX, coco_precision_by_threshold, outside_area_range
+from pipeline.metrics.packing import Packed, scoring_at_least
 from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, register_metric
 
 
@@ -136,6 +136,10 @@ class CocoEvaluator:
             ev.accumulate()
         return summarize(np.asarray(ev.eval["precision"]), np.asarray(ev.params.iouThrs), self.classes)
 
+    def by_threshold(self, preds: Packed, thresholds: np.ndarray) -> list[dict[str, float]]:
+        """The details of the detections scoring ``>= t``, for each ``t`` of ``thresholds``: one evaluation each."""
+        return [self(scoring_at_least(preds, t)) for t in thresholds]
+
 
 # pycocotools' Params.setDetParams: IoU thresholds .50:.05:.95 and 101 recall thresholds, computed as it does
 IOU_THRS = np.linspace(.5, 0.95, int(np.round((0.95 - .5) / .05)) + 1, endpoint=True)
@@ -143,7 +147,8 @@ REC_THRS = np.linspace(.0, 1.00, int(np.round((1.00 - .0) / .01)) + 1, endpoint=
 
 
 class CompiledCocoEvaluator:
-    """The same numbers as :class:`CocoEvaluator` from :func:`pipeline.metrics.coco_kernel.coco_precision` (~8x
+    """The same numbers as :class:`CocoEvaluator` from
+    :func:`pipeline.metrics.coco_kernel.coco_precision_by_threshold` (~8x
     faster, benchmarks/metrics_speed.py: no COCO objects; faster-coco-eval and pycocotools are its test oracles).
     Scores packed predictions; built as :class:`CocoEvaluator` is (the image count is the offsets' here)."""
 
@@ -154,9 +159,17 @@ class CompiledCocoEvaluator:
     def __call__(self, preds: Packed) -> dict[str, float]:
         if len(self.gt.labels) == 0:
             return {"map": 0.0, "map50": 0.0, "map75": 0.0}
-        precision = coco_precision(self.gt.boxes, self.gt.labels, self.gt.offsets, preds.boxes, preds.scores,
-                                   preds.labels, preds.offsets, len(self.classes), IOU_THRS, REC_THRS)
-        return summarize(precision[:, :, :, None, None], IOU_THRS, self.classes)
+        return self.by_threshold(preds, np.array([-np.inf]))[0]
+
+    def by_threshold(self, preds: Packed, thresholds: np.ndarray) -> list[dict[str, float]]:
+        """The details of the detections scoring ``>= t``, for each ``t`` of ``thresholds``, from one matching
+        (:func:`~pipeline.metrics.coco_kernel.coco_precision_by_threshold`)."""
+        if len(self.gt.labels) == 0:
+            return [{"map": 0.0, "map50": 0.0, "map75": 0.0} for _ in thresholds]
+        precision = coco_precision_by_threshold(self.gt.boxes, self.gt.labels, self.gt.offsets, preds.boxes,
+                                                preds.scores, preds.labels, preds.offsets, len(self.classes),
+                                                IOU_THRS, REC_THRS, np.asarray(thresholds, dtype=np.float64))
+        return [summarize(p[:, :, :, None, None], IOU_THRS, self.classes) for p in precision]
 
 
 def _evaluator_for(gt: GroundTruth) -> CompiledCocoEvaluator | CocoEvaluator:
@@ -172,8 +185,13 @@ def _coco_metric(name: str, headline: str) -> Metric[CompiledCocoEvaluator | Coc
         details = evaluator(preds)
         return MetricResult(name, details[headline], details)
 
+    def score_by_threshold(evaluator: CompiledCocoEvaluator | CocoEvaluator, preds: Packed,
+                           thresholds: np.ndarray) -> np.ndarray:
+        return np.array([details[headline] for details in evaluator.by_threshold(preds, thresholds)])
+
     return Metric(name, higher_is_better=True, class_aware=True, score=score, prepare=_evaluator_for,
-                  boxes_read=100)  # pycocotools' maxDets, what Kaggle's COCO scorers keep per image
+                  boxes_read=100,  # pycocotools' maxDets, what Kaggle's COCO scorers keep per image
+                  score_by_threshold=score_by_threshold)
 
 
 register_metric(_coco_metric("coco_map", "map"))

@@ -39,6 +39,16 @@ class Packed:
     offsets: np.ndarray  # (n_images + 1,) int64
 
 
+def scoring_at_least(packed: Packed, threshold: float) -> Packed:
+    """The rows of ``packed`` scoring ``>= threshold``, still grouped by image (each image's order kept)."""
+    keep = packed.scores >= threshold
+    image = packed.image[keep]
+    n_images = len(packed.offsets) - 1
+    offsets = np.zeros(n_images + 1, np.int64)
+    np.cumsum(np.bincount(image, minlength=n_images), out=offsets[1:])
+    return Packed(packed.boxes[keep], packed.scores[keep], packed.labels[keep], image, offsets)
+
+
 def group_by_image(image: np.ndarray, scores: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
     """Row order grouping rows by image index (0..n_images-1), descending score inside an image, stable (equal
     scores keep row order); and the ``(n_images + 1,)`` offsets. Same order as ``np.lexsort((-scores, image))``
