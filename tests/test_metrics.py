@@ -17,7 +17,7 @@ from pipeline.metrics import (METRICS, GroundTruth, Metric, MetricResult, Packed
                               higher_is_better, metric_names, register_metric, unregister_metric)
 from pipeline.metrics.gwd import IOU_THRESHOLDS, gwd_score
 from pipeline.metrics.packing import group_by_image, image_positions, pack_boxes, scoring_at_least
-from pipeline.metrics.voc import average_precision
+from pipeline.metrics.voc import _ap_terms, average_precision, voc_ap_by_threshold
 
 THRESHOLDS = [0.50, 0.55, 0.60, 0.65, 0.70, 0.75]
 
@@ -601,10 +601,63 @@ def test_voc_matches_reference_single_class(images):
     assert r.score == pytest.approx(ref_voc_ap(gts, dets, n_gt) if n_gt else 0.0, abs=1e-12)
 
 
+def voc_reference(gt: Packed, dets: Packed, n_classes: int, thr: float = 0.5) -> np.ndarray:
+    """AP per class as voc.py computed it before: every detection of every image by descending score (stable), the
+    devkit's matching in that order, numpy's :func:`average_precision` per class."""
+    from pipeline.metrics.gwd import box_iou
+
+    order = np.argsort(-dets.scores, kind="stable")
+    taken = np.zeros(len(gt.labels), bool)
+    tp = np.zeros(len(order), bool)
+    for r, d in enumerate(order):
+        i, best, best_iou = dets.image[d], -1, -1.0
+        for g in range(gt.offsets[i], gt.offsets[i + 1]):
+            if gt.labels[g] == dets.labels[d]:
+                v = box_iou(dets.boxes[d], gt.boxes[g], max(dets.boxes[d, 2] - dets.boxes[d, 0], 0.0)
+                            * max(dets.boxes[d, 3] - dets.boxes[d, 1], 0.0),
+                            max(gt.boxes[g, 2] - gt.boxes[g, 0], 0.0) * max(gt.boxes[g, 3] - gt.boxes[g, 1], 0.0))
+                if v > best_iou:
+                    best, best_iou = g, v
+        if best >= 0 and best_iou > thr and not taken[best]:
+            taken[best] = tp[r] = True
+    n_gt = np.bincount(gt.labels, minlength=n_classes)
+    labels = dets.labels[order]
+    return np.array([average_precision(tp[labels == k], int(n_gt[k])) for k in range(n_classes)])
+
+
 def test_average_precision_edge_cases():
     assert np.isnan(average_precision(np.array([], bool), 0))
     assert average_precision(np.array([], bool), 3) == 0.0
     assert average_precision(np.array([True, True]), 2) == 1.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.booleans(), max_size=300), st.integers(1, 40))
+def test_voc_ap_terms_sum_to_the_devkit_ap(flags, n_gt):
+    # the compiled terms (only where recall changes) summed by numpy: the numpy AP bit for bit
+    tp = np.array(flags, dtype=bool)[:n_gt * 3]
+    tp[np.flatnonzero(tp)[n_gt:]] = False  # a class has at most n_gt true positives
+    terms = _ap_terms(tp, n_gt)
+    assert (float(np.sum(terms)) if len(tp) else 0.0) == average_precision(tp, n_gt)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_voc_every_threshold_on_threads_equals_the_reference_for_each(seed, monkeypatch):
+    """Images matched apart, on two threads, one sort for every score threshold: the AP per class of each
+    threshold's detections as the devkit order gives it, bit for bit, with tied scores, wrong classes, empty
+    images and a class without ground truth."""
+    from pipeline.metrics import voc
+
+    monkeypatch.setattr(voc, "PARALLEL_MIN_DETECTIONS", 1)
+    rng = np.random.default_rng(200 + seed)
+    gt, dets = packed_case(rng, n_images=4 + 6 * seed, n_gt=30 + 50 * seed, n_det=100 + 300 * seed, n_classes=2,
+                           tied=seed % 2 == 0)
+    thresholds = np.array([-1.0, 0.0, 0.25, 0.5, 0.73, 1.5])
+    got = voc_ap_by_threshold(gt, dets, 3, thresholds)
+    for t, ap in zip(thresholds, got):
+        want = voc_reference(gt, scoring_at_least(dets, t), 3)
+        np.testing.assert_array_equal(ap, want)
+    assert got[0][0] > got[4][0] > 0.0 == got[-1][0] and np.isnan(got[:, 2]).all()
 
 
 # ----------------------------------------------------------------------------------------------- coco

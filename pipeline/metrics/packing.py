@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.cpus import available_cpus, on_ranges
+from pipeline.fusion.primitives import RADIX_HIST_SIZE, float_sort_keys, radix_argsort_top
 
 if TYPE_CHECKING:  # type only: importing pipeline.data at runtime would pull in pipeline.config (an import cycle)
     from pipeline.data.table import AnnotationTable
@@ -113,6 +114,18 @@ def _gather_rows(order: np.ndarray, boxes: np.ndarray, scores: np.ndarray, label
         out_scores[r] = scores[k]
         out_labels[r] = labels[k]
         out_image[r] = image[k]
+
+
+@numba.njit(cache=True, nogil=True)
+def descending_order(scores: np.ndarray) -> np.ndarray:
+    """``np.argsort(-scores, kind="stable")`` (no NaN): a radix sort, ~3x numpy's on millions of scores."""
+    n = scores.shape[0]
+    keys = np.empty(n, np.int64)
+    float_sort_keys(-scores, n, keys)
+    order = np.empty(n, np.int64)
+    radix_argsort_top(keys, n, order, np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
+                      np.empty(RADIX_HIST_SIZE, np.int64))
+    return order
 
 
 def resolve_image_ids(gt: AnnotationTable, image_ids: Sequence[str] | None) -> pd.Index:

@@ -16,42 +16,128 @@ Conventions:
   ground truth are skipped (their detections are not penalised anywhere). No ground truth at all: mAP = 0.
 
 Registered as ``"voc_map50"`` (higher is better, class-aware). Details: ``map50``, ``ap50_<class>``.
+
+Computed as the devkit defines it, in another order: a detection's fate depends only on the higher-scoring ones of
+its image and class, so each image is matched on its own (its detections come by descending score), the images on
+the process's CPUs; the detections are then sorted once. Precision's envelope is read only where recall changes, at
+the true positives, and from one true positive to the next precision only falls: only they are computed. The same
+matching and sort give every score threshold's mAP (those scoring ``>= t`` come first), as the OOF tuner asks.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
 
-from pipeline.metrics.gwd import box_areas, box_iou
-from pipeline.metrics.packing import Packed
+from pipeline.cpus import available_cpus, on_ranges
+from pipeline.metrics.packing import Packed, descending_order
 from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, register_metric
 
 IOU_THRESHOLD = 0.5
+PARALLEL_MIN_DETECTIONS = 50_000  # detections per thread at least (fewer: one thread matches them all)
 
 
-@numba.njit(cache=True)
-def _match(gt_boxes, gt_labels, gt_offsets, det_boxes, det_labels, det_image, thr) -> np.ndarray:
-    """TP flags for detections given in descending-score order (devkit matching rule)."""
-    gt_area, det_area = box_areas(gt_boxes), box_areas(det_boxes)
-    taken = np.zeros(gt_boxes.shape[0], dtype=np.bool_)
-    tp = np.zeros(det_boxes.shape[0], dtype=np.bool_)
-    for d in range(det_boxes.shape[0]):
-        i = det_image[d]
-        best, best_iou = -1, -1.0
-        for g in range(gt_offsets[i], gt_offsets[i + 1]):
-            if gt_labels[g] != det_labels[d]:
-                continue
-            iou = box_iou(det_boxes[d], gt_boxes[g], det_area[d], gt_area[g])
-            if iou > best_iou:
-                best, best_iou = g, iou
-        if best >= 0 and best_iou > thr and not taken[best]:
-            taken[best] = True
-            tp[d] = True
-    return tp
+def voc_ap_by_threshold(gt: Packed, dets: Packed, n_classes: int, score_thrs: np.ndarray,
+                        iou_threshold: float = IOU_THRESHOLD) -> np.ndarray:
+    """``ap[s, k]``: AP of class ``k`` (NaN without ground truth) over the detections scoring ``>= score_thrs[s]``.
+    Both sets packed by image (``offsets``), detections by descending score inside an image (stable)."""
+    n_det = len(dets.labels)
+    tp = np.zeros(n_det, np.bool_)
+    threads = min(available_cpus(), n_det // PARALLEL_MIN_DETECTIONS, len(dets.offsets) - 1)
+    on_ranges(lambda lo, hi: _match_images(lo, hi, gt.boxes, gt.labels, gt.offsets, dets.boxes, dets.labels,
+                                           dets.offsets, float(iou_threshold), tp), dets.offsets, threads)
+    order = descending_order(dets.scores)
+    labels, scores, tp = dets.labels[order], dets.scores[order], tp[order]
+    n_gt = np.bincount(gt.labels, minlength=n_classes)
+    ap = np.full((len(score_thrs), n_classes), np.nan)
+    for k in np.flatnonzero(n_gt):
+        of_class = labels == k
+        tp_k, scores_k = tp[of_class], scores[of_class]
+        for s, t in enumerate(score_thrs):
+            cut = int(np.count_nonzero(scores_k >= t))  # those come first: scores_k descends
+            ap[s, k] = float(np.sum(_ap_terms(tp_k[:cut], int(n_gt[k])))) if cut else 0.0
+    return ap
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")  # no zero-division checks: the IoU loop vectorises
+def _match_images(lo: int, hi: int, gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_offsets: np.ndarray,
+                  det_boxes: np.ndarray, det_labels: np.ndarray, det_offsets: np.ndarray, thr: float,
+                  tp: np.ndarray) -> None:
+    """``tp[d]`` for the detections of images ``lo..hi-1`` (the devkit's rule): the ground truth of its class with
+    the highest IoU (the first on a tie), a true positive if that IoU is ``> thr`` and the box not taken yet."""
+    most_gt = 0
+    for i in range(lo, hi):
+        most_gt = max(most_gt, gt_offsets[i + 1] - gt_offsets[i])
+    taken = np.zeros(most_gt, np.bool_)
+    ious = np.empty(most_gt)
+    for i in range(lo, hi):
+        g0, g1 = gt_offsets[i], gt_offsets[i + 1]
+        taken[:g1 - g0] = False
+        for d in range(det_offsets[i], det_offsets[i + 1]):
+            if _ious(d, g0, g1, thr, gt_boxes, gt_labels, det_boxes, det_labels, ious) == 0:
+                continue  # no IoU above thr: a false positive, whichever box is best
+            best, best_iou = -1, -1.0  # another class: -1, never the best
+            for j in range(g1 - g0):
+                if ious[j] > best_iou:
+                    best, best_iou = j, ious[j]
+            if not taken[best]:
+                taken[best] = True
+                tp[d] = True
+
+
+@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _ious(d: int, g0: int, g1: int, thr: float, gt_boxes: np.ndarray, gt_labels: np.ndarray, det_boxes: np.ndarray,
+          det_labels: np.ndarray, ious: np.ndarray) -> int:
+    """``ious[:g1 - g0]``: detection ``d``'s IoU with each ground-truth box of its image (-1 for another class),
+    in one loop without branches; returns how many are ``> thr``."""
+    k = det_labels[d]
+    x1, y1, x2, y2 = det_boxes[d, 0], det_boxes[d, 1], det_boxes[d, 2], det_boxes[d, 3]
+    area_d = max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
+    n = 0
+    for g in range(g0, g1):  # pipeline.metrics.gwd.box_iou, arithmetic for arithmetic
+        gx1, gy1, gx2, gy2 = gt_boxes[g, 0], gt_boxes[g, 1], gt_boxes[g, 2], gt_boxes[g, 3]
+        iw = min(x2, gx2) - max(x1, gx1)
+        ih = min(y2, gy2) - max(y1, gy1)
+        inter = iw * ih
+        union = area_d + max(gx2 - gx1, 0.0) * max(gy2 - gy1, 0.0) - inter
+        v = inter / union if (iw > 0.0) & (ih > 0.0) & (union > 0.0) else 0.0
+        v = v if gt_labels[g] == k else -1.0
+        ious[g - g0] = v
+        n += v > thr
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _ap_terms(tp: np.ndarray, n_gt: int) -> np.ndarray:
+    """The terms the all-point AP sums (``(mrec[i + 1] - mrec[i]) * mpre[i + 1]`` wherever recall changes, in
+    order), from the true-positive flags of a class's detections by descending score: recall changes at each true
+    positive, and at the end when it stops short of 1 (a term of 0); the envelope there is the best precision at that
+    true positive or a later one. Summed with numpy's pairwise sum, they give the devkit's AP bit for bit."""
+    n_tp = 0
+    for r in range(tp.shape[0]):
+        n_tp += tp[r]
+    prec = np.empty(n_tp)
+    q = 0
+    for r in range(tp.shape[0]):
+        if tp[r]:
+            prec[q] = (q + 1) / (r + 1)  # numpy's ctp / np.arange(1, n + 1)
+            q += 1
+    for q in range(n_tp - 2, -1, -1):
+        prec[q] = max(prec[q], prec[q + 1])
+    last = n_tp / n_gt
+    terms = np.empty(n_tp + (last != 1.0))
+    prev = 0.0
+    for q in range(n_tp):
+        rec = (q + 1) / n_gt
+        terms[q] = (rec - prev) * prec[q]
+        prev = rec
+    if last != 1.0:
+        terms[n_tp] = (1.0 - last) * 0.0
+    return terms
 
 
 def average_precision(tp: np.ndarray, n_gt: int) -> float:
-    """All-point interpolated AP from TP flags of detections sorted by descending score."""
+    """All-point interpolated AP from TP flags of detections sorted by descending score, in numpy (the report's
+    curves; the reference of :func:`_ap_terms`)."""
     if n_gt == 0:
         return float("nan")
     if len(tp) == 0:
@@ -66,37 +152,6 @@ def average_precision(tp: np.ndarray, n_gt: int) -> float:
     return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
 
 
-def voc_ap_per_class(
-    gt_boxes: np.ndarray,
-    gt_labels: np.ndarray,
-    gt_offsets: np.ndarray,
-    det_boxes: np.ndarray,
-    det_scores: np.ndarray,
-    det_labels: np.ndarray,
-    det_image: np.ndarray,
-    n_classes: int,
-    iou_threshold: float = IOU_THRESHOLD,
-) -> np.ndarray:
-    """AP per class (NaN for classes without ground truth).
-
-    GT is packed by image (image ``i`` owns rows ``gt_offsets[i]:gt_offsets[i+1]``); detections come in any order
-    with ``det_image`` the image index of each.
-    """
-    order = np.argsort(-np.asarray(det_scores, dtype=np.float64), kind="stable")
-    det_labels = np.ascontiguousarray(det_labels, dtype=np.int64)[order]
-    tp = _match(
-        np.ascontiguousarray(gt_boxes, dtype=np.float64).reshape(-1, 4),
-        np.ascontiguousarray(gt_labels, dtype=np.int64),
-        np.ascontiguousarray(gt_offsets, dtype=np.int64),
-        np.ascontiguousarray(np.asarray(det_boxes, dtype=np.float64).reshape(-1, 4)[order]),
-        det_labels,
-        np.ascontiguousarray(det_image, dtype=np.int64)[order],
-        float(iou_threshold),
-    )
-    n_gt = np.bincount(np.asarray(gt_labels, dtype=np.int64), minlength=n_classes)
-    return np.array([average_precision(tp[det_labels == c], int(n_gt[c])) for c in range(n_classes)])
-
-
 def voc_map(ap_per_class: np.ndarray) -> float:
     """Mean over classes with ground truth (non-NaN AP); 0.0 when no class has any."""
     valid = ap_per_class[~np.isnan(ap_per_class)]
@@ -104,12 +159,15 @@ def voc_map(ap_per_class: np.ndarray) -> float:
 
 
 def _score(gt: GroundTruth, preds: Packed) -> MetricResult:
-    g = gt.packed
-    ap = voc_ap_per_class(g.boxes, g.labels, g.offsets, preds.boxes, preds.scores, preds.labels, preds.image,
-                          len(gt.classes))
+    ap = voc_ap_by_threshold(gt.packed, preds, len(gt.classes), np.array([-np.inf]))[0]
     score = voc_map(ap)
     details = {"map50": score} | {f"ap50_{c}": float(a) for c, a in zip(gt.classes, ap) if not np.isnan(a)}
     return MetricResult("voc_map50", score, details)
 
 
-register_metric(Metric("voc_map50", higher_is_better=True, class_aware=True, score=_score))
+def _score_by_threshold(gt: GroundTruth, preds: Packed, score_thresholds: np.ndarray) -> np.ndarray:
+    return np.array([voc_map(ap) for ap in voc_ap_by_threshold(gt.packed, preds, len(gt.classes), score_thresholds)])
+
+
+register_metric(Metric("voc_map50", higher_is_better=True, class_aware=True, score=_score,
+                       score_by_threshold=_score_by_threshold))
