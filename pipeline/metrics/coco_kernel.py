@@ -220,16 +220,3 @@ def outside_area_range(boxes: np.ndarray) -> np.ndarray:
     """Per box: its COCO area ``w * h`` is outside the "all" range [0, 1e10]."""
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     return (area < 0.0) | (area > AREA_MAX)
-
-
-@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _bb_iou(dx: float, dy: float, dw: float, dh: float, gx: float, gy: float, gw: float, gh: float) -> float:
-    """``maskApi.c`` ``bbIou`` for one detection and one non-crowd ground-truth box."""
-    iw = min(dw + dx, gw + gx) - max(dx, gx)
-    if iw <= 0:
-        return 0.0
-    ih = min(dh + dy, gh + gy) - max(dy, gy)
-    if ih <= 0:
-        return 0.0
-    inter = iw * ih
-    return inter / (dw * dh + gw * gh - inter)
