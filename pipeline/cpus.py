@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 def available_cpus() -> int:
@@ -37,3 +40,15 @@ def on_ranges(work: Callable[[int, int], None], offsets: np.ndarray, threads: in
     ranges = item_ranges(offsets, threads)
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(lambda r: work(r[0], r[1]), ranges))
+
+
+def alongside(side: Callable[[], T], work: Callable[[], None], threads: int) -> T:
+    """``work()`` here while ``side()`` runs on a thread of its own (both compiled, releasing the GIL), when
+    ``threads >= 2``; else one after the other. Returns ``side()``'s result."""
+    if threads < 2:
+        work()
+        return side()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        result = pool.submit(side)
+        work()
+        return result.result()

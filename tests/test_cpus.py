@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from pipeline.cpus import available_cpus, item_ranges, on_ranges
+from pipeline.cpus import alongside, available_cpus, item_ranges, on_ranges
 
 
 def test_available_cpus_is_at_least_one():
@@ -49,3 +49,33 @@ def test_item_ranges_never_more_than_asked_nor_empty():
         assert 1 <= len(ranges) <= n and ranges[0][0] == 0 and ranges[-1][1] == 7
         assert all(lo < hi for lo, hi in ranges) and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert item_ranges(np.array([0]), 4) == []  # no items
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_alongside_runs_both_and_returns_the_side_result(threads):
+    # with two threads or more the side job runs on another thread while the work runs here (both at once: each
+    # waits for the other to start); with fewer, one after the other on this thread
+    here = threading.get_ident()
+    seen, both_started = {}, threading.Barrier(2, timeout=10)
+
+    def side():
+        seen["side"] = threading.get_ident()
+        if threads >= 2:
+            both_started.wait()
+        return 42
+
+    def work():
+        seen["work"] = threading.get_ident()
+        if threads >= 2:
+            both_started.wait()
+
+    assert alongside(side, work, threads) == 42
+    assert seen["work"] == here and (seen["side"] != here) == (threads >= 2)
+
+
+def test_alongside_raises_the_side_error():
+    def side():
+        raise ValueError("side failed")
+
+    with pytest.raises(ValueError, match="side failed"):
+        alongside(side, lambda: None, 2)

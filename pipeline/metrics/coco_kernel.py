@@ -28,7 +28,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from pipeline.cpus import available_cpus, on_ranges
+from pipeline.cpus import alongside, available_cpus, on_ranges
 from pipeline.metrics.packing import descending_order
 
 EPS = float(np.spacing(1))  # accumulate()'s np.spacing(1)
@@ -51,10 +51,12 @@ def coco_precision_by_threshold(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_
     if iou_thrs.shape[0] > 64:
         raise ValueError(f"at most 64 IoU thresholds, got {iou_thrs.shape[0]}")
     threads = min(available_cpus(), n_det // PARALLEL_MIN_DETECTIONS, len(det_offsets) - 1)
-    on_ranges(lambda lo, hi: match_images(lo, hi, gt_boxes, gt_labels, gt_offsets, det_boxes, det_labels,
-                                          det_offsets, iou_thrs, matched), det_offsets, threads)
-    return accumulate(descending_order(det_scores), det_scores, det_labels, matched, outside_area_range(det_boxes),
-                      gt_labels, n_classes, iou_thrs.shape[0], rec_thrs, score_thrs)
+    order = alongside(lambda: descending_order(det_scores),  # the sort needs no matching: it runs meanwhile
+                      lambda: on_ranges(lambda lo, hi: match_images(lo, hi, gt_boxes, gt_labels, gt_offsets,
+                                                                    det_boxes, det_labels, det_offsets, iou_thrs,
+                                                                    matched), det_offsets, threads), threads)
+    return accumulate(order, det_scores, det_labels, matched, outside_area_range(det_boxes), gt_labels, n_classes,
+                      iou_thrs.shape[0], rec_thrs, score_thrs)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")  # no zero-division checks: the IoU loop vectorises

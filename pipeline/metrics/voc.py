@@ -28,7 +28,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from pipeline.cpus import available_cpus, on_ranges
+from pipeline.cpus import alongside, available_cpus, on_ranges
 from pipeline.metrics.packing import Packed, descending_order
 from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, register_metric
 
@@ -43,9 +43,11 @@ def voc_ap_by_threshold(gt: Packed, dets: Packed, n_classes: int, score_thrs: np
     n_det = len(dets.labels)
     tp = np.zeros(n_det, np.bool_)
     threads = min(available_cpus(), n_det // PARALLEL_MIN_DETECTIONS, len(dets.offsets) - 1)
-    on_ranges(lambda lo, hi: _match_images(lo, hi, gt.boxes, gt.labels, gt.offsets, dets.boxes, dets.labels,
-                                           dets.offsets, float(iou_threshold), tp), dets.offsets, threads)
-    order = descending_order(dets.scores)
+    order = alongside(lambda: descending_order(dets.scores),  # the sort needs no matching: it runs meanwhile
+                      lambda: on_ranges(lambda lo, hi: _match_images(lo, hi, gt.boxes, gt.labels, gt.offsets,
+                                                                     dets.boxes, dets.labels, dets.offsets,
+                                                                     float(iou_threshold), tp), dets.offsets,
+                                        threads), threads)
     labels, scores, tp = dets.labels[order], dets.scores[order], tp[order]
     n_gt = np.bincount(gt.labels, minlength=n_classes)
     ap = np.full((len(score_thrs), n_classes), np.nan)
