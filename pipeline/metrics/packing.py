@@ -7,7 +7,9 @@ Every metric and :mod:`pipeline.report` score from the same layout (:class:`Pack
 - :func:`pack_boxes`: keep the rows of scored images, group them by image, descending score inside an image
   (stable: equal scores keep row order);
 - :func:`pack_ground_truth` / :func:`pack_predictions`: the two tables, with the prediction table's checks
-  (required columns, NaN, labels inside the class list).
+  (required columns, NaN, labels inside the class list);
+- :func:`scoring_at_least` (a packing's rows above a score threshold) and :func:`descending_order` (every row by
+  descending score, the radix sort the metrics' accumulations share).
 """
 from __future__ import annotations
 
@@ -223,5 +225,6 @@ def checked_predictions(packed: Packed, n_classes: int, class_aware: bool) -> Pa
     return packed
 
 
-__all__ = ["BOX_COLUMNS", "Packed", "checked_predictions", "group_by_image", "image_positions", "pack_boxes",
-           "pack_ground_truth", "pack_indexed", "pack_positions", "pack_predictions", "resolve_image_ids"]
+__all__ = ["BOX_COLUMNS", "Packed", "checked_predictions", "descending_order", "group_by_image", "image_positions",
+           "pack_boxes", "pack_ground_truth", "pack_indexed", "pack_positions", "pack_predictions",
+           "resolve_image_ids", "scoring_at_least"]
