@@ -172,7 +172,7 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
     """Coordinate search for rule ``method`` in the metric's direction, from the best of {all members equal, each
     member alone}: the score threshold, the rule's parameters, member weights from {0..weight_steps} (0 drops a
     member), the rule's parameters again, the score threshold again. A threshold needs no new fusion (it re-scores
-    a fusion's rows; a metric with ``score_by_threshold``, GWD, scores all of a fusion's thresholds in one pass),
+    a fusion's rows; a metric with ``score_by_threshold`` -- GWD, COCO, VOC -- scores all of them in one pass),
     and searching it first means weights and rule are judged at a useful threshold: with a metric that counts every
     false positive (GWD), a member's low-scoring boxes would otherwise make adding it look bad.
     Every step includes the current point, so the result never scores below its start, nor below its best member
@@ -206,7 +206,7 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
         return scores[key, p.score_thr]
 
     def score_thresholds(p: FusionParams, options: list[float]) -> None:
-        # a metric that scores every threshold from one pass (GWD) scores a threshold search's options at once
+        # a metric that scores every threshold from one pass (GWD, COCO, VOC) scores a search's options at once
         # (elsewhere one threshold's rows, fewer than all of them, cost less than the pass)
         key = point_key(p)
         missing = [t for t in options if (key, t) not in scores]

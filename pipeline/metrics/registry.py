@@ -62,8 +62,8 @@ class Metric(Generic[State]):
     # false positive costs score, as in GWD). A submission keeps the best this many: more is size, not score.
     boxes_read: int | None = None
     # score_by_threshold(state, preds, thresholds): the score of the predictions scoring >= t for each t, from one
-    # pass (GWD: the greedy matching of a score-ordered prefix is the prefix of the matching), equal to scoring
-    # each threshold's predictions apart; None: :class:`~pipeline.metrics.Scorer` scores them apart
+    # pass (GWD, COCO, VOC: the greedy matching of a score-ordered prefix is the prefix of the matching), equal to
+    # scoring each threshold's predictions apart; None: :class:`~pipeline.metrics.Scorer` scores them apart
     score_by_threshold: Callable[[State, Packed, np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
     @property
