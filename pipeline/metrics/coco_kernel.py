@@ -29,7 +29,7 @@ import numba
 import numpy as np
 
 from pipeline.cpus import alongside, available_cpus, on_ranges
-from pipeline.metrics.packing import descending_order
+from pipeline.metrics.packing import by_class, descending_order
 
 EPS = float(np.spacing(1))  # accumulate()'s np.spacing(1)
 AREA_MAX = 1e5 ** 2  # the "all" area range is [0, 1e5 ** 2]
@@ -143,22 +143,10 @@ def accumulate(order: np.ndarray, det_scores: np.ndarray, det_labels: np.ndarray
     n_gt = np.zeros(n_classes, np.int64)
     for g in range(gt_labels.shape[0]):
         n_gt[gt_labels[g]] += 1
-    start = np.zeros(n_classes + 1, np.int64)
-    for d in range(det_labels.shape[0]):
-        start[det_labels[d] + 1] += 1
-    for k in range(n_classes):
-        start[k + 1] += start[k]
-    # each class's detections in ``order``, as contiguous columns
-    seq_matched = np.empty(order.shape[0], np.uint64)
-    seq_outside = np.empty(order.shape[0], np.bool_)
-    seq_score = np.empty(order.shape[0])
-    fill = start[:-1].copy()
-    for d in order:
-        r = fill[det_labels[d]]
-        fill[det_labels[d]] += 1
-        seq_matched[r] = matched[d]
-        seq_outside[r] = outside[d]
-        seq_score[r] = det_scores[d]
+    rows, start = by_class(order, det_labels, n_classes)
+    seq_matched = matched[rows]  # each class's detections in ``order``, as contiguous columns
+    seq_outside = outside[rows]
+    seq_score = det_scores[rows]
     precision = np.full((score_thrs.shape[0], n_thr, rec_thrs.shape[0], n_classes), -1.0)
     for k in range(n_classes):
         if n_gt[k] == 0:

@@ -8,8 +8,9 @@ Every metric and :mod:`pipeline.report` score from the same layout (:class:`Pack
   (stable: equal scores keep row order);
 - :func:`pack_ground_truth` / :func:`pack_predictions`: the two tables, with the prediction table's checks
   (required columns, NaN, labels inside the class list);
-- :func:`scoring_at_least` (a packing's rows above a score threshold) and :func:`descending_order` (every row by
-  descending score, the radix sort the metrics' accumulations share).
+- :func:`scoring_at_least` (a packing's rows above a score threshold), :func:`descending_order` (every row by
+  descending score, the radix sort the metrics' accumulations share) and :func:`by_class` (that order, class by
+  class).
 """
 from __future__ import annotations
 
@@ -130,6 +131,23 @@ def descending_order(scores: np.ndarray) -> np.ndarray:
     return order
 
 
+@numba.njit(cache=True, nogil=True)
+def by_class(order: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, start)``: the rows of ``order`` grouped by class, each class's in ``order``'s order -- class ``k``'s
+    are ``rows[start[k]:start[k + 1]]`` (a counting sort: stable)."""
+    start = np.zeros(n_classes + 1, np.int64)
+    for d in range(labels.shape[0]):
+        start[labels[d] + 1] += 1
+    for k in range(n_classes):
+        start[k + 1] += start[k]
+    rows = np.empty(order.shape[0], np.int64)
+    fill = start[:-1].copy()
+    for d in order:
+        rows[fill[labels[d]]] = d
+        fill[labels[d]] += 1
+    return rows, start
+
+
 def resolve_image_ids(gt: AnnotationTable, image_ids: Sequence[str] | None) -> pd.Index:
     """The scored image ids as strings: ``image_ids`` (checked against ``gt``), or every image of ``gt``."""
     known = pd.Index(gt.images.image_id.astype(str))
@@ -225,6 +243,6 @@ def checked_predictions(packed: Packed, n_classes: int, class_aware: bool) -> Pa
     return packed
 
 
-__all__ = ["BOX_COLUMNS", "Packed", "checked_predictions", "descending_order", "group_by_image", "image_positions",
+__all__ = ["BOX_COLUMNS", "Packed", "by_class", "checked_predictions", "descending_order", "group_by_image", "image_positions",
            "pack_boxes", "pack_ground_truth", "pack_indexed", "pack_positions", "pack_predictions",
            "resolve_image_ids", "scoring_at_least"]

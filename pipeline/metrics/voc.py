@@ -29,7 +29,7 @@ import numba
 import numpy as np
 
 from pipeline.cpus import alongside, available_cpus, on_ranges
-from pipeline.metrics.packing import Packed, descending_order
+from pipeline.metrics.packing import Packed, by_class, descending_order
 from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, register_metric
 
 IOU_THRESHOLD = 0.5
@@ -48,12 +48,12 @@ def voc_ap_by_threshold(gt: Packed, dets: Packed, n_classes: int, score_thrs: np
                                                                      dets.boxes, dets.labels, dets.offsets,
                                                                      float(iou_threshold), tp), dets.offsets,
                                         threads), threads)
-    labels, scores, tp = dets.labels[order], dets.scores[order], tp[order]
+    rows, start = by_class(order, dets.labels, n_classes)
+    scores, tp = dets.scores[rows], tp[rows]
     n_gt = np.bincount(gt.labels, minlength=n_classes)
     ap = np.full((len(score_thrs), n_classes), np.nan)
     for k in np.flatnonzero(n_gt):
-        of_class = labels == k
-        tp_k, scores_k = tp[of_class], scores[of_class]
+        tp_k, scores_k = tp[start[k]:start[k + 1]], scores[start[k]:start[k + 1]]
         for s, t in enumerate(score_thrs):
             cut = int(np.count_nonzero(scores_k >= t))  # those come first: scores_k descends
             ap[s, k] = float(np.sum(_ap_terms(tp_k[:cut], int(n_gt[k])))) if cut else 0.0
