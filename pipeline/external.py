@@ -11,7 +11,9 @@ detectron2) sees exactly our split:
   in the image path, which is why the images are linked into ``DIR/images``.
 - ``coco``: per fold ``DIR/fold<K>/train.json`` and ``DIR/fold<K>/val.json`` (COCO detection JSON, ``bbox`` xywh in
   pixels, ``category_id`` = class index + 1, ``file_name`` = the image path as the annotation table has it), plus
-  ``DIR/test.json`` (images only).
+  ``DIR/test.json`` (images only). An image's integer ``id`` is its 1-based row in its split's annotation table,
+  the same in every file: MMDetection and detectron2 write results with these ids, and the importer maps them
+  back to our image ids (:func:`coco_image_ids`).
 
 Images without boxes are listed (an empty label file / no annotations): they are part of the split.
 """
@@ -90,9 +92,16 @@ def export_yolo(train: AnnotationTable, folds: pd.DataFrame, out: Path, test: An
     return written
 
 
+def coco_image_ids(table: AnnotationTable) -> dict[str, int]:
+    """The integer COCO ``id`` of each image of ``table``: its 1-based row (stable across every file exported from
+    the split, and recoverable from the table alone when a tool's results come back)."""
+    return {image_id: k + 1 for k, image_id in enumerate(table.images.image_id)}
+
+
 def _coco_json(table: AnnotationTable, image_ids) -> str:
     images = table.images.set_index("image_id").loc[list(image_ids)]
-    index = {image_id: i + 1 for i, image_id in enumerate(images.index)}
+    every = coco_image_ids(table)
+    index = {image_id: every[image_id] for image_id in images.index}
     boxes = table.boxes[table.boxes.image_id.isin(index)]
     xywh = np.stack([boxes.x1, boxes.y1, boxes.x2 - boxes.x1, boxes.y2 - boxes.y1], axis=1) if len(boxes) else []
     annotations = [
@@ -135,7 +144,9 @@ EXPORTERS = {"yolo": export_yolo, "coco": export_coco}
 #     table      our prediction table's columns (image_id, x1, y1, x2, y2 in pixels, score, label as class index or
 #                class name); optional tta column
 #     coco_json  a COCO results list [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]; category_id is
-#                the class index + 1, as in the COCO layout `folds export --to coco` writes
+#                the class index + 1 and an integer image_id the image's id in the files `folds export --to coco`
+#                wrote (its 1-based row in the split's annotation table: what MMDetection and detectron2 write
+#                back); a string image_id is our image id itself
 #     yolo_txt   one <image_id>.txt per image with "cls cx cy w h conf" lines, normalised (Ultralytics save_txt
 #                with save_conf); cls is the class index
 
@@ -170,7 +181,22 @@ def _read_table(path: Path, classes: list[str]) -> pd.DataFrame:
     return df if "tta" in df.columns else df.assign(tta="none")
 
 
-def _read_coco(path: Path) -> pd.DataFrame:
+def _coco_image(path: Path, i: int, value: object, ids: list[str]) -> str:
+    """Entry ``i``'s image: an integer is the id the COCO export gave it (:func:`coco_image_ids`), a string our
+    image id itself."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 1 <= value <= len(ids):
+            return ids[value - 1]
+        raise ExternalError(f"{path}: entry {i} has image_id {value}, which no exported image has: integer ids are "
+                            f"the ids `folds export --to coco` wrote (1..{len(ids)} for this split)")
+    raise ExternalError(f"{path}: entry {i} has image_id {value!r}: expected the exported integer id or our image "
+                        "id as a string")
+
+
+def _read_coco(path: Path, ids: list[str]) -> pd.DataFrame:
+    """A COCO results list; ``ids``: the split's image ids in table order (integer ids index them from 1)."""
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -181,8 +207,10 @@ def _read_coco(path: Path) -> pd.DataFrame:
     for i, e in enumerate(entries):
         try:
             x, y, w, h = (float(v) for v in e["bbox"])
-            rows.append((str(e["image_id"]), x, y, x + w, y + h, float(e["score"]), int(e["category_id"]) - 1,
-                         f"entry {i}"))
+            rows.append((_coco_image(path, i, e["image_id"], ids), x, y, x + w, y + h, float(e["score"]),
+                         int(e["category_id"]) - 1, f"entry {i}"))
+        except ExternalError:
+            raise
         except (KeyError, TypeError, ValueError):
             raise ExternalError(f"{path}: entry {i} is not {{image_id, category_id, bbox: [x, y, w, h], score}}: "
                                 f"{str(e)[:120]}") from None
@@ -213,10 +241,11 @@ def _read_yolo(folder: Path, sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
 
 
 def read_external(path: Path, fmt: str, classes: list[str], sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
-    """One predictions file (or folder, for yolo_txt) as rows of the prediction table plus a ``row`` column."""
+    """One predictions file (or folder, for yolo_txt) as rows of the prediction table plus a ``row`` column.
+    ``sizes``: ``{image_id: (width, height)}`` of the split, in its annotation table's order."""
     if fmt == "table":
         return _read_table(path, classes)
-    return _read_coco(path) if fmt == "coco_json" else _read_yolo(path, sizes)
+    return _read_coco(path, list(sizes)) if fmt == "coco_json" else _read_yolo(path, sizes)
 
 
 def check_external(df: pd.DataFrame, source: Path, n_classes: int, sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:

@@ -68,7 +68,7 @@ def test_export_needs_the_folds_file(tmp_path, tiny_data, capsys):
 
 from pipeline.config import ConfigError, MemberConfig, load_config  # noqa: E402
 from pipeline.ensemble import Member, tune  # noqa: E402
-from pipeline.external import ExternalError, load_external_oof, load_external_test  # noqa: E402
+from pipeline.external import ExternalError, coco_image_ids, load_external_oof, load_external_test  # noqa: E402
 from pipeline.metrics import Scorer  # noqa: E402
 
 
@@ -90,14 +90,20 @@ def fake_predictions(table, folds, seed=0):
     return df.assign(fold=df.image_id.map(fold_of), model="ext", tta="none")
 
 
-def write_member(preds, folder, fmt, sizes, test=None):
+def write_member(preds, folder, fmt, table, test=None, test_table=None):
+    """``preds`` (of ``table``'s images) and ``test`` (of ``test_table``'s) as another tool writes them: COCO results
+    with the integer image ids of our COCO export, as MMDetection and detectron2 write them back."""
     folder.mkdir(parents=True, exist_ok=True)
-    parts = {f"fold{k}": p for k, p in preds.groupby("fold")} | ({"test": test} if test is not None else {})
-    for stem, part in parts.items():
+    parts = {f"fold{k}": (p, table) for k, p in preds.groupby("fold")}
+    if test is not None:
+        parts["test"] = (test, test_table)
+    for stem, (part, split_table) in parts.items():
+        sizes = {r.image_id: (r.width, r.height) for r in split_table.images.itertuples()}
         if fmt == "table":
             part.drop(columns=["fold", "model"]).to_csv(folder / f"{stem}.csv", index=False)
         elif fmt == "coco_json":
-            entries = [{"image_id": r.image_id, "category_id": int(r.label) + 1, "score": r.score,
+            ids = coco_image_ids(split_table)
+            entries = [{"image_id": ids[r.image_id], "category_id": int(r.label) + 1, "score": r.score,
                         "bbox": [r.x1, r.y1, r.x2 - r.x1, r.y2 - r.y1]} for r in part.itertuples()]
             (folder / f"{stem}.json").write_text(json.dumps(entries))
         else:
@@ -112,9 +118,8 @@ def write_member(preds, folder, fmt, sizes, test=None):
 @pytest.mark.parametrize("fmt", ["table", "coco_json", "yolo_txt"])
 def test_an_external_member_ensembles_like_the_same_native_member(split, tmp_path, fmt):
     cfg, table, folds = split
-    sizes = {r.image_id: (r.width, r.height) for r in table.images.itertuples()}
     native = fake_predictions(table, folds)
-    write_member(native, tmp_path / fmt, fmt, sizes)
+    write_member(native, tmp_path / fmt, fmt, table)
     imported = load_external_oof(tmp_path / fmt, fmt, "ext", table, folds)
     key = ["fold", "image_id", "score", "x1"]
     a, b = native.sort_values(key).reset_index(drop=True), imported.sort_values(key).reset_index(drop=True)
@@ -130,22 +135,21 @@ def test_an_external_member_ensembles_like_the_same_native_member(split, tmp_pat
 
 def test_external_files_that_would_leak_or_lie_are_refused(split, tmp_path):
     cfg, table, folds = split
-    sizes = {r.image_id: (r.width, r.height) for r in table.images.itertuples()}
     preds = fake_predictions(table, folds)
     other = folds.image_id[folds.fold == 1].iloc[0]
     leak = pd.concat([preds, preds[preds.image_id == other].assign(fold=0)])
-    write_member(leak, tmp_path / "leak", "table", sizes)
+    write_member(leak, tmp_path / "leak", "table", table)
     with pytest.raises(ExternalError, match=rf"fold0.csv: .*{other!r}.*in fold 1"):
         load_external_oof(tmp_path / "leak", "table", "ext", table, folds)
-    write_member(preds[preds.fold == 0], tmp_path / "half", "coco_json", sizes)
+    write_member(preds[preds.fold == 0], tmp_path / "half", "coco_json", table)
     with pytest.raises(ExternalError, match="no OOF predictions for fold 1"):
         load_external_oof(tmp_path / "half", "coco_json", "ext", table, folds)
     bad = preds.copy()
     bad.loc[bad.index[3], "score"] = 1.5
-    write_member(bad, tmp_path / "score", "table", sizes)
+    write_member(bad, tmp_path / "score", "table", table)
     with pytest.raises(ExternalError, match=r"score outside \[0, 1\], first at row"):
         load_external_oof(tmp_path / "score", "table", "ext", table, folds)
-    write_member(preds, tmp_path / "yolo", "yolo_txt", sizes)
+    write_member(preds, tmp_path / "yolo", "yolo_txt", table)
     (tmp_path / "yolo" / "fold0" / f"{folds.image_id[folds.fold == 0].iloc[0]}.txt").write_text("0 0.5 0.5 x 0.1 0.9\n")
     with pytest.raises(ExternalError, match=r"\.txt line 1: expected 'cls cx cy w h conf'"):
         load_external_oof(tmp_path / "yolo", "yolo_txt", "ext", table, folds)
@@ -154,13 +158,46 @@ def test_external_files_that_would_leak_or_lie_are_refused(split, tmp_path):
 def test_external_test_predictions_single_or_per_fold(split, tmp_path):
     cfg, table, folds = split
     test_table = load_dataset(cfg.data, "test")
-    sizes = {r.image_id: (r.width, r.height) for r in test_table.images.itertuples()}
     preds = fake_predictions(table, folds)
     test = fake_predictions(test_table, pd.DataFrame({"image_id": test_table.images.image_id, "fold": 0}))
-    write_member(preds, tmp_path / "m", "coco_json", sizes, test=test)
+    write_member(preds, tmp_path / "m", "coco_json", table, test=test, test_table=test_table)
     got = load_external_test(tmp_path / "m", "coco_json", "ext", test_table, folds)
     assert len(got) == len(test) and set(got.fold) == {0} and set(got.model) == {"ext"}
+    key = ["image_id", "score", "x1"]
+    assert (got.sort_values(key).image_id.to_numpy() == test.sort_values(key).image_id.to_numpy()).all()
     assert load_external_test(tmp_path / "none", "coco_json", "ext", test_table, folds) is None
+
+
+def test_coco_results_name_images_by_the_ids_of_our_coco_export(split, tmp_path):
+    """What MMDetection / detectron2 write back: each result's integer image_id is the id of the image in the JSON
+    it read (our export); it maps back to our image, the same in every fold's file; a string is our id itself."""
+    cfg, table, folds = split
+    folds_stage.export(cfg, "coco", tmp_path / "coco")
+    preds = fake_predictions(table, folds)
+    out = tmp_path / "mmdet"
+    out.mkdir()
+    for k, part in preds.groupby("fold"):
+        images = json.loads((tmp_path / "coco" / f"fold{k}" / "val.json").read_text())["images"]
+        id_of = {i["image_id_str"]: i["id"] for i in images}
+        train_ids = {i["image_id_str"]: i["id"] for i in
+                     json.loads((tmp_path / "coco" / f"fold{k}" / "train.json").read_text())["images"]}
+        assert set(id_of.values()).isdisjoint(train_ids.values())  # one id per image across the split's files
+        entries = [{"image_id": id_of[r.image_id], "category_id": int(r.label) + 1, "score": r.score,
+                    "bbox": [r.x1, r.y1, r.x2 - r.x1, r.y2 - r.y1]} for r in part.itertuples()]
+        if k == 0:  # a result naming our image id as a string is taken as it is
+            entries[0]["image_id"] = part.image_id.iloc[0]
+        (out / f"fold{k}.json").write_text(json.dumps(entries))
+    got = load_external_oof(out, "coco_json", "ext", table, folds)
+    key = ["fold", "image_id", "score", "x1"]
+    assert (got.sort_values(key).image_id.to_numpy() == preds.sort_values(key).image_id.to_numpy()).all()
+    fold0 = json.loads((out / "fold0.json").read_text())
+    for bad, match in ((len(table.images) + 1, rf"fold0.json: entry 2 has image_id {len(table.images) + 1}, "
+                                              rf"which no exported image has.*1..{len(table.images)}"),
+                       (0, "entry 2 has image_id 0"), (2.0, r"entry 2 has image_id 2.0: expected the exported"),
+                       (True, "entry 2 has image_id True")):
+        (out / "fold0.json").write_text(json.dumps(fold0[:2] + [{**fold0[2], "image_id": bad}] + fold0[3:]))
+        with pytest.raises(ExternalError, match=match):
+            load_external_oof(out, "coco_json", "ext", table, folds)
 
 
 def test_a_member_is_a_config_or_a_predictions_folder():
