@@ -6,7 +6,8 @@ detectron2) sees exactly our split:
 
 - ``yolo``: ``DIR/images/<id><ext>`` (links to the original files), ``DIR/labels/<id>.txt`` (``cls cx cy w h``,
   normalised), and per fold ``DIR/fold<K>_train.txt`` / ``fold<K>_val.txt`` (image lists, relative to ``DIR``) and
-  ``DIR/fold<K>.yaml`` (the dataset file a YOLO trainer reads: ``path``, ``train``, ``val``, ``names``), plus
+  ``DIR/fold<K>.yaml`` (the dataset file a YOLO trainer reads: ``path`` -- ``DIR``, absolute --, ``train``,
+  ``val``, ``names``), plus
   ``test.txt`` when the data has a test split. Ultralytics finds a label by swapping ``/images/`` for ``/labels/``
   in the image path, which is why the images are linked into ``DIR/images``.
 - ``coco``: per fold ``DIR/fold<K>/train.json`` and ``DIR/fold<K>/val.json`` (COCO detection JSON, ``bbox`` xywh in
@@ -85,9 +86,11 @@ def export_yolo(train: AnnotationTable, folds: pd.DataFrame, out: Path, test: An
     for fold in sorted(folds.fold.unique()):
         for part, ids in (("train", folds.image_id[folds.fold != fold]), ("val", folds.image_id[folds.fold == fold])):
             atomic_write_text(out / f"fold{fold}_{part}.txt", "".join(f"{paths[i]}\n" for i in ids))
-        spec = {"path": ".", "train": f"fold{fold}_train.txt", "val": f"fold{fold}_val.txt",
+        # an absolute `path`: Ultralytics resolves a relative one against its own datasets folder (8.0 / 8.1) or
+        # the working directory (later versions), never against the YAML's folder; the lists inside are relative
+        # to DIR, so a moved folder needs only this line edited
+        spec = {"path": str(out.resolve()), "train": f"fold{fold}_train.txt", "val": f"fold{fold}_val.txt",
                 "names": dict(enumerate(train.classes))}
-        # `path: .` is read relative to the working directory by YOLO trainers: run them from DIR, or edit it
         written.append(atomic_write_text(out / f"fold{fold}.yaml", yaml.safe_dump(spec, sort_keys=False)))
     return written
 

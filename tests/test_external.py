@@ -1,5 +1,6 @@
 """Our folds in other tools' layouts: a model trained elsewhere sees exactly our split."""
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -25,8 +26,10 @@ def test_yolo_export_has_one_dataset_per_fold_and_normalised_labels(split, tmp_p
     for k in sorted(folds.fold.unique()):
         spec = yaml.safe_load((out / f"fold{k}.yaml").read_text())
         assert spec["names"] == dict(enumerate(table.classes))
-        train = (out / spec["train"]).read_text().split()
-        val = (out / spec["val"]).read_text().split()
+        root = Path(spec["path"])  # absolute: a YOLO trainer finds the lists from any working directory
+        assert root.is_absolute() and root == out.resolve()
+        train = (root / spec["train"]).read_text().split()
+        val = (root / spec["val"]).read_text().split()
         stem = lambda p: p.rsplit("/", 1)[1].rsplit(".", 1)[0]  # noqa: E731
         assert sorted(map(stem, val)) == sorted(folds.image_id[folds.fold == k])
         assert not set(map(stem, train)) & set(map(stem, val)) and len(train) + len(val) == len(folds)
