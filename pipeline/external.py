@@ -140,7 +140,7 @@ EXPORTERS = {"yolo": export_yolo, "coco": export_coco}
 #
 # An ensemble member may be a folder of another tool's predictions instead of a config:
 #     ensemble.members: [{predictions: external/yolov8x, name: yolov8x, format: yolo_txt}]
-# Layout of the folder (``<ext>``: ``.json`` for coco_json, ``.parquet`` or ``.csv`` for table):
+# Layout of the folder (``<ext>``: ``.json`` or ``.bbox.json`` for coco_json, ``.parquet`` or ``.csv`` for table):
 #     fold<K>.<ext> / fold<K>/         OOF: fold K's model on fold K's validation images only, one per fold
 #     test.<ext> / test/               test: one model's predictions, or test_fold<K>.<ext> / test_fold<K>/ per fold
 # Formats:
@@ -154,7 +154,8 @@ EXPORTERS = {"yolo": export_yolo, "coco": export_coco}
 #                with save_conf); cls is the class index
 
 IMPORT_FORMATS = ("table", "coco_json", "yolo_txt")
-_SUFFIXES = {"table": (".parquet", ".csv"), "coco_json": (".json",), "yolo_txt": ("",)}
+# MMDetection's CocoMetric writes <outfile_prefix>.bbox.json: outfile_prefix=DIR/fold<K> needs no renaming
+_SUFFIXES = {"table": (".parquet", ".csv"), "coco_json": (".json", ".bbox.json"), "yolo_txt": ("",)}
 
 
 class ExternalError(ValueError):

@@ -189,7 +189,8 @@ def test_coco_results_name_images_by_the_ids_of_our_coco_export(split, tmp_path)
                     "bbox": [r.x1, r.y1, r.x2 - r.x1, r.y2 - r.y1]} for r in part.itertuples()]
         if k == 0:  # a result naming our image id as a string is taken as it is
             entries[0]["image_id"] = part.image_id.iloc[0]
-        (out / f"fold{k}.json").write_text(json.dumps(entries))
+        # as MMDetection's CocoMetric names it (outfile_prefix=<folder>/fold<K>)
+        (out / (f"fold{k}.bbox.json" if k == 1 else f"fold{k}.json")).write_text(json.dumps(entries))
     got = load_external_oof(out, "coco_json", "ext", table, folds)
     key = ["fold", "image_id", "score", "x1"]
     assert (got.sort_values(key).image_id.to_numpy() == preds.sort_values(key).image_id.to_numpy()).all()
