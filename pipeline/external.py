@@ -176,12 +176,8 @@ def _read_table(path: Path, classes: list[str]) -> pd.DataFrame:
     missing = [c for c in ("image_id", "x1", "y1", "x2", "y2", "score", "label") if c not in df.columns]
     if missing:
         raise ExternalError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
-    labels = df["label"]
-    if labels.dtype == object:  # class names, or numbers read as text
-        names = {name: i for i, name in enumerate(classes)}
-        mapped = labels.map(lambda v: names.get(str(v).strip(), int(v) if str(v).strip().isdigit() else -1))
-        df = df.assign(label=mapped)
-    df = df.assign(image_id=df.image_id.astype(str), row=[f"row {i + 2}" for i in range(len(df))])
+    df = df.assign(label=_class_indexes(df["label"], classes), image_id=df.image_id.astype(str),
+                   row=[f"row {i + 2}" for i in range(len(df))])
     return df if "tta" in df.columns else df.assign(tta="none")
 
 
@@ -197,6 +193,18 @@ def _coco_image(path: Path, i: int, value: object, ids: list[str]) -> str:
                             f"the ids `folds export --to coco` wrote (1..{len(ids)} for this split)")
     raise ExternalError(f"{path}: entry {i} has image_id {value!r}: expected the exported integer id or our image "
                         "id as a string")
+
+
+def _class_indexes(labels: pd.Series, classes: list[str]) -> pd.Series:
+    """A table's ``label`` column as class indexes: numbers (whole ones), or text -- a class name or the digits of
+    an index; anything else becomes -1, which the checks report with its row."""
+    if pd.api.types.is_numeric_dtype(labels) and not pd.api.types.is_bool_dtype(labels):
+        values = labels.to_numpy(np.float64)
+        whole = np.isfinite(values) & (values == np.round(values))
+        return pd.Series(np.where(whole, values, -1).astype(np.int64), index=labels.index)
+    names = {name: i for i, name in enumerate(classes)}
+    text = labels.astype(str).str.strip()
+    return text.map(lambda v: names.get(v, int(v) if v.isdigit() else -1)).astype(np.int64)
 
 
 def _read_coco(path: Path, ids: list[str]) -> pd.DataFrame:
@@ -253,10 +261,13 @@ def read_external(path: Path, fmt: str, classes: list[str], sizes: dict[str, tup
 
 
 def check_external(df: pd.DataFrame, source: Path, n_classes: int, sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
-    """Finite numbers, known images, known classes, scores in [0, 1]: else an error naming the row. Boxes are
+    """Numbers (text such as ``1,5`` is refused), finite, known images, known classes, scores in [0, 1]: else an
+    error naming the row. Boxes are
     clipped to the image (counted and logged); boxes with no area left are dropped (counted)."""
-    numbers = df[["x1", "y1", "x2", "y2", "score"]].astype(float)
+    given = df[["x1", "y1", "x2", "y2", "score"]]
+    numbers = given.apply(pd.to_numeric, errors="coerce").astype(float)  # text that reads as no number: NaN
     problems = [
+        ((numbers.isna() & given.notna()).to_numpy().any(axis=1), "a coordinate or score that is not a number"),
         (~np.isfinite(numbers.to_numpy()).all(axis=1), "a coordinate or score that is not a finite number"),
         (~df.image_id.isin(list(sizes)).to_numpy(), "an image that is not in the dataset"),
         (~df.label.between(0, n_classes - 1).to_numpy(), f"a class outside 0..{n_classes - 1}"),

@@ -210,3 +210,102 @@ def test_a_member_is_a_config_or_a_predictions_folder():
     with pytest.raises(ValueError, match="needs a `name`"):
         MemberConfig(predictions="dir")
     assert MemberConfig(predictions="dir", name="yolo", format="yolo_txt").config is None
+
+
+BAD_TABLE = [  # (change to fold0.csv's first row or columns, expected message after the file name)
+    (lambda df: df.drop(columns=["score"]), r"missing column\(s\) \['score'\]"),
+    (lambda df: df.assign(x1=[float("inf")] + list(df.x1[1:])), r"1 row\(s\) with a coordinate or score that is not "
+                                                                 r"a finite number, first at row 2"),
+    (lambda df: df.assign(label=["no such class"] + list(df.label[1:].astype(str))), r"1 row\(s\) with a class "
+                                                                                      r"outside 0\.\.2, first at row 2"),
+    (lambda df: df.assign(image_id=["nope"] + list(df.image_id[1:])), r"1 row\(s\) with an image that is not in the "
+                                                                      r"dataset, first at row 2 \(image 'nope'\)"),
+    (lambda df: df.assign(x1=["1,5"] + list(df.x1[1:].astype(str))), r"1 row\(s\) with a coordinate or score that is "
+                                                                     r"not a number, first at row 2"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_TABLE)
+def test_a_bad_table_file_is_refused_naming_file_and_row(split, tmp_path, change, message):
+    cfg, table, folds = split
+    write_member(fake_predictions(table, folds), tmp_path / "m", "table", table)
+    path = tmp_path / "m" / "fold0.csv"
+    change(pd.read_csv(path, dtype={"image_id": str})).to_csv(path, index=False)
+    with pytest.raises(ExternalError, match=r"fold0\.csv: " + message):
+        load_external_oof(tmp_path / "m", "table", "ext", table, folds)
+
+
+BAD_COCO = [  # (fold0.json's new text from its entries, expected message after the file name)
+    (lambda entries: "[{", r"not valid JSON"),
+    (lambda entries: json.dumps({"annotations": entries}), r"expected a COCO results list"),
+    (lambda entries: json.dumps([{k: v for k, v in entries[0].items() if k != "bbox"}] + entries[1:]),
+     r"entry 0 is not \{image_id, category_id, bbox"),
+    (lambda entries: json.dumps([{**entries[0], "category_id": 9}] + entries[1:]), r"1 row\(s\) with a class "
+                                                                                    r"outside 0\.\.2, first at entry 0"),
+    (lambda entries: json.dumps([{**entries[0], "score": -0.1}] + entries[1:]), r"1 row\(s\) with a score outside "
+                                                                                 r"\[0, 1\], first at entry 0"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_COCO)
+def test_a_bad_coco_file_is_refused_naming_file_and_entry(split, tmp_path, change, message):
+    cfg, table, folds = split
+    write_member(fake_predictions(table, folds), tmp_path / "m", "coco_json", table)
+    path = tmp_path / "m" / "fold0.json"
+    path.write_text(change(json.loads(path.read_text())))
+    with pytest.raises(ExternalError, match=r"fold0\.json: " + message):
+        load_external_oof(tmp_path / "m", "coco_json", "ext", table, folds)
+
+
+BAD_YOLO = [  # (new first line of an image's file -- None: a file for an image not in the dataset --, message)
+    (None, r"nope\.txt: image 'nope' is not in the dataset"),
+    ("0 0.5 0.5 0.1 0.1", r"\.txt line 1: expected 'cls cx cy w h conf', got '0 0\.5 0\.5 0\.1 0\.1'"),
+    ("0 0.5 0.5 0.1 0.1 0.9 3", r"\.txt line 1: expected 6 values 'cls cx cy w h conf', got 7"),
+    ("7 0.5 0.5 0.1 0.1 0.9", r"a class outside 0\.\.2, first at \S+\.txt line 1"),
+    ("0 0.5 nan 0.1 0.1 0.9", r"not a finite number, first at \S+\.txt line 1"),
+]
+
+
+@pytest.mark.parametrize("line, message", BAD_YOLO)
+def test_a_bad_yolo_file_is_refused_naming_file_and_line(split, tmp_path, line, message):
+    cfg, table, folds = split
+    write_member(fake_predictions(table, folds), tmp_path / "m", "yolo_txt", table)
+    if line is None:
+        (tmp_path / "m" / "fold0" / "nope.txt").write_text("0 0.5 0.5 0.1 0.1 0.9\n")
+    else:
+        path = tmp_path / "m" / "fold0" / f"{folds.image_id[folds.fold == 0].iloc[0]}.txt"
+        path.write_text(line + "\n" + path.read_text())
+    with pytest.raises(ExternalError, match=message):
+        load_external_oof(tmp_path / "m", "yolo_txt", "ext", table, folds)
+
+
+def test_boxes_outside_the_image_are_clipped_and_counted_not_lost_silently(split, tmp_path, caplog):
+    cfg, table, folds = split
+    preds = fake_predictions(table, folds)
+    image = folds.image_id[folds.fold == 0].iloc[0]
+    width, height = table.images.set_index("image_id").loc[image, ["width", "height"]]
+    extra = pd.DataFrame([(image, -5.0, 10.0, 20.0, height + 7.0, 0.8, 1),  # overhangs: clipped
+                          (image, width + 1.0, 2.0, width + 9.0, 9.0, 0.7, 0)],  # wholly outside: no area left
+                         columns=["image_id", "x1", "y1", "x2", "y2", "score", "label"]).assign(fold=0, model="ext",
+                                                                                                 tta="none")
+    write_member(pd.concat([preds, extra], ignore_index=True), tmp_path / "m", "table", table)
+    with caplog.at_level("WARNING", logger="pipeline.external"):
+        got = load_external_oof(tmp_path / "m", "table", "ext", table, folds)
+    assert "fold0.csv: 2 box(es) clipped to the image, 1 without area dropped" in caplog.text
+    assert len(got) == len(preds) + 1
+    clipped = got[(got.image_id == image) & (got.score == 0.8)]
+    assert clipped[["x1", "y1", "x2", "y2"]].to_numpy().tolist() == [[0.0, 10.0, 20.0, float(height)]]
+
+
+def test_a_table_may_name_classes_or_give_their_indexes_as_numbers_or_text(split, tmp_path):
+    cfg, table, folds = split
+    native = fake_predictions(table, folds)
+    for variant, labels in (("names", native.label.map(dict(enumerate(table.classes)))),
+                            ("floats", native.label.astype(float)), ("digits", native.label.astype(str))):
+        write_member(native.assign(label=labels), tmp_path / variant, "table", table)
+        got = load_external_oof(tmp_path / variant, "table", "ext", table, folds)
+        key = ["fold", "image_id", "score", "x1"]
+        assert (got.sort_values(key).label.to_numpy() == native.sort_values(key).label.to_numpy()).all(), variant
+    write_member(native.assign(label=native.label + 0.5), tmp_path / "halves", "table", table)
+    with pytest.raises(ExternalError, match=r"fold0\.csv: \d+ row\(s\) with a class outside 0\.\.2, first at row 2"):
+        load_external_oof(tmp_path / "halves", "table", "ext", table, folds)
