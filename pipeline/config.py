@@ -1,8 +1,10 @@
 """One typed config, built once from a YAML file plus ``--set key=value`` overrides, then passed down.
 
 A YAML file may name a parent with ``base: other.yaml`` (relative to itself); the child is deep-merged over it.
-Every unknown key or wrong type is an error that names the key and the file. Relative paths in ``data.root``
-are resolved against the working directory (the project root), as the Makefile runs every stage from there.
+Every unknown key or wrong type is an error that names the key and the file. Relative paths in ``data.root`` (and
+the other folders: folds, runs, submissions, an ensemble member's ``predictions``) are resolved against the working
+directory (the project root), as the Makefile runs every stage from there; ``base`` and a member's ``config`` are
+read relative to the YAML file that names them.
 """
 from __future__ import annotations
 
@@ -339,7 +341,9 @@ class MemberConfig(Strict):
     (see pipeline.external for the layout and formats)."""
 
     config: str | None = None  # a model config, relative to the ensemble config's folder
-    predictions: str | None = None  # or: a folder of another tool's OOF (per fold) and test predictions
+    # or: a folder of another tool's OOF (per fold) and test predictions, relative to the working directory (as
+    # data.root; not to this file, unlike `config`)
+    predictions: str | None = None
     name: str | None = None  # the member's name (required with predictions; default: the config's `run`)
     format: Literal["table", "coco_json", "yolo_txt"] = "table"  # of the predictions folder's files
     weight: float | None = None  # fixed weight; None: tuned on OOF

@@ -118,9 +118,10 @@ def config_member(cfg: ExperimentConfig, spec: MemberConfig, need_test: bool) ->
 
 def external_member(cfg: ExperimentConfig, spec: MemberConfig) -> Member:
     """Another tool's predictions, checked, then treated exactly like a member of ours (its views as given)."""
-    folder = Path(spec.predictions) if cfg.source is None else cfg.source.parent / spec.predictions
+    folder = Path(str(spec.predictions))
     if not folder.is_dir():
-        raise EnsembleError(f"member {spec.name}: predictions folder {folder} not found")
+        raise EnsembleError(f"member {spec.name}: predictions folder {folder} not found (a relative path is read "
+                            "from the working directory, as data.root is)")
     folds = read_folds(folds_path(cfg))
     oof = load_external_oof(folder, spec.format, spec.name, load_dataset(cfg.data, "train"), folds)
     test = load_external_test(folder, spec.format, spec.name, load_dataset(cfg.data, "test"), folds)

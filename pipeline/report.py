@@ -48,10 +48,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from pipeline.config import ConfigError, add_config_args, config_from_args
+from pipeline.config import ConfigError, PredictConfig, add_config_args, config_from_args
 from pipeline.data import load_dataset
 from pipeline.data.images import read_image
 from pipeline.data.table import AnnotationTable, DataError
+from pipeline.external import load_external_oof
 from pipeline.io import atomic_write, atomic_write_text
 from pipeline.layout import (ENSEMBLE_REPORT, FoldsError, ensemble_dir, folds_path, fused_path, predictions_path,
                              read_folds, read_predictions)
@@ -453,9 +454,8 @@ class ReportInputs:
 
 def read_report_inputs(cfg: ExperimentConfig) -> ReportInputs:
     """The dataset, the folds file, the fused OOF predictions and each member's OOF predictions with its TTA views
-    fused per fold as the member's own predict stage scores them (one view: that view)."""
-    from pipeline.fusion.views import fuse_views  # lazy: WBF is needed only for the page
-
+    fused per fold as the member's own predict stage scores them (one view: that view); a member made by another
+    tool (a predictions folder) is read as the ensemble reads it."""
     if not cfg.ensemble.members:
         raise ReportError(f"{cfg.source}: ensemble.members is empty; the report explains an ensemble: pass its "
                           "ensemble.yaml")
@@ -465,19 +465,30 @@ def read_report_inputs(cfg: ExperimentConfig) -> ReportInputs:
     table = load_dataset(cfg.data, "train")
     inputs = ReportInputs(cfg, table, read_folds(folds_path(cfg)), read_predictions(path))
     for spec in cfg.ensemble.members:
+        if spec.config is None:  # another tool's predictions: scored like ours, but no fold model to explain with
+            preds = load_external_oof(Path(str(spec.predictions)), spec.format, str(spec.name), table, inputs.folds)
+            inputs.member_oof[str(spec.name)] = _views_fused(preds, table, cfg.predict, str(spec.name))
+            continue
         member = cfg.load_sibling(spec.config)
         member_path = predictions_path(member, "oof")
         if not member_path.exists():
             raise ReportError(f"{member_path} not found: run python -m pipeline.predict --config {member.source} "
                               "--split oof")
-        preds = read_predictions(member_path)
-        views = sorted(preds.tta.unique(), key=lambda v: (v != "none", v))
-        if len(views) > 1:
-            p = member.predict
-            preds = fuse_views(preds, table.images, views, member.run, iou_thr=p.tta_iou_thr,
-                               skip_box_thr=p.tta_skip_box_thr, conf_type=p.tta_conf_type)
+        preds = _views_fused(read_predictions(member_path), table, member.predict, member.run)
         inputs.members[member.run], inputs.member_oof[member.run] = member, preds
     return inputs
+
+
+def _views_fused(preds: pd.DataFrame, table: AnnotationTable, p: PredictConfig, name: str) -> pd.DataFrame:
+    """A member's OOF predictions with its TTA views fused per fold, as its predict stage scores them (one view:
+    that view)."""
+    from pipeline.fusion.views import fuse_views  # lazy: WBF is needed only for the page
+
+    views = sorted(preds.tta.unique(), key=lambda v: (v != "none", v))
+    if len(views) == 1:
+        return preds
+    return fuse_views(preds, table.images, views, name, iou_thr=p.tta_iou_thr, skip_box_thr=p.tta_skip_box_thr,
+                      conf_type=p.tta_conf_type)
 
 
 def _figure(width: float, height: float):

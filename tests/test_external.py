@@ -309,3 +309,44 @@ def test_a_table_may_name_classes_or_give_their_indexes_as_numbers_or_text(split
     write_member(native.assign(label=native.label + 0.5), tmp_path / "halves", "table", table)
     with pytest.raises(ExternalError, match=r"fold0\.csv: \d+ row\(s\) with a class outside 0\.\.2, first at row 2"):
         load_external_oof(tmp_path / "halves", "table", "ext", table, folds)
+
+
+@pytest.mark.slow
+def test_the_ensemble_stage_fuses_an_external_member_with_one_of_ours(tmp_path, tiny_data, monkeypatch):
+    """The whole path a user takes: a predictions folder named in ensemble.yaml (relative to the working
+    directory, as data.root), tuned and fused with a member of ours, its name in the table, test fused too."""
+    from conftest import FRCNN_TINY, write_config_dir
+    from pipeline import ensemble as ensemble_stage
+    from pipeline.layout import ENSEMBLE_RESULT, ensemble_dir, predictions_path, write_predictions
+
+    folder = write_config_dir(tmp_path / "configs", tiny_data, {"m": FRCNN_TINY}, tracking={"enabled": False})
+    tree = yaml.safe_load((folder / "ensemble.yaml").read_text())
+    tree["ensemble"]["members"] = [{"config": "m.yaml"},
+                                   {"predictions": "external/yolo", "name": "yolo", "format": "yolo_txt"}]
+    (folder / "ensemble.yaml").write_text(yaml.safe_dump(tree))
+    cfg = load_config(folder / "ensemble.yaml")
+    folds_stage.run(cfg)
+    table, test_table = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
+    folds = read_folds(folds_path(cfg))
+    test_folds = pd.DataFrame({"image_id": test_table.images.image_id, "fold": 0})
+    ours = cfg.load_sibling("m.yaml")
+    write_predictions(fake_predictions(table, folds, seed=1).assign(model="m"), predictions_path(ours, "oof"))
+    write_predictions(fake_predictions(test_table, test_folds, seed=1).assign(model="m"),
+                      predictions_path(ours, "test"))
+    monkeypatch.chdir(tmp_path)  # the folder is found from here, not from the config's folder
+    write_member(fake_predictions(table, folds, seed=2), tmp_path / "external" / "yolo", "yolo_txt", table,
+                 test=fake_predictions(test_table, test_folds, seed=2), test_table=test_table)
+    assert ensemble_stage.main(["--config", str(folder / "ensemble.yaml"), "--set", "ensemble.method=wbf"]) == 0
+    result = json.loads((ensemble_dir(cfg) / ENSEMBLE_RESULT).read_text())
+    assert result["members"] == ["m", "yolo"] and "test_fused" in result
+    assert any(r["row"].startswith("yolo") for r in result["table"])  # the member scored alone, like ours
+    fused = pd.read_parquet(result["test_fused"])
+    assert len(fused) and set(fused.image_id) <= set(test_table.images.image_id)
+    assert (ensemble_dir(cfg) / "report" / "index.html").is_file()  # the error analysis reads the member too
+    from pipeline import submission as submission_stage
+
+    assert submission_stage.main(["--config", str(folder / "ensemble.yaml")]) == 0
+    written = [f.name for f in (tmp_path / "configs" / "submissions").glob("*.csv") if f.name != "ledger.csv"]
+    assert len(written) == 1, written
+    monkeypatch.chdir(folder)  # from elsewhere the relative folder is not found: the error says where it looked
+    assert ensemble_stage.main(["--config", str(folder / "ensemble.yaml")]) == 1
