@@ -140,7 +140,8 @@ EXPORTERS = {"yolo": export_yolo, "coco": export_coco}
 #
 # An ensemble member may be a folder of another tool's predictions instead of a config:
 #     ensemble.members: [{predictions: external/yolov8x, name: yolov8x, format: yolo_txt}]
-# Layout of the folder (``<ext>``: ``.json`` or ``.bbox.json`` for coco_json, ``.parquet`` or ``.csv`` for table):
+# Layout of the folder (``<ext>``: ``.json``, ``.bbox.json`` or ``/coco_instances_results.json`` for coco_json,
+# ``.parquet`` or ``.csv`` for table):
 #     fold<K>.<ext> / fold<K>/         OOF: fold K's model on fold K's validation images only, one per fold
 #     test.<ext> / test/               test: one model's predictions, or test_fold<K>.<ext> / test_fold<K>/ per fold
 # Formats:
@@ -154,8 +155,11 @@ EXPORTERS = {"yolo": export_yolo, "coco": export_coco}
 #                with save_conf); cls is the class index
 
 IMPORT_FORMATS = ("table", "coco_json", "yolo_txt")
-# MMDetection's CocoMetric writes <outfile_prefix>.bbox.json: outfile_prefix=DIR/fold<K> needs no renaming
-_SUFFIXES = {"table": (".parquet", ".csv"), "coco_json": (".json", ".bbox.json"), "yolo_txt": ("",)}
+# as the tools name their results, so that none needs renaming: MMDetection's CocoMetric writes
+# <outfile_prefix>.bbox.json (outfile_prefix=DIR/fold<K>), detectron2's COCOEvaluator
+# <output_dir>/coco_instances_results.json (output_dir=DIR/fold<K>)
+_SUFFIXES = {"table": (".parquet", ".csv"), "coco_json": (".json", ".bbox.json", "/coco_instances_results.json"),
+             "yolo_txt": ("",)}
 
 
 class ExternalError(ValueError):
@@ -217,6 +221,11 @@ def _read_coco(path: Path, ids: list[str]) -> pd.DataFrame:
         raise ExternalError(f"{path}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
     rows = []
     for i, e in enumerate(entries):
+        if isinstance(e, dict) and e.get("category_id") == 0:
+            raise ExternalError(f"{path}: entry {i} has category_id 0: the exported files number the classes from 1 "
+                                "(class index + 1), so the tool numbered them itself -- MMDetection without "
+                                "test_evaluator.ann_file set to the exported JSON, or detectron2 without the "
+                                "dataset registered from it (register_coco_instances)")
         try:
             x, y, w, h = (float(v) for v in e["bbox"])
             rows.append((_coco_image(path, i, e["image_id"], ids), x, y, x + w, y + h, float(e["score"]),

@@ -189,17 +189,22 @@ def test_coco_results_name_images_by_the_ids_of_our_coco_export(split, tmp_path)
                     "bbox": [r.x1, r.y1, r.x2 - r.x1, r.y2 - r.y1]} for r in part.itertuples()]
         if k == 0:  # a result naming our image id as a string is taken as it is
             entries[0]["image_id"] = part.image_id.iloc[0]
-        # as MMDetection's CocoMetric names it (outfile_prefix=<folder>/fold<K>)
-        (out / (f"fold{k}.bbox.json" if k == 1 else f"fold{k}.json")).write_text(json.dumps(entries))
+        # fold 0 as MMDetection's CocoMetric names it (outfile_prefix=<folder>/fold0), fold 1 as detectron2's
+        # COCOEvaluator (output_dir=<folder>/fold1)
+        name = {0: "fold0.bbox.json", 1: "fold1/coco_instances_results.json"}.get(k, f"fold{k}.json")
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text(json.dumps(entries))
     got = load_external_oof(out, "coco_json", "ext", table, folds)
     key = ["fold", "image_id", "score", "x1"]
     assert (got.sort_values(key).image_id.to_numpy() == preds.sort_values(key).image_id.to_numpy()).all()
-    fold0 = json.loads((out / "fold0.json").read_text())
-    for bad, match in ((len(table.images) + 1, rf"fold0.json: entry 2 has image_id {len(table.images) + 1}, "
-                                              rf"which no exported image has.*1..{len(table.images)}"),
-                       (0, "entry 2 has image_id 0"), (2.0, r"entry 2 has image_id 2.0: expected the exported"),
-                       (True, "entry 2 has image_id True")):
-        (out / "fold0.json").write_text(json.dumps(fold0[:2] + [{**fold0[2], "image_id": bad}] + fold0[3:]))
+    fold0 = json.loads((out / "fold0.bbox.json").read_text())
+    for key, bad, match in (
+            ("image_id", len(table.images) + 1, rf"fold0.bbox.json: entry 2 has image_id {len(table.images) + 1}, "
+                                                rf"which no exported image has.*1..{len(table.images)}"),
+            ("image_id", 0, "entry 2 has image_id 0"), ("image_id", 2.0, r"entry 2 has image_id 2.0: expected the"),
+            ("image_id", True, "entry 2 has image_id True"),
+            ("category_id", 0, r"entry 2 has category_id 0: the exported files number the classes from 1")):
+        (out / "fold0.bbox.json").write_text(json.dumps(fold0[:2] + [{**fold0[2], key: bad}] + fold0[3:]))
         with pytest.raises(ExternalError, match=match):
             load_external_oof(out, "coco_json", "ext", table, folds)
 
