@@ -353,5 +353,16 @@ def test_the_ensemble_stage_fuses_an_external_member_with_one_of_ours(tmp_path, 
     assert submission_stage.main(["--config", str(folder / "ensemble.yaml")]) == 0
     written = [f.name for f in (tmp_path / "configs" / "submissions").glob("*.csv") if f.name != "ledger.csv"]
     assert len(written) == 1, written
+    from pipeline import pseudo
+    from pipeline.layout import pseudo_dir
+    from pipeline.pseudo_labels import read_pseudo_table
+
+    low = ["--set", "pseudo.precision_target=0.000001", "--set", "pseudo.likely_precision=0.000001"]
+    ens = str(folder / "ensemble.yaml")
+    assert pseudo.main(["--config", ens, "--round", "1", "--set", "pseudo.teacher=ensemble", *low]) == 0
+    labels = read_pseudo_table(pseudo_dir(load_config(folder / "ensemble.yaml"), 1))
+    assert len(labels.boxes) and set(labels.images.image_id) <= set(test_table.images.image_id)
+    # a fold teacher needs each fold's model on the test images: one test file from the tool is refused, naming it
+    assert pseudo.main(["--config", ens, "--round", "1", "--force", "--set", "pseudo.teacher=fold", *low]) == 1
     monkeypatch.chdir(folder)  # from elsewhere the relative folder is not found: the error says where it looked
     assert ensemble_stage.main(["--config", str(folder / "ensemble.yaml")]) == 1
