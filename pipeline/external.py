@@ -4,7 +4,8 @@
 Out (``python -m pipeline.folds export --to yolo|coco DIR``), so a model trained elsewhere (Ultralytics, MMDetection,
 detectron2) sees exactly our split:
 
-- ``yolo``: ``DIR/images/<id><ext>`` (links to the original files), ``DIR/labels/<id>.txt`` (``cls cx cy w h``,
+- ``yolo``: ``DIR/images/<id><ext>`` (links to the original files; ``/`` in an id becomes ``__``),
+  ``DIR/labels/<id>.txt`` (``cls cx cy w h``,
   normalised), and per fold ``DIR/fold<K>_train.txt`` / ``fold<K>_val.txt`` (image lists, relative to ``DIR``) and
   ``DIR/fold<K>.yaml`` (the dataset file a YOLO trainer reads: ``path`` -- ``DIR``, absolute --, ``train``,
   ``val``, ``names``), plus
@@ -38,6 +39,11 @@ log = logging.getLogger(__name__)
 EXPORT_FORMATS = ("yolo", "coco")
 
 
+class ExternalError(ValueError):
+    """Folds that cannot be exported, or external predictions that cannot be used; the message names the file and
+    the row or image."""
+
+
 def _link(source: Path, target: Path) -> None:
     """``target`` pointing at ``source`` (a symlink; a copy-free hard link where symlinks are not allowed)."""
     if target.is_symlink() or target.exists():
@@ -59,18 +65,37 @@ def _yolo_lines(boxes: pd.DataFrame, width: int, height: int) -> str:
     return "".join(f"{int(c)} {a:.6f} {b:.6f} {d:.6f} {e:.6f}\n" for c, a, b, d, e in rows)
 
 
+def yolo_stem(image_id: str) -> str:
+    """The file name, less its extension, of an image in the YOLO layout: its id with path separators made ``__``
+    (a YOLO tool names label and prediction files after the image file; the importer maps them back)."""
+    return image_id.replace("/", "__").replace("\\", "__")
+
+
+def yolo_stems(ids) -> dict[str, str]:
+    """``{file stem: image id}`` of ``ids``; ``ExternalError`` when two ids would share a file."""
+    stems: dict[str, str] = {}
+    for image_id in ids:
+        other = stems.setdefault(yolo_stem(image_id), image_id)
+        if other != image_id:
+            raise ExternalError(f"images {other!r} and {image_id!r} would share the YOLO file name "
+                                f"{yolo_stem(image_id)!r}")
+    return stems
+
+
 def _yolo_images(table: AnnotationTable, out: Path) -> dict[str, str]:
     """Link every image into ``out/images`` and write its label file; returns image_id -> path relative to out."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     by_image = dict(tuple(table.boxes.groupby("image_id", sort=False)))
+    yolo_stems(table.images.image_id)
     relative = {}
     for row in table.images.itertuples():
         source = Path(row.path)
-        name = f"{row.image_id}{source.suffix.lower()}"
+        name = f"{yolo_stem(row.image_id)}{source.suffix.lower()}"
         _link(source, out / "images" / name)
         boxes = by_image.get(row.image_id, table.boxes.iloc[:0])
-        atomic_write_text(out / "labels" / f"{row.image_id}.txt", _yolo_lines(boxes, int(row.width), int(row.height)))
+        atomic_write_text(out / "labels" / f"{yolo_stem(row.image_id)}.txt",
+                          _yolo_lines(boxes, int(row.width), int(row.height)))
         relative[row.image_id] = f"./images/{name}"
     return relative
 
@@ -162,10 +187,6 @@ _SUFFIXES = {"table": (".parquet", ".csv"), "coco_json": (".json", ".bbox.json",
              "yolo_txt": ("",)}
 
 
-class ExternalError(ValueError):
-    """External predictions that cannot be used; the message names the file and the row or image."""
-
-
 def _source(folder: Path, stem: str, fmt: str) -> Path | None:
     for suffix in _SUFFIXES[fmt]:
         path = folder / f"{stem}{suffix}"
@@ -241,10 +262,12 @@ def _read_coco(path: Path, ids: list[str]) -> pd.DataFrame:
 
 def _read_yolo(folder: Path, sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
     rows = []
+    image_of = yolo_stems(sizes)
     for path in sorted(folder.glob("*.txt")):
-        if path.stem not in sizes:
+        if path.stem not in image_of:
             raise ExternalError(f"{path}: image {path.stem!r} is not in the dataset")
-        width, height = sizes[path.stem]
+        image_id = image_of[path.stem]
+        width, height = sizes[image_id]
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             parts = line.split()
             if not parts:
@@ -255,7 +278,7 @@ def _read_yolo(folder: Path, sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
                 raise ExternalError(f"{path} line {n}: expected 'cls cx cy w h conf', got {line!r}") from None
             if len(parts) != 6:
                 raise ExternalError(f"{path} line {n}: expected 6 values 'cls cx cy w h conf', got {len(parts)}")
-            rows.append((path.stem, (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width,
+            rows.append((image_id, (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width,
                          (cy + h / 2) * height, conf, cls, f"{path.name} line {n}"))
     df = pd.DataFrame(rows, columns=["image_id", "x1", "y1", "x2", "y2", "score", "label", "row"])
     return df.assign(tta="none")

@@ -25,7 +25,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from pipeline.config import ConfigError, ExperimentConfig, add_config_args, config_from_args
 from pipeline.data import AnnotationTable, DataError, load_dataset
-from pipeline.external import EXPORTERS
+from pipeline.external import EXPORTERS, ExternalError
 from pipeline.layout import FoldsError, folds_path, read_folds, write_folds_file
 from pipeline.tracking import stage_run
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             export(cfg, args.to, args.out)
         else:
             run(cfg, force=args.force)
-    except (ConfigError, DataError, FoldsError) as exc:
+    except (ConfigError, DataError, FoldsError, ExternalError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -71,7 +71,8 @@ def test_export_needs_the_folds_file(tmp_path, tiny_data, capsys):
 
 from pipeline.config import ConfigError, MemberConfig, load_config  # noqa: E402
 from pipeline.ensemble import Member, tune  # noqa: E402
-from pipeline.external import ExternalError, coco_image_ids, load_external_oof, load_external_test  # noqa: E402
+from pipeline.external import (ExternalError, coco_image_ids, export_yolo, load_external_oof,  # noqa: E402
+                               load_external_test, yolo_stem)
 from pipeline.metrics import Scorer  # noqa: E402
 
 
@@ -115,7 +116,8 @@ def write_member(preds, folder, fmt, table, test=None, test_table=None):
                 w, h = sizes[image_id]
                 lines = [f"{r.label} {(r.x1 + r.x2) / 2 / w:.8f} {(r.y1 + r.y2) / 2 / h:.8f} "
                          f"{(r.x2 - r.x1) / w:.8f} {(r.y2 - r.y1) / h:.8f} {r.score}" for r in rows.itertuples()]
-                (folder / stem / f"{image_id}.txt").write_text("\n".join(lines) + "\n")
+                # named after the exported image file, as Ultralytics names it
+                (folder / stem / f"{yolo_stem(image_id)}.txt").write_text("\n".join(lines) + "\n")
 
 
 @pytest.mark.parametrize("fmt", ["table", "coco_json", "yolo_txt"])
@@ -366,3 +368,26 @@ def test_the_ensemble_stage_fuses_an_external_member_with_one_of_ours(tmp_path, 
     assert pseudo.main(["--config", ens, "--round", "1", "--force", "--set", "pseudo.teacher=fold", *low]) == 1
     monkeypatch.chdir(folder)  # from elsewhere the relative folder is not found: the error says where it looked
     assert ensemble_stage.main(["--config", str(folder / "ensemble.yaml")]) == 1
+
+
+def test_image_ids_with_path_separators_get_flat_yolo_file_names_that_map_back(split, tmp_path):
+    from pipeline.data.table import AnnotationTable
+
+    cfg, table, folds = split
+    nested_id = {i: f"site{k % 2}/{i}" for k, i in enumerate(table.images.image_id)}
+    nested = AnnotationTable(table.images.assign(image_id=table.images.image_id.map(nested_id)),
+                             table.boxes.assign(image_id=table.boxes.image_id.map(nested_id)), list(table.classes))
+    nested_folds = folds.assign(image_id=folds.image_id.map(nested_id))
+    export_yolo(nested, nested_folds, tmp_path / "yolo")
+    first = nested.images.image_id.iloc[0]
+    assert (tmp_path / "yolo" / "labels" / f"{first.replace('/', '__')}.txt").is_file()
+    assert f"./images/{first.replace('/', '__')}" in (tmp_path / "yolo" / "fold0_train.txt").read_text() + (
+        tmp_path / "yolo" / "fold0_val.txt").read_text()
+    preds = fake_predictions(nested, nested_folds)
+    write_member(preds, tmp_path / "m", "yolo_txt", nested)
+    got = load_external_oof(tmp_path / "m", "yolo_txt", "ext", nested, nested_folds)
+    assert sorted(set(got.image_id)) == sorted(set(preds.image_id))
+    two = nested.images.iloc[:2].assign(image_id=["a/b", "a__b"])  # two ids, one file name
+    clash = AnnotationTable(two, nested.boxes.iloc[:0], list(table.classes))
+    with pytest.raises(ExternalError, match=r"images 'a/b' and 'a__b' would share the YOLO file name 'a__b'"):
+        export_yolo(clash, pd.DataFrame({"image_id": ["a/b", "a__b"], "fold": [0, 1]}), tmp_path / "clash")
