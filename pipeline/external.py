@@ -196,11 +196,17 @@ def _source(folder: Path, stem: str, fmt: str) -> Path | None:
 
 
 def _read_table(path: Path, classes: list[str]) -> pd.DataFrame:
-    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype={"image_id": str},
-                                                                               keep_default_na=False)
+    parquet = path.suffix == ".parquet"
+    try:
+        df = pd.read_parquet(path) if parquet else pd.read_csv(path, dtype={"image_id": str}, keep_default_na=False)
+    except (OSError, ValueError) as exc:  # pandas' EmptyDataError / ParserError and arrow's errors are among these
+        raise ExternalError(f"{path}: not a readable {'parquet' if parquet else 'CSV'} file ({exc})") from None
     missing = [c for c in ("image_id", "x1", "y1", "x2", "y2", "score", "label") if c not in df.columns]
     if missing:
-        raise ExternalError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+        only = str(df.columns[0]) if len(df.columns) == 1 else ""
+        sep = next((c for c in ";\t|" if c in only), None)
+        hint = f" -- the file looks separated by {sep!r}: write it with commas" if sep else ""
+        raise ExternalError(f"{path}: missing column(s) {missing}; found {list(df.columns)}{hint}")
     df = df.assign(label=_class_indexes(df["label"], classes), image_id=df.image_id.astype(str),
                    row=[f"row {i + 2}" for i in range(len(df))])
     return df if "tta" in df.columns else df.assign(tta="none")
@@ -268,7 +274,11 @@ def _read_yolo(folder: Path, sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
             raise ExternalError(f"{path}: image {path.stem!r} is not in the dataset")
         image_id = image_of[path.stem]
         width, height = sizes[image_id]
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ExternalError(f"{path}: not a text file ({exc})") from None
+        for n, line in enumerate(text.splitlines(), 1):
             parts = line.split()
             if not parts:
                 continue

@@ -242,6 +242,27 @@ def test_a_bad_table_file_is_refused_naming_file_and_row(split, tmp_path, change
         load_external_oof(tmp_path / "m", "table", "ext", table, folds)
 
 
+BAD_FILES = [  # (format, file of fold 0 written as these bytes, expected message after the file name)
+    ("table", "fold0.csv", b"", r"not a readable CSV file \(No columns to parse"),
+    ("table", "fold0.parquet", b"PAR1 not parquet", r"not a readable parquet file"),
+    ("table", "fold0.csv", b"image_id;x1;y1;x2;y2;score;label\na;1;1;5;5;0.5;0\n",
+     r"missing column\(s\).* -- the file looks separated by ';': write it with commas"),
+    ("coco_json", "fold0.json", "[]".encode("utf-16"), r"not valid JSON"),
+    ("yolo_txt", "fold0/FIRST.txt", b"\xff\xfe0 0.5 0.5 0.1 0.1 0.9", r"not a text file"),
+]
+
+
+@pytest.mark.parametrize("fmt, name, data, message", BAD_FILES)
+def test_a_file_that_cannot_be_read_is_refused_naming_it(split, tmp_path, fmt, name, data, message):
+    cfg, table, folds = split
+    write_member(fake_predictions(table, folds), tmp_path / "m", fmt, table)
+    (tmp_path / "m" / "fold0.csv").unlink(missing_ok=True)
+    path = tmp_path / "m" / name.replace("FIRST", folds.image_id[folds.fold == 0].iloc[0])
+    path.write_bytes(data)
+    with pytest.raises(ExternalError, match=rf"{path.name}: {message}"):
+        load_external_oof(tmp_path / "m", fmt, "ext", table, folds)
+
+
 BAD_COCO = [  # (fold0.json's new text from its entries, expected message after the file name)
     (lambda entries: "[{", r"not valid JSON"),
     (lambda entries: json.dumps({"annotations": entries}), r"expected a COCO results list"),
