@@ -219,27 +219,25 @@ def test_a_member_is_a_config_or_a_predictions_folder():
     assert MemberConfig(predictions="dir", name="yolo", format="yolo_txt").config is None
 
 
-BAD_TABLE = [  # (change to fold0.csv's first row or columns, expected message after the file name)
-    (lambda df: df.drop(columns=["score"]), r"missing column\(s\) \['score'\]"),
-    (lambda df: df.assign(x1=[float("inf")] + list(df.x1[1:])), r"1 row\(s\) with a coordinate or score that is not "
-                                                                 r"a finite number, first at row 2"),
-    (lambda df: df.assign(label=["no such class"] + list(df.label[1:].astype(str))), r"1 row\(s\) with a class "
-                                                                                      r"outside 0\.\.2, first at row 2"),
-    (lambda df: df.assign(image_id=["nope"] + list(df.image_id[1:])), r"1 row\(s\) with an image that is not in the "
-                                                                      r"dataset, first at row 2 \(image 'nope'\)"),
-    (lambda df: df.assign(x1=["1,5"] + list(df.x1[1:].astype(str))), r"1 row\(s\) with a coordinate or score that is "
-                                                                     r"not a number, first at row 2"),
+BAD_CONTENT = [  # (format, change to fold 0's rows -- a table -- or entries -- COCO results --, expected message)
+    ("table", lambda df: df.drop(columns=["score"]), r"missing column\(s\) \['score'\]"),
+    ("table", lambda df: df.assign(x1=[float("inf")] + list(df.x1[1:])),
+     r"1 row\(s\) with a coordinate or score that is not a finite number, first at row 2"),
+    ("table", lambda df: df.assign(label=["no such class"] + list(df.label[1:].astype(str))),
+     r"1 row\(s\) with a class outside 0\.\.2, first at row 2"),
+    ("table", lambda df: df.assign(image_id=["nope"] + list(df.image_id[1:])),
+     r"1 row\(s\) with an image that is not in the dataset, first at row 2 \(image 'nope'\)"),
+    ("table", lambda df: df.assign(x1=["1,5"] + list(df.x1[1:].astype(str))),
+     r"1 row\(s\) with a coordinate or score that is not a number, first at row 2"),
+    ("coco_json", lambda entries: "[{", r"not valid JSON"),
+    ("coco_json", lambda entries: json.dumps({"annotations": entries}), r"expected a COCO results list"),
+    ("coco_json", lambda entries: json.dumps([{k: v for k, v in entries[0].items() if k != "bbox"}] + entries[1:]),
+     r"entry 0 is not \{image_id, category_id, bbox"),
+    ("coco_json", lambda entries: json.dumps([{**entries[0], "category_id": 9}] + entries[1:]),
+     r"1 row\(s\) with a class outside 0\.\.2, first at entry 0"),
+    ("coco_json", lambda entries: json.dumps([{**entries[0], "score": -0.1}] + entries[1:]),
+     r"1 row\(s\) with a score outside \[0, 1\], first at entry 0"),
 ]
-
-
-@pytest.mark.parametrize("change, message", BAD_TABLE)
-def test_a_bad_table_file_is_refused_naming_file_and_row(split, tmp_path, change, message):
-    cfg, table, folds = split
-    write_member(fake_predictions(table, folds), tmp_path / "m", "table", table)
-    path = tmp_path / "m" / "fold0.csv"
-    change(pd.read_csv(path, dtype={"image_id": str})).to_csv(path, index=False)
-    with pytest.raises(ExternalError, match=r"fold0\.csv: " + message):
-        load_external_oof(tmp_path / "m", "table", "ext", table, folds)
 
 
 BAD_FILES = [  # (format, file of fold 0 written as these bytes, expected message after the file name)
@@ -263,26 +261,17 @@ def test_a_file_that_cannot_be_read_is_refused_naming_it(split, tmp_path, fmt, n
         load_external_oof(tmp_path / "m", fmt, "ext", table, folds)
 
 
-BAD_COCO = [  # (fold0.json's new text from its entries, expected message after the file name)
-    (lambda entries: "[{", r"not valid JSON"),
-    (lambda entries: json.dumps({"annotations": entries}), r"expected a COCO results list"),
-    (lambda entries: json.dumps([{k: v for k, v in entries[0].items() if k != "bbox"}] + entries[1:]),
-     r"entry 0 is not \{image_id, category_id, bbox"),
-    (lambda entries: json.dumps([{**entries[0], "category_id": 9}] + entries[1:]), r"1 row\(s\) with a class "
-                                                                                    r"outside 0\.\.2, first at entry 0"),
-    (lambda entries: json.dumps([{**entries[0], "score": -0.1}] + entries[1:]), r"1 row\(s\) with a score outside "
-                                                                                 r"\[0, 1\], first at entry 0"),
-]
-
-
-@pytest.mark.parametrize("change, message", BAD_COCO)
-def test_a_bad_coco_file_is_refused_naming_file_and_entry(split, tmp_path, change, message):
+@pytest.mark.parametrize("fmt, change, message", BAD_CONTENT)
+def test_a_bad_row_or_entry_is_refused_naming_the_file_and_where(split, tmp_path, fmt, change, message):
     cfg, table, folds = split
-    write_member(fake_predictions(table, folds), tmp_path / "m", "coco_json", table)
-    path = tmp_path / "m" / "fold0.json"
-    path.write_text(change(json.loads(path.read_text())))
-    with pytest.raises(ExternalError, match=r"fold0\.json: " + message):
-        load_external_oof(tmp_path / "m", "coco_json", "ext", table, folds)
+    write_member(fake_predictions(table, folds), tmp_path / "m", fmt, table)
+    path = tmp_path / "m" / ("fold0.csv" if fmt == "table" else "fold0.json")
+    if fmt == "table":
+        change(pd.read_csv(path, dtype={"image_id": str})).to_csv(path, index=False)
+    else:
+        path.write_text(change(json.loads(path.read_text())))
+    with pytest.raises(ExternalError, match=rf"{path.name}: " + message):
+        load_external_oof(tmp_path / "m", fmt, "ext", table, folds)
 
 
 BAD_YOLO = [  # (new first line of an image's file -- None: a file for an image not in the dataset --, message)
