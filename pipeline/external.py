@@ -100,7 +100,8 @@ def _yolo_images(table: AnnotationTable, out: Path) -> dict[str, str]:
     return relative
 
 
-def export_yolo(train: AnnotationTable, folds: pd.DataFrame, out: Path, test: AnnotationTable | None = None) -> list[Path]:
+def export_yolo(train: AnnotationTable, folds: pd.DataFrame, out: Path,
+                test: AnnotationTable | None = None) -> list[Path]:
     """The YOLO layout of every fold (see the module docstring); returns the dataset YAML files."""
     out = Path(out)
     paths = _yolo_images(train, out)
@@ -146,7 +147,8 @@ def _coco_json(table: AnnotationTable, image_ids) -> str:
     return json.dumps(doc)
 
 
-def export_coco(train: AnnotationTable, folds: pd.DataFrame, out: Path, test: AnnotationTable | None = None) -> list[Path]:
+def export_coco(train: AnnotationTable, folds: pd.DataFrame, out: Path,
+                test: AnnotationTable | None = None) -> list[Path]:
     """One train and one val COCO JSON per fold (see the module docstring); returns the files written."""
     out = Path(out)
     written = []
