@@ -5,11 +5,10 @@ Out (``python -m pipeline.folds export --to yolo|coco DIR``), so a model trained
 detectron2) sees exactly our split:
 
 - ``yolo``: ``DIR/images/<id><ext>`` (links to the original files; ``/`` in an id becomes ``__``),
-  ``DIR/labels/<id>.txt`` (``cls cx cy w h``,
-  normalised), and per fold ``DIR/fold<K>_train.txt`` / ``fold<K>_val.txt`` (image lists, relative to ``DIR``) and
-  ``DIR/fold<K>.yaml`` (the dataset file a YOLO trainer reads: ``path`` -- ``DIR``, absolute --, ``train``,
-  ``val``, ``names``), plus
-  ``test.txt`` when the data has a test split. Ultralytics finds a label by swapping ``/images/`` for ``/labels/``
+  ``DIR/labels/<id>.txt`` (``cls cx cy w h``, normalised), and per fold ``DIR/fold<K>_train.txt`` /
+  ``fold<K>_val.txt`` (image lists, relative to ``DIR``) and ``DIR/fold<K>.yaml`` (the dataset file a YOLO trainer
+  reads: ``path`` -- ``DIR``, absolute --, ``train``, ``val``, ``names``), plus ``test.txt`` when the data has a
+  test split. Ultralytics finds a label by swapping ``/images/`` for ``/labels/``
   in the image path, which is why the images are linked into ``DIR/images``.
 - ``coco``: per fold ``DIR/fold<K>/train.json`` and ``DIR/fold<K>/val.json`` (COCO detection JSON, ``bbox`` xywh in
   pixels, ``category_id`` = class index + 1, ``file_name`` = the image path as the annotation table has it), plus
@@ -210,7 +209,7 @@ def _read_table(path: Path, classes: list[str]) -> pd.DataFrame:
         hint = f" -- the file looks separated by {sep!r}: write it with commas" if sep else ""
         raise ExternalError(f"{path}: missing column(s) {missing}; found {list(df.columns)}{hint}")
     df = df.assign(label=_class_indexes(df["label"], classes), image_id=df.image_id.astype(str),
-                   row=[f"row {i + 2}" for i in range(len(df))])
+                   row="row " + pd.Series(np.arange(2, len(df) + 2), index=df.index).astype(str))
     return df if "tta" in df.columns else df.assign(tta="none")
 
 
@@ -254,8 +253,8 @@ def _read_coco(path: Path, ids: list[str]) -> pd.DataFrame:
 
 def _coco_frame_at_once(entries: list, ids: list[str]) -> pd.DataFrame | None:
     """The usual results list -- integer image and category ids (from 1), four numbers a box, numeric scores --
-    read in whole columns (a million entries in about a second, five times faster than entry by entry); None for
-    anything else, which :func:`_coco_frame_by_entry` reads and names the first bad entry of."""
+    read in whole columns (about a second for a million entries, without the loop per entry); None for anything
+    else, which :func:`_coco_frame_by_entry` reads and names the first bad entry of."""
     try:
         frame = pd.DataFrame.from_records(entries, columns=["image_id", "category_id", "bbox", "score"])
         box = np.array(frame["bbox"].tolist(), dtype=np.float64)
@@ -332,8 +331,8 @@ def read_external(path: Path, fmt: str, classes: list[str], sizes: dict[str, tup
 
 def check_external(df: pd.DataFrame, source: Path, n_classes: int, sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
     """Numbers (text such as ``1,5`` is refused), finite, known images, known classes, scores in [0, 1]: else an
-    error naming the row. Boxes are
-    clipped to the image (counted and logged); boxes with no area left are dropped (counted)."""
+    error naming the row. Boxes are clipped to the image (counted and logged); boxes with no area left are dropped
+    (counted)."""
     given = df[["x1", "y1", "x2", "y2", "score"]]
     numbers = given.apply(pd.to_numeric, errors="coerce").astype(float)  # text that reads as no number: NaN
     problems = [
