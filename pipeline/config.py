@@ -358,6 +358,13 @@ class MemberConfig(Strict):
             raise ValueError(f"views must be distinct and at least one, got {value}")
         return value
 
+    @property
+    def predictions_folder(self) -> Path:
+        """The folder of another tool's predictions (a relative path: from the working directory, as data.root)."""
+        if self.predictions is None:
+            raise ConfigError(f"member {self.config} is a config of ours, not a predictions folder")
+        return Path(self.predictions)
+
     def chosen_views(self, predicted: Sequence[str], source: object) -> list[str]:
         """The views to fuse, ``none`` first then by name: every view of ``predicted`` (those of the member's OOF
         predictions, read from ``source``), or those ``views`` names (``ConfigError`` for one not predicted)."""

@@ -118,7 +118,7 @@ def config_member(cfg: ExperimentConfig, spec: MemberConfig, need_test: bool) ->
 
 def external_member(cfg: ExperimentConfig, spec: MemberConfig) -> Member:
     """Another tool's predictions, checked, then treated exactly like a member of ours (its views as given)."""
-    folder = Path(str(spec.predictions))
+    folder = spec.predictions_folder
     if not folder.is_dir():
         raise EnsembleError(f"member {spec.name}: predictions folder {folder} not found (a relative path is read "
                             "from the working directory, as data.root is)")

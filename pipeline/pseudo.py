@@ -169,7 +169,7 @@ def member_predictions(cfg: ExperimentConfig, split: str, table: AnnotationTable
             if split != "test":
                 raise PseudoLabelError(f"member {spec.name}: predictions of another tool exist for the test split "
                                        "only; pseudo-label the unlabelled folder from members of ours")
-            folder = Path(str(spec.predictions))  # relative: to the working directory, as data.root
+            folder = spec.predictions_folder
             preds = load_external_test(folder, spec.format, spec.name, table, folds)
             if preds is None:
                 raise PseudoLabelError(f"member {spec.name}: no test predictions in {folder}")

@@ -466,7 +466,7 @@ def read_report_inputs(cfg: ExperimentConfig) -> ReportInputs:
     inputs = ReportInputs(cfg, table, read_folds(folds_path(cfg)), read_predictions(path))
     for spec in cfg.ensemble.members:
         if spec.config is None:  # another tool's predictions: scored like ours, but no fold model to explain with
-            preds = load_external_oof(Path(str(spec.predictions)), spec.format, str(spec.name), table, inputs.folds)
+            preds = load_external_oof(spec.predictions_folder, spec.format, str(spec.name), table, inputs.folds)
             inputs.member_oof[str(spec.name)] = _views_fused(preds, table, cfg.predict, str(spec.name))
             continue
         member = cfg.load_sibling(spec.config)
