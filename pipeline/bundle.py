@@ -200,9 +200,14 @@ def read_ensemble_result(cfg: ExperimentConfig) -> dict:
 
 def plan_members(cfg: ExperimentConfig, result: dict) -> list[MemberPlan]:
     """Each member as the ensemble fused it on test: its folds (every trained fold) and its TTA views (those its
-    OOF predictions hold, as the fusion was tuned on them), in the ensemble's member order."""
+    OOF predictions hold, as the fusion was tuned on them), in the ensemble's member order. A member the tuner
+    gave weight 0 is left out: the fusion drops its boxes, so running it would only cost the notebook time."""
     plans = []
+    weights = tuned_weights(result)
     for spec in cfg.ensemble.members:
+        name = str(spec.name) if spec.config is None else cfg.load_sibling(spec.config).run
+        if weights.get(name) == 0:
+            continue
         if spec.config is None:  # predictions made by another tool: there is no model of ours to run offline
             raise BundleError(f"member {spec.name!r} is a folder of another tool's predictions: a bundle can only "
                               "run models trained here; bundle an ensemble without it, or run that tool in the "
@@ -227,10 +232,24 @@ def plan_members(cfg: ExperimentConfig, result: dict) -> list[MemberPlan]:
                                   f"(python -m pipeline.train --config {member_cfg.source} --fold {fold})")
         plans.append(MemberPlan(member_cfg.run, member_cfg, list(views), folds))
     names = [p.name for p in plans]
-    if names != list(result["members"]):
+    if names != [m for m in result["members"] if weights.get(m) != 0]:
         raise BundleError(f"{ensemble_dir(cfg) / ENSEMBLE_RESULT} was tuned for members {result['members']}, the "
                           f"config names {names}: run python -m pipeline.ensemble --config {cfg.source} again")
     return plans
+
+
+def tuned_weights(result: dict) -> dict[str, float]:
+    """The member weights the ensemble stage tuned (``{}``: none, every member 1)."""
+    return dict(result["params"].get("weights") or {})
+
+
+def bundled_fusion(result: dict, backend: str) -> dict:
+    """The tuned fusion as the notebook runs it: without the members of weight 0, which the bundle leaves out
+    (fusing them at weight 0 and leaving them out give the same boxes: their rows are dropped before fusing)."""
+    params = dict(result["params"])
+    if params.get("weights"):
+        params["weights"] = {m: w for m, w in params["weights"].items() if w != 0}
+    return {**params, "backend": backend}
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -564,7 +583,7 @@ def manifest_for(cfg: ExperimentConfig, result: dict, members: list[dict], class
         "metric": cfg.metric, "cv": result["oof"], "classes": list(classes),
         "submission": {"format": cfg.submission.format, "coord_decimals": cfg.submission.coord_decimals,
                        "max_boxes_per_image": boxes_per_image(cfg)},
-        "fusion": {**result["params"], "backend": cfg.ensemble.wbf_backend},
+        "fusion": bundled_fusion(result, cfg.ensemble.wbf_backend),
         "members": members,
         "half": opts.half,
         "wheels": wheels,
@@ -596,6 +615,9 @@ def run(cfg: ExperimentConfig, out: Path, opts: BundleOptions | None = None) -> 
             raise BundleError(f"{out} exists and is not empty: choose a new --out, or --overwrite a bundle there")
     result = read_ensemble_result(cfg)
     plans = plan_members(cfg, result)
+    left_out = [m for m in result["members"] if m not in {p.name for p in plans}]
+    if left_out:
+        print(f"left out: {', '.join(left_out)} (weight 0 in the tuned fusion: none of their boxes is fused)")
     classes = load_dataset(cfg.data, "train").classes  # the order the models were trained with
     if opts.wheels:  # before the slow part: a bundle that would fail on Kaggle is refused here
         bundled = set(BUNDLED_DISTRIBUTIONS) | {spec_name(s) for s in opts.extra_wheels}

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -403,3 +404,32 @@ def test_a_bundle_runs_only_the_views_the_ensemble_fused(tmp_path, tiny_data):
     ens.write_text(yaml.safe_dump(tree))
     with pytest.raises(ConfigError, match=r"member effdet.yaml \(.*oof.parquet\): views \['scale1.5'\] were not"):
         bundle.plan_members(load_config(ens), result)
+
+
+def test_a_member_of_weight_zero_is_left_out_and_the_fusion_is_the_same(tmp_path, tiny_data, capsys):
+    from pipeline.fusion import fuse_tuned
+
+    ens = fake_trained_ensemble(tmp_path, tiny_data)
+    cfg = load_config(ens)
+    path = ensemble_dir(cfg) / ENSEMBLE_RESULT
+    result = json.loads(path.read_text())
+    result["params"]["weights"] = {"frcnn": 1.0, "effdet": 0.0}  # the tuner switched EfficientDet off
+    atomic_write_text(path, json.dumps(result))
+    manifest = bundle.run(cfg, tmp_path / "b", bundle.BundleOptions(wheels=False))
+    assert [m["name"] for m in manifest["members"]] == ["frcnn"] and not (tmp_path / "b" / "weights" / "effdet").exists()
+    assert manifest["fusion"]["weights"] == {"frcnn": 1.0}
+    assert "left out: effdet (weight 0 in the tuned fusion" in capsys.readouterr().out
+    # what the notebook fuses without the member is what the pipeline fused with it at weight 0
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, (40, 2))
+    preds = pd.DataFrame({"image_id": "a", "x1": xy[:, 0], "y1": xy[:, 1], "x2": xy[:, 0] + 20, "y2": xy[:, 1] + 20,
+                          "score": rng.uniform(0.1, 1, 40), "label": 0, "model": ["frcnn", "effdet"] * 20,
+                          "fold": 0, "tta": "none"})
+    sizes = pd.DataFrame({"image_id": ["a"], "width": [128], "height": [128]})
+    params = {k: v for k, v in manifest["fusion"].items() if k != "backend"}
+    both = fuse_tuned(preds, sizes, {**params, "weights": result["params"]["weights"]},
+                      [("frcnn", 0, "none"), ("effdet", 0, "none")], ("model", "fold", "tta"), name="ens")
+    alone = fuse_tuned(preds[preds.model == "frcnn"], sizes, params, [("frcnn", 0, "none")], ("model", "fold", "tta"),
+                       name="ens")
+    assert len(alone) > 0
+    pd.testing.assert_frame_equal(both, alone)
