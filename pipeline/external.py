@@ -81,8 +81,9 @@ def yolo_stems(ids) -> dict[str, str]:
     return stems
 
 
-def _yolo_images(table: AnnotationTable, out: Path) -> dict[str, str]:
-    """Link every image into ``out/images`` and write its label file; returns image_id -> path relative to out."""
+def _yolo_images(table: AnnotationTable, out: Path, labels: bool = True) -> dict[str, str]:
+    """Link every image into ``out/images`` and write its label file (``labels``; never a test split's: a local
+    hidden split's labels must not leave for the other tool); returns image_id -> path relative to out."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     by_image = dict(tuple(table.boxes.groupby("image_id", sort=False)))
@@ -92,9 +93,10 @@ def _yolo_images(table: AnnotationTable, out: Path) -> dict[str, str]:
         source = Path(row.path)
         name = f"{yolo_stem(row.image_id)}{source.suffix.lower()}"
         _link(source, out / "images" / name)
-        boxes = by_image.get(row.image_id, table.boxes.iloc[:0])
-        atomic_write_text(out / "labels" / f"{yolo_stem(row.image_id)}.txt",
-                          _yolo_lines(boxes, int(row.width), int(row.height)))
+        if labels:
+            boxes = by_image.get(row.image_id, table.boxes.iloc[:0])
+            atomic_write_text(out / "labels" / f"{yolo_stem(row.image_id)}.txt",
+                              _yolo_lines(boxes, int(row.width), int(row.height)))
         relative[row.image_id] = f"./images/{name}"
     return relative
 
@@ -105,7 +107,7 @@ def export_yolo(train: AnnotationTable, folds: pd.DataFrame, out: Path,
     out = Path(out)
     paths = _yolo_images(train, out)
     if test is not None and len(test.images):
-        test_paths = _yolo_images(test, out)
+        test_paths = _yolo_images(test, out, labels=False)
         atomic_write_text(out / "test.txt", "".join(f"{test_paths[i]}\n" for i in test.images.image_id))
     written = []
     for fold in sorted(folds.fold.unique()):
@@ -126,11 +128,13 @@ def coco_image_ids(table: AnnotationTable) -> dict[str, int]:
     return {image_id: k + 1 for k, image_id in enumerate(table.images.image_id)}
 
 
-def _coco_json(table: AnnotationTable, image_ids) -> str:
+def _coco_json(table: AnnotationTable, image_ids, with_boxes: bool = True) -> str:
+    """The COCO JSON of ``image_ids``; ``with_boxes=False``: the images only (a test split: its labels, when a
+    local hidden split has them, must not leave for the other tool)."""
     images = table.images.set_index("image_id").loc[list(image_ids)]
     every = coco_image_ids(table)
     index = {image_id: every[image_id] for image_id in images.index}
-    boxes = table.boxes[table.boxes.image_id.isin(index)]
+    boxes = table.boxes[table.boxes.image_id.isin(index)] if with_boxes else table.boxes.iloc[:0]
     xywh = np.stack([boxes.x1, boxes.y1, boxes.x2 - boxes.x1, boxes.y2 - boxes.y1], axis=1) if len(boxes) else []
     annotations = [
         {"id": n + 1, "image_id": index[image_id], "category_id": int(label) + 1,
@@ -155,7 +159,8 @@ def export_coco(train: AnnotationTable, folds: pd.DataFrame, out: Path,
         for part, ids in (("train", folds.image_id[folds.fold != fold]), ("val", folds.image_id[folds.fold == fold])):
             written.append(atomic_write_text(out / f"fold{fold}" / f"{part}.json", _coco_json(train, ids)))
     if test is not None and len(test.images):
-        written.append(atomic_write_text(out / "test.json", _coco_json(test, test.images.image_id)))
+        test_doc = _coco_json(test, test.images.image_id, with_boxes=False)
+        written.append(atomic_write_text(out / "test.json", test_doc))
     return written
 
 

@@ -40,7 +40,9 @@ def test_yolo_export_has_one_dataset_per_fold_and_normalised_labels(split, tmp_p
     assert int(first[0]) == box.label
     assert float(first[1]) == pytest.approx((box.x1 + box.x2) / 2 / image.width, abs=1e-6)
     assert float(first[3]) == pytest.approx((box.x2 - box.x1) / image.width, abs=1e-6)
-    assert len((out / "test.txt").read_text().split()) == len(load_dataset(cfg.data, "test").images)
+    test = load_dataset(cfg.data, "test")
+    assert len((out / "test.txt").read_text().split()) == len(test.images)
+    assert len(test.boxes) and not any((out / "labels" / f"{i}.txt").exists() for i in test.images.image_id)
 
 
 def test_coco_export_keeps_every_box_of_each_fold(split, tmp_path):
@@ -59,6 +61,8 @@ def test_coco_export_keeps_every_box_of_each_fold(split, tmp_path):
     boxes = table.boxes[table.boxes.image_id == image["image_id_str"]]
     x, y, w, h = ann["bbox"]
     assert ((boxes.x1 - x).abs() < 1e-3).any() and ((boxes.x2 - (x + w)).abs() < 1e-3).any()
+    test = json.loads((out / "test.json").read_text())  # the images only: a local hidden split keeps its labels
+    assert len(test["images"]) == len(load_dataset(cfg.data, "test").images) and test["annotations"] == []
 
 
 def test_export_needs_the_folds_file(tmp_path, tiny_data, capsys):
