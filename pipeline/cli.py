@@ -16,18 +16,18 @@ import sys
 # command -> (module, what it does); the chain's stages in order, then the tools around them
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("pipeline.data.__main__", "check the raw data: a summary and every repair made"),
-    "folds": ("pipeline.folds", "write the k-fold split"),
+    "folds": ("pipeline.folds", "write the k-fold split (export: in a YOLO or COCO layout)"),
     "train": ("pipeline.train", "train one fold (--fold K) or all (--fold all)"),
     "predict": ("pipeline.predict", "predict OOF or test images with every fold model and TTA views"),
     "ensemble": ("pipeline.ensemble", "tune the fusion on OOF, fuse OOF and test predictions"),
     "submission": ("pipeline.submission", "write the fused test predictions as a validated submission"),
     "pseudo": ("pipeline.pseudo", "a pseudo-label round from an ensemble (--round N)"),
     "submit": ("pipeline.submit", "the whole chain for a config folder (make submission)"),
-    "leaderboard": ("pipeline.leaderboard", "the ledger: show | record | score | sync | plot"),
+    "leaderboard": ("pipeline.leaderboard", "the ledger: show | record | submit | sync | score | plot"),
     "bundle": ("pipeline.bundle", "pack the ensemble into an offline Kaggle bundle (code competitions)"),
     "infer": ("pipeline.infer", "the submission from a bundle, offline (inside a Kaggle notebook)"),
     "report": ("pipeline.report", "the ensemble's HTML error-analysis report"),
-    "visualize": ("pipeline.visualize", "pictures: augmented training samples"),
+    "visualize": ("pipeline.visualize", "pictures: augmented samples, training curves, heat maps, predictions"),
     "tracking": ("pipeline.tracking", "replay a tracking fallback file into MLflow"),
 }
 

@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     exporting = bool(argv) and argv[0] == "export"
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.folds" + (" export" if exporting else ""),
+        usage=None if exporting else "%(prog)s [-h] [--config CONFIG] [--set KEY=VALUE] [--force]\n"
+                                     "       %(prog)s export --to {coco,yolo} [--config CONFIG] [--set KEY=VALUE] OUT",
         description="Export the folds for a model trained in another tool." if exporting
         else "Write the k-fold split of the training images (`export` writes it in a YOLO or COCO layout).")
     add_config_args(parser, demo="base.yaml")

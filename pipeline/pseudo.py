@@ -20,9 +20,9 @@ score whose OOF precision is at least ``pseudo.precision_target``; an image is k
 ``pseudo.likely_precision``) fall below the label threshold: many half-seen objects left unlabelled would teach
 the student that they are background.
 
-Writes ``runs/<experiment>/pseudo/round<N>/`` (:func:`pipeline.layout.pseudo_dir`): ``images.parquet``,
-``boxes.parquet`` (the annotation table's columns plus ``pseudo_round``, ``teacher_fold``, ``pseudo_split``,
-``score``) and ``meta.json`` (source ensemble and its CV, thresholds, counts, SHA-256 of the tables), and an MLflow
+Writes ``runs/<experiment>/pseudo/round<N>/`` (:func:`pipeline.layout.pseudo_dir`): ``images.parquet`` (each image
+with its ``teacher_fold``, ``pseudo_split`` and ``pseudo_round``), ``boxes.parquet`` (the annotation table's columns
+plus ``pseudo_round``, ``teacher_fold``, ``score``) and ``meta.json`` (source ensemble and its CV, thresholds, counts, SHA-256 of the tables), and an MLflow
 run (stage ``pseudo``) with the round, its source and its thresholds. A member config trains on it with
 ``train.pseudo: N`` (:func:`pipeline.pseudo_labels.fold_training_set`).
 """
