@@ -31,10 +31,10 @@ folds: setup
 submission: setup
 	$(PY) -m pipeline.submit --config-dir $(CONFIG)
 
-# a pseudo-label round from CONFIG's ensemble: make pseudo ROUND=1
+# a pseudo-label round from CONFIG's ensemble: make pseudo ROUND=1 [PSEUDO_ARGS=--force] (--force: make the round again)
 ROUND ?= 1
 pseudo: setup
-	$(PY) -m pipeline.pseudo --config $(CONFIG)/ensemble.yaml --round $(ROUND)
+	$(PY) -m pipeline.pseudo --config $(CONFIG)/ensemble.yaml --round $(ROUND) $(PSEUDO_ARGS)
 
 # the offline inference bundle of CONFIG's ensemble (Kaggle code competitions); BUNDLE_ARGS=--half for fp16 weights
 bundle: setup

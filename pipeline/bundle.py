@@ -647,9 +647,10 @@ def run(cfg: ExperimentConfig, out: Path, opts: BundleOptions | None = None) -> 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print_size_report(manifest["sizes"], (out / MANIFEST).stat().st_size)
+    wheels_for = (f"wheels for CPython {opts.target.python} on {', '.join(opts.target.platforms)}" if opts.wheels
+                  else "no wheels: the notebook's image must have pipeline and its libraries")
     print(f"wrote {out} ({len(members)} members, {sum(len(m['folds']) for m in members)} fold models"
-          f"{', fp16 weights' if opts.half else ''}; CV {result['oof']:.4f}; wheels for CPython "
-          f"{opts.target.python} on {', '.join(opts.target.platforms)})")
+          f"{', fp16 weights' if opts.half else ''}; CV {result['oof']:.4f}; {wheels_for})")
     if user == "INSERT_KAGGLE_USERNAME":
         print(f"edit {out / DATASET_METADATA} (id: your Kaggle user name), or pass --kaggle-user / set KAGGLE_USERNAME")
     print(f"upload (not run here):\n  {upload}")

@@ -277,7 +277,8 @@ def unlabelled_table(data: DataConfig, classes: list[str]) -> AnnotationTable:
     the file's stem, size read from the header (after EXIF). An unreadable image is a DataError naming it, or with
     ``data.skip_bad_images`` a counted repair."""
     if not data.unlabelled:
-        raise PseudoLabelError("pseudo.sources names 'unlabelled' but data.unlabelled (an image folder) is not set")
+        raise PseudoLabelError("the 'unlabelled' split (--split unlabelled, or in pseudo.sources) is the image folder "
+                               "data.unlabelled names, under data.root; this config sets none")
     folder = data.root / data.unlabelled
     if not folder.is_dir():
         raise DataError(f"data.unlabelled folder not found: {folder} (working directory {Path.cwd()})")

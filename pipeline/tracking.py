@@ -751,7 +751,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.file.is_file():
         print(f"error: {args.file} not found", file=sys.stderr)
         return 1
-    print(f"replayed {replay_fallback(args.file, args.uri)} run(s) from {args.file}")
+    runs = len({str(row.get("uid")) for row in _read_jsonl(args.file)})
+    sent = replay_fallback(args.file, args.uri)
+    print(f"replayed {sent} of {runs} run(s) from {args.file}")
+    if sent < runs:  # the store is still unreachable: not a success, though nothing is lost
+        print(f"error: {runs - sent} run(s) could not be sent and are back in {args.file}: is the store up? (--uri "
+              "names another)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -284,7 +284,7 @@ def test_an_unlabelled_folder_becomes_an_image_table(tmp_path):
     _png(tmp_path / "extra" / "u1.jpg")
     with pytest.raises(DataError, match="several files for image id 'u1'"):
         unlabelled_table(data, CLASSES)
-    with pytest.raises(PseudoLabelError, match="data.unlabelled .* is not set"):
+    with pytest.raises(PseudoLabelError, match="data.unlabelled names, under data.root; this config sets none"):
         unlabelled_table(data.model_copy(update={"unlabelled": None}), CLASSES)
 
 

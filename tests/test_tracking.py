@@ -233,6 +233,16 @@ def test_fallback_replays_into_a_store(store, tmp_path):
     assert runs_of(store, "replay-exp", "tags.`pipeline.role` = 'parent'")
 
 
+def test_a_replay_into_a_store_that_is_still_down_fails_and_keeps_the_runs(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, "http://127.0.0.1:9", "down-exp")
+    with train.train_run(cfg, 0) as tracker:
+        tracker.log_epoch({"epoch": 1, "val_score": 0.25})
+    fallback = run_dir(cfg) / tracking.FALLBACK_NAME
+    assert tracking.main(["replay", str(fallback), "--uri", "http://127.0.0.1:9"]) == 1
+    assert "replayed 0 of 1 run(s)" in capsys.readouterr().out
+    assert {r["op"] for r in read_fallback(fallback)} >= {"start", "metrics", "end"}  # nothing lost
+
+
 # --------------------------------------------------------------------------------------------- concurrency
 
 WRITER = textwrap.dedent("""
