@@ -205,14 +205,13 @@ def plan_members(cfg: ExperimentConfig, result: dict) -> list[MemberPlan]:
     plans = []
     weights = tuned_weights(result)
     for spec in cfg.ensemble.members:
-        name = str(spec.name) if spec.config is None else cfg.load_sibling(spec.config).run
-        if weights.get(name) == 0:
+        member_cfg = None if spec.config is None else cfg.load_sibling(spec.config)
+        if weights.get(str(spec.name) if member_cfg is None else member_cfg.run) == 0:
             continue
-        if spec.config is None:  # predictions made by another tool: there is no model of ours to run offline
+        if member_cfg is None:  # predictions made by another tool: there is no model of ours to run offline
             raise BundleError(f"member {spec.name!r} is a folder of another tool's predictions: a bundle can only "
                               "run models trained here; bundle an ensemble without it, or run that tool in the "
                               "notebook and fuse its predictions yourself")
-        member_cfg = cfg.load_sibling(spec.config)
         oof_path = predictions_path(member_cfg, "oof")
         if not oof_path.is_file():
             raise BundleError(f"{oof_path} not found: run python -m pipeline.predict --config {member_cfg.source} "

@@ -433,3 +433,20 @@ def test_a_member_of_weight_zero_is_left_out_and_the_fusion_is_the_same(tmp_path
                        name="ens")
     assert len(alone) > 0
     pd.testing.assert_frame_equal(both, alone)
+
+
+def test_an_external_member_blocks_a_bundle_unless_the_tuner_dropped_it(tmp_path, tiny_data):
+    import yaml
+
+    ens = fake_trained_ensemble(tmp_path, tiny_data)
+    tree = yaml.safe_load(ens.read_text())
+    tree["ensemble"]["members"].append({"predictions": "external/yolo", "name": "yolo", "format": "yolo_txt"})
+    ens.write_text(yaml.safe_dump(tree))
+    cfg = load_config(ens)
+    result = json.loads((ensemble_dir(cfg) / ENSEMBLE_RESULT).read_text())
+    result["members"].append("yolo")
+    result["params"]["weights"]["yolo"] = 1.0
+    with pytest.raises(bundle.BundleError, match="member 'yolo' is a folder of another tool's predictions"):
+        bundle.plan_members(cfg, result)
+    result["params"]["weights"]["yolo"] = 0.0
+    assert [p.name for p in bundle.plan_members(cfg, result)] == ["frcnn", "effdet"]
