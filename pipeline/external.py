@@ -352,7 +352,8 @@ def check_external(df: pd.DataFrame, source: Path, n_classes: int, sizes: dict[s
             first = df[bad].iloc[0]
             raise ExternalError(f"{source}: {int(bad.sum())} row(s) with {what}, first at {first.row} "
                                 f"(image {first.image_id!r})")
-    wh = np.array([sizes[i] for i in df.image_id], dtype=np.float64).reshape(-1, 2)
+    every = np.array(list(sizes.values()), dtype=np.float64).reshape(-1, 2)
+    wh = every[pd.Index(list(sizes)).get_indexer(df.image_id)]  # each row's image size, every image known (above)
     clipped = numbers[["x1", "y1", "x2", "y2"]].clip(lower=0).clip(upper=np.tile(wh, 2), axis=None)
     moved = int((clipped.to_numpy() != numbers[["x1", "y1", "x2", "y2"]].to_numpy()).any(axis=1).sum())
     df = df.assign(**{c: clipped[c] for c in ("x1", "y1", "x2", "y2")})
@@ -362,6 +363,11 @@ def check_external(df: pd.DataFrame, source: Path, n_classes: int, sizes: dict[s
     return df[~empty]
 
 
+def image_sizes(table: AnnotationTable) -> dict[str, tuple[int, int]]:
+    """``{image_id: (width, height)}`` of a split, in its table's order (the order the COCO ids count)."""
+    return {r.image_id: (int(r.width), int(r.height)) for r in table.images.itertuples()}
+
+
 def _as_predictions(df: pd.DataFrame, name: str, fold: int) -> pd.DataFrame:
     return normalise_predictions(df.assign(model=name, fold=fold))
 
@@ -369,7 +375,7 @@ def _as_predictions(df: pd.DataFrame, name: str, fold: int) -> pd.DataFrame:
 def load_external_oof(folder: Path, fmt: str, name: str, table: AnnotationTable, folds: pd.DataFrame) -> pd.DataFrame:
     """Every fold's file, checked: present, finite, and fold K's file predicts fold K's images only (any other
     image was in that model's training set: its score would not be out-of-fold)."""
-    sizes = {r.image_id: (int(r.width), int(r.height)) for r in table.images.itertuples()}
+    sizes = image_sizes(table)
     fold_of = folds.set_index("image_id").fold
     frames = []
     for fold in sorted(folds.fold.unique()):
@@ -393,7 +399,7 @@ def load_external_oof(folder: Path, fmt: str, name: str, table: AnnotationTable,
 def load_external_test(folder: Path, fmt: str, name: str, table: AnnotationTable,
                        folds: pd.DataFrame) -> pd.DataFrame | None:
     """``test`` (one model; fold 0) or ``test_fold<K>`` for every fold; None when the folder has neither."""
-    sizes = {r.image_id: (int(r.width), int(r.height)) for r in table.images.itertuples()}
+    sizes = image_sizes(table)
     single = _source(folder, "test", fmt)
     per_fold = {k: _source(folder, f"test_fold{k}", fmt) for k in sorted(folds.fold.unique())}
     if single is not None:
