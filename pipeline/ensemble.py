@@ -171,8 +171,8 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
          method: str = "wbf", oof: pd.DataFrame | None = None,
          packings: dict | None = None) -> tuple[FusionParams, float, int]:
     """Coordinate search for rule ``method`` in the metric's direction, from the best of {all members equal, each
-    member alone}: the score threshold, the rule's parameters, member weights from {0..weight_steps} (0 drops a
-    member), the rule's parameters again, the score threshold again. A threshold needs no new fusion (it re-scores
+    member alone} (each at its own best score threshold): the score threshold, the rule's parameters, member
+    weights from {0..weight_steps} (0 drops a member), the rule's parameters again, the score threshold again. A threshold needs no new fusion (it re-scores
     a fusion's rows; a metric with ``score_by_threshold`` -- GWD, COCO, VOC -- scores all of them in one pass),
     and searching it first means weights and rule are judged at a useful threshold: with a metric that counts every
     false positive (GWD), a member's low-scoring boxes would otherwise make adding it look bad.
@@ -206,6 +206,19 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
             held.offer(key, scores[key, p.score_thr], fused)
         return scores[key, p.score_thr]
 
+    def at_best_threshold(p: FusionParams) -> FusionParams:
+        # every threshold of one fusion scored (from one pass when the metric can); ties: the lower threshold
+        key = point_key(p)
+        missing = [t for t in thresholds if (key, t) not in scores]
+        if missing:
+            fused = held.rows(key) if held.holds(key) else fused_rows(p)
+            scores.update(zip([(key, t) for t in missing], score_rows_by_threshold(scorer, fused, missing)))
+        at = [scores[key, t] for t in thresholds]
+        best_at = metric.best_index(at)
+        if missing:
+            held.offer(key, at[best_at], fused)
+        return replace(p, score_thr=thresholds[best_at])
+
     def score_thresholds(p: FusionParams, options: list[float]) -> None:
         # a metric that scores every threshold from one pass (GWD, COCO, VOC) scores a search's options at once
         # (elsewhere one threshold's rows, fewer than all of them, cost less than the pass)
@@ -232,8 +245,15 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
     weights_free = len(names) > 1 and all(s.weight is None for s in cfg.ensemble.members)
     if weights_free:
         # start from the best of: all members equal, and each member alone, so that the tuned ensemble never
-        # scores below its best member on OOF (a weak member can be switched off, not only down-weighted)
-        search("weights", [best.weights] + [{n: float(n == m) for n in names} for m in names])
+        # scores below its best member on OOF (a weak member can be switched off, not only down-weighted). Each is
+        # judged at its own best score threshold: fusions of different sizes score on different scales (WBF's
+        # average divides a box found by one member of four by four), so under a metric that counts every false
+        # positive (GWD) the best member alone and all members together peak at different thresholds; compared
+        # at one, the search kept one member of four (OOF 0.923 where all four score 0.992: tuning_speed.py
+        # --views 1) and no later step could add the others back at that threshold
+        starts = [at_best_threshold(replace(best, weights=w))
+                  for w in [best.weights] + [{n: float(n == m) for n in names} for m in names]]
+        best = starts[metric.best_index([evaluate(p) for p in starts])]
     rules = rule_grid(method, cfg)
 
     def rule_options() -> list[dict[str, Any]]:
