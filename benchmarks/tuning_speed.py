@@ -16,7 +16,7 @@ For each rule of ``--rules``, ``tune()`` runs exactly as the ensemble stage call
 fusions tried (points of the search, each a complete fused OOF table scored), how many of them ran the rule's
 kernel (the others' rows derived from another fusion's: soft-NMS's higher ``thresh``,
 :class:`pipeline.ensemble.SharedSelection`), fusions a minute, and how many members the tuned weights keep. The
-tuner may settle on fewer members (on this table soft-NMS keeps one, whose fusions are a quarter the size);
+tuner may settle on fewer members (with ``--views 1`` soft-NMS keeps one member of four);
 ``--fixed-weights`` gives every member weight 1 in the config, so that every fusion is of all members (the search
 is then the rule grid and the score threshold). Then one step on the same table is timed in its two parts, as the
 tuner runs them, the median of three: the fusion (``pipeline.fusion.tuned.fuse_tuned_rows`` from scratch:
