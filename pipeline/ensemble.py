@@ -172,10 +172,11 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
          packings: dict | None = None) -> tuple[FusionParams, float, int]:
     """Coordinate search for rule ``method`` in the metric's direction, from the best of {all members equal, each
     member alone} (each at its own best score threshold): the score threshold, the rule's parameters, member
-    weights from {0..weight_steps} (0 drops a member), the rule's parameters again, the score threshold again. A threshold needs no new fusion (it re-scores
-    a fusion's rows; a metric with ``score_by_threshold`` -- GWD, COCO, VOC -- scores all of them in one pass),
-    and searching it first means weights and rule are judged at a useful threshold: with a metric that counts every
-    false positive (GWD), a member's low-scoring boxes would otherwise make adding it look bad.
+    weights from {0..weight_steps} (0 drops a member), the rule's parameters again, the score threshold again. A
+    threshold needs no new fusion (it re-scores a fusion's rows; a metric with ``score_by_threshold`` -- GWD, COCO,
+    VOC -- scores all of them in one pass), and searching it first means weights and rule are judged at a useful
+    threshold: with a metric that counts every false positive (GWD), a member's low-scoring boxes would otherwise
+    make adding it look bad.
     Every step includes the current point, so the result never scores below its start, nor below its best member
     alone. Deterministic; returns the params, their OOF score and the number of fusions (rule parameters x weights)
     evaluated. ``oof`` (the members' OOF rows concatenated) and ``packings`` (its packings,
@@ -206,27 +207,21 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
             held.offer(key, scores[key, p.score_thr], fused)
         return scores[key, p.score_thr]
 
-    def at_best_threshold(p: FusionParams) -> FusionParams:
-        # every threshold of one fusion scored (from one pass when the metric can); ties: the lower threshold
-        key = point_key(p)
-        missing = [t for t in thresholds if (key, t) not in scores]
-        if missing:
-            fused = held.rows(key) if held.holds(key) else fused_rows(p)
-            scores.update(zip([(key, t) for t in missing], score_rows_by_threshold(scorer, fused, missing)))
-        at = [scores[key, t] for t in thresholds]
-        best_at = metric.best_index(at)
-        if missing:
-            held.offer(key, at[best_at], fused)
-        return replace(p, score_thr=thresholds[best_at])
-
-    def score_thresholds(p: FusionParams, options: list[float]) -> None:
+    def score_thresholds(p: FusionParams, options: list[float], every_metric: bool = False) -> None:
         # a metric that scores every threshold from one pass (GWD, COCO, VOC) scores a search's options at once
-        # (elsewhere one threshold's rows, fewer than all of them, cost less than the pass)
+        # (elsewhere one threshold's rows, fewer than all of them, cost less than the pass -- unless every option
+        # is wanted now, ``every_metric``: the scorer then scores each option's rows of the one fusion apart)
         key = point_key(p)
         missing = [t for t in options if (key, t) not in scores]
-        if metric.score_by_threshold is not None and len(missing) > 1:
+        if missing and (every_metric or (metric.score_by_threshold is not None and len(missing) > 1)):
             fused = held.rows(key) if held.holds(key) else fused_rows(p)
             scores.update(zip([(key, t) for t in missing], score_rows_by_threshold(scorer, fused, missing)))
+            held.offer(key, scores[key, options[metric.best_index([scores[key, t] for t in options])]], fused)
+
+    def at_best_threshold(p: FusionParams) -> FusionParams:
+        # ties: the lower threshold
+        score_thresholds(p, thresholds, every_metric=True)
+        return replace(p, score_thr=thresholds[metric.best_index([scores[point_key(p), t] for t in thresholds])])
 
     best = start_params(method, members, cfg)
 

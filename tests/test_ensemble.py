@@ -157,6 +157,15 @@ def test_soft_nms_thresholds_are_derived_not_fused_and_tune_the_same(monkeypatch
     assert scorer(fused).score == shared[1]
 
 
+def one_class_tables(images: pd.DataFrame, gt: list, preds: dict[str, list]):
+    """The annotation table of one class ``a`` from ``(image_id, x1, y1, x2, y2, 0)`` rows, and each member's OOF
+    table (one view) from its ``(image_id, x1, y1, x2, y2, score)`` rows."""
+    table = AnnotationTable(images, pd.DataFrame(gt, columns=["image_id", "x1", "y1", "x2", "y2", "label"]), ["a"])
+    cols = ["image_id", "x1", "y1", "x2", "y2", "score"]
+    return table, {m: pd.DataFrame(r, columns=cols).assign(label=0, model=m, fold=0, tta="none")
+                   for m, r in preds.items()}
+
+
 def detectors_with_false_positives(n_images=40, n_members=3, seed=0):
     """Members that each find most objects (jittered, confident) among many low-scoring false positives: under a
     metric that counts every false positive (GWD), one member alone wins at score threshold 0, while the members
@@ -174,10 +183,7 @@ def detectors_with_false_positives(n_images=40, n_members=3, seed=0):
                 preds[f"m{k}"].append((image_id, *box, rng.uniform(0.5, 1)))
             for x, y in rng.uniform(0, 360, (10, 2)):
                 preds[f"m{k}"].append((image_id, x, y, x + 30, y + 30, rng.uniform(0, 0.3)))
-    table = AnnotationTable(images, pd.DataFrame(gt, columns=["image_id", "x1", "y1", "x2", "y2", "label"]), ["a"])
-    cols = ["image_id", "x1", "y1", "x2", "y2", "score"]
-    return table, {m: pd.DataFrame(r, columns=cols).assign(label=0, model=m, fold=0, tta="none")
-                   for m, r in preds.items()}
+    return one_class_tables(images, gt, preds)
 
 
 def test_weights_are_tuned_at_a_useful_score_threshold():
@@ -220,10 +226,7 @@ def confident_members_among_false_positives(n_images=40, n_members=4, n_boxes=60
             preds[f"m{k}"] += [(image_id, *b, s) for b, s in zip(boxes, rng.beta(6, 2, len(boxes)))]
             false = random_boxes(n_boxes - len(found))
             preds[f"m{k}"] += [(image_id, *b, s) for b, s in zip(false, rng.uniform(0, 0.4, len(false)))]
-    table = AnnotationTable(images, pd.DataFrame(gt, columns=["image_id", "x1", "y1", "x2", "y2", "label"]), ["a"])
-    cols = ["image_id", "x1", "y1", "x2", "y2", "score"]
-    return table, {m: pd.DataFrame(r, columns=cols).assign(label=0, model=m, fold=0, tta="none")
-                   for m, r in preds.items()}
+    return one_class_tables(images, gt, preds)
 
 
 def test_the_start_compares_all_members_and_each_alone_each_at_its_best_score_threshold():
