@@ -8,8 +8,12 @@ detectron2) sees exactly our split:
   ``DIR/labels/<id>.txt`` (``cls cx cy w h``, normalised), and per fold ``DIR/fold<K>_train.txt`` /
   ``fold<K>_val.txt`` (image lists, relative to ``DIR``) and ``DIR/fold<K>.yaml`` (the dataset file a YOLO trainer
   reads: ``path`` -- ``DIR``, absolute --, ``train``, ``val``, ``names``), plus ``test.txt`` when the data has a
-  test split. Ultralytics finds a label by swapping ``/images/`` for ``/labels/``
-  in the image path, which is why the images are linked into ``DIR/images``.
+  test split. Ultralytics finds a label by swapping ``/images/`` for ``/labels/`` in the image path, and keeps one
+  ``labels.cache`` per label folder, rebuilt whenever the image list differs: so the lists name each fold's own view,
+  ``DIR/fold<K>/<train|val>/images/`` and ``labels/`` (relative links to ``DIR/images`` / ``DIR/labels``), and
+  every fold's train and val set has its own cache -- folds trained in parallel from one export would otherwise
+  rebuild one shared ``DIR/labels.cache`` in turn, and two writing it at once can fail (Ultralytics unlinks,
+  saves and renames it without a lock).
 - ``coco``: per fold ``DIR/fold<K>/train.json`` and ``DIR/fold<K>/val.json`` (COCO detection JSON, ``bbox`` xywh in
   pixels, ``category_id`` = class index + 1, ``file_name`` = the image path as the annotation table has it), plus
   ``DIR/test.json`` (images only). An image's integer ``id`` is its 1-based row in its split's annotation table,
@@ -55,6 +59,22 @@ def _link(source: Path, target: Path) -> None:
         os.link(source, target)
 
 
+def _relative_link(source: Path, target: Path, relative: str) -> None:
+    """``target`` pointing at ``source`` through ``relative`` (its path from ``target``'s folder), so that the folder
+    holding both can move; a hard link where symlinks are not allowed."""
+    try:
+        os.symlink(relative, target)
+        return
+    except FileExistsError:
+        if os.path.islink(target) and os.readlink(target) == relative:
+            return
+        target.unlink()
+    except OSError:
+        os.link(source, target)
+        return
+    _relative_link(source, target, relative)
+
+
 def _yolo_lines(boxes: pd.DataFrame, width: int, height: int) -> str:
     cx = (boxes.x1 + boxes.x2) / 2 / width
     cy = (boxes.y1 + boxes.y2) / 2 / height
@@ -83,12 +103,12 @@ def yolo_stems(ids) -> dict[str, str]:
 
 def _yolo_images(table: AnnotationTable, out: Path, labels: bool = True) -> dict[str, str]:
     """Link every image into ``out/images`` and write its label file (``labels``; never a test split's: a local
-    hidden split's labels must not leave for the other tool); returns image_id -> path relative to out."""
+    hidden split's labels must not leave for the other tool); returns image_id -> its file name there."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     by_image = dict(tuple(table.boxes.groupby("image_id", sort=False)))
     yolo_stems(table.images.image_id)
-    relative = {}
+    names = {}
     for row in table.images.itertuples():
         source = Path(row.path)
         name = f"{yolo_stem(row.image_id)}{source.suffix.lower()}"
@@ -97,22 +117,39 @@ def _yolo_images(table: AnnotationTable, out: Path, labels: bool = True) -> dict
             boxes = by_image.get(row.image_id, table.boxes.iloc[:0])
             atomic_write_text(out / "labels" / f"{yolo_stem(row.image_id)}.txt",
                               _yolo_lines(boxes, int(row.width), int(row.height)))
-        relative[row.image_id] = f"./images/{name}"
-    return relative
+        names[row.image_id] = name
+    return names
+
+
+def _yolo_view(out: Path, view: Path, names: list[str]) -> None:
+    """``view/images`` and ``view/labels``: relative links to the images ``names`` of ``out/images`` and to their
+    labels, and nothing else (a link left by an earlier export with other folds is removed)."""
+    for kind, files in (("images", names), ("labels", [f"{Path(n).stem}.txt" for n in names])):
+        folder = view / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in set(os.listdir(folder)) - set(files):
+            if stale.endswith(".cache"):  # a YOLO tool's cache of an earlier set: it checks it against the files
+                continue
+            (folder / stale).unlink()
+        up = os.path.relpath(out / kind, folder)  # the same for every file of the folder: computed once
+        for name in files:
+            _relative_link(out / kind / name, folder / name, f"{up}/{name}")
 
 
 def export_yolo(train: AnnotationTable, folds: pd.DataFrame, out: Path,
                 test: AnnotationTable | None = None) -> list[Path]:
     """The YOLO layout of every fold (see the module docstring); returns the dataset YAML files."""
     out = Path(out)
-    paths = _yolo_images(train, out)
+    names = _yolo_images(train, out)
     if test is not None and len(test.images):
-        test_paths = _yolo_images(test, out, labels=False)
-        atomic_write_text(out / "test.txt", "".join(f"{test_paths[i]}\n" for i in test.images.image_id))
+        test_names = _yolo_images(test, out, labels=False)
+        atomic_write_text(out / "test.txt", "".join(f"./images/{test_names[i]}\n" for i in test.images.image_id))
     written = []
     for fold in sorted(folds.fold.unique()):
         for part, ids in (("train", folds.image_id[folds.fold != fold]), ("val", folds.image_id[folds.fold == fold])):
-            atomic_write_text(out / f"fold{fold}_{part}.txt", "".join(f"{paths[i]}\n" for i in ids))
+            _yolo_view(out, out / f"fold{fold}" / part, [names[i] for i in ids])
+            atomic_write_text(out / f"fold{fold}_{part}.txt",
+                              "".join(f"./fold{fold}/{part}/images/{names[i]}\n" for i in ids))
         # an absolute `path`: Ultralytics resolves a relative one against its own datasets folder (8.0 / 8.1) or
         # the working directory (later versions), never against the YAML's folder; the lists inside are relative
         # to DIR, so a moved folder needs only this line edited

@@ -45,6 +45,40 @@ def test_yolo_export_has_one_dataset_per_fold_and_normalised_labels(split, tmp_p
     assert len(test.boxes) and not any((out / "labels" / f"{i}.txt").exists() for i in test.images.image_id)
 
 
+def ultralytics_label_files(listed: list[str], root: Path) -> list[Path]:
+    """Where Ultralytics looks for the labels of the images a list names (``./`` is the list's folder; the last
+    ``/images/`` of an image path becomes ``/labels/``, the suffix ``.txt``: ``img2label_paths``)."""
+    paths = [str(root / p[2:]) if p.startswith("./") else p for p in listed]
+    return [Path("/labels/".join(p.rsplit("/images/", 1)).rsplit(".", 1)[0] + ".txt") for p in paths]
+
+
+def test_each_folds_train_and_val_sets_have_their_own_label_folder_and_survive_a_move(split, tmp_path):
+    # Ultralytics keeps one labels.cache per label folder (the first label file's folder + ".cache") and rebuilds it
+    # whenever the image list differs: one shared labels/ folder made every fold's train and val set rebuild the same
+    # file in turn, and folds started together could collide writing it (unlink, save, rename, no lock)
+    cfg, table, folds = split
+    out = tmp_path / "yolo"
+    export_yolo(table, folds, out)
+    moved = tmp_path / "moved"
+    out.rename(moved)  # the links are relative: a moved folder keeps working (only the YAML's `path` names it)
+    caches = set()
+    for k in sorted(folds.fold.unique()):
+        for part, ids in (("train", folds.image_id[folds.fold != k]), ("val", folds.image_id[folds.fold == k])):
+            listed = (moved / f"fold{k}_{part}.txt").read_text().split()
+            labels = ultralytics_label_files(listed, moved)
+            assert sorted(p.stem for p in labels) == sorted(ids)
+            assert all((moved / p[2:]).is_file() for p in listed)  # the image, through two links
+            assert all(p.read_text() == (moved / "labels" / p.name).read_text() for p in labels)
+            caches.add(labels[0].parent.with_suffix(".cache"))
+    assert len(caches) == 2 * folds.fold.nunique()
+    # exporting again with other folds leaves no link of the old ones in a fold's view
+    moved.rename(out)
+    other = folds.assign(fold=(folds.fold + 1) % folds.fold.nunique())
+    export_yolo(table, other, out)
+    val0 = sorted(p.stem for p in (out / "fold0" / "val" / "labels").iterdir())
+    assert val0 == sorted(other.image_id[other.fold == 0])
+
+
 def test_coco_export_keeps_every_box_of_each_fold(split, tmp_path):
     cfg, table, folds = split
     out = tmp_path / "coco"
@@ -395,7 +429,7 @@ def test_image_ids_with_path_separators_get_flat_yolo_file_names_that_map_back(s
     export_yolo(nested, nested_folds, tmp_path / "yolo")
     first = nested.images.image_id.iloc[0]
     assert (tmp_path / "yolo" / "labels" / f"{first.replace('/', '__')}.txt").is_file()
-    assert f"./images/{first.replace('/', '__')}" in (tmp_path / "yolo" / "fold0_train.txt").read_text() + (
+    assert f"/images/{first.replace('/', '__')}." in (tmp_path / "yolo" / "fold0_train.txt").read_text() + (
         tmp_path / "yolo" / "fold0_val.txt").read_text()
     preds = fake_predictions(nested, nested_folds)
     write_member(preds, tmp_path / "m", "yolo_txt", nested)
