@@ -123,14 +123,13 @@ def _yolo_images(table: AnnotationTable, out: Path, labels: bool = True) -> dict
 
 def _yolo_view(out: Path, view: Path, names: list[str]) -> None:
     """``view/images`` and ``view/labels``: relative links to the images ``names`` of ``out/images`` and to their
-    labels, and nothing else (a link left by an earlier export with other folds is removed)."""
+    labels (a link left there by an earlier export with other folds is removed)."""
     for kind, files in (("images", names), ("labels", [f"{Path(n).stem}.txt" for n in names])):
         folder = view / kind
         folder.mkdir(parents=True, exist_ok=True)
         for stale in set(os.listdir(folder)) - set(files):
-            if stale.endswith(".cache"):  # a YOLO tool's cache of an earlier set: it checks it against the files
-                continue
-            (folder / stale).unlink()
+            if os.path.islink(folder / stale):  # not a file a YOLO tool put there (Ultralytics' disk cache .npy)
+                (folder / stale).unlink()
         up = os.path.relpath(out / kind, folder)  # the same for every file of the folder: computed once
         for name in files:
             _relative_link(out / kind / name, folder / name, f"{up}/{name}")
