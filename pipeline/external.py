@@ -62,17 +62,14 @@ def _link(source: Path, target: Path) -> None:
 def _relative_link(source: Path, target: Path, relative: str) -> None:
     """``target`` pointing at ``source`` through ``relative`` (its path from ``target``'s folder), so that the folder
     holding both can move; a hard link where symlinks are not allowed."""
+    if os.path.islink(target) and os.readlink(target) == relative:
+        return
+    if os.path.lexists(target):
+        target.unlink()
     try:
         os.symlink(relative, target)
-        return
-    except FileExistsError:
-        if os.path.islink(target) and os.readlink(target) == relative:
-            return
-        target.unlink()
     except OSError:
         os.link(source, target)
-        return
-    _relative_link(source, target, relative)
 
 
 def _yolo_lines(boxes: pd.DataFrame, width: int, height: int) -> str:
