@@ -171,7 +171,8 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
          method: str = "wbf", oof: pd.DataFrame | None = None,
          packings: dict | None = None) -> tuple[FusionParams, float, int]:
     """Coordinate search for rule ``method`` in the metric's direction, from the best of {all members equal, each
-    member alone} (each at its own best score threshold): the score threshold, the rule's parameters, member
+    member alone} (each at its own best score threshold; when a member alone wins, all members equal are given a
+    rule search too before the two are compared): the score threshold, the rule's parameters, member
     weights from {0..weight_steps} (0 drops a member), the rule's parameters again, the score threshold again. A
     threshold needs no new fusion (it re-scores a fusion's rows; a metric with ``score_by_threshold`` -- GWD, COCO,
     VOC -- scores all of them in one pass), and searching it first means weights and rule are judged at a useful
@@ -237,6 +238,13 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
         # in the metric's direction; ties: the earlier (simpler, or current) option
         best = replace(best, **{field_name: options[metric.best_index(scores)]})
 
+    rules = rule_grid(method, cfg)
+
+    def rule_options() -> list[dict[str, Any]]:
+        # a configured grid may leave out the current rule parameters (the library's defaults at the start): they
+        # are tried last, so ties keep the grid's order and the search never steps down
+        return rules if best.rule in rules else rules + [best.rule]
+
     weights_free = len(names) > 1 and all(s.weight is None for s in cfg.ensemble.members)
     if weights_free:
         # start from the best of: all members equal, and each member alone, so that the tuned ensemble never
@@ -249,13 +257,15 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
         starts = [at_best_threshold(replace(best, weights=w))
                   for w in [best.weights] + [{n: float(n == m) for n in names} for m in names]]
         best = starts[metric.best_index([evaluate(p) for p in starts])]
-    rules = rule_grid(method, cfg)
-
-    def rule_options() -> list[dict[str, Any]]:
-        # a configured grid may leave out the current rule parameters (the library's defaults at the start): they
-        # are tried last, so ties keep the grid's order and the search never steps down
-        return rules if best.rule in rules else rules + [best.rule]
-
+        if best != starts[0]:
+            # a member alone beat all of them at the rule's defaults, which may be what keeps them apart (soft-NMS's
+            # default sigma 0.5 lets each member's copy of a box survive, a false positive under GWD: all four score
+            # 0.31 there, 0.98 at sigma 0.05, tuning_speed.py --views 1): the rule is searched from all members too,
+            # and they are the start if they then beat the member alone
+            alone, best = best, starts[0]
+            search("rule", rule_options())
+            if not metric.better(evaluate(best), evaluate(alone)):
+                best = alone
     search("score_thr", thresholds)
     search("rule", rule_options())
     if weights_free:

@@ -1,4 +1,6 @@
 """Tuning on OOF: a deterministic, monotone search that finds the better member."""
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -250,6 +252,31 @@ def test_the_start_compares_all_members_and_each_alone_each_at_its_best_score_th
     assert together > alone + 0.05
     assert score >= together
     assert all(w > 0 for w in params.weights.values())
+
+
+def test_when_a_member_alone_wins_the_start_the_rule_is_searched_from_all_members_too():
+    # soft-NMS at its default sigma (0.5) keeps every member's copy of a box, false positives under GWD: one member
+    # alone beats all of them there, and a search started from it never tried a narrow sigma with all members
+    table, preds = confident_members_among_false_positives()
+    cfg = load_config("configs/demo/ensemble.yaml", ["metric=gwd"])
+    cfg.ensemble.members = [MemberConfig(config=f"{m}.yaml") for m in preds]
+    members = [Member(m, cfg, p, None, ["none"]) for m, p in preds.items()]
+    scorer = Scorer("gwd", table)
+    oof = pd.concat(preds.values(), ignore_index=True)
+
+    def best_over_thresholds(frame, weights, sets, **rule):
+        p = FusionParams("soft_nms", {"iou_thr": 0.5, "sigma": 0.5, "thresh": 0.001, "decay": "gaussian", **rule},
+                         weights=weights)
+        return max(scorer(fuse(frame, table.images, replace(p, score_thr=t), sets, ("model", "tta"), "numba",
+                               "e")).score for t in cfg.ensemble.tune.score_thr)
+
+    everyone = {m: 1.0 for m in preds}
+    alone = max(best_over_thresholds(p, {m: 1.0}, [(m, "none")]) for m, p in preds.items())
+    assert best_over_thresholds(oof, everyone, oof_sets(members)) < alone
+    narrow = best_over_thresholds(oof, everyone, oof_sets(members), sigma=0.05)
+    assert narrow > alone + 0.02
+    params, score, _ = tune(members, table.images, scorer, cfg, "soft_nms")
+    assert score >= narrow and sum(w > 0 for w in params.weights.values()) > 1
 
 
 @pytest.mark.parametrize("weights_free", [True, False])
