@@ -231,24 +231,32 @@ def confident_members_among_false_positives(n_images=40, n_members=4, n_boxes=60
     return one_class_tables(images, gt, preds)
 
 
+def gwd_ensemble(table, preds: dict[str, pd.DataFrame], *overrides: str):
+    """The demo ensemble config under GWD, the one-view members ``preds`` as the ensemble stage loads them, and the
+    scorer."""
+    cfg = load_config("configs/demo/ensemble.yaml", ["metric=gwd", *overrides])
+    cfg.ensemble.members = [MemberConfig(config=f"{m}.yaml") for m in preds]
+    return cfg, [Member(m, cfg, p, None, ["none"]) for m, p in preds.items()], Scorer("gwd", table)
+
+
+def best_over_thresholds(cfg, scorer, table, frame: pd.DataFrame, params: FusionParams, sets: list) -> float:
+    """``frame`` fused with ``params``, scored at its best score threshold of the tuning grid."""
+    return max(scorer(fuse(frame, table.images, replace(params, score_thr=t), sets, ("model", "tta"), "numba",
+                           "e")).score for t in cfg.ensemble.tune.score_thr)
+
+
 def test_the_start_compares_all_members_and_each_alone_each_at_its_best_score_threshold():
     # one member alone peaks at a higher score threshold (0.4: above its false positives) than the four together
     # (0.2: WBF's average divides a box only one member found by four); compared at one threshold, the search
     # started from a single member and never recovered (here 0.987 against 0.992 for all four at weight 1)
     table, preds = confident_members_among_false_positives()
-    cfg = load_config("configs/demo/ensemble.yaml", ["metric=gwd"])
-    cfg.ensemble.members = [MemberConfig(config=f"{m}.yaml") for m in preds]
-    members = [Member(m, cfg, p, None, ["none"]) for m, p in preds.items()]
-    scorer = Scorer("gwd", table)
+    cfg, members, scorer = gwd_ensemble(table, preds)
     params, score, _ = tune(members, table.images, scorer, cfg)
     oof = pd.concat(preds.values(), ignore_index=True)
-
-    def best_over_thresholds(frame, weights, sets):
-        return max(scorer(fuse(frame, table.images, FusionParams(weights=weights, score_thr=t), sets,
-                               ("model", "tta"), "numba", "e")).score for t in cfg.ensemble.tune.score_thr)
-
-    together = best_over_thresholds(oof, {m: 1.0 for m in preds}, oof_sets(members))
-    alone = max(best_over_thresholds(p, {m: 1.0}, [(m, "none")]) for m, p in preds.items())
+    together = best_over_thresholds(cfg, scorer, table, oof, FusionParams(weights={m: 1.0 for m in preds}),
+                                    oof_sets(members))
+    alone = max(best_over_thresholds(cfg, scorer, table, p, FusionParams(weights={m: 1.0}), [(m, "none")])
+                for m, p in preds.items())
     assert together > alone + 0.05
     assert score >= together
     assert all(w > 0 for w in params.weights.values())
@@ -258,22 +266,15 @@ def test_when_a_member_alone_wins_the_start_the_rule_is_searched_from_all_member
     # soft-NMS at its default sigma (0.5) keeps every member's copy of a box, false positives under GWD: one member
     # alone beats all of them there, and a search started from it never tried a narrow sigma with all members
     table, preds = confident_members_among_false_positives()
-    cfg = load_config("configs/demo/ensemble.yaml", ["metric=gwd"])
-    cfg.ensemble.members = [MemberConfig(config=f"{m}.yaml") for m in preds]
-    members = [Member(m, cfg, p, None, ["none"]) for m, p in preds.items()]
-    scorer = Scorer("gwd", table)
+    cfg, members, scorer = gwd_ensemble(table, preds)
     oof = pd.concat(preds.values(), ignore_index=True)
-
-    def best_over_thresholds(frame, weights, sets, **rule):
-        p = FusionParams("soft_nms", {"iou_thr": 0.5, "sigma": 0.5, "thresh": 0.001, "decay": "gaussian", **rule},
-                         weights=weights)
-        return max(scorer(fuse(frame, table.images, replace(p, score_thr=t), sets, ("model", "tta"), "numba",
-                               "e")).score for t in cfg.ensemble.tune.score_thr)
-
-    everyone = {m: 1.0 for m in preds}
-    alone = max(best_over_thresholds(p, {m: 1.0}, [(m, "none")]) for m, p in preds.items())
-    assert best_over_thresholds(oof, everyone, oof_sets(members)) < alone
-    narrow = best_over_thresholds(oof, everyone, oof_sets(members), sigma=0.05)
+    default = {"iou_thr": 0.5, "sigma": 0.5, "thresh": 0.001, "decay": "gaussian"}
+    everyone = FusionParams("soft_nms", default, weights={m: 1.0 for m in preds})
+    alone = max(best_over_thresholds(cfg, scorer, table, p, replace(everyone, weights={m: 1.0}), [(m, "none")])
+                for m, p in preds.items())
+    assert best_over_thresholds(cfg, scorer, table, oof, everyone, oof_sets(members)) < alone
+    narrow = best_over_thresholds(cfg, scorer, table, oof, replace(everyone, rule={**default, "sigma": 0.05}),
+                                  oof_sets(members))
     assert narrow > alone + 0.02
     params, score, _ = tune(members, table.images, scorer, cfg, "soft_nms")
     assert score >= narrow and sum(w > 0 for w in params.weights.values()) > 1
