@@ -40,6 +40,7 @@ from pipeline.external import ExternalError, load_external_oof, load_external_te
 from pipeline.fusion import FUSION_METHODS, fuse_predictions, fuse_tuned
 from pipeline.fusion.tuned import TunedRows, derive_rows, fuse_tuned_rows
 from pipeline.fusion.rules import get_rule
+from pipeline.fusion.runner import release_thread_output
 from pipeline.fusion.views import fuse_views
 from pipeline.io import atomic_write_text
 from pipeline.layout import (ENSEMBLE_REPORT, ENSEMBLE_RESULT, FoldsError, empty_predictions, ensemble_dir,
@@ -372,6 +373,7 @@ def tune_rules(members: list[Member], sizes: pd.DataFrame, scorer: Scorer,
     methods = list(FUSION_METHODS) if cfg.ensemble.method == "auto" else [cfg.ensemble.method]
     oof, packings = pd.concat([m.oof for m in members], ignore_index=True), {}
     tuned = {method: tune(members, sizes, scorer, cfg, method, oof, packings) for method in methods}
+    release_thread_output()  # the tuner's fusions wrote into cached slots, one row per OOF row: not needed now
     return methods[get_metric(scorer.metric).best_index([tuned[m][1] for m in methods])], tuned
 
 

@@ -371,6 +371,8 @@ def test_auto_tunes_every_rule_and_keeps_the_best_on_oof():
         # the recorded score is the score of fusing with the recorded params (what test and the bundle use)
         fused = fuse(pd.concat([good, bad]), table.images, params, oof_sets(members), ("model", "tta"), "numba", "e")
         assert scorer(fused[fused.score >= params.score_thr]).score == pytest.approx(score)
+    from pipeline.fusion import runner
+    assert runner._THREAD_LOCAL.output is None  # the tuner's cached output slots are let go
     # one rule asked for: only that rule
     single = load_config("configs/demo/ensemble.yaml", ["ensemble.method=nmw", "ensemble.tune.weight_steps=1"])
     single.ensemble.members = cfg.ensemble.members

@@ -86,6 +86,33 @@ def test_rows_with_a_shared_packing_equal_the_table(method):
     assert set(packings) == {frozenset(), frozenset({"m1"}), frozenset({"m0", "m1"})}
 
 
+@pytest.mark.parametrize("method", ["wbf", "soft_nms"])
+def test_the_tuners_fusions_write_into_one_set_of_cached_slots_and_keep_their_own_rows(method, monkeypatch):
+    # fresh output slots, one row per OOF row, cost page faults and huge-page stalls on every fusion: the tuner's
+    # fusions (a shared packing) write into this thread's cached slots, so each one's rows must be copied out of
+    # them before the next fusion overwrites them; a one-off fusion keeps fresh slots
+    from pipeline.fusion import runner
+    from pipeline.fusion.table import fused_table
+    from pipeline.fusion.tuned import fuse_tuned_rows
+
+    cached_calls = []
+    real = runner.thread_output
+    monkeypatch.setattr(runner, "thread_output", lambda n, n_img: cached_calls.append(n) or real(n, n_img))
+    table = make_table(seed=5)
+    packings: dict = {}
+    every = [{"method": method, "weights": w} for w in
+             ({"m0": 1.0, "m1": 1.0, "m2": 1.0}, {"m0": 3.0, "m1": 1.0, "m2": 2.0}, {"m0": 1.0, "m1": 0.0, "m2": 2.0})]
+    fused = [fuse_tuned_rows(table, SIZES, params, SETS, GROUP, packings=packings) for params in every]
+    assert len(cached_calls) == len(every)
+    for params, rows in zip(every, fused):  # compared after every fusion has run
+        assert (rows.rows.selection is None) == (method == "wbf")
+        pd.testing.assert_frame_equal(fused_table(rows.packed, rows.rows, "e", method),
+                                      fuse_tuned(table, SIZES, params, SETS, GROUP, name="e").reset_index(drop=True))
+    assert len(cached_calls) == len(every)  # fuse_tuned: fresh slots
+    runner.release_thread_output()
+    assert getattr(runner._THREAD_LOCAL, "output", "absent") is None
+
+
 def test_rows_of_a_table_with_nothing_to_fuse_are_none():
     from pipeline.fusion.tuned import fuse_tuned_rows
 

@@ -45,7 +45,9 @@ from pipeline.fusion.wbf import fuse_packed as wbf_fuse_packed
 
 __all__ = ["FUSION_METHODS", "FusionRule", "get_rule"]
 
-Fuse = Callable[[PackedTable, Mapping[str, Any], bool, int], KernelOutput]
+# fuse(packed, params, weighted, threads, reuse): reuse -- write into this thread's cached output slots
+# (pipeline.fusion.runner.run_kernel)
+Fuse = Callable[[PackedTable, Mapping[str, Any], bool, int, bool], KernelOutput]
 
 
 @dataclass(frozen=True)
@@ -88,18 +90,20 @@ def _check_wbf(p: Mapping[str, Any]) -> None:
     conf_code(p["conf_type"])
 
 
-def _fuse_wbf(packed: PackedTable, p: Mapping[str, Any], weighted: bool, threads: int) -> KernelOutput:
+def _fuse_wbf(packed: PackedTable, p: Mapping[str, Any], weighted: bool, threads: int,
+              reuse: bool) -> KernelOutput:
     iou_thr, skip_box_thr = check_thresholds(p["iou_thr"], p["skip_box_thr"])
     return wbf_fuse_packed(packed, iou_thr, skip_box_thr, conf_code(p["conf_type"]), bool(p["allows_overflow"]),
-                           threads=threads)
+                           threads=threads, reuse=reuse)
 
 
 def _check_nms(p: Mapping[str, Any]) -> None:
     check_nms_params(3, p["iou_thr"], 0.5, 0.001)
 
 
-def _fuse_nms(packed: PackedTable, p: Mapping[str, Any], weighted: bool, threads: int) -> KernelOutput:
-    return nms_fuse_packed(packed, 3, p["iou_thr"], 0.5, 0.001, weighted, threads=threads)
+def _fuse_nms(packed: PackedTable, p: Mapping[str, Any], weighted: bool, threads: int,
+              reuse: bool) -> KernelOutput:
+    return nms_fuse_packed(packed, 3, p["iou_thr"], 0.5, 0.001, weighted, threads=threads, reuse=reuse)
 
 
 def _soft_nms_code(p: Mapping[str, Any]) -> int:
@@ -112,18 +116,20 @@ def _check_soft_nms(p: Mapping[str, Any]) -> None:
     check_nms_params(_soft_nms_code(p), p["iou_thr"], p["sigma"], p["thresh"])
 
 
-def _fuse_soft_nms(packed: PackedTable, p: Mapping[str, Any], weighted: bool, threads: int) -> KernelOutput:
+def _fuse_soft_nms(packed: PackedTable, p: Mapping[str, Any], weighted: bool, threads: int,
+                   reuse: bool) -> KernelOutput:
     return nms_fuse_packed(packed, _soft_nms_code(p), p["iou_thr"], p["sigma"], p["thresh"], weighted,
-                           threads=threads)
+                           threads=threads, reuse=reuse)
 
 
 def _check_nmw(p: Mapping[str, Any]) -> None:
     check_thresholds(p["iou_thr"], p["skip_box_thr"])
 
 
-def _fuse_nmw(packed: PackedTable, p: Mapping[str, Any], weighted: bool, threads: int) -> KernelOutput:
+def _fuse_nmw(packed: PackedTable, p: Mapping[str, Any], weighted: bool, threads: int,
+              reuse: bool) -> KernelOutput:
     iou_thr, skip_box_thr = check_thresholds(p["iou_thr"], p["skip_box_thr"])
-    return nmw_fuse_packed(packed, iou_thr, skip_box_thr, threads=threads)
+    return nmw_fuse_packed(packed, iou_thr, skip_box_thr, threads=threads, reuse=reuse)
 
 
 IOU_GRID = (0.4, 0.5, 0.55, 0.6, 0.7)

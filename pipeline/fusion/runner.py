@@ -46,13 +46,16 @@ def run_kernel(packed: PackedTable, work: Work, threads: int, rule: str, reuse: 
                selection: bool = False) -> KernelOutput:
     """``work`` over every image of ``packed``, on ``threads`` threads when there are enough images; warns once
     per kind of input repair; ``ValueError`` for non-finite boxes or scores. ``reuse``: write into this thread's
-    cached output arrays (the drop-ins' single images: no allocation, no page faults; the caller copies the rows
-    it returns before the next call). ``selection``: the output has a ``selection`` column for the kernel to
+    cached output arrays (no allocation, no page faults: the drop-ins' single images, and the OOF tuner's many
+    fusions of one table, where fresh slots of hundreds of MB cost page faults and, with transparent huge pages,
+    stalls of up to 0.3 s; the caller copies the rows it returns before the next call). ``selection``: the output has a ``selection`` column for the kernel to
     write."""
     n_img = len(packed.width)
     n = int(packed.row_offs[-1])
     if reuse:
         out = thread_output(n, n_img)
+        if not selection:
+            out = out._replace(selection=None)
     else:
         out = KernelOutput(np.empty((n, 4)), np.empty(n), np.empty(n, np.int64), np.zeros(n_img, np.int64),
                            np.empty(n) if selection else None)
@@ -84,6 +87,12 @@ def thread_output(n: int, n_img: int) -> KernelOutput:
         _THREAD_LOCAL.output = cached
     cached.count[:n_img] = 0
     return KernelOutput(cached.boxes, cached.score, cached.label, cached.count[:n_img], cached.selection)
+
+
+def release_thread_output() -> None:
+    """Let go of this thread's cached output slots (:func:`thread_output`), e.g. once a tuner is done with a
+    large table."""
+    _THREAD_LOCAL.output = None
 
 
 def image_ranges(row_offs: np.ndarray, threads: int) -> list[tuple[int, int]]:

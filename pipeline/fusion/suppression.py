@@ -93,7 +93,7 @@ def check_nms_params(method: int, iou_thr: float, sigma: float, thresh: float) -
 
 
 def fuse_packed(packed: PackedTable, method: int, iou_thr: float, sigma: float, thresh: float, weighted: bool,
-                float32_scores: bool = False, threads: int = 1) -> KernelOutput:
+                float32_scores: bool = False, threads: int = 1, reuse: bool = False) -> KernelOutput:
     """NMS (``method=3``) or soft-NMS (1, 2) of every image of ``packed``; image ``k``'s kept rows (normalised,
     grouped by label ascending, each in selection order) are the output slots ``packed.row_offs[k] : +
     count[k]``; soft-NMS gives each row's score at selection in ``selection`` (the decayed score compared with
@@ -113,7 +113,7 @@ def fuse_packed(packed: PackedTable, method: int, iou_thr: float, sigma: float, 
         fuse_image_range(lo, hi, *packed.kernel_rows, packed.row_offs, *params, *out.slots(), out.selection, stats,
                          *scratch)
 
-    out = run_kernel(packed, work, threads, RULE_NAMES[method], selection=True)
+    out = run_kernel(packed, work, threads, RULE_NAMES[method], reuse, selection=True)
     return out if method != HARD else out._replace(selection=None)  # NMS writes no selection scores
 
 

@@ -65,7 +65,8 @@ def fuse_tuned_rows(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | 
                     ) -> TunedRows | None:
     """:func:`fuse_tuned` as rows (None: nothing to fuse). ``packings``: a cache of ``preds`` packed, one entry per
     set of left-out members, for a caller fusing the same table many times (the OOF tuner): the rows and segments
-    are packed once per subset of members and only the set weights change."""
+    are packed once per subset of members and only the set weights change; the kernel's output slots are then
+    this thread's cached ones (:func:`~pipeline.fusion.table.fuse_packed`'s ``reuse_slots``)."""
     method, rule = rule_params(params)
     get_rule(method).check(rule)  # bad values fail before any work, also on an empty table
     weights = dict(params.get("weights") or {}) or None
@@ -83,7 +84,7 @@ def fuse_tuned_rows(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | 
         packed = None if packed is None else with_weights(packed, weights, multi)
     if packed is None:
         return None
-    rows = fuse_packed(packed, method, weights is not None, backend, **rule)
+    rows = fuse_packed(packed, method, weights is not None, backend, reuse_slots=packings is not None, **rule)
     if scale != 1.0 and len(rows.image):
         rows.values[4] *= scale
     return TunedRows(packed, _above_score_thr(rows, params))
