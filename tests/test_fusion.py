@@ -155,6 +155,29 @@ def test_matches_library_on_large_inputs(seed):
         assert_same(lib(boxes, scores, labels, **kw), ours(boxes, scores, labels, **kw))
 
 
+def test_matches_library_with_small_boxes_on_a_grid_of_several_words_per_row():
+    """3,000 boxes about 0.6 % of the image wide: ~110 grid cells per axis, so each row of the grid spans four words
+    of occupancy bits; clusters sit on the cells either side of each word boundary and between them."""
+    rng = np.random.default_rng(7)
+    n_cells = int(2 * np.sqrt(3000)) + 1  # the cap that applies here (the window asks for more cells)
+    edges = np.array([32, 64, 96]) / n_cells
+    cx = np.r_[np.repeat(edges, 12) + rng.normal(0, 0.004, 36), rng.uniform(0.01, 0.99, 64)]
+    objs = np.c_[cx, rng.uniform(0.01, 0.99, 100)]
+    boxes, scores, labels = [], [], []
+    for _ in range(20):
+        k = rng.integers(0, 100, 150)
+        wh = rng.uniform(0.004, 0.008, (150, 2))
+        xy = objs[k] + rng.normal(0, 0.0005, (150, 2)) - wh / 2
+        fp = rng.random(150) < 0.3
+        xy[fp] = rng.uniform(0, 0.99, (fp.sum(), 2))
+        boxes.append(np.clip(np.c_[xy, xy + wh], 0, 1))
+        scores.append(rng.random(150))
+        labels.append(np.zeros(150))
+    for iou_thr in (0.3, 0.55, 0.8):
+        kw = dict(iou_thr=iou_thr, weights=rng.uniform(0.5, 2, 20).tolist())
+        assert_same(lib(boxes, scores, labels, **kw), ours(boxes, scores, labels, **kw))
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # hand cases
 # ------------------------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from pipeline.fusion import weighted_boxes_fusion, wbf_scratch
 from pipeline.fusion.packing import pack_lists
 from pipeline.fusion.rows import N_STATS
 from pipeline.fusion.wbf_kernel import CONF_TYPES, fuse_image_range
-from pipeline.fusion.wbf_scratch import (GRID_MAX, BoxRow, FloatRow, IntRow, Scratch, allocate_scratch,
-                                         thread_scratch)
+from pipeline.fusion.wbf_scratch import (GRID_MAX, ROW_WORDS, BoxRow, FloatRow, IntRow, Scratch,
+                                         allocate_scratch, thread_scratch)
 
 
 def test_allocate_scratch_sizes_every_block():
@@ -26,6 +26,7 @@ def test_allocate_scratch_sizes_every_block():
         "group_start": ((11,), np.int64),
         "radix_hist": ((2048,), np.int64),
         "grid_head": ((GRID_MAX * GRID_MAX,), np.int64),
+        "grid_rows": ((GRID_MAX * ROW_WORDS,), np.int64),
         "set_stamp": ((3,), np.int64),
         "set_list": ((3,), np.int64),
         "set_weights": ((3,), np.float64),

@@ -4,7 +4,7 @@ Fusing one image needs some thirty-five work arrays (kept boxes, cluster state, 
 They are allocated by the caller and reused across images and calls: no allocation and no page faults per image.
 Passing them from Python costs per array: about 0.1 us as a separate argument, about 0.3 us inside a tuple
 (typed and unboxed member by member); thirty-five of them would add ~10 us to a ~100 us single-image call. So the
-arrays of one dtype and length are rows of one 2-D block, and the ten blocks travel as separate arguments.
+arrays of one dtype and length are rows of one 2-D block, and the eleven blocks travel as separate arguments.
 
 * :class:`Scratch` names the blocks; its field order is the order in which they are passed: the driver calls
   ``kernel(..., *scratch)`` and the kernel rebuilds ``Scratch(*blocks)``, so no argument list repeats the layout.
@@ -26,6 +26,8 @@ import numpy as np
 from pipeline.fusion.primitives import RADIX_HIST_SIZE
 
 GRID_MAX = 128  # cells per axis at most in the cluster search's grid index
+CELL_BITS = 32  # grid cells per word of Scratch.grid_rows (int64 words, so no sign bit is ever used)
+ROW_WORDS = GRID_MAX // CELL_BITS  # words per grid row
 
 
 @unique
@@ -85,6 +87,8 @@ class Scratch(NamedTuple):
     group_start: np.ndarray  # int64 (cap + 1): label group g is BY_GROUP[group_start[g]:group_start[g + 1]]
     radix_hist: np.ndarray  # int64 (RADIX_HIST_SIZE): radix sort histograms
     grid_head: np.ndarray  # int64 (GRID_MAX ** 2): per grid cell, its first cluster, -1 when empty
+    grid_rows: np.ndarray  # int64 (GRID_MAX * ROW_WORDS): per grid row, bit k of word w set iff cell 32w + k is not
+    #                        empty (the search skips empty cells without visiting them)
     set_stamp: np.ndarray  # int64 (n_sets): per set, the last cluster visit that saw it (distinct-set counting)
     set_list: np.ndarray  # int64 (n_sets): the distinct sets of one cluster, ascending
     set_weights: np.ndarray  # float64 (n_sets): weights gathered for one pairwise sum
@@ -116,6 +120,7 @@ def allocate_scratch(cap: int, n_sets: int) -> Scratch:
         group_start=np.empty(cap + 1, np.int64),
         radix_hist=np.empty(RADIX_HIST_SIZE, np.int64),
         grid_head=np.empty(GRID_MAX * GRID_MAX, np.int64),
+        grid_rows=np.empty(GRID_MAX * ROW_WORDS, np.int64),
         set_stamp=np.empty(n_sets, np.int64),
         set_list=np.empty(n_sets, np.int64),
         set_weights=np.empty(n_sets),
