@@ -155,10 +155,10 @@ def test_matches_library_on_large_inputs(seed):
         assert_same(lib(boxes, scores, labels, **kw), ours(boxes, scores, labels, **kw))
 
 
-def test_matches_library_with_small_boxes_on_a_grid_of_several_words_per_row():
-    """3,000 boxes about 0.6 % of the image wide: ~110 grid cells per axis, so each row of the grid spans four words
-    of occupancy bits; clusters sit on the cells either side of each word boundary and between them."""
-    rng = np.random.default_rng(7)
+def boxes_across_row_words(rng: np.random.Generator) -> tuple[list, list, list]:
+    """3,000 boxes about 0.6 % of the image wide in 20 sets: ~110 grid cells per axis, so each row of a search grid
+    spans four words of occupancy bits (pipeline.fusion.grid.mark_cell); clusters sit on the cells either side of
+    each word boundary and between them."""
     n_cells = int(2 * np.sqrt(3000)) + 1  # the cap that applies here (the window asks for more cells)
     edges = np.array([32, 64, 96]) / n_cells
     cx = np.r_[np.repeat(edges, 12) + rng.normal(0, 0.004, 36), rng.uniform(0.01, 0.99, 64)]
@@ -173,6 +173,12 @@ def test_matches_library_with_small_boxes_on_a_grid_of_several_words_per_row():
         boxes.append(np.clip(np.c_[xy, xy + wh], 0, 1))
         scores.append(rng.random(150))
         labels.append(np.zeros(150))
+    return boxes, scores, labels
+
+
+def test_matches_library_with_small_boxes_on_a_grid_of_several_words_per_row():
+    rng = np.random.default_rng(7)
+    boxes, scores, labels = boxes_across_row_words(rng)
     for iou_thr in (0.3, 0.55, 0.8):
         kw = dict(iou_thr=iou_thr, weights=rng.uniform(0.5, 2, 20).tolist())
         assert_same(lib(boxes, scores, labels, **kw), ours(boxes, scores, labels, **kw))

@@ -10,8 +10,9 @@ from pipeline.fusion import weighted_boxes_fusion, wbf_scratch
 from pipeline.fusion.packing import pack_lists
 from pipeline.fusion.rows import N_STATS
 from pipeline.fusion.wbf_kernel import CONF_TYPES, fuse_image_range
-from pipeline.fusion.wbf_scratch import (GRID_MAX, ROW_WORDS, BoxRow, FloatRow, IntRow, Scratch,
-                                         allocate_scratch, thread_scratch)
+from pipeline.fusion.grid import ROW_WORDS
+from pipeline.fusion.wbf_scratch import (GRID_MAX, BoxRow, FloatRow, IntRow, Scratch, allocate_scratch,
+                                         thread_scratch)
 
 
 def test_allocate_scratch_sizes_every_block():

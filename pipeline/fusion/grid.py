@@ -25,6 +25,8 @@ from pipeline.fusion.primitives import NJIT_NO_REFCOUNT, NJIT_OPTIONS, cell_inde
 COMPILED_AGAINST = {"primitives.py": "5a867f87f2eb7faf"}
 
 GRID_MAX = 128  # cells per axis at most
+CELL_BITS = 32  # grid cells per occupancy word (int64 words, so no sign bit is ever used)
+ROW_WORDS = GRID_MAX // CELL_BITS  # occupancy words per grid row
 GRID_MIN_THR = 0.1  # below this IoU threshold the centre bound is too loose: scan every box
 GRID_MIN_BOXES = 24  # groups smaller than this are scanned directly
 
@@ -71,6 +73,29 @@ def window_cells(x1: float, y1: float, x2: float, y2: float, rx: float, ry: floa
     cy = (y1 + y2) * 0.5
     return (cell_index(cx - rx, n_cells), cell_index(cx + rx, n_cells), cell_index(cy - ry, n_cells),
             cell_index(cy + ry, n_cells))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Occupancy bits: per grid row, ROW_WORDS words, bit k of word w set iff cell CELL_BITS * w + k holds something. A
+# search walks a window row's occupied cells only (most cells of a window are empty where boxes are sparse).
+# ----------------------------------------------------------------------------------------------------------------
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def mark_cell(row_bits: np.ndarray, cell: int, n_cells: int, occupied: bool) -> None:
+    """Mark grid cell ``cell`` (row-major, ``n_cells`` per axis) as holding something, or as empty."""
+    row = cell // n_cells
+    col = cell - row * n_cells
+    k = row * ROW_WORDS + col // CELL_BITS
+    bit = np.int64(1) << (col % CELL_BITS)
+    row_bits[k] = (row_bits[k] | bit) if occupied else (row_bits[k] & ~bit)
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def occupied_in_word(row_bits: np.ndarray, gy: int, w: int, gx0: int, gx1: int) -> np.int64:
+    """The bits of word ``w`` of row ``gy`` that stand for occupied cells among ``gx0..gx1``; cell ``CELL_BITS * w +
+    trailing_zeros(bits)`` is the first of them."""
+    lo = max(gx0 - w * CELL_BITS, 0)
+    hi = min(gx1 - w * CELL_BITS, CELL_BITS - 1)
+    return row_bits[gy * ROW_WORDS + w] & (((np.int64(2) << hi) - 1) ^ ((np.int64(1) << lo) - 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -23,14 +23,16 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from pipeline.fusion.grid import (GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, cells_per_axis, grid_layout,
-                                  search_radius_factor, window_cells)
+from numba.cpython.unsafe.numbers import trailing_zeros
+
+from pipeline.fusion.grid import (CELL_BITS, GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, ROW_WORDS, cells_per_axis,
+                                  grid_layout, mark_cell, occupied_in_word, search_radius_factor, window_cells)
 from pipeline.fusion.primitives import (NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys, iou,
                                         may_exceed, overlap_union, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
-COMPILED_AGAINST = {"grid.py": "8ac979225a4172af", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a"}
+COMPILED_AGAINST = {"grid.py": "14346e319add4ce9", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a"}
 
 
 @unique
@@ -76,6 +78,7 @@ class Scratch(NamedTuple):
     cell_start: np.ndarray  # int64 (GRID_MAX ** 2 + 1): first slot of each grid cell
     cell_count: np.ndarray  # int64 (GRID_MAX ** 2): representatives filed in each cell
     radix_hist: np.ndarray  # int64 (RADIX_HIST_SIZE)
+    grid_rows: np.ndarray  # int64 (GRID_MAX * ROW_WORDS): which cells hold representatives (grid.mark_cell)
 
 
 def allocate_scratch(cap: int) -> Scratch:
@@ -84,7 +87,7 @@ def allocate_scratch(cap: int) -> Scratch:
     return Scratch(np.empty((cap, 4)), np.empty((cap, 4), np.float32), np.empty((len(FloatRow), cap)),
                    np.empty((len(IntRow), cap), np.int64), np.empty(cap + 1, np.int64), np.empty((cap, 4)),
                    np.empty(GRID_MAX * GRID_MAX + 1, np.int64), np.empty(GRID_MAX * GRID_MAX, np.int64),
-                   np.empty(RADIX_HIST_SIZE, np.int64))
+                   np.empty(RADIX_HIST_SIZE, np.int64), np.empty(GRID_MAX * ROW_WORDS, np.int64))
 
 
 _THREAD_LOCAL = threading.local()
@@ -212,6 +215,7 @@ def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_fa
     slot_xy = scratch.slot_xy
     cell_start = scratch.cell_start
     cell_count = scratch.cell_count
+    grid_rows = scratch.grid_rows
     n_cells = 0
     if use_grid and ge - gs >= GRID_MIN_BOXES:
         sw = 0.0
@@ -221,6 +225,8 @@ def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_fa
         n_cells = cells_per_axis(radius_factor * sw / (2.0 * (ge - gs)), ge - gs)
         # room for every box of the group, since any may become a representative
         grid_layout(n_cells, kept, by_group[gs:ge], ge - gs, cell_of, cell_start, cell_count)
+        for k in range(n_cells * ROW_WORDS):
+            grid_rows[k] = 0
     thr_low = iou_thr * (1.0 - 1e-9)  # a candidate certainly not above iou_thr is passed over (may_exceed)
     nc = first
     for r in range(gs, ge):
@@ -238,19 +244,15 @@ def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_fa
                                               (by2 - by1) * radius_factor, n_cells)
             if (gx1 - gx0 + 1) * (gy1 - gy0 + 1) < nc - first:
                 scan_all = False
-                for gy in range(gy0, gy1 + 1):
-                    for gx in range(gx0, gx1 + 1):
-                        cell = gy * n_cells + gx
-                        for s in range(cell_start[cell], cell_start[cell] + cell_count[cell]):
-                            inter, union = overlap_union(slot_xy[s, 0], slot_xy[s, 1], slot_xy[s, 2], slot_xy[s, 3],
-                                                         bx1, by1, bx2, by2, area_b)
-                            if not may_exceed(inter, union, thr_low):  # cannot match: no division
-                                continue
-                            v = inter / union
-                            c = slot_cluster[s]  # slots are unordered: keep the lowest index among equal IoUs
-                            if v > best_iou or (v == best_iou and c < best_c):
-                                best_iou = v
-                                best_c = c
+                for gy in range(gy0, gy1 + 1):  # the window row's occupied cells only (grid.occupied_in_word)
+                    for w in range(gx0 // CELL_BITS, gx1 // CELL_BITS + 1):
+                        occupied = occupied_in_word(grid_rows, gy, w, gx0, gx1)
+                        while occupied != 0:
+                            cell = gy * n_cells + w * CELL_BITS + trailing_zeros(occupied)
+                            occupied &= occupied - 1
+                            best_iou, best_c = _best_in_cell(cell_start[cell], cell_start[cell] + cell_count[cell],
+                                                             bx1, by1, bx2, by2, area_b, thr_low, slot_xy,
+                                                             slot_cluster, best_iou, best_c)
         if scan_all:
             for c in range(first, nc):
                 j = rep[c]
@@ -272,6 +274,8 @@ def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_fa
             if n_cells > 0:  # file the representative (they never move)
                 cell = cell_of[i]
                 s = cell_start[cell] + cell_count[cell]
+                if cell_count[cell] == 0:
+                    mark_cell(grid_rows, cell, n_cells, True)
                 cell_count[cell] += 1
                 slot_cluster[s] = c
                 slot_xy[s, 0] = bx1
@@ -289,6 +293,25 @@ def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_fa
         box_sums[c, 3] = np.float32(np.float64(box_sums[c, 3]) + weight * by2)
         conf[c] += weight
     return nc
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _best_in_cell(lo: int, hi: int, bx1: float, by1: float, bx2: float, by2: float, area_b: float, thr_low: float,
+                  slot_xy: np.ndarray, slot_cluster: np.ndarray, best_iou: float, best_c: int) -> tuple[float, int]:
+    """``(best_iou, best_c)`` updated with the representatives in slots ``lo..hi-1``: the highest IoU with box B,
+    the lowest cluster index among equal IoUs (slots are unordered); a candidate that cannot pass ``iou_thr`` is
+    passed over without the division (:func:`~pipeline.fusion.primitives.may_exceed`)."""
+    for s in range(lo, hi):
+        inter, union = overlap_union(slot_xy[s, 0], slot_xy[s, 1], slot_xy[s, 2], slot_xy[s, 3], bx1, by1, bx2, by2,
+                                     area_b)
+        if not may_exceed(inter, union, thr_low):
+            continue
+        v = inter / union
+        c = slot_cluster[s]
+        if v > best_iou or (v == best_iou and c < best_c):
+            best_iou = v
+            best_c = c
+    return best_iou, best_c
 
 
 @numba.njit(**NJIT_OPTIONS)

@@ -48,8 +48,8 @@ def run_kernel(packed: PackedTable, work: Work, threads: int, rule: str, reuse: 
     per kind of input repair; ``ValueError`` for non-finite boxes or scores. ``reuse``: write into this thread's
     cached output arrays (no allocation, no page faults: the drop-ins' single images, and the OOF tuner's many
     fusions of one table, where fresh slots of hundreds of MB cost page faults and, with transparent huge pages,
-    stalls of up to 0.3 s; the caller copies the rows it returns before the next call). ``selection``: the output has a ``selection`` column for the kernel to
-    write."""
+    stalls of up to 0.3 s; the caller copies the rows it returns before the next call). ``selection``: the
+    output has a ``selection`` column for the kernel to write."""
     n_img = len(packed.width)
     n = int(packed.row_offs[-1])
     if reuse:

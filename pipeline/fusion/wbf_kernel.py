@@ -28,16 +28,18 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 from pipeline.fusion.primitives import (NJIT_OPTIONS, cell_index, float_sort_keys, int_sort_keys, may_exceed,
                                         overlap_union, pairwise_sum, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
-from pipeline.fusion.wbf_scratch import CELL_BITS, GRID_MAX, ROW_WORDS, BoxRow, FloatRow, IntRow, Scratch
+from pipeline.fusion.grid import CELL_BITS, ROW_WORDS, mark_cell, occupied_in_word
+from pipeline.fusion.wbf_scratch import GRID_MAX, BoxRow, FloatRow, IntRow, Scratch
 
 # numba's disk cache keys a compiled function on its own file's content only: it does not notice when code or
 # constants compiled in from another file change (numba issue #1833), and would keep serving the old kernel. The
 # digests of the files compiled in here are recorded below, so changing one of them means changing this file, which
 # drops the stale cache; tests/test_fusion.py fails (and prints the new record) until they are current.
 COMPILED_AGAINST = {
+    "grid.py": "14346e319add4ce9",
     "primitives.py": "5a867f87f2eb7faf",
     "rows.py": "7abf6a39d4426c6a",
-    "wbf_scratch.py": "3a2b5e4372d2a2dc",
+    "wbf_scratch.py": "3b066932c5e269ea",
 }
 
 # The kernel receives conf_type as its position in CONF_TYPES.
@@ -247,7 +249,7 @@ def _cluster_label_group(gs: int, ge: int, first: int, weights: np.ndarray, iou_
                 else:
                     grid_head[old_cell] = q
                     if q == -1:  # the cell is empty now
-                        _set_cell_bit(grid_rows, old_cell, n_cells, False)
+                        mark_cell(grid_rows, old_cell, n_cells, False)
                 if q != -1:
                     cell_prev[q] = p
             cluster_cell[c] = new_cell
@@ -258,27 +260,9 @@ def _cluster_label_group(gs: int, ge: int, first: int, weights: np.ndarray, iou_
                 if h != -1:
                     cell_prev[h] = c
                 else:  # the cell was empty
-                    _set_cell_bit(grid_rows, new_cell, n_cells, True)
+                    mark_cell(grid_rows, new_cell, n_cells, True)
                 grid_head[new_cell] = c
     return nc
-
-
-@numba.njit(inline="always", **NJIT_OPTIONS)
-def _set_cell_bit(grid_rows: np.ndarray, cell: int, n_cells: int, occupied: bool) -> None:
-    """Mark grid cell ``cell`` (row-major) as holding clusters or as empty in its row's words."""
-    row = cell // n_cells
-    col = cell - row * n_cells
-    k = row * ROW_WORDS + col // CELL_BITS
-    bit = np.int64(1) << (col % CELL_BITS)
-    grid_rows[k] = (grid_rows[k] | bit) if occupied else (grid_rows[k] & ~bit)
-
-
-@numba.njit(inline="always", **NJIT_OPTIONS)
-def _cells_between(gx0: int, gx1: int, w: int) -> np.int64:
-    """The bits of word ``w`` of a grid row that stand for cells ``gx0..gx1``."""
-    lo = max(gx0 - w * CELL_BITS, 0)
-    hi = min(gx1 - w * CELL_BITS, CELL_BITS - 1)
-    return ((np.int64(2) << hi) - 1) ^ ((np.int64(1) << lo) - 1)
 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
@@ -334,7 +318,7 @@ def _best_cluster(x1: float, y1: float, x2: float, y2: float, first: int, nc: in
             # are empty: 69 % on tuning_speed.py's table, where a box's window spans ~9 cells)
             for gy in range(gy0, gy1 + 1):
                 for w in range(gx0 // CELL_BITS, gx1 // CELL_BITS + 1):
-                    occupied = grid_rows[gy * ROW_WORDS + w] & _cells_between(gx0, gx1, w)
+                    occupied = occupied_in_word(grid_rows, gy, w, gx0, gx1)
                     while occupied != 0:
                         gx = w * CELL_BITS + trailing_zeros(occupied)
                         occupied &= occupied - 1

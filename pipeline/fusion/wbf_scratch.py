@@ -23,11 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.fusion.grid import GRID_MAX, ROW_WORDS  # cells per axis at most, occupancy words per row
 from pipeline.fusion.primitives import RADIX_HIST_SIZE
-
-GRID_MAX = 128  # cells per axis at most in the cluster search's grid index
-CELL_BITS = 32  # grid cells per word of Scratch.grid_rows (int64 words, so no sign bit is ever used)
-ROW_WORDS = GRID_MAX // CELL_BITS  # words per grid row
 
 
 @unique
@@ -87,8 +84,8 @@ class Scratch(NamedTuple):
     group_start: np.ndarray  # int64 (cap + 1): label group g is BY_GROUP[group_start[g]:group_start[g + 1]]
     radix_hist: np.ndarray  # int64 (RADIX_HIST_SIZE): radix sort histograms
     grid_head: np.ndarray  # int64 (GRID_MAX ** 2): per grid cell, its first cluster, -1 when empty
-    grid_rows: np.ndarray  # int64 (GRID_MAX * ROW_WORDS): per grid row, bit k of word w set iff cell 32w + k is not
-    #                        empty (the search skips empty cells without visiting them)
+    grid_rows: np.ndarray  # int64 (GRID_MAX * ROW_WORDS): per grid row, which cells hold clusters
+    #                        (pipeline.fusion.grid.mark_cell); the search skips the empty ones
     set_stamp: np.ndarray  # int64 (n_sets): per set, the last cluster visit that saw it (distinct-set counting)
     set_list: np.ndarray  # int64 (n_sets): the distinct sets of one cluster, ascending
     set_weights: np.ndarray  # float64 (n_sets): weights gathered for one pairwise sum
