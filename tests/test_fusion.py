@@ -155,10 +155,11 @@ def test_matches_library_on_large_inputs(seed):
         assert_same(lib(boxes, scores, labels, **kw), ours(boxes, scores, labels, **kw))
 
 
-def boxes_across_row_words(rng: np.random.Generator) -> tuple[list, list, list]:
-    """3,000 boxes about 0.6 % of the image wide in 20 sets: ~110 grid cells per axis, so each row of a search grid
-    spans four words of occupancy bits (pipeline.fusion.grid.mark_cell); clusters sit on the cells either side of
-    each word boundary and between them."""
+def cases_across_row_words(seed: int) -> list[tuple[list, list, list, dict]]:
+    """``(boxes, scores, labels, kwargs)`` at three IoU thresholds: 3,000 boxes about 0.6 % of the image wide in 20
+    weighted sets, ~110 grid cells per axis, so each row of a search grid spans four words of occupancy bits
+    (pipeline.fusion.grid.mark_cell); clusters sit on the cells either side of each word boundary and between them."""
+    rng = np.random.default_rng(seed)
     n_cells = int(2 * np.sqrt(3000)) + 1  # the cap that applies here (the window asks for more cells)
     edges = np.array([32, 64, 96]) / n_cells
     cx = np.r_[np.repeat(edges, 12) + rng.normal(0, 0.004, 36), rng.uniform(0.01, 0.99, 64)]
@@ -173,14 +174,12 @@ def boxes_across_row_words(rng: np.random.Generator) -> tuple[list, list, list]:
         boxes.append(np.clip(np.c_[xy, xy + wh], 0, 1))
         scores.append(rng.random(150))
         labels.append(np.zeros(150))
-    return boxes, scores, labels
+    return [(boxes, scores, labels, {"iou_thr": t, "weights": rng.uniform(0.5, 2, 20).tolist()})
+            for t in (0.3, 0.55, 0.8)]
 
 
 def test_matches_library_with_small_boxes_on_a_grid_of_several_words_per_row():
-    rng = np.random.default_rng(7)
-    boxes, scores, labels = boxes_across_row_words(rng)
-    for iou_thr in (0.3, 0.55, 0.8):
-        kw = dict(iou_thr=iou_thr, weights=rng.uniform(0.5, 2, 20).tolist())
+    for boxes, scores, labels, kw in cases_across_row_words(7):
         assert_same(lib(boxes, scores, labels, **kw), ours(boxes, scores, labels, **kw))
 
 

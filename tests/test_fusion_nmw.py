@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline.fusion import non_maximum_weighted
-from tests.test_fusion import boxes_across_row_words, lattice_boxes, make_inputs
+from tests.test_fusion import cases_across_row_words, lattice_boxes, make_inputs
 
 
 def lib(*args, **kwargs):
@@ -111,10 +111,7 @@ def test_matches_library_on_large_inputs(seed):
 
 
 def test_matches_library_with_small_boxes_on_a_grid_of_several_words_per_row():
-    rng = np.random.default_rng(8)
-    boxes, scores, labels = boxes_across_row_words(rng)
-    for iou_thr in (0.3, 0.55, 0.8):
-        kw = dict(iou_thr=iou_thr, weights=rng.uniform(0.5, 2, 20).tolist())
+    for boxes, scores, labels, kw in cases_across_row_words(8):
         assert_identical(lib(boxes, scores, labels, **kw), ours(boxes, scores, labels, **kw))
 
 
