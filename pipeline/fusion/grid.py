@@ -18,6 +18,7 @@ import math
 
 import numba
 import numpy as np
+from numba.cpython.unsafe.numbers import trailing_zeros  # numba's own intrinsic for LLVM's cttz
 
 from pipeline.fusion.primitives import NJIT_NO_REFCOUNT, NJIT_OPTIONS, cell_index
 
@@ -91,11 +92,17 @@ def mark_cell(row_bits: np.ndarray, cell: int, n_cells: int, occupied: bool) -> 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
 def occupied_in_word(row_bits: np.ndarray, gy: int, w: int, gx0: int, gx1: int) -> np.int64:
-    """The bits of word ``w`` of row ``gy`` that stand for occupied cells among ``gx0..gx1``; cell ``CELL_BITS * w +
-    trailing_zeros(bits)`` is the first of them."""
+    """The bits of word ``w`` of row ``gy`` that stand for occupied cells among ``gx0..gx1`` (walk them with
+    :func:`first_cell` and ``bits &= bits - 1``)."""
     lo = max(gx0 - w * CELL_BITS, 0)
     hi = min(gx1 - w * CELL_BITS, CELL_BITS - 1)
     return row_bits[gy * ROW_WORDS + w] & (((np.int64(2) << hi) - 1) ^ ((np.int64(1) << lo) - 1))
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def first_cell(bits: np.int64, w: int) -> int:
+    """The column of the lowest set bit of ``bits`` (non-zero), word ``w`` of its row."""
+    return w * CELL_BITS + trailing_zeros(bits)
 
 
 # ----------------------------------------------------------------------------------------------------------------

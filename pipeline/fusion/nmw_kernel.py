@@ -23,16 +23,15 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from numba.cpython.unsafe.numbers import trailing_zeros
-
 from pipeline.fusion.grid import (CELL_BITS, GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, ROW_WORDS, cells_per_axis,
-                                  grid_layout, mark_cell, occupied_in_word, search_radius_factor, window_cells)
+                                  first_cell, grid_layout, mark_cell, occupied_in_word, search_radius_factor,
+                                  window_cells)
 from pipeline.fusion.primitives import (NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys, iou,
                                         may_exceed, overlap_union, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
-COMPILED_AGAINST = {"grid.py": "14346e319add4ce9", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a"}
+COMPILED_AGAINST = {"grid.py": "220b8399dda95a81", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a"}
 
 
 @unique
@@ -248,7 +247,7 @@ def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_fa
                     for w in range(gx0 // CELL_BITS, gx1 // CELL_BITS + 1):
                         occupied = occupied_in_word(grid_rows, gy, w, gx0, gx1)
                         while occupied != 0:
-                            cell = gy * n_cells + w * CELL_BITS + trailing_zeros(occupied)
+                            cell = gy * n_cells + first_cell(occupied, w)
                             occupied &= occupied - 1
                             best_iou, best_c = _best_in_cell(cell_start[cell], cell_start[cell] + cell_count[cell],
                                                              bx1, by1, bx2, by2, area_b, thr_low, slot_xy,

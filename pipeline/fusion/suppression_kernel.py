@@ -45,7 +45,7 @@ from pipeline.fusion.rows import read_image
 from pipeline.fusion.vector_exp import covers_gaussian_weights, exp_vectorisable
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
-COMPILED_AGAINST = {"grid.py": "14346e319add4ce9", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a",
+COMPILED_AGAINST = {"grid.py": "220b8399dda95a81", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a",
                     "vector_exp.py": "824cc4dac6b35a2c"}
 
 # The library's ``method`` codes.

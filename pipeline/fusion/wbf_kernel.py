@@ -23,12 +23,10 @@ import math
 
 import numba
 import numpy as np
-from numba.cpython.unsafe.numbers import trailing_zeros
-
 from pipeline.fusion.primitives import (NJIT_OPTIONS, cell_index, float_sort_keys, int_sort_keys, may_exceed,
                                         overlap_union, pairwise_sum, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
-from pipeline.fusion.grid import CELL_BITS, ROW_WORDS, mark_cell, occupied_in_word
+from pipeline.fusion.grid import CELL_BITS, ROW_WORDS, first_cell, mark_cell, occupied_in_word
 from pipeline.fusion.wbf_scratch import GRID_MAX, BoxRow, FloatRow, IntRow, Scratch
 
 # numba's disk cache keys a compiled function on its own file's content only: it does not notice when code or
@@ -36,7 +34,7 @@ from pipeline.fusion.wbf_scratch import GRID_MAX, BoxRow, FloatRow, IntRow, Scra
 # digests of the files compiled in here are recorded below, so changing one of them means changing this file, which
 # drops the stale cache; tests/test_fusion.py fails (and prints the new record) until they are current.
 COMPILED_AGAINST = {
-    "grid.py": "14346e319add4ce9",
+    "grid.py": "220b8399dda95a81",
     "primitives.py": "5a867f87f2eb7faf",
     "rows.py": "7abf6a39d4426c6a",
     "wbf_scratch.py": "3b066932c5e269ea",
@@ -320,7 +318,7 @@ def _best_cluster(x1: float, y1: float, x2: float, y2: float, first: int, nc: in
                 for w in range(gx0 // CELL_BITS, gx1 // CELL_BITS + 1):
                     occupied = occupied_in_word(grid_rows, gy, w, gx0, gx1)
                     while occupied != 0:
-                        gx = w * CELL_BITS + trailing_zeros(occupied)
+                        gx = first_cell(occupied, w)
                         occupied &= occupied - 1
                         c = grid_head[gy * n_cells + gx]
                         while c != -1:  # cells are unordered: keep the lowest index among equal IoUs
