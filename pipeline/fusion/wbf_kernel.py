@@ -23,10 +23,11 @@ import math
 
 import numba
 import numpy as np
+
+from pipeline.fusion.grid import CELL_BITS, ROW_WORDS, first_cell, mark_cell, occupied_in_word
 from pipeline.fusion.primitives import (NJIT_OPTIONS, cell_index, float_sort_keys, int_sort_keys, may_exceed,
                                         overlap_union, pairwise_sum, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
-from pipeline.fusion.grid import CELL_BITS, ROW_WORDS, first_cell, mark_cell, occupied_in_word
 from pipeline.fusion.wbf_scratch import GRID_MAX, BoxRow, FloatRow, IntRow, Scratch
 
 # numba's disk cache keys a compiled function on its own file's content only: it does not notice when code or
