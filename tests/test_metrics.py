@@ -336,6 +336,36 @@ def test_scoring_rows_equals_scoring_the_table(rows, class_aware):
         assert from_rows == from_table
 
 
+@settings(max_examples=40, deadline=None)
+@given(_fused_rows)
+def test_scoring_a_fusions_own_rows_reads_their_boxes_in_place(rows):
+    # rows as a fusion hands them to the tuner: images in the scorer's order, grouped, scores descending inside an
+    # image, the boxes the transpose of (4, N) coordinate rows -- packed without a copy, scored as the table
+    from pipeline.metrics.packing import pack_indexed
+    gt, _, image, boxes, scores, labels = fused_rows_case(rows)
+    image = image % 3
+    order = np.lexsort((-scores, image))
+    image, scores, labels = image[order], scores[order], labels[order]
+    columns = np.ascontiguousarray(boxes[order].T)
+    image_ids = pd.Index(["a", "b", "c"])
+    table = pd.DataFrame({"image_id": pd.array(np.asarray(image_ids)[image], dtype="str"), "x1": columns[0],
+                          "y1": columns[1], "x2": columns[2], "y2": columns[3], "score": scores, "label": labels})
+    for metric in METRICS:
+        scorer = Scorer(metric, gt)
+        assert list(scorer.index) == list(image_ids)
+        packed = pack_indexed(scorer.index, image_ids, image, columns.T, scores, labels, 2)
+        assert np.shares_memory(packed.boxes, columns) or len(image) == 0
+        assert packed.offsets.tolist() == np.searchsorted(image, np.arange(4)).tolist()
+        assert scorer.score_rows(image_ids, image, columns.T, scores, labels) == scorer(table)
+        thresholds = [0.0, 0.5, 0.9]
+        assert scorer.score_rows_by_threshold(image_ids, image, columns.T, scores, labels, thresholds) == [
+            scorer(table[table.score >= t]).score for t in thresholds]
+    if len(image):
+        columns[3, -1] = np.nan  # the last coordinate of the last row: the check reads every column
+        with pytest.raises(ValueError, match="NaN"):
+            Scorer("gwd", gt).score_rows(image_ids, image, columns.T, scores, labels)
+
+
 @settings(max_examples=60, deadline=None)
 @given(_fused_rows)
 def test_scoring_every_threshold_at_once_equals_scoring_each(rows):

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.cpus import available_cpus, on_ranges
-from pipeline.metrics.packing import Packed
+from pipeline.metrics.packing import Packed, box_rows
 from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, register_metric
 
 IOU_THRESHOLDS = np.array([0.50, 0.55, 0.60, 0.65, 0.70, 0.75], dtype=np.float64)
@@ -71,46 +71,51 @@ def box_areas(boxes: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True)
-def _image_scores(gt, gt_area, pr, pr_area, thresholds, cand_g, cand_iou, cand_off, matched, out) -> None:
+def _image_scores(gt, gt_area, pr, thresholds, cand_g, cand_iou, cand_off, matched, gt_rows, out) -> None:
     """Fill ``out[t]`` for one image. Candidates: GT with IoU > min threshold, per prediction, GT order kept."""
     n_g, n_p = gt.shape[0], pr.shape[0]
     if n_g == 0 or n_p == 0:
         out[:] = 1.0 if (n_g == 0 and n_p == 0) else 0.0
         return
-    _candidates(gt, gt_area, pr, pr_area, thresholds.min(), cand_g, cand_iou, cand_off)
+    _candidates(gt, gt_area, pr, thresholds.min(), cand_g, cand_iou, cand_off, gt_rows)
     for t in range(thresholds.shape[0]):
         tp = _greedy_matches(n_g, n_p, thresholds[t], cand_g, cand_iou, cand_off, matched, cand_off, False)
         out[t] = tp / (n_p + n_g - tp)  # TP + FP + FN with FP = n_p - TP, FN = n_g - TP
 
 
-@numba.njit(cache=True)
-def _candidates(gt, gt_area, pr, pr_area, lowest, cand_g, cand_iou, cand_off) -> None:
+@numba.njit(cache=True, error_model="numpy")  # no zero-division check: the IoU loop vectorises (0 where no overlap)
+def _candidates(gt, gt_area, pr, lowest, cand_g, cand_iou, cand_off, gt_rows) -> None:
     """``cand_g[cand_off[p]:cand_off[p + 1]]``: the GT boxes whose IoU with prediction ``p`` is above ``lowest``,
-    in GT order (their IoUs in ``cand_iou``)."""
+    in GT order (their IoUs in ``cand_iou``). ``gt_rows``: work space, at least ``(6, n_gt)``.
+
+    Each prediction's IoU with every ground-truth box of the image comes from one branch-free loop over the ground
+    truth laid out as rows (it runs on vector registers), counting the candidates; most predictions of a fusion have
+    none (false positives), and only the others are gathered. The arithmetic is :func:`box_iou`'s, operation for
+    operation, so every IoU is the same number (each prediction's area as :func:`box_areas` computes it)."""
     n_g, n_p = gt.shape[0], pr.shape[0]
-    # Only ground truth whose x1 lies in (px1 - widest, px2) can overlap prediction p: walk the GT by x1 from
-    # there (a margin far beyond rounding keeps the bound safe), then put p's few candidates back in GT order.
-    by_x1 = np.argsort(gt[:, 0], kind="mergesort")
-    xs = gt[by_x1, 0]
-    widest = max((gt[:, 2] - gt[:, 0]).max(), 0.0)
+    gx1, gy1, gx2, gy2, g_area, ious = gt_rows[0], gt_rows[1], gt_rows[2], gt_rows[3], gt_rows[4], gt_rows[5]
+    for g in range(n_g):
+        gx1[g], gy1[g], gx2[g], gy2[g], g_area[g] = gt[g, 0], gt[g, 1], gt[g, 2], gt[g, 3], gt_area[g]
     k = 0
     for p in range(n_p):
         cand_off[p] = k
-        px1, px2 = pr[p, 0], pr[p, 2]
-        for j in range(np.searchsorted(xs, px1 - widest - 1e-9 * (abs(px1) + widest + 1.0)), n_g):
-            if xs[j] >= px2:
-                break
-            g = by_x1[j]
-            iou = box_iou(pr[p], gt[g], pr_area[p], gt_area[g])
-            if iou > lowest:
-                c = k  # insertion by GT index: candidates stay in GT order (ties go to the lower index)
-                while c > cand_off[p] and cand_g[c - 1] > g:
-                    cand_g[c] = cand_g[c - 1]
-                    cand_iou[c] = cand_iou[c - 1]
-                    c -= 1
-                cand_g[c] = g
-                cand_iou[c] = iou
-                k += 1
+        px1, py1, px2, py2 = pr[p, 0], pr[p, 1], pr[p, 2], pr[p, 3]
+        p_area = max(px2 - px1, 0.0) * max(py2 - py1, 0.0)
+        n = 0
+        for g in range(n_g):
+            iw = min(px2, gx2[g]) - max(px1, gx1[g])
+            ih = min(py2, gy2[g]) - max(py1, gy1[g])
+            inter = iw * ih
+            union = p_area + g_area[g] - inter
+            iou = 0.0 if (iw <= 0.0) | (ih <= 0.0) | (union <= 0.0) else inter / union
+            ious[g] = iou
+            n += iou > lowest
+        if n == 0:
+            continue
+        for g in range(n_g):
+            cand_g[k] = g
+            cand_iou[k] = ious[g]
+            k += ious[g] > lowest
     cand_off[n_p] = k
 
 
@@ -136,8 +141,8 @@ def _greedy_matches(n_g, n_p, thr, cand_g, cand_iou, cand_off, matched, tp_after
 
 
 @numba.njit(cache=True)
-def _image_prefix_scores(gt, gt_area, pr, pr_area, pr_score, thresholds, score_thr, cand_g, cand_iou, cand_off,
-                         matched, tp_after, out) -> None:
+def _image_prefix_scores(gt, gt_area, pr, pr_score, thresholds, score_thr, cand_g, cand_iou, cand_off,
+                         matched, tp_after, gt_rows, out) -> None:
     """``out[k, t]`` for one image: :func:`_image_scores` of the predictions scoring ``>= score_thr[k]`` -- a
     prefix, the predictions being in descending score order -- from one matching per IoU threshold."""
     n_g, n_p = gt.shape[0], pr.shape[0]
@@ -150,7 +155,7 @@ def _image_prefix_scores(gt, gt_area, pr, pr_area, pr_score, thresholds, score_t
         n_keep[k] = m
         longest = max(longest, m)
     if n_g > 0 and longest > 0:
-        _candidates(gt, gt_area, pr[:longest], pr_area[:longest], thresholds.min(), cand_g, cand_iou, cand_off)
+        _candidates(gt, gt_area, pr[:longest], thresholds.min(), cand_g, cand_iou, cand_off, gt_rows)
     tp_after[0] = 0
     for t in range(thresholds.shape[0]):
         if n_g > 0 and longest > 0:
@@ -167,35 +172,36 @@ def _image_prefix_scores(gt, gt_area, pr, pr_area, pr_score, thresholds, score_t
 @numba.njit(cache=True, nogil=True)
 def _work_arrays(gt_offsets, pr_offsets, lo, hi):
     """Scratch for images ``lo..hi-1``, sized by the largest: candidates (GT index, IoU, offsets per prediction),
-    true positives after each prediction, matched flags per GT."""
+    true positives after each prediction, matched flags per GT, the ground truth as rows (:func:`_candidates`)."""
     max_g = max_p = 0
     for i in range(lo, hi):
         max_g = max(max_g, gt_offsets[i + 1] - gt_offsets[i])
         max_p = max(max_p, pr_offsets[i + 1] - pr_offsets[i])
     return (np.empty(max_g * max_p, dtype=np.int64), np.empty(max_g * max_p, dtype=np.float64),
-            np.empty(max_p + 1, dtype=np.int64), np.empty(max_p + 1, dtype=np.int64), np.zeros(max_g, dtype=np.bool_))
+            np.empty(max_p + 1, dtype=np.int64), np.empty(max_p + 1, dtype=np.int64), np.zeros(max_g, dtype=np.bool_),
+            np.empty((6, max_g)))
 
 
 @numba.njit(cache=True, nogil=True)
-def _gwd_prefix_rows(gt_boxes, gt_area, gt_offsets, pr_boxes, pr_area, pr_score, pr_offsets, thresholds, score_thr,
+def _gwd_prefix_rows(gt_boxes, gt_area, gt_offsets, pr_boxes, pr_score, pr_offsets, thresholds, score_thr,
                      lo, hi, out) -> None:
     """:func:`_gwd_rows` at every score threshold: ``out[i, k]`` (one value per IoU threshold) for images
     ``lo..hi-1``."""
-    cand_g, cand_iou, cand_off, tp_after, matched = _work_arrays(gt_offsets, pr_offsets, lo, hi)
+    cand_g, cand_iou, cand_off, tp_after, matched, gt_rows = _work_arrays(gt_offsets, pr_offsets, lo, hi)
     for i in range(lo, hi):
         g0, g1, p0, p1 = gt_offsets[i], gt_offsets[i + 1], pr_offsets[i], pr_offsets[i + 1]
-        _image_prefix_scores(gt_boxes[g0:g1], gt_area[g0:g1], pr_boxes[p0:p1], pr_area[p0:p1], pr_score[p0:p1],
-                             thresholds, score_thr, cand_g, cand_iou, cand_off, matched, tp_after, out[i])
+        _image_prefix_scores(gt_boxes[g0:g1], gt_area[g0:g1], pr_boxes[p0:p1], pr_score[p0:p1],
+                             thresholds, score_thr, cand_g, cand_iou, cand_off, matched, tp_after, gt_rows, out[i])
 
 
 @numba.njit(cache=True, nogil=True)
-def _gwd_rows(gt_boxes, gt_area, gt_offsets, pr_boxes, pr_area, pr_offsets, thresholds, lo, hi, out) -> None:
+def _gwd_rows(gt_boxes, gt_area, gt_offsets, pr_boxes, pr_offsets, thresholds, lo, hi, out) -> None:
     """``out[i]`` (one value per threshold) for images ``lo..hi-1``; releases the GIL (threads over images)."""
-    cand_g, cand_iou, cand_off, _, matched = _work_arrays(gt_offsets, pr_offsets, lo, hi)
+    cand_g, cand_iou, cand_off, _, matched, gt_rows = _work_arrays(gt_offsets, pr_offsets, lo, hi)
     for i in range(lo, hi):
         g0, g1, p0, p1 = gt_offsets[i], gt_offsets[i + 1], pr_offsets[i], pr_offsets[i + 1]
-        _image_scores(gt_boxes[g0:g1], gt_area[g0:g1], pr_boxes[p0:p1], pr_area[p0:p1], thresholds,
-                      cand_g, cand_iou, cand_off, matched, out[i])
+        _image_scores(gt_boxes[g0:g1], gt_area[g0:g1], pr_boxes[p0:p1], thresholds,
+                      cand_g, cand_iou, cand_off, matched, gt_rows, out[i])
 
 
 PARALLEL_MIN_IMAGES = 64  # images per thread at least (fewer: one thread scores them all)
@@ -207,7 +213,7 @@ def _gwd_table(gt_boxes: np.ndarray, gt_offsets: np.ndarray, pr_boxes: np.ndarra
     prediction counts (the work grows with predictions x ground truth per image)."""
     n_img = gt_offsets.shape[0] - 1
     out = np.empty((n_img, thresholds.shape[0]), dtype=np.float64)
-    args = (gt_boxes, box_areas(gt_boxes), gt_offsets, pr_boxes, box_areas(pr_boxes), pr_offsets, thresholds)
+    args = (gt_boxes, box_areas(gt_boxes), gt_offsets, pr_boxes, pr_offsets, thresholds)
     on_ranges(lambda lo, hi: _gwd_rows(*args, lo, hi, out), pr_offsets,
               min(available_cpus(), n_img // PARALLEL_MIN_IMAGES))
     return out
@@ -220,7 +226,7 @@ def gwd_by_score_threshold(gt_boxes: np.ndarray, gt_offsets: np.ndarray, pred_bo
     one pass (predictions sorted by descending score inside each image): equal, bit for bit, to scoring each
     threshold's predictions apart."""
     gt_boxes = np.ascontiguousarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
-    pred_boxes = np.ascontiguousarray(pred_boxes, dtype=np.float64).reshape(-1, 4)
+    pred_boxes = box_rows(pred_boxes)
     gt_offsets = np.ascontiguousarray(gt_offsets, dtype=np.int64)
     pred_offsets = np.ascontiguousarray(pred_offsets, dtype=np.int64)
     score_thr = np.ascontiguousarray(score_thresholds, dtype=np.float64)
@@ -229,8 +235,8 @@ def gwd_by_score_threshold(gt_boxes: np.ndarray, gt_offsets: np.ndarray, pred_bo
     if n_img == 0:
         return np.zeros(len(score_thr))
     out = np.empty((n_img, len(score_thr), len(thresholds)), dtype=np.float64)
-    args = (gt_boxes, box_areas(gt_boxes), gt_offsets, pred_boxes, box_areas(pred_boxes),
-            np.ascontiguousarray(pred_scores, dtype=np.float64), pred_offsets, thresholds, score_thr)
+    args = (gt_boxes, box_areas(gt_boxes), gt_offsets, pred_boxes, np.ascontiguousarray(pred_scores, dtype=np.float64),
+            pred_offsets, thresholds, score_thr)
     on_ranges(lambda lo, hi: _gwd_prefix_rows(*args, lo, hi, out), pred_offsets,
               min(available_cpus(), n_img // PARALLEL_MIN_IMAGES))
     # each threshold's (images x IoU thresholds) table laid out as gwd_packed's, so the means add up alike
@@ -250,7 +256,7 @@ def gwd_packed(
     table = _gwd_table(
         np.ascontiguousarray(gt_boxes, dtype=np.float64).reshape(-1, 4),
         np.ascontiguousarray(gt_offsets, dtype=np.int64),
-        np.ascontiguousarray(pred_boxes, dtype=np.float64).reshape(-1, 4),
+        box_rows(pred_boxes),
         np.ascontiguousarray(pred_offsets, dtype=np.int64),
         np.ascontiguousarray(thresholds, dtype=np.float64),
     )

@@ -173,11 +173,14 @@ def pack_boxes(index: pd.Index, image_id: pd.Series, boxes: np.ndarray, scores: 
 def pack_positions(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
                    n_images: int) -> Packed:
     """:func:`pack_boxes` for rows whose image is already a position in the scored index (-1: not scored)."""
+    offsets = _offsets_if_packed(image, scores, n_images)
+    if len(offsets):  # a fusion's rows come grouped and sorted already: no copies
+        return Packed(box_rows(boxes), scores, labels, image, offsets)
     keep = image >= 0
     if not keep.all():
         image, boxes, scores, labels = image[keep], boxes[keep], scores[keep], labels[keep]
     order, offsets = group_by_image(image, scores, n_images)
-    if _is_identity(order):  # a fused table comes grouped and sorted already: no copies
+    if _is_identity(order):
         return Packed(np.ascontiguousarray(boxes), scores, labels, image, offsets)
     out = Packed(np.empty((len(order), 4)), np.empty(len(order)), np.empty(len(order), np.int64),
                  np.empty(len(order), np.int64), offsets)
@@ -186,12 +189,41 @@ def pack_positions(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, lab
     return out
 
 
+def box_rows(boxes: np.ndarray) -> np.ndarray:
+    """``boxes`` as ``(N, 4)`` float64, not copied when already so in either memory order: a fusion's rows come as
+    the transpose of its ``(4, N)`` coordinate rows, and a copy of that (~100 MB for a GWD-sized OOF fusion, fresh
+    pages each time) cost the OOF tuner as much as the metric itself. The metrics' kernels read either order."""
+    if (boxes.dtype == np.float64 and boxes.ndim == 2 and boxes.shape[1] == 4
+            and (boxes.flags.c_contiguous or boxes.flags.f_contiguous)):
+        return boxes
+    return np.ascontiguousarray(boxes, dtype=np.float64).reshape(-1, 4)
+
+
 def image_positions(index: pd.Index, image_id: pd.Series) -> np.ndarray:
     """Each row's position in ``index`` (int64, -1 when absent), ids compared as strings. The column is factorised
     first (arrow's dictionary encoding for pandas' str columns), so only its distinct ids are looked up."""
     codes, uniques = pd.factorize(image_id, use_na_sentinel=False)  # NaN is a value: "nan" as astype(str) makes it
     where = index.get_indexer(pd.Index(uniques).astype(str)).astype(np.int64)
     return where[codes] if len(codes) else np.zeros(0, np.int64)
+
+
+@numba.njit(cache=True)
+def _offsets_if_packed(image: np.ndarray, scores: np.ndarray, n_images: int) -> np.ndarray:
+    """The ``(n_images + 1,)`` offsets when the rows are already packed -- every image in ``0..n_images-1``, images
+    non-decreasing, scores never increasing inside an image (what :func:`group_by_image` would leave as it is) --
+    else an empty array. One pass, no row order built."""
+    n = image.shape[0]
+    offsets = np.zeros(n_images + 1, dtype=np.int64)
+    for r in range(n):
+        i = image[r]
+        if i < 0 or i >= n_images:
+            return offsets[:0]
+        if r > 0 and (i < image[r - 1] or (i == image[r - 1] and scores[r] > scores[r - 1])):
+            return offsets[:0]
+        offsets[i + 1] += 1
+    for i in range(n_images):
+        offsets[i + 1] += offsets[i]
+    return offsets
 
 
 @numba.njit(cache=True)
@@ -226,23 +258,39 @@ def pack_indexed(index: pd.Index, image_ids: pd.Index, image: np.ndarray, boxes:
     """:func:`pack_predictions` for predictions given as arrays, each row's image a position in ``image_ids``
     (a fusion's output, scored without building a table); ``labels`` None: class-agnostic (zeros)."""
     where = index.get_indexer(pd.Index(image_ids).astype(str)).astype(np.int64)
-    position = where[image] if len(image) else np.zeros(0, np.int64)
+    if len(where) == len(index) and (where == np.arange(len(where))).all():
+        position = np.asarray(image, dtype=np.int64)  # the same images in the same order: no gather
+    else:
+        position = where[image] if len(image) else np.zeros(0, np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     class_aware = labels is not None
-    labels = np.asarray(labels, dtype=np.int64) if class_aware else np.zeros(len(scores), dtype=np.int64)
+    # class-agnostic: one shared zero for every row (a zeros array of millions of rows cost ~10 ms a scoring)
+    labels = np.asarray(labels, dtype=np.int64) if class_aware else np.broadcast_to(np.int64(0), len(scores))
     packed = pack_positions(position, np.asarray(boxes, dtype=np.float64), scores, labels, len(index))
     return checked_predictions(packed, n_classes, class_aware)
 
 
+@numba.njit(cache=True)
+def _has_nan(boxes: np.ndarray, scores: np.ndarray) -> bool:
+    """Whether any coordinate or score is NaN (no temporary arrays: a fused OOF table has millions of rows)."""
+    nan = False
+    for r in range(scores.shape[0]):  # branch-free ``x != x`` (NaN alone is unequal to itself): the loops vectorise
+        nan |= scores[r] != scores[r]
+    for c in range(4):  # column by column: a fusion's boxes come column-major (see box_rows)
+        for r in range(boxes.shape[0]):
+            nan |= boxes[r, c] != boxes[r, c]
+    return nan
+
+
 def checked_predictions(packed: Packed, n_classes: int, class_aware: bool) -> Packed:
     """``packed``, or ``ValueError`` for NaN coordinates or scores, or labels outside ``0..n_classes-1``."""
-    if np.isnan(packed.boxes).any() or np.isnan(packed.scores).any():
+    if _has_nan(packed.boxes, packed.scores):
         raise ValueError("prediction table has NaN coordinates or scores")
     if class_aware and len(packed.labels) and (packed.labels.min() < 0 or packed.labels.max() >= n_classes):
         raise ValueError(f"prediction labels outside the class list (0..{n_classes - 1})")
     return packed
 
 
-__all__ = ["BOX_COLUMNS", "Packed", "by_class", "checked_predictions", "descending_order", "group_by_image", "image_positions",
+__all__ = ["BOX_COLUMNS", "Packed", "box_rows", "by_class", "checked_predictions", "descending_order", "group_by_image", "image_positions",
            "pack_boxes", "pack_ground_truth", "pack_indexed", "pack_positions", "pack_predictions",
            "resolve_image_ids", "scoring_at_least"]
