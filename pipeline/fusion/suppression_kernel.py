@@ -37,10 +37,10 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from pipeline.fusion.grid import (GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, cells_per_axis, grid_layout,
-                                  search_radius_factor, window_cells)
-from pipeline.fusion.primitives import (NJIT_NO_REFCOUNT, NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys,
-                                        iou, radix_argsort, radix_argsort_top)
+from pipeline.fusion.grid import (GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, cells_per_axis, search_radius_factor,
+                                  window_cells)
+from pipeline.fusion.primitives import (NJIT_NO_REFCOUNT, NJIT_OPTIONS, RADIX_HIST_SIZE, cell_index, float_sort_keys,
+                                        int_sort_keys, iou, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
 from pipeline.fusion.vector_exp import covers_gaussian_weights, exp_vectorisable
 
@@ -55,6 +55,8 @@ HARD = 3
 
 SOFT_LARGE = 3.0  # soft-NMS: members wider or taller than this many times the mean are checked on every step
 SOFT_CELL_FACTOR = 0.25  # soft-NMS grid cells per axis: about 1 / (this * the largest filed size)
+SOFT_COLUMNS = 4  # soft-NMS grid columns per row cell: a window row is one run of slots, so narrower columns trim
+#                   the run's ends at no cost per row (agreeing 40 x 100: ~3 % a step, benchmarks/README.md)
 SLOT_PAD = 8  # grid slots are tested in runs of whole 8s (AVX-512's doubles, twice AVX2's), past a run's end
 SOFT_REFILE_MIN = 64  # soft-NMS: refile the grid once fewer than half its slots are live, if it has more than this
 
@@ -735,23 +737,25 @@ def _file_soft_group(n: int, scratch: Scratch) -> tuple[int, float, float, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Soft-NMS's grid: members filed by centre cell (pipeline.fusion.grid's layout) with no room between cells, so the
-# cells of one row of a search window are one contiguous run of slots, scanned in a single loop. A member taken
-# out leaves its slot holding a box that overlaps nothing (x1 = y1 = inf, x2 = y2 = -inf); once fewer than half
-# the slots are live, the live members are filed again (:func:`_refile`), so scans stay proportional to them.
+# Soft-NMS's grid: members filed by centre cell (pipeline.fusion.grid's rows, SOFT_COLUMNS times as many columns)
+# with no room between cells, so the cells of one row of a search window are one contiguous run of slots, scanned
+# in a single loop. A member taken out leaves its slot holding a box that overlaps nothing (x1 = y1 = inf, x2 = y2 =
+# -inf); once fewer than half the slots are live, the live members are filed again (:func:`_refile`), so scans stay
+# proportional to them.
 #   cell_of[j]: member j's cell (-1: not in the grid); slot_of[j]: its slot; slot_box[s]: the member in slot s;
 #   soft_slots[:, s]: its x1, y1, x2, y2; cell_start[c] .. cell_start[c + 1]: the slots of cell c.
 # ----------------------------------------------------------------------------------------------------------------
 @numba.njit(**NJIT_NO_REFCOUNT)
 def _soft_grid_build(n_cells: int, ids: np.ndarray, k: int, scratch: Scratch) -> None:
-    """File members ``ids[:k]`` (any order) of the gathered group in ``n_cells`` x ``n_cells`` cells."""
+    """File members ``ids[:k]`` (any order) of the gathered group in ``n_cells`` rows of cells."""
     _file_slots(n_cells, scratch.boxes[BoxRow.GROUP], ids, k, scratch)
 
 
 @numba.njit(**NJIT_NO_REFCOUNT)
 def _file_slots(n_cells: int, gbox: np.ndarray, ids: np.ndarray, k: int, scratch: Scratch) -> None:
-    """File members ``ids[:k]`` (rows of ``gbox``, any order) in ``n_cells`` x ``n_cells`` cells, each cell in
-    ``ids`` order, with no room between cells: ``cell_of``, ``slot_of``, ``slot_box``, ``soft_slots``."""
+    """File members ``ids[:k]`` (rows of ``gbox``, any order) in ``n_cells`` rows x :func:`_soft_columns` columns
+    of cells, each cell in ``ids`` order, with no room between cells: ``cell_of``, ``slot_of``, ``slot_box``,
+    ``soft_slots``."""
     ints = scratch.ints
     cell_of = ints[IntRow.CELL_OF]
     slot_of = ints[IntRow.SLOT_OF]
@@ -759,7 +763,18 @@ def _file_slots(n_cells: int, gbox: np.ndarray, ids: np.ndarray, k: int, scratch
     cell_start = scratch.cell_start
     fill = scratch.cell_count
     slots = scratch.soft_slots
-    grid_layout(n_cells, gbox, ids, k, cell_of, cell_start, fill)
+    n_cols = _soft_columns(n_cells)
+    for c in range(n_cells * n_cols + 1):
+        cell_start[c] = 0
+    for r in range(k):
+        j = ids[r]
+        c = (cell_index((gbox[j, 1] + gbox[j, 3]) * 0.5, n_cells) * n_cols
+             + cell_index((gbox[j, 0] + gbox[j, 2]) * 0.5, n_cols))
+        cell_of[j] = c
+        cell_start[c + 1] += 1
+    for c in range(n_cells * n_cols):
+        cell_start[c + 1] += cell_start[c]
+        fill[c] = 0
     for r in range(k):
         j = ids[r]
         c = cell_of[j]
@@ -769,6 +784,12 @@ def _file_slots(n_cells: int, gbox: np.ndarray, ids: np.ndarray, k: int, scratch
         slot_box[s] = j
         for d in range(4):
             slots[d, s] = gbox[j, d]
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _soft_columns(n_cells: int) -> int:
+    """Columns of soft-NMS's grid of ``n_cells`` rows (the grid's cell table holds ``GRID_MAX ** 2`` cells)."""
+    return min(SOFT_COLUMNS * n_cells, GRID_MAX)
 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
@@ -831,11 +852,13 @@ def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_
         else:
             rx = 0.5 * ((qx2 - qx1) + fw)
             ry = 0.5 * ((qy2 - qy1) + fh)
-        gx0, gx1, gy0, gy1 = window_cells(qx1, qy1, qx2, qy2, rx, ry, n_cells)
+        n_cols = _soft_columns(n_cells)
+        gx0, gx1, _, _ = window_cells(qx1, qy1, qx2, qy2, rx, ry, n_cols)
+        _, _, gy0, gy1 = window_cells(qx1, qy1, qx2, qy2, rx, ry, n_cells)
         slot_iou = scratch.floats[FloatRow.SLOT_IOU]
         for gy in range(gy0, gy1 + 1):  # row by row: every slot's IoU (vectorised), then those above ``above``
-            lo = cell_start[gy * n_cells + gx0]
-            hi = cell_start[gy * n_cells + gx1 + 1]
+            lo = cell_start[gy * n_cols + gx0]
+            hi = cell_start[gy * n_cols + gx1 + 1]
             # whole multiples of SLOT_PAD (no scalar remainder); only the run's own IoUs are read below
             if _iou_run(lo, lo + (hi - lo + SLOT_PAD - 1) // SLOT_PAD * SLOT_PAD, qx1, qy1, qx2, qy2, sx1, sy1, sx2,
                         sy2, above, slot_iou) == 0:
