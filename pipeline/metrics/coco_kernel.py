@@ -113,14 +113,17 @@ def _candidates(d: int, g0: int, g1: int, lowest: float, gt_xywh: np.ndarray, gt
     k = det_labels[d]
     dx, dy = det_boxes[d, 0], det_boxes[d, 1]
     dw, dh = det_boxes[d, 2] - dx, det_boxes[d, 3] - dy
-    gx, gy, gw, gh = gt_xywh[0], gt_xywh[1], gt_xywh[2], gt_xywh[3]
+    # the image's own rows, indexed from 0: an index numba cannot prove non-negative gets a wraparound select per
+    # lane, and the loop then gathers instead of loading (measured: ~2x the matching)
+    gx, gy, gw, gh = gt_xywh[0, g0:g1], gt_xywh[1, g0:g1], gt_xywh[2, g0:g1], gt_xywh[3, g0:g1]
+    gl = gt_labels[g0:g1]
     n = 0
-    for g in range(g0, g1):  # maskApi.c's bbIou: 0 without overlap, else inter / (area_d + area_g - inter)
-        iw = min(dw + dx, gw[g] + gx[g]) - max(dx, gx[g])
-        ih = min(dh + dy, gh[g] + gy[g]) - max(dy, gy[g])
-        v = (iw * ih) / (dw * dh + gw[g] * gh[g] - iw * ih)
-        v = -1.0 if gt_labels[g] != k else (0.0 if (iw <= 0) | (ih <= 0) else v)
-        ious[g - g0] = v
+    for j in range(g1 - g0):  # maskApi.c's bbIou: 0 without overlap, else inter / (area_d + area_g - inter)
+        iw = min(dw + dx, gw[j] + gx[j]) - max(dx, gx[j])
+        ih = min(dh + dy, gh[j] + gy[j]) - max(dy, gy[j])
+        v = (iw * ih) / (dw * dh + gw[j] * gh[j] - iw * ih)
+        v = -1.0 if gl[j] != k else (0.0 if (iw <= 0) | (ih <= 0) else v)
+        ious[j] = v
         n += not v < lowest  # the threshold loops' own test: a NaN IoU stays a candidate there too
     if n == 0:
         return n

@@ -71,11 +71,15 @@ def _match_images(lo: int, hi: int, gt_boxes: np.ndarray, gt_labels: np.ndarray,
         most_gt = max(most_gt, gt_offsets[i + 1] - gt_offsets[i])
     taken = np.zeros(most_gt, np.bool_)
     ious = np.empty(most_gt)
+    gt_rows = np.empty((4, gt_boxes.shape[0]))  # x1, y1, x2, y2 as rows: the IoU loop loads them side by side
+    for g in range(gt_offsets[lo], gt_offsets[hi]):
+        for c in range(4):
+            gt_rows[c, g] = gt_boxes[g, c]
     for i in range(lo, hi):
         g0, g1 = gt_offsets[i], gt_offsets[i + 1]
         taken[:g1 - g0] = False
         for d in range(det_offsets[i], det_offsets[i + 1]):
-            if _ious(d, g0, g1, thr, gt_boxes, gt_labels, det_boxes, det_labels, ious) == 0:
+            if _ious(d, g0, g1, thr, gt_rows, gt_labels, det_boxes, det_labels, ious) == 0:
                 continue  # no IoU above thr: a false positive, whichever box is best
             best, best_iou = -1, -1.0  # another class: -1, never the best
             for j in range(g1 - g0):
@@ -87,23 +91,26 @@ def _match_images(lo: int, hi: int, gt_boxes: np.ndarray, gt_labels: np.ndarray,
 
 
 @numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _ious(d: int, g0: int, g1: int, thr: float, gt_boxes: np.ndarray, gt_labels: np.ndarray, det_boxes: np.ndarray,
+def _ious(d: int, g0: int, g1: int, thr: float, gt_rows: np.ndarray, gt_labels: np.ndarray, det_boxes: np.ndarray,
           det_labels: np.ndarray, ious: np.ndarray) -> int:
     """``ious[:g1 - g0]``: detection ``d``'s IoU with each ground-truth box of its image (-1 for another class),
-    in one loop without branches; returns how many are ``> thr``."""
+    in one loop without branches; returns how many are ``> thr``. ``gt_rows``: the ground truth's x1, y1, x2, y2
+    as rows, read from the image's own start (an index numba cannot prove non-negative gets a wraparound select per
+    lane, and the loop then gathers instead of loading)."""
     k = det_labels[d]
     x1, y1, x2, y2 = det_boxes[d, 0], det_boxes[d, 1], det_boxes[d, 2], det_boxes[d, 3]
     area_d = max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
     n = 0
-    for g in range(g0, g1):  # pipeline.metrics.gwd.box_iou, arithmetic for arithmetic
-        gx1, gy1, gx2, gy2 = gt_boxes[g, 0], gt_boxes[g, 1], gt_boxes[g, 2], gt_boxes[g, 3]
+    bx1, by1, bx2, by2, gl = gt_rows[0, g0:g1], gt_rows[1, g0:g1], gt_rows[2, g0:g1], gt_rows[3, g0:g1], gt_labels[g0:g1]
+    for j in range(g1 - g0):  # pipeline.metrics.gwd.box_iou, arithmetic for arithmetic
+        gx1, gy1, gx2, gy2 = bx1[j], by1[j], bx2[j], by2[j]
         iw = min(x2, gx2) - max(x1, gx1)
         ih = min(y2, gy2) - max(y1, gy1)
         inter = iw * ih
         union = area_d + max(gx2 - gx1, 0.0) * max(gy2 - gy1, 0.0) - inter
         v = inter / union if (iw > 0.0) & (ih > 0.0) & (union > 0.0) else 0.0
-        v = v if gt_labels[g] == k else -1.0
-        ious[g - g0] = v
+        v = v if gl[j] == k else -1.0
+        ious[j] = v
         n += v > thr
     return n
 
