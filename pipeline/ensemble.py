@@ -328,10 +328,8 @@ def score_rows(scorer: Scorer, fused: TunedRows | None, score_thr: float = 0.0) 
     scoring ``fuse_tuned``'s table, without building it."""
     if fused is None:
         return scorer(empty_predictions()).score
-    rows = fused.rows
-    keep = slice(None) if score_thr <= 0 else rows.values[4] >= score_thr
-    return scorer.score_rows(fused.packed.image_ids, rows.image[keep], rows.values[:4, keep].T, rows.values[4, keep],
-                             rows.label[keep]).score
+    rows = fused.rows if score_thr <= 0 else fused.rows.take(fused.rows.values[4] >= score_thr)
+    return scorer.score_rows(fused.packed.image_ids, rows.image, rows.values[:4].T, rows.values[4], rows.label).score
 
 
 def score_rows_by_threshold(scorer: Scorer, fused: TunedRows | None, thresholds: list[float]) -> list[float]:

@@ -378,6 +378,21 @@ def compact_rows(img_lo: int, img_hi: int, row_offs: np.ndarray, count: np.ndarr
 
 
 @numba.njit(**NJIT_OPTIONS)
+def take_rows(keep: np.ndarray, image: np.ndarray, values: np.ndarray, label: np.ndarray, out_image: np.ndarray,
+              out_values: np.ndarray, out_label: np.ndarray) -> None:
+    """Dense rows where ``keep`` is true, in order, into the ``out_`` arrays (sized to fit). The tuner keeps the
+    rows above a threshold: within an image a prefix of its rows, so the branch is well predicted."""
+    o = 0
+    for r in range(keep.shape[0]):
+        if keep[r]:
+            out_image[o] = image[r]
+            for c in range(values.shape[0]):
+                out_values[c, o] = values[c, r]
+            out_label[o] = label[r]
+            o += 1
+
+
+@numba.njit(**NJIT_OPTIONS)
 def compact_column(img_lo: int, img_hi: int, row_offs: np.ndarray, count: np.ndarray, dst_offs: np.ndarray,
                    src: np.ndarray, dst: np.ndarray) -> None:
     """One more per-row column of the kernels' output compacted as :func:`compact_rows` compacts the rows."""

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.cpus import item_ranges
-from pipeline.fusion.packing import PackedTable, compact_column, compact_rows
+from pipeline.fusion.packing import PackedTable, compact_column, compact_rows, take_rows
 from pipeline.fusion.rows import N_STATS, STAT_CLIPPED, STAT_NON_FINITE, STAT_SWAPPED, STAT_ZERO_AREA
 
 
@@ -131,9 +131,12 @@ class DenseRows(NamedTuple):
     selection: np.ndarray | None = None  # float64 (m,): KernelOutput.selection, when the rule has it
 
     def take(self, keep: np.ndarray) -> DenseRows:
-        """The rows where boolean ``keep`` is true, in order."""
-        return DenseRows(self.image[keep], self.values[:, keep], self.label[keep],
-                         None if self.selection is None else self.selection[keep])
+        """The rows where boolean ``keep`` is true, in order: one compiled pass (numpy's boolean indexing of the 2-D
+        ``values`` took 52 ms for 3.9 M rows, and the OOF tuner takes rows on most steps)."""
+        n = int(np.count_nonzero(keep))
+        image, values, label = np.empty(n, np.int64), np.empty((len(self.values), n)), np.empty(n, np.int64)
+        take_rows(keep, self.image, self.values, self.label, image, values, label)
+        return DenseRows(image, values, label, None if self.selection is None else self.selection[keep])
 
 
 def dense_rows(packed: PackedTable, out: KernelOutput, threads: int) -> DenseRows:
