@@ -274,7 +274,7 @@ def pack_indexed(index: pd.Index, image_ids: pd.Index, image: np.ndarray, boxes:
 def _has_nan(boxes: np.ndarray, scores: np.ndarray) -> bool:
     """Whether any coordinate or score is NaN (no temporary arrays: a fused OOF table has millions of rows)."""
     nan = False
-    for r in range(scores.shape[0]):  # branch-free ``x != x`` (NaN alone is unequal to itself): the loops vectorise
+    for r in range(scores.shape[0]):  # ``x != x``: NaN alone is unequal to itself; no branch per element
         nan |= scores[r] != scores[r]
     for c in range(4):  # column by column: a fusion's boxes come column-major (see box_rows)
         for r in range(boxes.shape[0]):
@@ -291,6 +291,6 @@ def checked_predictions(packed: Packed, n_classes: int, class_aware: bool) -> Pa
     return packed
 
 
-__all__ = ["BOX_COLUMNS", "Packed", "box_rows", "by_class", "checked_predictions", "descending_order", "group_by_image", "image_positions",
-           "pack_boxes", "pack_ground_truth", "pack_indexed", "pack_positions", "pack_predictions",
+__all__ = ["BOX_COLUMNS", "Packed", "box_rows", "by_class", "checked_predictions", "descending_order", "group_by_image",
+           "image_positions", "pack_boxes", "pack_ground_truth", "pack_indexed", "pack_positions", "pack_predictions",
            "resolve_image_ids", "scoring_at_least"]
