@@ -101,7 +101,8 @@ def _ious(d: int, g0: int, g1: int, thr: float, gt_rows: np.ndarray, gt_labels: 
     x1, y1, x2, y2 = det_boxes[d, 0], det_boxes[d, 1], det_boxes[d, 2], det_boxes[d, 3]
     area_d = max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
     n = 0
-    bx1, by1, bx2, by2, gl = gt_rows[0, g0:g1], gt_rows[1, g0:g1], gt_rows[2, g0:g1], gt_rows[3, g0:g1], gt_labels[g0:g1]
+    bx1, by1, bx2, by2 = gt_rows[0, g0:g1], gt_rows[1, g0:g1], gt_rows[2, g0:g1], gt_rows[3, g0:g1]
+    gl = gt_labels[g0:g1]
     for j in range(g1 - g0):  # pipeline.metrics.gwd.box_iou, arithmetic for arithmetic
         gx1, gy1, gx2, gy2 = bx1[j], by1[j], bx2[j], by2[j]
         iw = min(x2, gx2) - max(x1, gx1)
