@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nm") is None, reason="the helper reads symbols with binutils' nm")
 def test_the_map_names_the_compiled_functions_at_their_addresses(tmp_path):
     # a script that compiles one of the package's kernels afresh (an empty numba cache), run through the helper
     script = tmp_path / "run.py"
