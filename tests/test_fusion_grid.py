@@ -47,7 +47,7 @@ def test_grid_add_and_remove_keep_each_cell_a_contiguous_run():
     slot_xy = np.empty((m, 4))
     cell_start, cell_count = np.empty(GRID_MAX ** 2 + 1, np.int64), np.empty(GRID_MAX ** 2, np.int64)
     ids = np.arange(m, dtype=np.int64)
-    grid_layout(n_cells, boxes, ids, m, cell_of, cell_start, cell_count)
+    grid_layout(n_cells, n_cells, boxes, ids, m, cell_of, cell_start, cell_count)
     filed = set(rng.choice(m, 200, replace=False).tolist())
     for j in filed:
         grid_add(j, boxes, cell_of, slot_of, slot_box, slot_xy, cell_start, cell_count)

@@ -113,16 +113,18 @@ def first_cell(bits: np.int64, w: int) -> int:
 #   slot_xy[s]: its x1, y1, x2, y2; cell_start[c] .. + cell_count[c]: the slots of cell c.
 # ----------------------------------------------------------------------------------------------------------------
 @numba.njit(**NJIT_NO_REFCOUNT)
-def grid_layout(n_cells: int, boxes: np.ndarray, ids: np.ndarray, k: int, cell_of: np.ndarray,
+def grid_layout(n_rows: int, n_cols: int, boxes: np.ndarray, ids: np.ndarray, k: int, cell_of: np.ndarray,
                 cell_start: np.ndarray, cell_count: np.ndarray) -> None:
-    """Cells and capacities for boxes ``ids[:k]`` (rows of ``boxes``): sets their ``cell_of``, ``cell_start``
-    (room for all of them) and empties every cell."""
-    n = n_cells * n_cells
+    """Cells (``n_rows`` x ``n_cols``, row-major; :func:`centre_cell`'s when square) and capacities for boxes
+    ``ids[:k]`` (rows of ``boxes``): sets their ``cell_of``, ``cell_start`` (room for all of them) and empties every
+    cell."""
+    n = n_rows * n_cols
     for c in range(n + 1):
         cell_start[c] = 0
     for r in range(k):
         j = ids[r]
-        c = centre_cell(boxes[j, 0], boxes[j, 1], boxes[j, 2], boxes[j, 3], n_cells)
+        c = (cell_index((boxes[j, 1] + boxes[j, 3]) * 0.5, n_rows) * n_cols
+             + cell_index((boxes[j, 0] + boxes[j, 2]) * 0.5, n_cols))
         cell_of[j] = c
         cell_start[c + 1] += 1
     for c in range(n):

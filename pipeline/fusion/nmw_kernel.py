@@ -31,7 +31,7 @@ from pipeline.fusion.primitives import (NJIT_OPTIONS, RADIX_HIST_SIZE, float_sor
 from pipeline.fusion.rows import read_image
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
-COMPILED_AGAINST = {"grid.py": "220b8399dda95a81", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a"}
+COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a"}
 
 
 @unique
@@ -223,7 +223,7 @@ def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_fa
             sw += (kept[i, 2] - kept[i, 0]) + (kept[i, 3] - kept[i, 1])
         n_cells = cells_per_axis(radius_factor * sw / (2.0 * (ge - gs)), ge - gs)
         # room for every box of the group, since any may become a representative
-        grid_layout(n_cells, kept, by_group[gs:ge], ge - gs, cell_of, cell_start, cell_count)
+        grid_layout(n_cells, n_cells, kept, by_group[gs:ge], ge - gs, cell_of, cell_start, cell_count)
         for k in range(n_cells * ROW_WORDS):
             grid_rows[k] = 0
     thr_low = iou_thr * (1.0 - 1e-9)  # a candidate certainly not above iou_thr is passed over (may_exceed)

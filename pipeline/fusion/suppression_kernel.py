@@ -37,15 +37,15 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from pipeline.fusion.grid import (GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, cells_per_axis, search_radius_factor,
-                                  window_cells)
-from pipeline.fusion.primitives import (NJIT_NO_REFCOUNT, NJIT_OPTIONS, RADIX_HIST_SIZE, cell_index, float_sort_keys,
-                                        int_sort_keys, iou, radix_argsort, radix_argsort_top)
+from pipeline.fusion.grid import (GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, cells_per_axis, grid_layout,
+                                  search_radius_factor, window_cells)
+from pipeline.fusion.primitives import (NJIT_NO_REFCOUNT, NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys,
+                                        iou, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
 from pipeline.fusion.vector_exp import covers_gaussian_weights, exp_vectorisable
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
-COMPILED_AGAINST = {"grid.py": "220b8399dda95a81", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a",
+COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a",
                     "vector_exp.py": "824cc4dac6b35a2c"}
 
 # The library's ``method`` codes.
@@ -763,18 +763,7 @@ def _file_slots(n_cells: int, gbox: np.ndarray, ids: np.ndarray, k: int, scratch
     cell_start = scratch.cell_start
     fill = scratch.cell_count
     slots = scratch.soft_slots
-    n_cols = _soft_columns(n_cells)
-    for c in range(n_cells * n_cols + 1):
-        cell_start[c] = 0
-    for r in range(k):
-        j = ids[r]
-        c = (cell_index((gbox[j, 1] + gbox[j, 3]) * 0.5, n_cells) * n_cols
-             + cell_index((gbox[j, 0] + gbox[j, 2]) * 0.5, n_cols))
-        cell_of[j] = c
-        cell_start[c + 1] += 1
-    for c in range(n_cells * n_cols):
-        cell_start[c + 1] += cell_start[c]
-        fill[c] = 0
+    grid_layout(n_cells, _soft_columns(n_cells), gbox, ids, k, cell_of, cell_start, fill)
     for r in range(k):
         j = ids[r]
         c = cell_of[j]

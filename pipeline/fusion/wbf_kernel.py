@@ -35,7 +35,7 @@ from pipeline.fusion.wbf_scratch import GRID_MAX, BoxRow, FloatRow, IntRow, Scra
 # digests of the files compiled in here are recorded below, so changing one of them means changing this file, which
 # drops the stale cache; tests/test_fusion.py fails (and prints the new record) until they are current.
 COMPILED_AGAINST = {
-    "grid.py": "220b8399dda95a81",
+    "grid.py": "4c31c531fd090b1c",
     "primitives.py": "5a867f87f2eb7faf",
     "rows.py": "7abf6a39d4426c6a",
     "wbf_scratch.py": "3b066932c5e269ea",

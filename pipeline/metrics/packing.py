@@ -181,7 +181,7 @@ def pack_positions(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, lab
         image, boxes, scores, labels = image[keep], boxes[keep], scores[keep], labels[keep]
     order, offsets = group_by_image(image, scores, n_images)
     if _is_identity(order):
-        return Packed(np.ascontiguousarray(boxes), scores, labels, image, offsets)
+        return Packed(box_rows(boxes), scores, labels, image, offsets)
     out = Packed(np.empty((len(order), 4)), np.empty(len(order)), np.empty(len(order), np.int64),
                  np.empty(len(order), np.int64), offsets)
     _on_threads(lambda lo, hi: _gather_rows(order, boxes, scores, labels, image, offsets[lo], offsets[hi], out.boxes,
