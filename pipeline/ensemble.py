@@ -194,11 +194,11 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
 
     def fuse_once(p: FusionParams) -> TunedRows | None:
         return fuse_tuned_rows(oof, sizes, replace(p, score_thr=0.0).record(), sets, ("model", "tta"),
-                               backend=backend, packings=packings)
+                               backend=backend, packings=packings, by_score=True)
 
     # the compiled backend gives each row's score at selection, from which a rule search derives its options'
     # higher selection thresholds (soft-NMS's thresh) without fusing again
-    shared = SharedSelection(fuse_once, sets) if backend == "numba" else None
+    shared = SharedSelection(fuse_once, sets, held) if backend == "numba" else None
     fused_rows = fuse_once if shared is None else shared
 
     def evaluate(p: FusionParams) -> float:
@@ -255,8 +255,10 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
         # positive (GWD) the best member alone and all members together peak at different thresholds; compared
         # at one, the search kept one member of four (OOF 0.923 where all four score 0.992: tuning_speed.py
         # --views 1) and no later step could add the others back at that threshold
-        starts = [at_best_threshold(replace(best, weights=w))
-                  for w in [best.weights] + [{n: float(n == m) for n in names} for m in names]]
+        equal = at_best_threshold(best)
+        held.pin(point_key(equal))  # the rule search from all members (below) starts from these rows
+        starts = [equal] + [at_best_threshold(replace(best, weights={n: float(n == m) for n in names}))
+                            for m in names]
         best = starts[metric.best_index([evaluate(p) for p in starts])]
         if best != starts[0]:
             # a member alone beat all of them at the rule's defaults, which may be what keeps them apart (soft-NMS's
@@ -267,6 +269,7 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
             search("rule", rule_options())
             if not metric.better(evaluate(best), evaluate(alone)):
                 best = alone
+        held.unpin()
     search("score_thr", thresholds)
     search("rule", rule_options())
     if weights_free:
@@ -286,17 +289,21 @@ class SharedSelection:
     (:attr:`~pipeline.fusion.rules.FusionRule.selection_thresholds`, soft-NMS's ``thresh``) among the options that
     differ from it only there, the others' rows derived from that fusion (:func:`~pipeline.fusion.tuned.derive_rows`:
     the same rows as fusing them) -- soft-NMS's grids fuse once per ``sigma`` and per ``iou_thr``, not once per
-    point. Holds one base fusion at a time (a grid's options sharing one come one after another); with no plan,
-    or for an option that shares nothing, it fuses as it is asked."""
+    point. Holds one base fusion at a time (a grid's options sharing one come one after another), and for the
+    search's length the bases whose rows the tuner held when it was planned (``best``; the current point is
+    usually one, and a better option found first would make the tuner let it go): they are not fused again. With
+    no plan, or for an option that shares nothing, it fuses as it is asked."""
 
-    def __init__(self, fuse: Callable[[FusionParams], TunedRows | None], sets: list) -> None:
-        self.fuse, self.sets = fuse, sets
+    def __init__(self, fuse: Callable[[FusionParams], TunedRows | None], sets: list,
+                 best: HeldRows | None = None) -> None:
+        self.fuse, self.sets, self.best = fuse, sets, best
         self.base_of: dict[tuple, FusionParams] = {}
         self.held: tuple[tuple, TunedRows | None] | None = None
+        self.ready: dict[tuple, TunedRows | None] = {}  # bases the tuner held when the search was planned
 
     def plan(self, options: list[FusionParams]) -> None:
-        """The options of the next search (empty: none; the base fusion held is let go)."""
-        self.base_of, self.held = {}, None
+        """The options of the next search (empty: none; the base fusions held are let go)."""
+        self.base_of, self.held, self.ready = {}, None, {}
         lowest: dict[tuple, dict[str, float]] = {}
         group_of: dict[tuple, tuple] = {}
         for p in options:
@@ -310,14 +317,21 @@ class SharedSelection:
         for p in options:
             self.base_of[point_key(p)] = replace(p, rule={**get_rule(p.method).resolve(p.rule),
                                                           **lowest[group_of[point_key(p)]]}, score_thr=0.0)
+        if self.best is not None:
+            self.ready = {k: self.best.rows(k) for k in {point_key(b) for b in self.base_of.values()}
+                          if self.best.holds(k)}
 
     def __call__(self, p: FusionParams) -> TunedRows | None:
         base = self.base_of.get(point_key(p))
         if base is None or not get_rule(p.method).selection_thresholds:
             return self.fuse(p)
-        if self.held is None or self.held[0] != point_key(base):
-            self.held = (point_key(base), self.fuse(base))
-        rows = self.held[1]
+        key = point_key(base)
+        if key in self.ready:
+            rows = self.ready[key]
+        else:
+            if self.held is None or self.held[0] != key:
+                self.held = (key, self.fuse(base))
+            rows = self.held[1]
         if rows is None:
             return None
         return derive_rows(rows, base.record(), replace(p, score_thr=0.0).record(), self.sets)
@@ -344,12 +358,22 @@ def score_rows_by_threshold(scorer: Scorer, fused: TunedRows | None, thresholds:
 class HeldRows:
     """The fused rows of the best-scoring fusions seen so far (all of them, on a tie), for the score-threshold
     search, which starts from the best point found: holding every fusion would take gigabytes on a large OOF table
-    (a point not held, such as a rule grid's winner scoring below an earlier point, is fused again)."""
+    (a point not held, such as a rule grid's winner scoring below an earlier point, is fused again). A pinned
+    point's rows are held until :meth:`unpin`, whatever scores better."""
 
     def __init__(self, metric: Metric) -> None:
         self.metric: Metric = metric
         self.score: float | None = None
         self.held: dict[tuple, TunedRows | None] = {}
+        self.pinned: dict[tuple, TunedRows | None] = {}
+
+    def pin(self, key: tuple) -> None:
+        """Hold ``key``'s rows (when held now) until :meth:`unpin`."""
+        if key in self.held:
+            self.pinned[key] = self.held[key]
+
+    def unpin(self) -> None:
+        self.pinned = {}
 
     def offer(self, key: tuple, score: float, fused: TunedRows | None) -> None:
         if self.score is None or self.metric.better(score, self.score):
@@ -358,10 +382,10 @@ class HeldRows:
             self.held[key] = fused
 
     def holds(self, key: tuple) -> bool:
-        return key in self.held
+        return key in self.held or key in self.pinned
 
     def rows(self, key: tuple) -> TunedRows | None:
-        return self.held[key]
+        return self.held[key] if key in self.held else self.pinned[key]
 
 
 def tune_rules(members: list[Member], sizes: pd.DataFrame, scorer: Scorer,

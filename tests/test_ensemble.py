@@ -143,18 +143,19 @@ def test_soft_nms_thresholds_are_derived_not_fused_and_tune_the_same(monkeypatch
     cfg = load_config("configs/demo/ensemble.yaml", ["ensemble.method=soft_nms", "ensemble.tune.weight_steps=1"])
     members = good_and_bad(cfg, good, bad)
     scorer = Scorer("coco_map", table)
-    calls = []
+    calls = []  # the parameters of each fusion run
     fuse_rows = ensemble.fuse_tuned_rows
-    monkeypatch.setattr(ensemble, "fuse_tuned_rows", lambda *a, **k: calls.append(1) or fuse_rows(*a, **k))
+    monkeypatch.setattr(ensemble, "fuse_tuned_rows",
+                        lambda *a, **k: calls.append(repr(sorted(a[2].items()))) or fuse_rows(*a, **k))
     shared = tune(members, table.images, scorer, cfg, "soft_nms")
     n_shared = len(calls)
+    assert len(set(calls)) == n_shared  # no point fused twice (the start point's rows were held for its search)
     monkeypatch.setattr(ensemble.SharedSelection, "plan", lambda self, options: None)  # every point fused
     calls.clear()
     assert tune(members, table.images, scorer, cfg, "soft_nms") == shared
     assert len(calls) == shared[2]
-    # the first rule search: 10 pairs of thresh (0.001, 0.01); the pair of the start point (sigma 0.5), whose
-    # 0.001 was scored by the weight search before, fuses its base again: 9 fusions spared
-    assert len(ensemble.rule_grid("soft_nms", cfg)) == 20 and n_shared <= shared[2] - 9
+    # the first rule search: 10 pairs of thresh (0.001, 0.01), each pair fused once
+    assert len(ensemble.rule_grid("soft_nms", cfg)) == 20 and n_shared <= shared[2] - 10
     fused = fuse(pd.concat([good, bad]), table.images, shared[0], oof_sets(members), ("model", "tta"), "numba", "e")
     assert scorer(fused).score == shared[1]
 

@@ -156,3 +156,28 @@ def test_only_a_higher_selection_threshold_is_derived():
         with pytest.raises(ValueError, match="cannot be derived"):
             derive_rows(fused, base, params, SETS)
     assert derive_rows(fused, base, base, SETS).rows is fused.rows  # nothing raised: the rows as they are
+
+
+@pytest.mark.parametrize("backend", ["numba", "ensemble_boxes"])
+@pytest.mark.parametrize("method", ["nms", "soft_nms", "wbf"])
+def test_rows_by_score_are_each_images_rows_in_the_order_a_scorer_packs_them(method, backend):
+    # the OOF tuner asks for each image's rows by descending score, equal scores in the rule's order (the order a
+    # scorer packs rows in), so that its scorings take them as they come: the same rows, selection scores included
+    from pipeline.fusion.tuned import fuse_tuned_rows
+    from pipeline.metrics.packing import _offsets_if_packed
+
+    table = make_table(seed=4)
+    tied = table.assign(score=table.score.round(1))  # equal scores: they keep the rule's order
+    params = {"method": method, "weights": {"m0": 1.0, "m1": 2.0, "m2": 1.0}}
+    for preds in (table, tied):
+        plain = fuse_tuned_rows(preds, SIZES, params, SETS, GROUP, backend=backend).rows
+        rows = fuse_tuned_rows(preds, SIZES, params, SETS, GROUP, backend=backend, by_score=True).rows
+        order = np.lexsort((-plain.values[4], plain.image))
+        if method != "wbf":  # (WBF's own order is by score already)
+            assert (order != np.arange(len(order))).any()
+        np.testing.assert_array_equal(rows.image, plain.image[order])
+        np.testing.assert_array_equal(rows.values, plain.values[:, order])
+        np.testing.assert_array_equal(rows.label, plain.label[order])
+        if plain.selection is not None:
+            np.testing.assert_array_equal(rows.selection, plain.selection[order])
+        assert len(_offsets_if_packed(rows.image, rows.values[4], 3)) == 4

@@ -15,7 +15,8 @@ row, the same work as before).
 
 :func:`pack_lists` packs one image given in the reference library's list format (the drop-ins' path); kernels
 then see width = height = 1 (``x / 1.0 == x`` exactly). :func:`compact_rows` maps the kernels' per-image output
-slots back to dense pixel columns.
+slots back to dense pixel columns (:func:`compact_rows_by_score`: each image's rows by descending score, as a
+scorer packs them).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import numba
 import numpy as np
 import pandas as pd
 
-from pipeline.fusion.primitives import NJIT_OPTIONS
+from pipeline.fusion.primitives import NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, radix_argsort_top
 
 # Digests of the package files compiled into this module's cached functions (numba's cache cannot see changes to
 # them); see pipeline.fusion.wbf_kernel.COMPILED_AGAINST.
@@ -374,6 +375,51 @@ def compact_rows(img_lo: int, img_hi: int, row_offs: np.ndarray, count: np.ndarr
             values[3, o] = out_box[r, 3] * h
             values[4, o] = out_score[r]
             label[o] = out_label[r]
+            o += 1
+
+
+@numba.njit(**NJIT_OPTIONS)
+def compact_rows_by_score(img_lo: int, img_hi: int, row_offs: np.ndarray, count: np.ndarray, dst_offs: np.ndarray,
+                          out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, out_selection: np.ndarray,
+                          width: np.ndarray, height: np.ndarray, image: np.ndarray, values: np.ndarray,
+                          label: np.ndarray, selection: np.ndarray) -> None:
+    """:func:`compact_rows` (and :func:`compact_column` of ``out_selection`` into ``selection``, unless that is
+    empty) with each image's rows by descending score, stable (equal scores keep the rule's order): the order a
+    scorer packs rows in (:func:`pipeline.metrics.packing.group_by_image`), so that it takes them as they come.
+    For rules whose output is not sorted by score (soft-NMS: selection order; NMS: label by label); the OOF tuner
+    scores every fusion, and sorting here, where the rows are copied anyway, saves the scorer's own sort and copy."""
+    most = 1
+    for k in range(img_lo, img_hi):
+        most = max(most, count[k])
+    negated, keys, idx = np.empty(most), np.empty(most, np.int64), np.empty(most, np.int64)
+    ka, kb, ib = np.empty(most, np.int64), np.empty(most, np.int64), np.empty(most, np.int64)
+    hist = np.empty(RADIX_HIST_SIZE, np.int64)
+    with_selection = selection.shape[0] > 0
+    for k in range(img_lo, img_hi):
+        w = width[k]
+        h = height[k]
+        r0 = row_offs[k]
+        n = count[k]
+        descending = True  # (NMS of one label: its rows come by score, and are copied as they are)
+        for r in range(r0 + 1, r0 + n):
+            descending = descending and out_score[r] <= out_score[r - 1]
+        if not descending:
+            for t in range(n):
+                negated[t] = -out_score[r0 + t]
+            float_sort_keys(negated, n, keys)
+            radix_argsort_top(keys, n, idx, ka, kb, ib, hist)  # ascending -score, stable
+        o = dst_offs[k]
+        for t in range(n):
+            r = r0 + t if descending else r0 + idx[t]
+            image[o] = k
+            values[0, o] = out_box[r, 0] * w
+            values[1, o] = out_box[r, 1] * h
+            values[2, o] = out_box[r, 2] * w
+            values[3, o] = out_box[r, 3] * h
+            values[4, o] = out_score[r]
+            label[o] = out_label[r]
+            if with_selection:
+                selection[o] = out_selection[r]
             o += 1
 
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.cpus import item_ranges
-from pipeline.fusion.packing import PackedTable, compact_column, compact_rows, take_rows
+from pipeline.fusion.packing import PackedTable, compact_column, compact_rows, compact_rows_by_score, take_rows
 from pipeline.fusion.rows import N_STATS, STAT_CLIPPED, STAT_NON_FINITE, STAT_SWAPPED, STAT_ZERO_AREA
 
 
@@ -139,9 +139,10 @@ class DenseRows(NamedTuple):
         return DenseRows(image, values, label, None if self.selection is None else self.selection[keep])
 
 
-def dense_rows(packed: PackedTable, out: KernelOutput, threads: int) -> DenseRows:
+def dense_rows(packed: PackedTable, out: KernelOutput, threads: int, by_score: bool = False) -> DenseRows:
     """``out`` compacted to dense pixel columns (:func:`~pipeline.fusion.packing.compact_rows`), image ranges
-    on ``threads`` threads."""
+    on ``threads`` threads; ``by_score``: each image's rows by descending score, stable
+    (:func:`~pipeline.fusion.packing.compact_rows_by_score`)."""
     dst = np.zeros(len(out.count) + 1, np.int64)
     np.cumsum(out.count, out=dst[1:])
     m = int(dst[-1])
@@ -149,6 +150,12 @@ def dense_rows(packed: PackedTable, out: KernelOutput, threads: int) -> DenseRow
                      None if out.selection is None else np.empty(m))
 
     def work(lo: int, hi: int) -> None:
+        if by_score:
+            no_column = np.empty(0)
+            compact_rows_by_score(lo, hi, packed.row_offs, out.count, dst, out.boxes, out.score, out.label,
+                                  no_column if out.selection is None else out.selection, packed.width,
+                                  packed.height, *rows[:3], no_column if rows.selection is None else rows.selection)
+            return
         compact_rows(lo, hi, packed.row_offs, out.count, dst, out.boxes, out.score, out.label, packed.width,
                      packed.height, *rows[:3])
         if out.selection is not None:

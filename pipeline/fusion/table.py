@@ -81,25 +81,32 @@ def fuse_predictions(preds: pd.DataFrame, image_sizes: Mapping[str, tuple[int, i
 
 
 def fuse_packed(packed: PackedTable, method: str, weighted: bool, backend: str = "numba", threads: int | None = None,
-                reuse_slots: bool = False, **params: Any) -> DenseRows:
+                reuse_slots: bool = False, by_score: bool = False, **params: Any) -> DenseRows:
     """The fused rows of a packed table (:func:`~pipeline.fusion.packing.pack_table`), in pixels: what
     :func:`fuse_predictions` returns before it becomes a table. ``weighted``: weights were given (NMS and soft-NMS
     then divide scores by their sum, as the library does). The OOF tuner calls this directly, to score the rows
     without a table and to reuse one packing for many weights (:func:`~pipeline.fusion.packing.with_weights`), and
     with ``reuse_slots``: the kernel writes into this thread's cached output slots, one row per input row, which
-    the dense rows are copied from (:func:`~pipeline.fusion.runner.release_thread_output` lets them go)."""
+    the dense rows are copied from (:func:`~pipeline.fusion.runner.release_thread_output` lets them go).
+    ``by_score``: each image's rows by descending score, stable (the rule's own order when it sorts by score; the
+    order a scorer packs rows in, so the tuner's scorings take them as they come)."""
     rule, resolved = _resolved_rule(method, backend, params)
     if backend == "numba":
         n_threads = available_cpus() if threads is None else int(threads)
-        return dense_rows(packed, rule.fuse(packed, resolved, weighted, n_threads, reuse_slots), n_threads)
+        return dense_rows(packed, rule.fuse(packed, resolved, weighted, n_threads, reuse_slots), n_threads,
+                          by_score and not rule.sorted_by_score)
     from pipeline.fusion.oracle import fuse_with_ensemble_boxes  # the library is imported only when asked for
 
     fused = fuse_with_ensemble_boxes(packed, method, resolved, weighted)
     ww = packed.width[fused.image]
     hh = packed.height[fused.image]
-    return DenseRows(fused.image, np.stack([fused.boxes[:, 0] * ww, fused.boxes[:, 1] * hh,
+    rows = DenseRows(fused.image, np.stack([fused.boxes[:, 0] * ww, fused.boxes[:, 1] * hh,
                                             fused.boxes[:, 2] * ww, fused.boxes[:, 3] * hh, fused.score]),
                      fused.label)
+    if by_score and not rule.sorted_by_score:
+        order = np.lexsort((-rows.values[4], rows.image))  # stable: equal scores keep the library's order
+        rows = DenseRows(rows.image[order], rows.values[:, order], rows.label[order])
+    return rows
 
 
 def _resolved_rule(method: str, backend: str, params: dict[str, Any]) -> tuple[FusionRule, dict[str, Any]]:

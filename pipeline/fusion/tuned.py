@@ -61,12 +61,13 @@ class TunedRows(NamedTuple):
 
 def fuse_tuned_rows(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | pd.DataFrame,
                     params: Mapping[str, Any], sets: Sequence[tuple], group_col: str | Sequence[str], *,
-                    backend: str = "numba", packings: dict[frozenset, PackedTable | None] | None = None
-                    ) -> TunedRows | None:
+                    backend: str = "numba", packings: dict[frozenset, PackedTable | None] | None = None,
+                    by_score: bool = False) -> TunedRows | None:
     """:func:`fuse_tuned` as rows (None: nothing to fuse). ``packings``: a cache of ``preds`` packed, one entry per
     set of left-out members, for a caller fusing the same table many times (the OOF tuner): the rows and segments
     are packed once per subset of members and only the set weights change; the kernel's output slots are then
-    this thread's cached ones (:func:`~pipeline.fusion.table.fuse_packed`'s ``reuse_slots``)."""
+    this thread's cached ones (:func:`~pipeline.fusion.table.fuse_packed`'s ``reuse_slots``). ``by_score``: each
+    image's rows by descending score (:func:`~pipeline.fusion.table.fuse_packed`), for a caller that scores them."""
     method, rule = rule_params(params)
     get_rule(method).check(rule)  # bad values fail before any work, also on an empty table
     weights = dict(params.get("weights") or {}) or None
@@ -84,7 +85,8 @@ def fuse_tuned_rows(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | 
         packed = None if packed is None else with_weights(packed, weights, multi)
     if packed is None:
         return None
-    rows = fuse_packed(packed, method, weights is not None, backend, reuse_slots=packings is not None, **rule)
+    rows = fuse_packed(packed, method, weights is not None, backend, reuse_slots=packings is not None,
+                       by_score=by_score, **rule)
     if scale != 1.0 and len(rows.image):
         rows.values[4] *= scale
     return TunedRows(packed, _above_score_thr(rows, params))

@@ -88,12 +88,26 @@ def _count_by_image(image: np.ndarray, n_images: int) -> tuple[np.ndarray, np.nd
 
 @numba.njit(cache=True, nogil=True)
 def _sort_images(order: np.ndarray, scores: np.ndarray, offsets: np.ndarray, lo: int, hi: int) -> None:
-    """Images ``lo..hi-1`` of ``order``: descending score inside each, stable."""
+    """Images ``lo..hi-1`` of ``order``: descending score inside each, stable -- each image's keys radix-sorted
+    (~4x a merge sort on soft-NMS's ~1,000 rows an image, which come in selection order, not by score)."""
+    most = 1
+    for i in range(lo, hi):
+        most = max(most, offsets[i + 1] - offsets[i])
+    negated, keys, idx = np.empty(most), np.empty(most, np.int64), np.empty(most, np.int64)
+    ka, kb, ib = np.empty(most, np.int64), np.empty(most, np.int64), np.empty(most, np.int64)
+    hist = np.empty(RADIX_HIST_SIZE, np.int64)
     for i in range(lo, hi):
         a, b = offsets[i], offsets[i + 1]
         if b - a > 1 and not _descending(order, scores, a, b):  # fused rows come sorted: no sort needed
-            seg = order[a:b].copy()
-            order[a:b] = seg[np.argsort(-scores[seg], kind="mergesort")]
+            n = b - a
+            for r in range(n):
+                negated[r] = -scores[order[a + r]]
+            float_sort_keys(negated, n, keys)
+            radix_argsort_top(keys, n, idx, ka, kb, ib, hist)  # ascending -score, stable: equal scores keep order
+            for r in range(n):
+                ka[r] = order[a + idx[r]]
+            for r in range(n):
+                order[a + r] = ka[r]
 
 
 @numba.njit(cache=True, nogil=True)
