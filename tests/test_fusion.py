@@ -538,30 +538,39 @@ def test_pack_table_segments_are_runs_of_rows_and_share_the_columns():
     assert not packed.score.flags.writeable
 
 
-def package_sources_compiled_into(path: Path) -> set[str]:
-    """The ``pipeline.fusion`` files a module imports, directly or through each other."""
+COMPILED_PACKAGES = ("fusion", "metrics")  # the packages whose modules hold cached compiled functions
+
+
+def package_sources_compiled_into(path: Path) -> set[tuple[str, str]]:
+    """The ``pipeline.fusion`` and ``pipeline.metrics`` files a module imports, directly or through each other, as
+    ``(package, file name)``."""
+    root = path.parent.parent
     found, todo = set(), [path]
     while todo:
         for node in ast.walk(ast.parse(todo.pop().read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline.fusion."):
-                name = node.module.rsplit(".", 1)[1] + ".py"
-                if name not in found:
-                    found.add(name)
-                    todo.append(path.parent / name)
+            parts = (node.module or "").split(".") if isinstance(node, ast.ImportFrom) else []
+            if len(parts) == 3 and parts[0] == "pipeline" and parts[1] in COMPILED_PACKAGES:
+                source = (parts[1], parts[2] + ".py")
+                if source not in found:
+                    found.add(source)
+                    todo.append(root / parts[1] / source[1])
     return found
 
 
 def test_compiled_modules_record_the_sources_compiled_into_them():
     """numba's disk cache only sees the file that defines a function; each module with cached compiled functions
-    records the digests of the package files compiled into them, so a change there changes the module too."""
-    package = Path(pipeline.fusion.__file__).parent
-    for path in sorted(package.glob("*.py")):
-        text = path.read_text(encoding="utf-8")
-        dependencies = package_sources_compiled_into(path)
-        if "numba.njit" not in text or not dependencies:
-            continue
-        module = importlib.import_module(f"pipeline.fusion.{path.stem}")
-        current = {name: hashlib.sha256((package / name).read_bytes()).hexdigest()[:16]
-                   for name in sorted(dependencies)}
-        assert getattr(module, "COMPILED_AGAINST", None) == current, (
-            f"numba would serve stale cached code: set COMPILED_AGAINST = {current!r} in {path.name}")
+    records the digests of the package files compiled into them (a file of another package as ``package/file``), so
+    a change there changes the module too."""
+    root = Path(pipeline.fusion.__file__).parent.parent
+    for package in COMPILED_PACKAGES:
+        for path in sorted((root / package).glob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            dependencies = package_sources_compiled_into(path)
+            if "numba.njit" not in text or not dependencies:
+                continue
+            module = importlib.import_module(f"pipeline.{package}.{path.stem}")
+            current = {(name if other == package else f"{other}/{name}"):
+                       hashlib.sha256((root / other / name).read_bytes()).hexdigest()[:16]
+                       for other, name in sorted(dependencies)}
+            assert getattr(module, "COMPILED_AGAINST", None) == current, (
+                f"numba would serve stale cached code: set COMPILED_AGAINST = {current!r} in {package}/{path.name}")

@@ -31,6 +31,10 @@ import numpy as np
 from pipeline.cpus import alongside, available_cpus, on_ranges
 from pipeline.metrics.packing import by_class, descending_order
 
+# Digests of the package files compiled into this module's cached functions (numba's cache cannot see changes to
+# them); see pipeline.fusion.wbf_kernel.COMPILED_AGAINST.
+COMPILED_AGAINST = {"fusion/primitives.py": "5a867f87f2eb7faf", "packing.py": "df836e67dad1bbc1"}
+
 EPS = float(np.spacing(1))  # accumulate()'s np.spacing(1)
 AREA_MAX = 1e5 ** 2  # the "all" area range is [0, 1e5 ** 2]
 PARALLEL_MIN_DETECTIONS = 50_000  # detections per thread at least (fewer: one thread matches them all)

@@ -39,6 +39,14 @@ from pipeline.cpus import available_cpus, on_ranges
 from pipeline.metrics.packing import Packed, box_rows
 from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, register_metric
 
+# Digests of the package files compiled into this module's cached functions (numba's cache cannot see changes to
+# them); see pipeline.fusion.wbf_kernel.COMPILED_AGAINST.
+COMPILED_AGAINST = {
+    "fusion/primitives.py": "5a867f87f2eb7faf",
+    "packing.py": "df836e67dad1bbc1",
+    "registry.py": "0a4e33550c5657b9",
+}
+
 IOU_THRESHOLDS = np.array([0.50, 0.55, 0.60, 0.65, 0.70, 0.75], dtype=np.float64)
 
 

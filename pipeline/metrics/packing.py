@@ -25,6 +25,10 @@ import pandas as pd
 from pipeline.cpus import available_cpus, on_ranges
 from pipeline.fusion.primitives import RADIX_HIST_SIZE, float_sort_keys, radix_argsort_top
 
+# Digests of the package files compiled into this module's cached functions (numba's cache cannot see changes to
+# them); see pipeline.fusion.wbf_kernel.COMPILED_AGAINST.
+COMPILED_AGAINST = {"fusion/primitives.py": "5a867f87f2eb7faf"}
+
 if TYPE_CHECKING:  # type only: importing pipeline.data at runtime would pull in pipeline.config (an import cycle)
     from pipeline.data.table import AnnotationTable
 

@@ -32,6 +32,14 @@ from pipeline.cpus import alongside, available_cpus, on_ranges
 from pipeline.metrics.packing import Packed, by_class, descending_order
 from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, register_metric
 
+# Digests of the package files compiled into this module's cached functions (numba's cache cannot see changes to
+# them); see pipeline.fusion.wbf_kernel.COMPILED_AGAINST.
+COMPILED_AGAINST = {
+    "fusion/primitives.py": "5a867f87f2eb7faf",
+    "packing.py": "df836e67dad1bbc1",
+    "registry.py": "0a4e33550c5657b9",
+}
+
 IOU_THRESHOLD = 0.5
 PARALLEL_MIN_DETECTIONS = 50_000  # detections per thread at least (fewer: one thread matches them all)
 
