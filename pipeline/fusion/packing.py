@@ -364,18 +364,23 @@ def compact_rows(img_lo: int, img_hi: int, row_offs: np.ndarray, count: np.ndarr
     ``row_offs[k]``, normalised) into dense columns from row ``dst_offs[k]``, in pixels: ``image``, ``values``
     (rows x1, y1, x2, y2, score: one block, which becomes the table's float columns without a copy), ``label``."""
     for k in range(img_lo, img_hi):
-        w = width[k]
-        h = height[k]
         o = dst_offs[k]
         for r in range(row_offs[k], row_offs[k] + count[k]):
-            image[o] = k
-            values[0, o] = out_box[r, 0] * w
-            values[1, o] = out_box[r, 1] * h
-            values[2, o] = out_box[r, 2] * w
-            values[3, o] = out_box[r, 3] * h
-            values[4, o] = out_score[r]
-            label[o] = out_label[r]
+            _write_row(o, k, r, width[k], height[k], out_box, out_score, out_label, image, values, label)
             o += 1
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _write_row(o: int, k: int, r: int, w: float, h: float, out_box: np.ndarray, out_score: np.ndarray,
+               out_label: np.ndarray, image: np.ndarray, values: np.ndarray, label: np.ndarray) -> None:
+    """Dense row ``o`` := output slot ``r`` of image ``k`` (``w`` x ``h`` px), in pixels."""
+    image[o] = k
+    values[0, o] = out_box[r, 0] * w
+    values[1, o] = out_box[r, 1] * h
+    values[2, o] = out_box[r, 2] * w
+    values[3, o] = out_box[r, 3] * h
+    values[4, o] = out_score[r]
+    label[o] = out_label[r]
 
 
 @numba.njit(**NJIT_OPTIONS)
@@ -396,8 +401,6 @@ def compact_rows_by_score(img_lo: int, img_hi: int, row_offs: np.ndarray, count:
     hist = np.empty(RADIX_HIST_SIZE, np.int64)
     with_selection = selection.shape[0] > 0
     for k in range(img_lo, img_hi):
-        w = width[k]
-        h = height[k]
         r0 = row_offs[k]
         n = count[k]
         descending = True  # (NMS of one label: its rows come by score, and are copied as they are)
@@ -411,13 +414,7 @@ def compact_rows_by_score(img_lo: int, img_hi: int, row_offs: np.ndarray, count:
         o = dst_offs[k]
         for t in range(n):
             r = r0 + t if descending else r0 + idx[t]
-            image[o] = k
-            values[0, o] = out_box[r, 0] * w
-            values[1, o] = out_box[r, 1] * h
-            values[2, o] = out_box[r, 2] * w
-            values[3, o] = out_box[r, 3] * h
-            values[4, o] = out_score[r]
-            label[o] = out_label[r]
+            _write_row(o, k, r, width[k], height[k], out_box, out_score, out_label, image, values, label)
             if with_selection:
                 selection[o] = out_selection[r]
             o += 1
