@@ -20,8 +20,9 @@ tuner may settle on fewer members (with ``--views 1`` soft-NMS keeps one member 
 ``--fixed-weights`` gives every member weight 1 in the config, so that every fusion is of all members (the search
 is then the rule grid and the score threshold). Then one step on the same table is timed in its two parts, as the
 tuner runs them, the median of three: the fusion (``pipeline.fusion.tuned.fuse_tuned_rows`` from scratch:
-packing, the compiled rule, the dense rows; the tuner packs once per subset of members) and the scoring of its rows
-(``pipeline.ensemble.score_rows``: grouping them by scored image, the metric's kernel; no table is built). The
+packing, the compiled rule, the dense rows, each image's by score as the tuner asks for them; the tuner packs once
+per subset of members) and the scoring of its rows (``pipeline.ensemble.score_rows``: grouping them by scored image
+where they are not already, the metric's kernel; no table is built). The
 machine's load average is printed: compare runs made in the same conditions only.
 """
 from __future__ import annotations
@@ -156,7 +157,7 @@ def main() -> None:
         record = start_params(method, members, cfg).record()
 
         def fuse_rows():
-            return fuse_tuned_rows(oof_all, table.images, record, oof_sets(members), ("model", "tta"))
+            return fuse_tuned_rows(oof_all, table.images, record, oof_sets(members), ("model", "tta"), by_score=True)
 
         fused = fuse_rows()
         t_fuse = median_seconds(fuse_rows)
