@@ -282,19 +282,22 @@ def test_large_groups_with_tied_scores_follow_the_librarys_positions():
             assert_identical(lib(eb_soft_nms, boxes, sc, labels, **kw), ours(soft_nms, boxes, sc, labels, **kw))
 
 
-def _soft_scratch(boxes: np.ndarray, dead: np.ndarray):
-    """A soft-NMS scratch holding one group: ``boxes`` as its members, ``dead`` ones marked removed."""
+def _soft_scratch(boxes: np.ndarray, dead: np.ndarray, positions: np.ndarray):
+    """A soft-NMS scratch holding one group: ``boxes`` as its members, ``dead`` ones marked removed, member ``q`` at
+    library position ``positions[q]``."""
     from pipeline.fusion.suppression_kernel import BoxRow, IntRow, allocate_scratch
     scratch = allocate_scratch(len(boxes))
     scratch.boxes[BoxRow.GROUP, :len(boxes)] = boxes
     scratch.ints[IntRow.REMOVED, :len(boxes)] = dead
+    scratch.ints[IntRow.POS_OF, :len(boxes)] = positions
+    scratch.ints[IntRow.AT_POS, positions] = np.arange(len(boxes))
     return scratch
 
 
 def test_soft_overlap_search_finds_exactly_the_live_overlapping_boxes():
     """The soft-NMS grid through removals and refiles: every live member whose IoU with the selected one is
-    positive is found, with the library's IoU; nothing else (gaussian window); linear's narrower window finds
-    exactly the members above ``iou_thr``."""
+    positive is found (as its library position), with the library's IoU; nothing else (gaussian window); linear's
+    narrower window finds exactly the members above ``iou_thr``."""
     from pipeline.fusion.grid import search_radius_factor
     from pipeline.fusion.primitives import iou
     from pipeline.fusion.suppression_kernel import (FloatRow, IntRow, _file_soft_group, _overlapping, _refile,
@@ -305,8 +308,9 @@ def test_soft_overlap_search_finds_exactly_the_live_overlapping_boxes():
     wh = rng.uniform(0.01, 0.12, (n, 2))
     wh[rng.random(n) < 0.03] = 0.6  # large members: checked on every step, outside the grid
     boxes = np.clip(np.c_[xy, xy + wh], 0, 1)
-    scratch = _soft_scratch(boxes, (rng.random(n) < 0.1).astype(np.int64))
+    scratch = _soft_scratch(boxes, (rng.random(n) < 0.1).astype(np.int64), rng.permutation(n))
     ints = scratch.ints
+    at_pos = ints[IntRow.AT_POS]
     removed, cell_of, slot_of = ints[IntRow.REMOVED], ints[IntRow.CELL_OF], ints[IntRow.SLOT_OF]
     n_cells, fw, fh, n_big = _file_soft_group(n, scratch)
     assert n_cells > 0 and n_big > 0
@@ -326,11 +330,11 @@ def test_soft_overlap_search_finds_exactly_the_live_overlapping_boxes():
         inter = ((np.minimum(boxes[q, 2], boxes[live, 2]) - np.maximum(boxes[q, 0], boxes[live, 0]) > 0)
                  & (np.minimum(boxes[q, 3], boxes[live, 3]) - np.maximum(boxes[q, 1], boxes[live, 1]) > 0))
         k = _overlapping(q, n_cells, fw, fh, n_big, 0.0, 0.0, scratch)
-        found = dict(zip(ints[IntRow.CAND, :k].tolist(), scratch.floats[FloatRow.CAND_IOU, :k].tolist()))
+        found = dict(zip(at_pos[ints[IntRow.CAND, :k]].tolist(), scratch.floats[FloatRow.CAND_IOU, :k].tolist()))
         assert len(found) == k and set(found) == set(live[inter].tolist())
         assert all(v == iou(*boxes[q], *boxes[j]) for j, v in found.items())
         k = _overlapping(q, n_cells, fw, fh, n_big, search_radius_factor(0.5), 0.5, scratch)
-        narrow = dict(zip(ints[IntRow.CAND, :k].tolist(), scratch.floats[FloatRow.CAND_IOU, :k].tolist()))
+        narrow = dict(zip(at_pos[ints[IntRow.CAND, :k]].tolist(), scratch.floats[FloatRow.CAND_IOU, :k].tolist()))
         assert set(narrow) == {j for j in live[inter].tolist() if iou(*boxes[q], *boxes[j]) > 0.5}
         assert all(v == found[j] for j, v in narrow.items())
     assert steps >= 160  # four refiles at least

@@ -100,7 +100,8 @@ class IntRow(IntEnum):
     LIST = 13  # soft-NMS: the large members (checked on every step)
     SELECTED = 14  # soft-NMS: member selected at each step
     REMOVED = 15  # soft-NMS, per member: 1 once selected or dead (score <= thresh); NMS, per slot: suppressed
-    CAND = 16  # soft-NMS: the members a selected member overlaps (between steps: free work space)
+    CAND = 16  # soft-NMS: the library positions of the members a selected member overlaps (between steps: free)
+    SLOT_POS = 17  # soft-NMS, per grid slot: the library position of the member filed there
 
 
 class Scratch(NamedTuple):
@@ -475,6 +476,7 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
     cand_iou = floats[FloatRow.CAND_IOU]
     at_pos = ints[IntRow.AT_POS]
     pos_of = ints[IntRow.POS_OF]
+    slot_pos = ints[IntRow.SLOT_POS]
     selected = ints[IntRow.SELECTED]
     removed = ints[IntRow.REMOVED]
     cell_of = ints[IntRow.CELL_OF]
@@ -505,6 +507,8 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
             at_pos[p] = qi
             pos_of[bp] = i
             pos_of[qi] = p
+            if cell_of[qi] != -1:
+                slot_pos[slot_of[qi]] = p
             score[p] = score[i]
         q = at_pos[i]
         selected[n_sel] = q
@@ -557,24 +561,24 @@ def _decay_weights(nc: int, method: int, sigma: float, vector_weights: bool, w: 
 @numba.njit(inline="always", **NJIT_OPTIONS)
 def _decay(nc: int, float32_scores: bool, prune: bool, thresh: float, score: np.ndarray, bound: np.ndarray,
            group_bound: np.ndarray, bs: int, gsz: int, scratch: Scratch) -> int:
-    """Each candidate's score (at its library position) times its weight (``CAND_IOU``), as the library
+    """Each candidate's score (``CAND``: its library position) times its weight (``CAND_IOU``), as the library
     computes it (``weight * score``, rounded to float32 when its array is float32); a score that falls to
     ``thresh`` or below (``prune``) dies: -inf, ``REMOVED``, out of the grid. Returns how many left the grid."""
     cand = scratch.ints[IntRow.CAND]
     weight = scratch.floats[FloatRow.CAND_IOU]
-    pos_of = scratch.ints[IntRow.POS_OF]
+    at_pos = scratch.ints[IntRow.AT_POS]
     removed = scratch.ints[IntRow.REMOVED]
     cell_of = scratch.ints[IntRow.CELL_OF]
     slot_of = scratch.ints[IntRow.SLOT_OF]
     n_out = 0
     for t in range(nc):
-        j = cand[t]
-        pj = pos_of[j]
+        pj = cand[t]
         old = score[pj]
         sj = weight[t] * old
         if float32_scores:
             sj = np.float64(np.float32(sj))
         if prune and not (sj > thresh):
+            j = at_pos[pj]
             removed[j] = 1
             score[pj] = -np.inf
             n_out += _soft_grid_remove(j, cell_of, slot_of, scratch.soft_slots)
@@ -743,6 +747,7 @@ def _file_soft_group(n: int, scratch: Scratch) -> tuple[int, float, float, int]:
 # -inf); once fewer than half the slots are live, the live members are filed again (:func:`_refile`), so scans stay
 # proportional to them.
 #   cell_of[j]: member j's cell (-1: not in the grid); slot_of[j]: its slot; slot_box[s]: the member in slot s;
+#   slot_pos[s]: its library position (kept as the library swaps, so a decay reads its score with one load less);
 #   soft_slots[:, s]: its x1, y1, x2, y2; cell_start[c] .. cell_start[c + 1]: the slots of cell c.
 # ----------------------------------------------------------------------------------------------------------------
 @numba.njit(**NJIT_NO_REFCOUNT)
@@ -760,6 +765,8 @@ def _file_slots(n_cells: int, gbox: np.ndarray, ids: np.ndarray, k: int, scratch
     cell_of = ints[IntRow.CELL_OF]
     slot_of = ints[IntRow.SLOT_OF]
     slot_box = ints[IntRow.SLOT_BOX]
+    slot_pos = ints[IntRow.SLOT_POS]
+    pos_of = ints[IntRow.POS_OF]
     cell_start = scratch.cell_start
     fill = scratch.cell_count
     slots = scratch.soft_slots
@@ -771,6 +778,7 @@ def _file_slots(n_cells: int, gbox: np.ndarray, ids: np.ndarray, k: int, scratch
         fill[c] += 1
         slot_of[j] = s
         slot_box[s] = j
+        slot_pos[s] = pos_of[j]
         for d in range(4):
             slots[d, s] = gbox[j, d]
 
@@ -812,16 +820,17 @@ def _refile(n: int, n_cells: int, scratch: Scratch) -> int:
 @numba.njit(**NJIT_NO_REFCOUNT)
 def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_factor: float, above: float,
                  scratch: Scratch) -> int:
-    """``CAND[:k]`` and ``CAND_IOU[:k]``: the remaining live members whose IoU with member ``q`` is above ``above``
-    (the decay acts on no other: linear only above ``iou_thr``; gaussian's weight is exactly 1 at IoU 0), and that
-    IoU -- the library's, ``q``'s area first. Filed members are looked up in a window around ``q``'s centre:
-    ``(w_q + fw) / 2`` (a positive intersection needs ``|dx| < (w_q + w_j) / 2``) or, when ``radius_factor > 0``
-    (linear decay), ``radius_factor * w_q``; large members are all checked. Returns ``k``."""
+    """``CAND[:k]`` and ``CAND_IOU[:k]``: the library positions of the remaining live members whose IoU with
+    member ``q`` is above ``above`` (the decay acts on no other: linear only above ``iou_thr``; gaussian's weight is
+    exactly 1 at IoU 0), and that IoU -- the library's, ``q``'s area first. Filed members are looked up in a window
+    around ``q``'s centre: ``(w_q + fw) / 2`` (a positive intersection needs ``|dx| < (w_q + w_j) / 2``) or, when
+    ``radius_factor > 0`` (linear decay), ``radius_factor * w_q``; large members are all checked. Returns ``k``."""
     gbox = scratch.boxes[BoxRow.GROUP]
     ints = scratch.ints
     cand = ints[IntRow.CAND]
     cand_iou = scratch.floats[FloatRow.CAND_IOU]
-    slot_box = ints[IntRow.SLOT_BOX]
+    slot_pos = ints[IntRow.SLOT_POS]
+    pos_of = ints[IntRow.POS_OF]
     removed = ints[IntRow.REMOVED]
     big = ints[IntRow.LIST]
     cell_start = scratch.cell_start
@@ -855,17 +864,17 @@ def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_
             for s in range(numba.uint64(lo), numba.uint64(hi)):  # unsigned: no negative-index wraparound
                 cand[k] = s
                 k += slot_iou[s] > above
-        for t in range(k):  # as member indices
+        for t in range(k):  # as library positions
             s = cand[t]
             cand_iou[t] = slot_iou[s]
-            cand[t] = slot_box[s]
+            cand[t] = slot_pos[s]
     for r in range(n_big):
         j = big[r]
         if (removed[j] == 0 and min(qx2, gbox[j, 2]) - max(qx1, gbox[j, 0]) > 0.0
                 and min(qy2, gbox[j, 3]) - max(qy1, gbox[j, 1]) > 0.0):
             v = iou(qx1, qy1, qx2, qy2, gbox[j, 0], gbox[j, 1], gbox[j, 2], gbox[j, 3])
             if v > above:
-                cand[k] = j
+                cand[k] = pos_of[j]
                 cand_iou[k] = v
                 k += 1
     return k
