@@ -94,14 +94,13 @@ class IntRow(IntEnum):
     SORT_INDEX_B = 7
     CELL_OF = 8  # per group member: its grid cell, -1 when not filed
     SLOT_OF = 9  # per group member: its grid slot
-    SLOT_BOX = 10  # per grid slot: the member filed there
+    SLOT_POS = 10  # soft-NMS, per grid slot: the library position of the member filed there
     AT_POS = 11  # soft-NMS: member at each library array position
     POS_OF = 12  # soft-NMS: library array position of each member
     LIST = 13  # soft-NMS: the large members (checked on every step)
     SELECTED = 14  # soft-NMS: member selected at each step
     REMOVED = 15  # soft-NMS, per member: 1 once selected or dead (score <= thresh); NMS, per slot: suppressed
     CAND = 16  # soft-NMS: the library positions of the members a selected member overlaps (between steps: free)
-    SLOT_POS = 17  # soft-NMS, per grid slot: the library position of the member filed there
 
 
 class Scratch(NamedTuple):
@@ -746,8 +745,8 @@ def _file_soft_group(n: int, scratch: Scratch) -> tuple[int, float, float, int]:
 # in a single loop. A member taken out leaves its slot holding a box that overlaps nothing (x1 = y1 = inf, x2 = y2 =
 # -inf); once fewer than half the slots are live, the live members are filed again (:func:`_refile`), so scans stay
 # proportional to them.
-#   cell_of[j]: member j's cell (-1: not in the grid); slot_of[j]: its slot; slot_box[s]: the member in slot s;
-#   slot_pos[s]: its library position (kept as the library swaps, so a decay reads its score with one load less);
+#   cell_of[j]: member j's cell (-1: not in the grid); slot_of[j]: its slot; slot_pos[s]: the library position of
+#   the member in slot s (kept as the library swaps, so a decay reads its score with one load less);
 #   soft_slots[:, s]: its x1, y1, x2, y2; cell_start[c] .. cell_start[c + 1]: the slots of cell c.
 # ----------------------------------------------------------------------------------------------------------------
 @numba.njit(**NJIT_NO_REFCOUNT)
@@ -759,12 +758,11 @@ def _soft_grid_build(n_cells: int, ids: np.ndarray, k: int, scratch: Scratch) ->
 @numba.njit(**NJIT_NO_REFCOUNT)
 def _file_slots(n_cells: int, gbox: np.ndarray, ids: np.ndarray, k: int, scratch: Scratch) -> None:
     """File members ``ids[:k]`` (rows of ``gbox``, any order) in ``n_cells`` rows x :func:`_soft_columns` columns
-    of cells, each cell in ``ids`` order, with no room between cells: ``cell_of``, ``slot_of``, ``slot_box``,
+    of cells, each cell in ``ids`` order, with no room between cells: ``cell_of``, ``slot_of``, ``slot_pos``,
     ``soft_slots``."""
     ints = scratch.ints
     cell_of = ints[IntRow.CELL_OF]
     slot_of = ints[IntRow.SLOT_OF]
-    slot_box = ints[IntRow.SLOT_BOX]
     slot_pos = ints[IntRow.SLOT_POS]
     pos_of = ints[IntRow.POS_OF]
     cell_start = scratch.cell_start
@@ -777,7 +775,6 @@ def _file_slots(n_cells: int, gbox: np.ndarray, ids: np.ndarray, k: int, scratch
         s = cell_start[c] + fill[c]
         fill[c] += 1
         slot_of[j] = s
-        slot_box[s] = j
         slot_pos[s] = pos_of[j]
         for d in range(4):
             slots[d, s] = gbox[j, d]
