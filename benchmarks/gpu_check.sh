@@ -13,8 +13,11 @@
 #            the loader at 512 px with 15 workers on BCCD-sized JPEGs vs that step; prediction with 1 and 4 views
 #   d0       the same for EfficientDet-D0 512 px bs32 (steps and prediction)
 #   frcnn    the same for Faster R-CNN R50-FPN-v2 1024 px bs8 (steps and prediction)
+#   lite0_compile  the Lite0 steps with train.compile (inductor): compiled pipeline step vs the eager bare loop, and
+#            the first step's seconds (the compile)
 #   twofold  a 2-fold run of configs/bccd/effdet.yaml at 512 px on generated BCCD-like data (the real BCCD stays
 #            outside the repository, so it does not travel): per-epoch time and OOF score
+#   d0_compile  the same as lite0_compile for EfficientDet-D0, on whatever the budget leaves
 # Files under OUT_DIR (the device tool brings back 8 at most): summary.md (every table, every step's status),
 # gpu_check.log (every step's full output), env.txt, pytest-cuda.xml, twofold_metrics.jsonl.
 #
@@ -29,7 +32,7 @@ while [ $# -gt 0 ]; do
         --cpu-smoke) SMOKE=1 ;;
         --only) ONLY=",$2,"; shift ;;
         --budget) BUDGET=$2; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         -*) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
         *) OUT_DIR=$1 ;;
     esac
@@ -188,6 +191,9 @@ if [ $SMOKE = 1 ]; then
                 --set model.options.rpn_pre_nms_top_n_test=200 --set model.options.rpn_post_nms_top_n_test=100)
     run_step frcnn 120 throughput frcnn --config configs/wheat/frcnn_r50.yaml --set model.pretrained=false \
         "${TINY[@]}" "${SMALL_RCNN[@]}" "${PREDICT[@]}" --loader-images 0 --workers 0
+    # the wiring of train.compile only: inductor's C++ code generation takes ~2 minutes for a tiny EfficientDet here
+    run_step lite0_compile 90 throughput lite0_compile --config configs/bccd/effdet.yaml "${TINY[@]}" \
+        --set train.compile=true --set train.compile_backend=eager --loader-images 0
 else
     GPU=(--device cuda --amp bf16 --channels-last on --set model.backbone_weights=null --warmup 5 --repeats 2)
     run_step lite0 120 throughput lite0 --config configs/bccd/effdet.yaml "${GPU[@]}" --batch 32 \
@@ -199,8 +205,15 @@ else
     run_step frcnn 90 throughput frcnn --config configs/wheat/frcnn_r50.yaml --set model.pretrained=false "${GPU[@]}" \
         --batch 8 --steps 15 --set predict.batch_size=8 --predict-images 64 "${PREDICT[@]}" --workers 15 \
         --loader-images 0
+    # train.compile (inductor, default mode) against the eager bare loop; one round: the first step is the compile
+    run_step lite0_compile 150 throughput lite0_compile --config configs/bccd/effdet.yaml "${GPU[@]}" --batch 32 \
+        --set model.image_size=512 --set train.compile=true --steps 20 --repeats 1 --loader-images 0
 fi
 run_step twofold 200 twofold
+# last, on what the budget leaves: the compile of the larger EfficientDet
+[ $SMOKE = 1 ] || run_step d0_compile 150 throughput d0_compile --config configs/bccd/effdet.yaml \
+    --set model.arch=efficientdet_d0 "${GPU[@]}" --batch 32 --set model.image_size=512 --set train.compile=true \
+    --steps 20 --repeats 1 --loader-images 0
 
 # ------------------------------------------------------------------------------------------------ summary
 
@@ -250,7 +263,7 @@ EOF
     echo '```'
     tail -n 25 "$WORK/logs/tests.out" 2>/dev/null || echo "(tests step did not run)"
     echo '```'
-    for step in lite0 d0 frcnn; do
+    for step in lite0 d0 frcnn lite0_compile d0_compile; do
         echo
         echo "## Throughput: $step"
         echo

@@ -255,6 +255,12 @@ class TrainConfig(Strict):
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
     ema: bool = True
     ema_decay: float = Field(0.999, gt=0, lt=1)
+    # torch.compile the model's network for training (the parts its family names: Detector.compiled_parts): false,
+    # true (torch's default mode) or a torch.compile mode. The first step pays for the compile: each epoch's row then
+    # holds first_step_s. A speed setting: a run may resume with it changed. Validation and prediction stay eager
+    # with EMA on (the EMA copy is never compiled).
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False
+    compile_backend: str = "inductor"  # torch.compile's backend; "eager" / "aot_eager" trace without code generation
     seed: int = 42
     num_workers: int = Field(2, ge=0)
     device: str = "auto"

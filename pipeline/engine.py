@@ -73,6 +73,23 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
     return Precision(device, amp, channels_last)
 
 
+def compile_network(model: Detector, cfg: TrainConfig) -> list[str]:
+    """``train.compile``: ``torch.compile`` the parts of ``model`` its family names (``compiled_parts``: the network
+    without its loss and post-processing), in place (``nn.Module.compile``), so the state_dict keeps its keys and a
+    checkpoint loads into a model that was never compiled. Returns the parts compiled (none when off)."""
+    if not cfg.compile:
+        return []
+    parts = list(model.compiled_parts)
+    if not parts:
+        raise ValueError(f"train.compile: {type(model).__name__} names no part to compile (compiled_parts)")
+    options = {"backend": cfg.compile_backend}
+    if isinstance(cfg.compile, str) and cfg.compile != "default":
+        options["mode"] = cfg.compile
+    for path in parts:
+        model.get_submodule(path).compile(**options)
+    return parts
+
+
 class LossModule(nn.Module):
     """``forward`` = the detector's losses, so DistributedDataParallel can wrap it and sync gradients."""
 
@@ -100,7 +117,7 @@ def train_one_epoch(
     """One epoch; returns mean losses, lr and throughput, and the new global optimizer step."""
     loss_module.train()
     sums: dict[str, float] = {}
-    n_batches, n_images, start = 0, 0, time.perf_counter()
+    n_batches, n_images, start, first_step_s = 0, 0, time.perf_counter(), 0.0
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch * cfg.grad_accum)
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", leave=False, disable=None if cfg.progress and dist.is_main() else True)  # None: off when not a terminal
     optimizer.zero_grad(set_to_none=True)
@@ -136,13 +153,17 @@ def train_one_epoch(
             if on_step is not None:
                 on_step(global_step)
         for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums[k] = sums.get(k, 0.0) + float(v.detach())  # float() waits for the step: the timings below hold
+        if i == 0 and cfg.compile:  # a compiled network's first step compiles it (again for a new shape or mode)
+            first_step_s = time.perf_counter() - start
         n_batches += 1
         n_images += images.shape[0]
         bar.set_postfix(loss=f"{sums['loss'] / n_batches:.3f}")
     elapsed = time.perf_counter() - start
     stats = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
     stats.update(lr=optimizer.param_groups[0]["lr"], train_images_per_s=n_images * dist.world_size() / elapsed)
+    if cfg.compile and n_batches:
+        stats["first_step_s"] = first_step_s
     return stats, global_step
 
 

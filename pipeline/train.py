@@ -32,7 +32,8 @@ from pipeline.data import DataError, load_dataset
 from pipeline.data.cache import open_cache
 from pipeline.data.table import AnnotationTable
 from pipeline.dataset import EvalDataset, MultiScaleBatchSampler, TrainDataset, collate, make_records
-from pipeline.engine import LossModule, NonFiniteLossError, Precision, evaluate, predict, resolve_precision, train_one_epoch
+from pipeline.engine import (LossModule, NonFiniteLossError, Precision, compile_network, evaluate, predict,
+                             resolve_precision, train_one_epoch)
 from pipeline.io import atomic_write_text
 from pipeline.layout import (BEST_CHECKPOINT, CURVES_PNG, EPOCH_LOG, FOLD_OOF, LAST_CHECKPOINT, RESOLVED_CONFIG, FoldsError,
                              fold_dir, folds_path, read_folds, read_predictions, write_predictions)
@@ -112,7 +113,9 @@ TRAINING_SECTIONS = ("metric", "data", "folds", "model", "augment", "train")
 # Settings inside TRAINING_SECTIONS that are no part of the fingerprint, compared by content or not at all: a
 # checkpoint written before they were left out may hold them, and they are dropped from it too.
 NOT_FINGERPRINTED = {
-    "train": ("pseudo",),  # a pseudo-label round counts by its content (the "pseudo" hash), not by its name
+    # pseudo: a pseudo-label round counts by its content (the "pseudo" hash), not by its name; compile: a speed
+    # setting (the same network, compiled or not)
+    "train": ("pseudo", "compile", "compile_backend"),
     # unlabelled: a pseudo-label source only, never read by training; cache_dir: where pre-resized copies of the
     # same images are read from, a speed setting that may come and go between a run and its resume
     "data": ("unlabelled", "cache_dir"),
@@ -221,6 +224,10 @@ def train_fold(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFram
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.amp_dtype == torch.float16)
     ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema else None
+    compiled = compile_network(model, cfg.train)  # after the EMA copy: a copy of a compiled module calls the original
+    if compiled and dist.is_main():
+        print(f"fold {fold}: torch.compile of {', '.join(compiled)} ({cfg.train.compile_backend}, mode "
+              f"{cfg.train.compile if isinstance(cfg.train.compile, str) else 'default'}): the first step compiles")
     loss_module = LossModule(model)
     if dist.is_enabled():
         loss_module = torch.nn.parallel.DistributedDataParallel(

@@ -67,3 +67,89 @@ def test_a_non_square_input_is_inverted_per_axis_by_its_own_width_and_height(tmp
         np.testing.assert_allclose([row.x1, row.y1, row.x2, row.y2], [40, 32, 120, 88], rtol=0, atol=1e-9)
     boxes, keep = input_to_original(np.array([[0.0, 0.0, 100.0, 30.0]]), {"width": 200, "height": 120}, (100, 30))
     assert keep.all() and np.array_equal(boxes, [[0.0, 0.0, 200.0, 120.0]])
+
+
+# --- train.compile: the network compiled in place -----------------------------------------------------------------
+
+def _traced_backend(graphs: list):
+    """A torch.compile backend (registered by name, as train.compile_backend takes one) that records each graph
+    dynamo hands it and runs it as traced: the numbers stay those of the eager model."""
+    import torch._dynamo
+
+    name = f"pipeline_test_traced_{id(graphs)}"
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.register_backend(name=name)(backend)
+    return name
+
+
+def _tiny(name: str, seed: int = 0):
+    from conftest import EFFDET_TINY, FRCNN_TINY
+    from pipeline.config import ModelConfig
+    from pipeline.models import create_model
+
+    torch.manual_seed(seed)
+    return create_model(ModelConfig.model_validate({"efficientdet": EFFDET_TINY, "fasterrcnn_timm": FRCNN_TINY}[name]),
+                        num_classes=2)
+
+
+def _batch(n: int = 2, side: int = 128):
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(n, 3, side, side, generator=g)
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 20.0, 120.0, 90.0]]),
+                "labels": torch.tensor([0, 1])} for _ in range(n)]
+    return images, targets
+
+
+def test_compile_network_compiles_the_families_network_in_place_and_keeps_its_state_dict_keys():
+    from pipeline.engine import compile_network
+
+    graphs: list = []
+    model, eager = _tiny("efficientdet"), _tiny("efficientdet")
+    keys = list(model.state_dict())
+    images, targets = _batch()
+    assert compile_network(model, TrainConfig()) == [] and not graphs  # off by default
+    assert compile_network(model, TrainConfig(compile=True, compile_backend=_traced_backend(graphs))) == ["net"]
+    model.train(), eager.train()
+    compiled_losses, eager_losses = model.forward_loss(images, targets), eager.forward_loss(images, targets)
+    assert graphs, "the network never went through torch.compile"
+    assert torch.allclose(compiled_losses["loss"], eager_losses["loss"], rtol=1e-5, atol=1e-6)
+    # in place: the same keys, so a checkpoint of a compiled run loads into a model that never was
+    assert list(model.state_dict()) == keys
+    _tiny("efficientdet", seed=3).load_state_dict(model.state_dict(), strict=True)
+
+
+def test_every_family_names_parts_to_compile_that_exist():
+    from pipeline.engine import compile_network
+
+    for name, parts in [("efficientdet", ["net"]), ("fasterrcnn_timm", ["net.backbone"])]:
+        model = _tiny(name)
+        assert list(model.compiled_parts) == parts and all(model.get_submodule(p) is not None for p in parts)
+    toy = CornerDetector()
+    toy.compiled_parts = ()
+    with __import__("pytest").raises(ValueError, match="names no part to compile"):
+        compile_network(toy, TrainConfig(compile=True))
+
+
+def test_a_compiled_epoch_reports_its_first_step_and_an_eager_one_does_not():
+    from pipeline.engine import LossModule, compile_network, train_one_epoch
+
+    def epoch(compile_setting):
+        model = _tiny("fasterrcnn_timm")
+        cfg = TrainConfig(compile=compile_setting, compile_backend=_traced_backend([]), progress=False)
+        compile_network(model, cfg)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        images, targets = _batch()
+        loader = [((images * 255).to(torch.uint8), targets, None)] * 2
+        stats, step = train_one_epoch(LossModule(model), optimizer, scheduler, scaler, None, loader,
+                                      resolve_precision(cfg, torch.device("cpu")), cfg, 0, 0)
+        return stats, step
+
+    compiled, step = epoch(True)
+    assert step == 2 and 0 < compiled["first_step_s"] and torch.isfinite(torch.tensor(compiled["train_loss"]))
+    assert "first_step_s" not in epoch(False)[0]

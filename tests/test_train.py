@@ -218,3 +218,28 @@ def test_multiscale_sides_a_model_refuses_stop_training_early(tmp_path, tiny_dat
     cfg = prepared(tmp_path, tiny_data, train={"multiscale": [100]})
     with pytest.raises(train.TrainError, match=r"train.multiscale \[100\]"):
         train.run(cfg, "0", resume=False)
+
+
+def test_resume_fingerprint_ignores_train_compile(tmp_path, tiny_data):
+    # the same network compiled or not: a run may resume with train.compile switched either way
+    cfg = tiny_config(tmp_path, tiny_data)
+    compiled = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": "max-autotune",
+                                                                            "compile_backend": "eager"})})
+    assert train.same_training(train.config_fingerprint(cfg), compiled)
+    assert train.same_training(train.config_fingerprint(compiled), cfg)
+
+
+@pytest.mark.slow
+def test_a_compiled_fold_logs_its_first_step_and_resumes_without_compile(tmp_path, tiny_data, capsys):
+    cfg = prepared(tmp_path, tiny_data, model=EFFDET_TINY,
+                   train={"epochs": 1, "compile": True, "compile_backend": "eager", "ema": False})
+    train.run(cfg, "0", resume=False)
+    assert "fold 0: torch.compile of net (eager, mode default)" in capsys.readouterr().out
+    log = run_dir(cfg) / "fold0" / "metrics.jsonl"
+    first = json.loads(log.read_text().splitlines()[0])
+    assert first["first_step_s"] > 0
+    eager = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2, "compile": False})})
+    train.run(eager, "0", resume=True)
+    assert "resuming after epoch 0" in capsys.readouterr().out
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and "first_step_s" not in rows[1]

@@ -56,6 +56,9 @@ class Detector(nn.Module):
     head_prefixes: tuple[str, ...] = ()
     # input sides should be multiples of this (the deepest feature stride): TTA scale views round to it
     size_multiple: int = 32
+    # submodules (get_submodule paths) that train.compile compiles: the heavy network of fixed-shape tensors, not
+    # the loss and post-processing around it (target matching, proposals, NMS: data-dependent shapes)
+    compiled_parts: tuple[str, ...] = ()
 
     def __init__(self, num_classes: int, image_size: InputSize, max_detections: int) -> None:
         super().__init__()

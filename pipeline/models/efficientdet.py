@@ -51,6 +51,7 @@ COCO_CLASSES = 90  # the class count of effdet's published checkpoints
 
 class EfficientDetDetector(Detector):
     head_prefixes = ("net.class_net.predict.",)
+    compiled_parts = ("net",)  # backbone, BiFPN and heads; the labeler, loss and top-k stay eager
 
     def __init__(self, net: EfficientDet, image_size: InputSize, max_detections: int,
                  score_threshold: float, nms_iou: float) -> None:

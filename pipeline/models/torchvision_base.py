@@ -40,6 +40,7 @@ class TorchvisionDetector(Detector):
 
     label_offset: int = 1
     loss_parts: tuple[str, ...] = ()
+    compiled_parts = ("net.backbone",)  # body and FPN (or SSD's extractor); the heads' proposals and NMS stay eager
     # why a net whose transform resizes every input takes only its own size (completes "only its own SxS inputs")
     own_size_reason = ("its min_size/max_size/fixed_size options make the transform resize every input to one "
                        "size, which would undo a scale view")
