@@ -13,11 +13,12 @@
 #            the loader at 512 px with 15 workers on BCCD-sized JPEGs vs that step; prediction with 1 and 4 views
 #   d0       the same for EfficientDet-D0 512 px bs32 (steps and prediction)
 #   frcnn    the same for Faster R-CNN R50-FPN-v2 1024 px bs8 (steps and prediction)
-#   lite0_compile  the Lite0 steps with train.compile (inductor): compiled pipeline step vs the eager bare loop, and
-#            the first step's seconds (the compile)
 #   twofold  a 2-fold run of configs/bccd/effdet.yaml at 512 px on generated BCCD-like data (the real BCCD stays
 #            outside the repository, so it does not travel): per-epoch time and OOF score
-#   d0_compile  the same as lite0_compile for EfficientDet-D0, on whatever the budget leaves
+# and only when --only names them (each compile takes minutes: give them a call of their own):
+#   lite0_compile  the Lite0 steps with train.compile (inductor): compiled pipeline step vs the eager bare loop, and
+#            the first step's seconds (the compile)
+#   d0_compile  the same for EfficientDet-D0
 # Files under OUT_DIR (the device tool brings back 8 at most): summary.md (every table, every step's status),
 # gpu_check.log (every step's full output), env.txt, pytest-cuda.xml, twofold_metrics.jsonl.
 #
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
         --cpu-smoke) SMOKE=1 ;;
         --only) ONLY=",$2,"; shift ;;
         --budget) BUDGET=$2; shift ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         -*) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
         *) OUT_DIR=$1 ;;
     esac
@@ -49,7 +50,7 @@ WORK=$(mktemp -d)
 mkdir -p "$WORK/logs"
 LOG=$OUT_DIR/gpu_check.log SUMMARY=$OUT_DIR/summary.md STATUS=$WORK/status.md
 : >"$LOG"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1  # albumentations asks PyPI for news at import: no network there
 [ $SMOKE = 1 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the CPU machines are small and shared
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
@@ -174,7 +175,7 @@ run_step install 90 install_wheels
 [ $SMOKE = 1 ] || export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 run_step env 60 environment
 cp "$WORK/logs/env.out" "$OUT_DIR/env.txt" 2>/dev/null
-run_step tests 150 "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda.py --junitxml="$OUT_DIR/pytest-cuda.xml"
+run_step tests 200 "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda.py --junitxml="$OUT_DIR/pytest-cuda.xml"
 
 PREDICT=(--data bccd-like --predict-views none --predict-views none,hflip,vflip,rot90_2)
 if [ $SMOKE = 1 ]; then
@@ -205,15 +206,18 @@ else
     run_step frcnn 90 throughput frcnn --config configs/wheat/frcnn_r50.yaml --set model.pretrained=false "${GPU[@]}" \
         --batch 8 --steps 15 --set predict.batch_size=8 --predict-images 64 "${PREDICT[@]}" --workers 15 \
         --loader-images 0
-    # train.compile (inductor, default mode) against the eager bare loop; one round: the first step is the compile
-    run_step lite0_compile 150 throughput lite0_compile --config configs/bccd/effdet.yaml "${GPU[@]}" --batch 32 \
-        --set model.image_size=512 --set train.compile=true --steps 20 --repeats 1 --loader-images 0
 fi
 run_step twofold 200 twofold
-# last, on what the budget leaves: the compile of the larger EfficientDet
-[ $SMOKE = 1 ] || run_step d0_compile 150 throughput d0_compile --config configs/bccd/effdet.yaml \
-    --set model.arch=efficientdet_d0 "${GPU[@]}" --batch 32 --set model.image_size=512 --set train.compile=true \
-    --steps 20 --repeats 1 --loader-images 0
+if [ $SMOKE = 0 ] && [ -n "$ONLY" ]; then
+    # train.compile (inductor, default mode) against the eager bare loop, one round (the first step is the compile):
+    # only when named in --only. On the H200 (2026-11-30) Lite0's compile outran a 150 s cap, and FIELD-NOTES give
+    # 215 s for D0's first compiled step on an H100: a call of their own, not a corner of the default run.
+    run_step lite0_compile 480 throughput lite0_compile --config configs/bccd/effdet.yaml "${GPU[@]}" --batch 32 \
+        --set model.image_size=512 --set train.compile=true --steps 20 --repeats 1 --loader-images 0
+    run_step d0_compile 480 throughput d0_compile --config configs/bccd/effdet.yaml \
+        --set model.arch=efficientdet_d0 "${GPU[@]}" --batch 32 --set model.image_size=512 --set train.compile=true \
+        --steps 20 --repeats 1 --loader-images 0
+fi
 
 # ------------------------------------------------------------------------------------------------ summary
 
