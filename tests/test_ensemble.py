@@ -205,6 +205,21 @@ def test_weights_are_tuned_at_a_useful_score_threshold():
     assert score > alone + 0.05
 
 
+def test_the_reef_metric_tunes_a_confidence_threshold_on_oof():
+    # gbr_f2 counts every box, as GWD does: the tuner's threshold search (one matching for all thresholds) drops the
+    # low-scoring false positives and beats the same fusion with every box kept
+    table, preds = detectors_with_false_positives()
+    cfg = load_config("configs/demo/ensemble.yaml", ["metric=gbr_f2", "ensemble.tune.weight_steps=1"])
+    cfg.ensemble.members = [MemberConfig(config=f"{m}.yaml") for m in preds]
+    members = [Member(m, cfg, p, None, ["none"]) for m, p in preds.items()]
+    scorer = Scorer("gbr_f2", table)
+    params, score, _ = tune(members, table.images, scorer, cfg)
+    every_box = scorer(fuse(pd.concat(preds.values(), ignore_index=True), table.images,
+                            replace(params, score_thr=0.0), [(m, "none") for m in preds], ("model", "tta"), "numba",
+                            "e")).score
+    assert params.score_thr > 0 and score > every_box + 0.05
+
+
 def confident_members_among_false_positives(n_images=40, n_members=4, n_boxes=60, seed=0):
     """Members of one view, each a detector's top ``n_boxes`` per image: every object found with probability 0.9
     (5 % jitter, score ~ Beta(6, 2)), the rest false positives anywhere, scores uniform in [0, 0.4] -- the

@@ -411,7 +411,7 @@ def test_scoring_rows_refuses_nan_and_labels_outside_the_classes():
 
 def test_api_contract():
     gt = make_gt({"a": [(0, 0, 10, 10)]})
-    assert METRICS == ("gwd", "coco_map", "coco_map50", "voc_map50")
+    assert METRICS == ("gwd", "coco_map", "coco_map50", "voc_map50", "gbr_f2")
     assert all(higher_is_better(m) for m in METRICS)
     with pytest.raises(ValueError, match="nope"):
         evaluate("nope", gt, make_preds([]))
@@ -521,7 +521,7 @@ def test_unknown_metric_error_lists_known_names():
 def test_builtin_entries_carry_their_facts():
     facts = {name: (get_metric(name).higher_is_better, get_metric(name).class_aware) for name in METRICS}
     assert facts == {"gwd": (True, False), "coco_map": (True, True), "coco_map50": (True, True),
-                     "voc_map50": (True, True)}
+                     "voc_map50": (True, True), "gbr_f2": (True, False)}
     toy = register_metric(Metric("toy", higher_is_better=True, class_aware=False, score=lambda gt, p: None))
     assert metric_names() == (*METRICS, "toy")
     assert unregister_metric("toy") is toy and metric_names() == METRICS

@@ -13,6 +13,8 @@ Built-in metrics, each registered by its own module (conventions and details the
   faster-coco-eval; higher is better, class-aware.
 - ``"voc_map50"`` (:mod:`pipeline.metrics.voc`): Pascal VOC all-point AP at IoU 0.5 averaged over classes with
   ground truth; higher is better, class-aware.
+- ``"gbr_f2"`` (:mod:`pipeline.metrics.gbr`): Great Barrier Reef, mean over IoU 0.30..0.80 of F2 from TP / FP / FN
+  summed over the dataset; higher is better, class-agnostic.
 
 Adding a metric is one file: a module in this package that defines ``score(ground_truth, packed_preds) ->
 MetricResult`` and calls ``register_metric(Metric(name, higher_is_better=..., class_aware=..., score=...))``
