@@ -189,16 +189,21 @@ def detectors_with_false_positives(n_images=40, n_members=3, seed=0):
     return one_class_tables(images, gt, preds)
 
 
+def tuned_with_false_positives(metric: str):
+    """:func:`detectors_with_false_positives` tuned under ``metric`` with weights 0 or 1."""
+    table, preds = detectors_with_false_positives()
+    cfg = load_config("configs/demo/ensemble.yaml", [f"metric={metric}", "ensemble.tune.weight_steps=1"])
+    cfg.ensemble.members = [MemberConfig(config=f"{m}.yaml") for m in preds]
+    members = [Member(m, cfg, p, None, ["none"]) for m, p in preds.items()]
+    scorer = Scorer(metric, table)
+    return table, preds, scorer, *tune(members, table.images, scorer, cfg)[:2]
+
+
 def test_weights_are_tuned_at_a_useful_score_threshold():
     # the threshold is searched before the weights: at threshold 0 every member's false positives make adding it
     # look bad, and a search that judged weights there kept one member (the old order, rule -> weights -> rule ->
     # threshold: m0 alone, 0.794 here; searching the threshold first: all three, 0.959)
-    table, preds = detectors_with_false_positives()
-    cfg = load_config("configs/demo/ensemble.yaml", ["metric=gwd", "ensemble.tune.weight_steps=1"])
-    cfg.ensemble.members = [MemberConfig(config=f"{m}.yaml") for m in preds]
-    members = [Member(m, cfg, p, None, ["none"]) for m, p in preds.items()]
-    scorer = Scorer("gwd", table)
-    params, score, _ = tune(members, table.images, scorer, cfg)
+    table, preds, scorer, params, score = tuned_with_false_positives("gwd")
     alone = max(scorer(fuse(p, table.images, FusionParams(weights={m: 1.0}, score_thr=t), [(m, "none")],
                             ("model", "tta"), "numba", "e")).score for m, p in preds.items() for t in (0.0, 0.3))
     assert all(w > 0 for w in params.weights.values()) and params.score_thr > 0
@@ -208,12 +213,7 @@ def test_weights_are_tuned_at_a_useful_score_threshold():
 def test_the_reef_metric_tunes_a_confidence_threshold_on_oof():
     # gbr_f2 counts every box, as GWD does: the tuner's threshold search (one matching for all thresholds) drops the
     # low-scoring false positives and beats the same fusion with every box kept
-    table, preds = detectors_with_false_positives()
-    cfg = load_config("configs/demo/ensemble.yaml", ["metric=gbr_f2", "ensemble.tune.weight_steps=1"])
-    cfg.ensemble.members = [MemberConfig(config=f"{m}.yaml") for m in preds]
-    members = [Member(m, cfg, p, None, ["none"]) for m, p in preds.items()]
-    scorer = Scorer("gbr_f2", table)
-    params, score, _ = tune(members, table.images, scorer, cfg)
+    table, preds, scorer, params, score = tuned_with_false_positives("gbr_f2")
     every_box = scorer(fuse(pd.concat(preds.values(), ignore_index=True), table.images,
                             replace(params, score_thr=0.0), [(m, "none") for m in preds], ("model", "tta"), "numba",
                             "e")).score

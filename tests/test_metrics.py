@@ -50,22 +50,28 @@ def ref_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def ref_true_positives(gts, preds, scores, t: float) -> int:
+    """Plain-Python greedy matching of one image at IoU threshold ``t``: predictions in stable descending-score
+    order, each to the free GT of highest IoU > t (ties: the lower GT index); the number matched."""
+    free = [True] * len(gts)
+    tp = 0
+    for p in sorted(range(len(preds)), key=lambda i: -scores[i]):
+        best, best_iou = -1, t
+        for g, gt in enumerate(gts):
+            iou = ref_iou(preds[p], gt)
+            if free[g] and iou > best_iou:
+                best, best_iou = g, iou
+        if best >= 0:
+            free[best] = False
+            tp += 1
+    return tp
+
+
 def ref_gwd_image(gts, preds, scores) -> float:
     """Plain-Python GWD for one image: stable descending-score order, best free GT with IoU > t."""
-    order = sorted(range(len(preds)), key=lambda i: -scores[i])
     values = []
     for t in THRESHOLDS:
-        free = [True] * len(gts)
-        tp = 0
-        for p in order:
-            best, best_iou = -1, t
-            for g, gt in enumerate(gts):
-                iou = ref_iou(preds[p], gt)
-                if free[g] and iou > best_iou:
-                    best, best_iou = g, iou
-            if best >= 0:
-                free[best] = False
-                tp += 1
+        tp = ref_true_positives(gts, preds, scores, t)
         denom = len(preds) + len(gts) - tp
         values.append(1.0 if denom == 0 else tp / denom)
     return sum(values) / len(values)
