@@ -257,8 +257,8 @@ class TrainConfig(Strict):
     ema_decay: float = Field(0.999, gt=0, lt=1)
     # torch.compile the model's network for training (the parts its family names: Detector.compiled_parts): false,
     # true (torch's default mode) or a torch.compile mode. The first step pays for the compile: each epoch's row then
-    # holds first_step_s. A speed setting: a run may resume with it changed. Validation and prediction stay eager
-    # with EMA on (the EMA copy is never compiled).
+    # holds first_step_s. A speed setting: a run may resume with it changed. Validation and the OOF run the network
+    # eagerly (pipeline.engine.eager_network): compiling the eval graph would cost as much again for one pass.
     compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False
     compile_backend: str = "inductor"  # torch.compile's backend; "eager" / "aot_eager" trace without code generation
     seed: int = 42

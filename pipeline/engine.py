@@ -90,6 +90,14 @@ def compile_network(model: Detector, cfg: TrainConfig) -> list[str]:
     return parts
 
 
+def eager_network():
+    """A context in which a network compiled by ``train.compile`` runs eagerly: the compile is for the training
+    steps; validating or writing the OOF with it would compile the eval graph, and again for the last batch's size
+    (minutes on a GPU for one pass). ``torch.compiler.set_stance`` came with torch 2.6; before it, no-op."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 class LossModule(nn.Module):
     """``forward`` = the detector's losses, so DistributedDataParallel can wrap it and sync gradients."""
 
@@ -178,11 +186,12 @@ def predict(detector: nn.Module, loader: Iterable, precision: Precision, size: I
     (width, height)); resize is inverted per axis."""
     detector.eval()
     frames = []
-    for images, _, metas in tqdm(loader, desc="predict", leave=False, disable=None if progress else True):
-        with precision.autocast():
-            outputs = detector.predict(precision.images(images))
-        for out, meta in zip(outputs, metas):
-            frames.append(to_table(out, meta, size, model_name, fold, tta))
+    with eager_network():
+        for images, _, metas in tqdm(loader, desc="predict", leave=False, disable=None if progress else True):
+            with precision.autocast():
+                outputs = detector.predict(precision.images(images))
+            for out, meta in zip(outputs, metas):
+                frames.append(to_table(out, meta, size, model_name, fold, tta))
     frames = [f for f in frames if len(f)]
     return normalise_predictions(pd.concat(frames, ignore_index=True)) if frames else empty_predictions()
 

@@ -153,3 +153,22 @@ def test_a_compiled_epoch_reports_its_first_step_and_an_eager_one_does_not():
     compiled, step = epoch(True)
     assert step == 2 and 0 < compiled["first_step_s"] and torch.isfinite(torch.tensor(compiled["train_loss"]))
     assert "first_step_s" not in epoch(False)[0]
+
+
+def test_prediction_runs_a_compiled_network_eagerly(tmp_path):
+    # train.compile is for the training steps: validation and the OOF (engine.predict) compile nothing
+    from pipeline.engine import compile_network
+
+    graphs: list = []
+    model = _tiny("efficientdet")
+    compile_network(model, TrainConfig(compile=True, compile_backend=_traced_backend(graphs)))
+    Image.fromarray(np.full((128, 128, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    images = __import__("pandas").DataFrame({"image_id": ["a"], "path": [str(tmp_path / "a.png")], "width": [128],
+                                             "height": [128]})
+    loader = DataLoader(EvalDataset(make_records(AnnotationTable(images, None, ["x", "y"]), ["a"]), 128),
+                        batch_size=1, collate_fn=collate)
+    predict(model, loader, resolve_precision(TrainConfig(), torch.device("cpu")), 128, "m", 0, "none")
+    assert not graphs
+    model.train()
+    model.forward_loss(*_batch())
+    assert graphs  # the training step still compiles
