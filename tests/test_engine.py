@@ -1,5 +1,6 @@
 """Predictions come back in original-image pixels: the resize is inverted per axis."""
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -7,7 +8,7 @@ from torch.utils.data import DataLoader
 from pipeline.config import TrainConfig
 from pipeline.data.table import AnnotationTable
 from pipeline.dataset import EvalDataset, collate, make_records
-from pipeline.engine import predict, resolve_precision
+from pipeline.engine import NonFiniteLossError, predict, resolve_precision
 
 
 class CornerDetector(torch.nn.Module):
@@ -130,7 +131,7 @@ def test_every_family_names_parts_to_compile_that_exist():
         assert list(model.compiled_parts) == parts and all(model.get_submodule(p) is not None for p in parts)
     toy = CornerDetector()
     toy.compiled_parts = ()
-    with __import__("pytest").raises(ValueError, match="names no part to compile"):
+    with pytest.raises(ValueError, match="names no part to compile"):
         compile_network(toy, TrainConfig(compile=True))
 
 
@@ -172,3 +173,64 @@ def test_prediction_runs_a_compiled_network_eagerly(tmp_path):
     model.train()
     model.forward_loss(*_batch())
     assert graphs  # the training step still compiles
+
+
+# --- the epoch's losses: read on the host a window of steps at a time ---------------------------------------------
+
+class ScriptedLoss(torch.nn.Module):
+    """Each call returns the next scripted total loss (times a parameter, so there is a backward and a step);
+    ``fail_at``: that call raises instead."""
+
+    def __init__(self, totals: list[float], fail_at: int | None = None) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.totals, self.fail_at, self.calls = totals, fail_at, 0
+
+    def forward(self, images, targets):
+        i, self.calls = self.calls, self.calls + 1
+        if i == self.fail_at:
+            raise RuntimeError("the batch broke")
+        part = self.w * self.totals[i]
+        return {"part": part, "loss": part * 2}
+
+
+def _scripted_epoch(module: ScriptedLoss, steps: int, epoch: int = 7, global_step: int = 10):
+    from pipeline.engine import train_one_epoch
+
+    cfg = TrainConfig(progress=False, clip_grad_norm=None)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.0)  # the scripted losses stay as scripted
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batch = (torch.zeros(1, 3, 4, 4, dtype=torch.uint8), [{"boxes": torch.zeros(0, 4)}], None)
+    return train_one_epoch(module, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), None,
+                           [batch] * steps, resolve_precision(cfg, torch.device("cpu")), cfg, epoch, global_step)
+
+
+def test_the_epochs_losses_are_the_means_of_its_steps():
+    stats, step = _scripted_epoch(ScriptedLoss([1.0, 2.0, 3.0, 4.5]), 4)
+    assert step == 14 and stats["train_part"] == 2.625 and stats["train_loss"] == 5.25
+
+
+def test_a_non_finite_loss_is_named_by_its_step_though_read_later():
+    module = ScriptedLoss([1.0, float("nan"), 3.0, 4.0, 5.0])
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 7, step 1 \(global step 11\)"):
+        _scripted_epoch(module, 5)
+    assert module.calls == 5  # read at the end of the epoch: no wait for the device at each step
+
+
+def test_a_non_finite_loss_is_found_within_one_read_window():
+    from pipeline.engine import LOSS_READ_EVERY
+
+    module = ScriptedLoss([1.0] * 3 + [float("inf")] + [1.0] * 200)
+    with pytest.raises(NonFiniteLossError, match=r"step 3 "):
+        _scripted_epoch(module, 200)
+    assert module.calls == LOSS_READ_EVERY
+
+
+def test_a_failure_after_a_non_finite_loss_names_the_loss_first():
+    # steps after a NaN train a broken model, which may fail in other ways before the losses are read: the NaN is
+    # the cause to report, the failure its context
+    with pytest.raises(NonFiniteLossError, match=r"step 1 ") as caught:
+        _scripted_epoch(ScriptedLoss([1.0, float("nan"), 3.0], fail_at=2), 3)
+    assert isinstance(caught.value.__context__, RuntimeError)
+    with pytest.raises(RuntimeError, match="the batch broke"):  # no NaN before it: the failure itself
+        _scripted_epoch(ScriptedLoss([1.0, 2.0, 3.0], fail_at=2), 3)
