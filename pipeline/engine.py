@@ -237,8 +237,8 @@ def predict(detector: nn.Module, loader: Iterable, precision: Precision, size: I
         for images, _, metas in tqdm(loader, desc="predict", leave=False, disable=None if progress else True):
             with precision.autocast():
                 outputs = detector.predict(precision.images(images))
-            for out, meta in zip(outputs, metas):
-                frames.append(to_table(out, meta, size, model_name, fold, tta))
+            frames.append(detections_table([(out, meta, tta) for out, meta in zip(outputs, metas)], size,
+                                           model_name, fold))
     frames = [f for f in frames if len(f)]
     return normalise_predictions(pd.concat(frames, ignore_index=True)) if frames else empty_predictions()
 
@@ -246,14 +246,31 @@ def predict(detector: nn.Module, loader: Iterable, precision: Precision, size: I
 def to_table(out: dict, meta: dict, size: InputSize, model_name: str, fold: int, tta: str) -> pd.DataFrame:
     """One image's detections (input pixels of an input of ``size``: a side or (width, height)) as prediction rows
     in original pixels."""
-    boxes, keep = input_to_original(out["boxes"].float().cpu().numpy().reshape(-1, 4), meta, size)
-    boxes = boxes[keep]
-    n = len(boxes)
+    return detections_table([(out, meta, tta)], size, model_name, fold)
+
+
+def detections_table(found: list[tuple[dict, dict, str]], size: InputSize, model_name: str,
+                     fold: int) -> pd.DataFrame:
+    """Prediction rows in original pixels for many ``(detections, meta, view)`` at once, in their order: the rows
+    :func:`to_table` gives each, concatenated, number for number. One copy to the host per field and one table for
+    a whole loader batch: a table per image and view cost ~1 ms of host time each, a third of what a small
+    network's forward takes per image on a GPU."""
+    if not found:
+        return pd.DataFrame({c: [] for c in PREDICTION_COLUMNS})
+    counts = np.array([d["boxes"].reshape(-1, 4).shape[0] for d, _, _ in found], dtype=np.int64)
+    boxes = torch.cat([d["boxes"].detach().float().reshape(-1, 4) for d, _, _ in found]).cpu().numpy()
+    scores = torch.cat([d["scores"].detach().float().reshape(-1) for d, _, _ in found]).cpu().numpy()
+    labels = torch.cat([d["labels"].detach().reshape(-1).long() for d, _, _ in found]).cpu().numpy()
+    metas = [m for _, m, _ in found]
+    boxes, keep = input_to_original(boxes, {
+        key: np.repeat(np.array([m.get(key, default) for m in metas], dtype=np.float64), counts)[:, None]
+        for key, default in (("width", 0), ("height", 0), ("content_width", input_wh(size)[0]),
+                             ("content_height", input_wh(size)[1]))}, size)
     return pd.DataFrame({
-        "image_id": [meta["image_id"]] * n, "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
-        "score": out["scores"].float().cpu().numpy()[keep],
-        "label": out["labels"].cpu().numpy().astype(np.int64)[keep],
-        "model": model_name, "fold": fold, "tta": tta,
+        "image_id": np.repeat(np.array([m["image_id"] for m in metas], dtype=object), counts)[keep],
+        "x1": boxes[keep, 0], "y1": boxes[keep, 1], "x2": boxes[keep, 2], "y2": boxes[keep, 3],
+        "score": scores[keep], "label": labels[keep], "model": model_name, "fold": fold,
+        "tta": np.repeat(np.array([v for _, _, v in found], dtype=object), counts)[keep],
     })[PREDICTION_COLUMNS]
 
 
@@ -266,6 +283,7 @@ def input_to_original(boxes: np.ndarray, meta: dict, size: InputSize) -> tuple[n
     the resize. A box that lies in the padding is clipped to zero width or height and not kept: padding never
     produces a box."""
     width, height = input_wh(size)
+    # scalars for one image, or (N, 1) columns of each row's own (detections_table): the same operations either way
     cw, ch = meta.get("content_width", width), meta.get("content_height", height)
     out = boxes.astype(np.float64, copy=True)
     out[:, [0, 2]] = out[:, [0, 2]].clip(0, cw) * (meta["width"] / cw)
@@ -309,8 +327,7 @@ def predict_with_views(model: Detector, records: list, cfg: ExperimentConfig, vi
     for images, _, metas in tqdm(loader, desc=f"fold {fold}", leave=False, disable=None if cfg.train.progress else True):
         with precision.autocast():
             per_image = predict_views(model, precision.images(images), views, cfg.predict.batch_size)
-        for detections, meta in zip(per_image, metas):
-            for view, det in detections.items():
-                frames.append(to_table(det, meta, size, cfg.run, fold, view))
+        frames.append(detections_table([(det, meta, view) for detections, meta in zip(per_image, metas)
+                                        for view, det in detections.items()], size, cfg.run, fold))
     frames = [f for f in frames if len(f)]
     return normalise_predictions(pd.concat(frames, ignore_index=True)) if frames else empty_predictions()

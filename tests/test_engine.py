@@ -234,3 +234,49 @@ def test_a_failure_after_a_non_finite_loss_names_the_loss_first():
     assert isinstance(caught.value.__context__, RuntimeError)
     with pytest.raises(RuntimeError, match="the batch broke"):  # no NaN before it: the failure itself
         _scripted_epoch(ScriptedLoss([1.0, 2.0, 3.0], fail_at=2), 3)
+
+
+# --- the prediction table of a loader batch at once ---------------------------------------------------------------
+
+def _one_image_table(out: dict, meta: dict, size, model_name: str, fold: int, tta: str):
+    """The per-image table as the predict paths built it before ``detections_table`` (the reference)."""
+    import pandas as pd
+    from pipeline.config import input_wh
+    from pipeline.layout import PREDICTION_COLUMNS
+
+    width, height = input_wh(size)
+    cw, ch = meta.get("content_width", width), meta.get("content_height", height)
+    boxes = out["boxes"].float().cpu().numpy().reshape(-1, 4).astype(np.float64, copy=True)
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, cw) * (meta["width"] / cw)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, ch) * (meta["height"] / ch)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, n = boxes[keep], int(keep.sum())
+    return pd.DataFrame({
+        "image_id": [meta["image_id"]] * n, "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
+        "score": out["scores"].float().cpu().numpy()[keep], "label": out["labels"].cpu().numpy().astype(np.int64)[keep],
+        "model": model_name, "fold": fold, "tta": tta})[PREDICTION_COLUMNS]
+
+
+def test_a_batch_table_is_each_image_and_views_table_number_for_number():
+    import pandas as pd
+    from pipeline.engine import detections_table
+    from pipeline.layout import normalise_predictions
+
+    rng = np.random.default_rng(0)
+    for size in (96, (160, 96)):
+        found = []
+        for k in range(12):
+            n = int(rng.integers(0, 6))  # some images without detections
+            xy = rng.uniform(-20, 150, (n, 2))  # some boxes leave the input, some lie in a letterbox's padding
+            boxes = torch.tensor(np.c_[xy, xy + rng.uniform(0, 40, (n, 2))], dtype=torch.float32)
+            meta = {"image_id": f"i{k // 3}", "width": int(rng.integers(50, 900)), "height": int(rng.integers(50, 900))}
+            if k % 2:
+                meta.update(content_width=int(rng.integers(40, 97)), content_height=int(rng.integers(40, 97)))
+            det = {"boxes": boxes, "scores": torch.rand(n, dtype=torch.float32), "labels": torch.randint(0, 3, (n,))}
+            found.append((det, meta, ["none", "hflip", "scale0.75"][k % 3]))
+        expected = normalise_predictions(pd.concat([_one_image_table(d, m, size, "m", 2, v) for d, m, v in found],
+                                                   ignore_index=True))
+        got = normalise_predictions(detections_table(found, size, "m", 2))
+        assert 0 < len(got) < sum(len(d["scores"]) for d, _, _ in found)  # cases of each kind: kept and dropped
+        pd.testing.assert_frame_equal(got, expected, check_exact=True)
+    assert len(detections_table([], 96, "m", 0)) == 0
