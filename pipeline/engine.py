@@ -253,8 +253,8 @@ def detections_table(found: list[tuple[dict, dict, str]], size: InputSize, model
                      fold: int) -> pd.DataFrame:
     """Prediction rows in original pixels for many ``(detections, meta, view)`` at once, in their order: the rows
     :func:`to_table` gives each, concatenated, number for number. One copy to the host per field and one table for
-    a whole loader batch: a table per image and view cost ~1 ms of host time each, a third of what a small
-    network's forward takes per image on a GPU."""
+    a whole loader batch: a table per image and view took 25x the host time (benchmarks/prediction_table.py), time
+    in which the GPU waits."""
     if not found:
         return pd.DataFrame({c: [] for c in PREDICTION_COLUMNS})
     counts = np.array([d["boxes"].reshape(-1, 4).shape[0] for d, _, _ in found], dtype=np.int64)
