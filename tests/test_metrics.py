@@ -417,7 +417,7 @@ def test_scoring_rows_refuses_nan_and_labels_outside_the_classes():
 
 def test_api_contract():
     gt = make_gt({"a": [(0, 0, 10, 10)]})
-    assert METRICS == ("gwd", "coco_map", "coco_map50", "voc_map50", "gbr_f2")
+    assert METRICS == ("gwd", "coco_map", "coco_map50", "voc_map50", "voc_map40", "gbr_f2")
     assert all(higher_is_better(m) for m in METRICS)
     with pytest.raises(ValueError, match="nope"):
         evaluate("nope", gt, make_preds([]))
@@ -527,7 +527,7 @@ def test_unknown_metric_error_lists_known_names():
 def test_builtin_entries_carry_their_facts():
     facts = {name: (get_metric(name).higher_is_better, get_metric(name).class_aware) for name in METRICS}
     assert facts == {"gwd": (True, False), "coco_map": (True, True), "coco_map50": (True, True),
-                     "voc_map50": (True, True), "gbr_f2": (True, False)}
+                     "voc_map50": (True, True), "voc_map40": (True, True), "gbr_f2": (True, False)}
     toy = register_metric(Metric("toy", higher_is_better=True, class_aware=False, score=lambda gt, p: None))
     assert metric_names() == (*METRICS, "toy")
     assert unregister_metric("toy") is toy and metric_names() == METRICS
@@ -597,6 +597,16 @@ def test_voc_strict_iou_threshold():
     gt = make_gt({"a": [(0, 0, 10, 10)]})
     assert evaluate("voc_map50", gt, make_preds([("a", 0, 0, 10, 5, 0.9)])).score == 0.0
     assert evaluate("voc_map50", gt, make_preds([("a", 0, 0, 10, 6, 0.9)])).score == 1.0
+
+
+def test_voc_at_iou_040_is_vinbigdatas_metric_strict_at_its_own_threshold():
+    # [0,0,10,4] inside [0,0,10,10]: IoU 0.4 exactly (no match at 0.4, strict); [0,0,10,4.5]: 0.45, a match at 0.4
+    # only; the details carry the threshold's own names
+    gt = make_gt({"a": [(0, 0, 10, 10)]}, ("nodule", "other"))
+    assert evaluate("voc_map40", gt, make_preds([("a", 0, 0, 10, 4, 0.9)])).score == 0.0
+    result = evaluate("voc_map40", gt, make_preds([("a", 0, 0, 10, 4.5, 0.9)]))
+    assert result.score == 1.0 and result.details == {"map40": 1.0, "ap40_nodule": 1.0}
+    assert evaluate("voc_map50", gt, make_preds([("a", 0, 0, 10, 4.5, 0.9)])).score == 0.0
 
 
 def ref_voc_ap(gts, dets, n_gt) -> float:

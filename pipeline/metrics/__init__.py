@@ -11,8 +11,8 @@ Built-in metrics, each registered by its own module (conventions and details the
   TP/(TP+FP+FN); higher is better, class-agnostic; ``MetricResult.per_image`` holds the per-image scores.
 - ``"coco_map"`` / ``"coco_map50"`` (:mod:`pipeline.metrics.coco`): COCO box mAP@[.50:.95] / mAP@.50 via
   faster-coco-eval; higher is better, class-aware.
-- ``"voc_map50"`` (:mod:`pipeline.metrics.voc`): Pascal VOC all-point AP at IoU 0.5 averaged over classes with
-  ground truth; higher is better, class-aware.
+- ``"voc_map50"`` / ``"voc_map40"`` (:mod:`pipeline.metrics.voc`): Pascal VOC all-point AP at IoU 0.5 / 0.4
+  (VinBigData) averaged over classes with ground truth; higher is better, class-aware.
 - ``"gbr_f2"`` (:mod:`pipeline.metrics.gbr`): Great Barrier Reef, mean over IoU 0.30..0.80 of F2 from TP / FP / FN
   summed over the dataset; higher is better, class-agnostic.
 

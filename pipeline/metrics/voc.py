@@ -1,4 +1,4 @@
-"""Pascal VOC mAP at IoU 0.5 (VOC2010+ all-point interpolated AP), class-aware.
+"""Pascal VOC mAP at IoU 0.5 (VOC2010+ all-point interpolated AP), class-aware; and at IoU 0.4 (VinBigData).
 
 Conventions:
 
@@ -15,7 +15,8 @@ Conventions:
 - mAP: mean over the classes that have at least one ground-truth box in the scored images; classes without
   ground truth are skipped (their detections are not penalised anywhere). No ground truth at all: mAP = 0.
 
-Registered as ``"voc_map50"`` (higher is better, class-aware). Details: ``map50``, ``ap50_<class>``.
+Registered as ``"voc_map50"`` (higher is better, class-aware; details ``map50``, ``ap50_<class>``) and, the same at
+``IoU > 0.4``, ``"voc_map40"`` (VinBigData; details ``map40``, ``ap40_<class>``).
 
 Computed as the devkit defines it, in another order: a detection's fate depends only on the higher-scoring ones of
 its image and class, so each image is matched on its own (its detections come by descending score), the images on
@@ -176,16 +177,25 @@ def voc_map(ap_per_class: np.ndarray) -> float:
     return float(valid.mean()) if len(valid) else 0.0
 
 
-def _score(gt: GroundTruth, preds: Packed) -> MetricResult:
-    ap = voc_ap_by_threshold(gt.packed, preds, len(gt.classes), np.array([-np.inf]))[0]
-    score = voc_map(ap)
-    details = {"map50": score} | {f"ap50_{c}": float(a) for c, a in zip(gt.classes, ap) if not np.isnan(a)}
-    return MetricResult("voc_map50", score, details)
+def voc_metric(iou_threshold: float) -> Metric:
+    """The registry entry of VOC mAP at ``IoU > iou_threshold``: ``voc_map50`` (VOC), ``voc_map40`` (VinBigData's
+    "PASCAL VOC 2010 mAP at IoU > 0.4"). Details: ``map<t>``, ``ap<t>_<class>`` with ``t`` the threshold in
+    hundredths."""
+    tag = f"{round(iou_threshold * 100):02d}"
+
+    def score(gt: GroundTruth, preds: Packed) -> MetricResult:
+        ap = voc_ap_by_threshold(gt.packed, preds, len(gt.classes), np.array([-np.inf]), iou_threshold)[0]
+        value = voc_map(ap)
+        details = {f"map{tag}": value} | {f"ap{tag}_{c}": float(a) for c, a in zip(gt.classes, ap) if not np.isnan(a)}
+        return MetricResult(f"voc_map{tag}", value, details)
+
+    def score_by_threshold(gt: GroundTruth, preds: Packed, score_thresholds: np.ndarray) -> np.ndarray:
+        return np.array([voc_map(ap) for ap in voc_ap_by_threshold(gt.packed, preds, len(gt.classes),
+                                                                   score_thresholds, iou_threshold)])
+
+    return Metric(f"voc_map{tag}", higher_is_better=True, class_aware=True, score=score,
+                  score_by_threshold=score_by_threshold)
 
 
-def _score_by_threshold(gt: GroundTruth, preds: Packed, score_thresholds: np.ndarray) -> np.ndarray:
-    return np.array([voc_map(ap) for ap in voc_ap_by_threshold(gt.packed, preds, len(gt.classes), score_thresholds)])
-
-
-register_metric(Metric("voc_map50", higher_is_better=True, class_aware=True, score=_score,
-                       score_by_threshold=_score_by_threshold))
+register_metric(voc_metric(IOU_THRESHOLD))
+register_metric(voc_metric(0.4))
