@@ -16,6 +16,8 @@
 #   twofold  a 2-fold run of configs/bccd/effdet.yaml at 512 px on generated BCCD-like data (the real BCCD stays
 #            outside the repository, so it does not travel): per-epoch time and OOF score
 # and only when --only names them (each compile takes minutes: give them a call of their own):
+#   lite0_ablate  the Lite0 steps in 4 rounds, as configured, without EMA, without clipping: where the pipeline
+#            step's time over the bare loop goes
 #   lite0_compile  the Lite0 steps with train.compile (inductor): compiled pipeline step vs the eager bare loop, and
 #            the first step's seconds (the compile)
 #   d0_compile  the same for EfficientDet-D0
@@ -33,7 +35,7 @@ while [ $# -gt 0 ]; do
         --cpu-smoke) SMOKE=1 ;;
         --only) ONLY=",$2,"; shift ;;
         --budget) BUDGET=$2; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         -*) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
         *) OUT_DIR=$1 ;;
     esac
@@ -166,11 +168,21 @@ throughput() {  # throughput NAME ARGS...: one train_throughput.py run, GPU or s
     "$PY" benchmarks/train_throughput.py "$@"
 }
 
+ablate() {  # ablate NAME ARGS...: the step benchmark as configured, then without EMA, then without clipping
+    shift
+    local variant
+    for variant in "" "--set train.ema=false" "--set train.clip_grad_norm=null"; do
+        echo "### ${variant:-as configured}"
+        # shellcheck disable=SC2086  # the variant is two words or none
+        "$PY" benchmarks/train_throughput.py "$@" $variant || return 1
+    done
+}
+
 # ------------------------------------------------------------------------------------------------ main
 
 SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/gpu_check_site}
 export SMOKE PY WORK SITE
-export -f install_wheels environment twofold throughput
+export -f install_wheels environment twofold throughput ablate
 run_step install 90 install_wheels
 [ $SMOKE = 1 ] || export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 run_step env 60 environment
@@ -195,6 +207,7 @@ if [ $SMOKE = 1 ]; then
     # the wiring of train.compile only: inductor's C++ code generation takes ~2 minutes for a tiny EfficientDet here
     run_step lite0_compile 90 throughput lite0_compile --config configs/bccd/effdet.yaml "${TINY[@]}" \
         --set train.compile=true --set train.compile_backend=eager --loader-images 0
+    run_step lite0_ablate 90 ablate lite0_ablate --config configs/bccd/effdet.yaml "${TINY[@]}" --loader-images 0
 else
     GPU=(--device cuda --amp bf16 --channels-last on --set model.backbone_weights=null --warmup 5 --repeats 2)
     run_step lite0 120 throughput lite0 --config configs/bccd/effdet.yaml "${GPU[@]}" --batch 32 \
@@ -212,6 +225,9 @@ if [ $SMOKE = 0 ] && [ -n "$ONLY" ]; then
     # train.compile (inductor, default mode) against the eager bare loop, one round (the first step is the compile):
     # only when named in --only. On the H200 (2026-11-30) Lite0's compile outran a 150 s cap, and FIELD-NOTES give
     # 215 s for D0's first compiled step on an H100: a call of their own, not a corner of the default run.
+    # where Lite0's step loses to the bare loop (0.88 on 2026-11-30): more rounds, then without EMA, without clipping
+    run_step lite0_ablate 200 ablate lite0_ablate --config configs/bccd/effdet.yaml "${GPU[@]}" --batch 32 \
+        --set model.image_size=512 --steps 30 --repeats 4 --loader-images 0
     run_step lite0_compile 480 throughput lite0_compile --config configs/bccd/effdet.yaml "${GPU[@]}" --batch 32 \
         --set model.image_size=512 --set train.compile=true --steps 20 --repeats 1 --loader-images 0
     run_step d0_compile 480 throughput d0_compile --config configs/bccd/effdet.yaml \
@@ -267,7 +283,7 @@ EOF
     echo '```'
     tail -n 25 "$WORK/logs/tests.out" 2>/dev/null || echo "(tests step did not run)"
     echo '```'
-    for step in lite0 d0 frcnn lite0_compile d0_compile; do
+    for step in lite0 d0 frcnn lite0_ablate lite0_compile d0_compile; do
         echo
         echo "## Throughput: $step"
         echo
