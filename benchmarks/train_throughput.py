@@ -76,7 +76,8 @@ from pipeline.config import (  # noqa: E402
 from pipeline.data import load_dataset  # noqa: E402
 from pipeline.dataset import Record, TrainDataset, collate, make_records  # noqa: E402
 from pipeline.engine import (  # noqa: E402
-    LossModule, Precision, compile_network, predict_with_views, resolve_precision, train_one_epoch)
+    LossModule, Precision, compile_network, compile_options, predict_with_views, resolve_precision,
+    train_one_epoch)
 from pipeline.models import create_model  # noqa: E402
 from pipeline.train import build_optimizer, build_scheduler  # noqa: E402
 from pipeline.tta import predict_views  # noqa: E402
@@ -265,8 +266,8 @@ def step_rows(cfg: ExperimentConfig, precision: Precision, args: argparse.Namesp
         gib = f"{peak[name]:.1f}" if dev.type == "cuda" else "—"
         return [label, f"{args.steps * batch / best:.2f}", rounds, gib]
 
-    compiled = f"torch.compile {cfg.train.compile_backend}" + (
-        f" {cfg.train.compile}" if isinstance(cfg.train.compile, str) else "") if cfg.train.compile else ""
+    options = compile_options(cfg.train)
+    compiled = " ".join(["torch.compile", *options.values()]) if options else ""
     extras = ", ".join(filter(None, [
         "EMA" if cfg.train.ema else "", f"clip {cfg.train.clip_grad_norm}" if cfg.train.clip_grad_norm else "",
         "scheduler", f"grad_accum {cfg.train.grad_accum}" if cfg.train.grad_accum > 1 else "", compiled]))

@@ -73,18 +73,25 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
     return Precision(device, amp, channels_last)
 
 
+def compile_options(cfg: TrainConfig) -> dict[str, str]:
+    """``torch.compile``'s arguments for ``train.compile`` (none when off): the backend, and the mode unless it is
+    torch's default."""
+    if not cfg.compile:
+        return {}
+    mode = cfg.compile if isinstance(cfg.compile, str) and cfg.compile != "default" else None
+    return {"backend": cfg.compile_backend} | ({"mode": mode} if mode else {})
+
+
 def compile_network(model: Detector, cfg: TrainConfig) -> list[str]:
     """``train.compile``: ``torch.compile`` the parts of ``model`` its family names (``compiled_parts``: the network
     without its loss and post-processing), in place (``nn.Module.compile``), so the state_dict keeps its keys and a
     checkpoint loads into a model that was never compiled. Returns the parts compiled (none when off)."""
-    if not cfg.compile:
+    options = compile_options(cfg)
+    if not options:
         return []
     parts = list(model.compiled_parts)
     if not parts:
         raise ValueError(f"train.compile: {type(model).__name__} names no part to compile (compiled_parts)")
-    options = {"backend": cfg.compile_backend}
-    if isinstance(cfg.compile, str) and cfg.compile != "default":
-        options["mode"] = cfg.compile
     for path in parts:
         model.get_submodule(path).compile(**options)
     return parts

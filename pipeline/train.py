@@ -32,8 +32,8 @@ from pipeline.data import DataError, load_dataset
 from pipeline.data.cache import open_cache
 from pipeline.data.table import AnnotationTable
 from pipeline.dataset import EvalDataset, MultiScaleBatchSampler, TrainDataset, collate, make_records
-from pipeline.engine import (LossModule, NonFiniteLossError, Precision, compile_network, evaluate, predict,
-                             resolve_precision, train_one_epoch)
+from pipeline.engine import (LossModule, NonFiniteLossError, Precision, compile_network, compile_options, evaluate,
+                             predict, resolve_precision, train_one_epoch)
 from pipeline.io import atomic_write_text
 from pipeline.layout import (BEST_CHECKPOINT, CURVES_PNG, EPOCH_LOG, FOLD_OOF, LAST_CHECKPOINT, RESOLVED_CONFIG, FoldsError,
                              fold_dir, folds_path, read_folds, read_predictions, write_predictions)
@@ -226,8 +226,9 @@ def train_fold(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFram
     ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema else None
     compiled = compile_network(model, cfg.train)  # after the EMA copy: a copy of a compiled module calls the original
     if compiled and dist.is_main():
-        print(f"fold {fold}: torch.compile of {', '.join(compiled)} ({cfg.train.compile_backend}, mode "
-              f"{cfg.train.compile if isinstance(cfg.train.compile, str) else 'default'}): the first step compiles")
+        options = compile_options(cfg.train)
+        print(f"fold {fold}: torch.compile of {', '.join(compiled)} ({options['backend']}, mode "
+              f"{options.get('mode', 'default')}): the first step compiles")
     loss_module = LossModule(model)
     if dist.is_enabled():
         loss_module = torch.nn.parallel.DistributedDataParallel(
