@@ -214,11 +214,17 @@ EXPORTERS = {"yolo": export_yolo, "coco": export_coco}
 #     coco_json  a COCO results list [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]; category_id is
 #                the class index + 1 and an integer image_id the image's id in the files `folds export --to coco`
 #                wrote (its 1-based row in the split's annotation table: what MMDetection and detectron2 write
-#                back); a string image_id is our image id itself
+#                back); a string image_id is our image id itself; an entry with a "file_name" (Ultralytics'
+#                save_json, whose image_id is the file stem, an integer when it is all digits) is mapped by that
+#                name's stem, as the YOLO export named the files
 #     yolo_txt   one <image_id>.txt per image with "cls cx cy w h conf" lines, normalised (Ultralytics save_txt
 #                with save_conf); cls is the class index
 
 IMPORT_FORMATS = ("table", "coco_json", "yolo_txt")
+# A box past the image edge by at most this many pixels is the file's rounding, not a fault (Ultralytics' save_txt
+# writes normalised coordinates with 6 decimals: on BCCD's 640 x 480 images a third of its boxes overshot, by at
+# most 0.00032 px): clipped and counted at INFO level; a larger overhang is a clip worth a warning.
+ROUNDING_PX = 0.01
 # as the tools name their results, so that none needs renaming: MMDetection's CocoMetric writes
 # <outfile_prefix>.bbox.json (outfile_prefix=DIR/fold<K>), detectron2's COCOEvaluator
 # <output_dir>/coco_instances_results.json (output_dir=DIR/fold<K>)
@@ -251,9 +257,16 @@ def _read_table(path: Path, classes: list[str]) -> pd.DataFrame:
     return df if "tta" in df.columns else df.assign(tta="none")
 
 
-def _coco_image(path: Path, i: int, value: object, ids: list[str]) -> str:
-    """Entry ``i``'s image: an integer is the id the COCO export gave it (:func:`coco_image_ids`), a string our
-    image id itself."""
+def _coco_image(path: Path, i: int, value: object, ids: list[str], entry: dict, stems: dict[str, str]) -> str:
+    """Entry ``i``'s image: its ``file_name``'s stem when it has one (Ultralytics' ``save_json``, whose ``image_id``
+    is the stem, an integer when the stem is all digits), else an integer ``image_id`` is the id the COCO export
+    gave it (:func:`coco_image_ids`), a string our image id itself."""
+    if "file_name" in entry:
+        image = stems.get(Path(str(entry["file_name"])).stem)
+        if image is None:
+            raise ExternalError(f"{path}: entry {i} has file_name {entry['file_name']!r}, which names no image of "
+                                "this split (the files `folds export` wrote are named <image_id>.<ext>)")
+        return image
     if isinstance(value, str):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
@@ -293,18 +306,32 @@ def _coco_frame_at_once(entries: list, ids: list[str]) -> pd.DataFrame | None:
     """The usual results list -- integer image and category ids (from 1), four numbers a box, numeric scores --
     read in whole columns (about a second for a million entries, without the loop per entry); None for anything
     else, which :func:`_coco_frame_by_entry` reads and names the first bad entry of."""
+    named = bool(entries) and isinstance(entries[0], dict) and "file_name" in entries[0]  # Ultralytics' save_json
     try:
-        frame = pd.DataFrame.from_records(entries, columns=["image_id", "category_id", "bbox", "score"])
+        frame = pd.DataFrame.from_records(entries, columns=["file_name" if named else "image_id", "category_id",
+                                                            "bbox", "score"])
         box = np.array(frame["bbox"].tolist(), dtype=np.float64)
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
-    image, category, score = frame["image_id"], frame["category_id"], frame["score"]
+    category, score = frame["category_id"], frame["score"]
     types = pd.api.types
-    if (not len(frame) or box.shape != (len(frame), 4) or not types.is_integer_dtype(image)
-            or not types.is_integer_dtype(category) or not types.is_numeric_dtype(score) or types.is_bool_dtype(score)
-            or image.min() < 1 or image.max() > len(ids) or category.min() < 1):
+    if (not len(frame) or box.shape != (len(frame), 4) or not types.is_integer_dtype(category)
+            or not types.is_numeric_dtype(score) or types.is_bool_dtype(score) or category.min() < 1):
         return None
-    return pd.DataFrame({"image_id": np.asarray(ids, dtype=object)[image.to_numpy() - 1], "x1": box[:, 0],
+    if named:
+        try:  # the file names' stems, our ids as `folds export` named the files
+            images = frame["file_name"].map(lambda f: Path(f).stem).map(yolo_stems(ids))
+        except TypeError:
+            return None
+        if images.isna().any():
+            return None
+        image_ids = images.to_numpy(dtype=object)
+    else:
+        image = frame["image_id"]
+        if not types.is_integer_dtype(image) or image.min() < 1 or image.max() > len(ids):
+            return None
+        image_ids = np.asarray(ids, dtype=object)[image.to_numpy() - 1]
+    return pd.DataFrame({"image_id": image_ids, "x1": box[:, 0],
                          "y1": box[:, 1], "x2": box[:, 0] + box[:, 2], "y2": box[:, 1] + box[:, 3],
                          "score": score.to_numpy(np.float64), "label": category.to_numpy(np.int64) - 1,
                          "row": "entry " + pd.Series(np.arange(len(frame))).astype(str)})
@@ -313,15 +340,17 @@ def _coco_frame_at_once(entries: list, ids: list[str]) -> pd.DataFrame | None:
 def _coco_frame_by_entry(path: Path, entries: list, ids: list[str]) -> pd.DataFrame:
     """:func:`_coco_frame_at_once` for any results list, entry by entry: the first bad entry is an error naming it."""
     rows = []
+    stems = yolo_stems(ids) if any(isinstance(e, dict) and "file_name" in e for e in entries) else {}
     for i, e in enumerate(entries):
         if isinstance(e, dict) and e.get("category_id") == 0:
             raise ExternalError(f"{path}: entry {i} has category_id 0: the exported files number the classes from 1 "
                                 "(class index + 1), so the tool numbered them itself -- MMDetection without "
                                 "test_evaluator.ann_file set to the exported JSON, or detectron2 without the "
-                                "dataset registered from it (register_coco_instances)")
+                                "dataset registered from it (register_coco_instances), or YOLOv5's val.py "
+                                "--save-json (classes from 0; for YOLO models use format yolo_txt)")
         try:
             x, y, w, h = (float(v) for v in e["bbox"])
-            rows.append((_coco_image(path, i, e["image_id"], ids), x, y, x + w, y + h, float(e["score"]),
+            rows.append((_coco_image(path, i, e["image_id"], ids, e, stems), x, y, x + w, y + h, float(e["score"]),
                          int(e["category_id"]) - 1, f"entry {i}"))
         except ExternalError:
             raise
@@ -331,10 +360,23 @@ def _coco_frame_by_entry(path: Path, entries: list, ids: list[str]) -> pd.DataFr
     return pd.DataFrame(rows, columns=["image_id", "x1", "y1", "x2", "y2", "score", "label", "row"])
 
 
+def _yolo_files(folder: Path) -> list[Path]:
+    """The ``.txt`` files of a yolo_txt folder. Label files one level down (``fold0/labels/*.txt``: Ultralytics'
+    ``labels/`` folder moved *into* ``fold0/`` rather than renamed to it) are refused, naming the subfolder: read as
+    it stood, the fold had no predictions and scored as a model that finds nothing."""
+    nested = sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.txt")))
+    if nested:
+        found = len(list(nested[0].glob("*.txt")))
+        raise ExternalError(f"{nested[0]}: {found} label file(s) in a subfolder of {folder}, which are not read: the "
+                            f"<image_id>.txt files go directly in {folder.name}/ (rename Ultralytics' labels/ folder "
+                            f"to {folder.name}, do not move it into one)")
+    return sorted(folder.glob("*.txt"))
+
+
 def _read_yolo(folder: Path, sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
     rows = []
     image_of = yolo_stems(sizes)
-    for path in sorted(folder.glob("*.txt")):
+    for path in _yolo_files(folder):
         if path.stem not in image_of:
             raise ExternalError(f"{path}: image {path.stem!r} is not in the dataset")
         image_id = image_of[path.stem]
@@ -387,12 +429,17 @@ def check_external(df: pd.DataFrame, source: Path, n_classes: int, sizes: dict[s
                                 f"(image {first.image_id!r})")
     every = np.array(list(sizes.values()), dtype=np.float64).reshape(-1, 2)
     wh = every[pd.Index(list(sizes)).get_indexer(df.image_id)]  # each row's image size, every image known (above)
-    clipped = numbers[["x1", "y1", "x2", "y2"]].clip(lower=0).clip(upper=np.tile(wh, 2), axis=None)
-    moved = int((clipped.to_numpy() != numbers[["x1", "y1", "x2", "y2"]].to_numpy()).any(axis=1).sum())
+    given_boxes = numbers[["x1", "y1", "x2", "y2"]]
+    clipped = given_boxes.clip(lower=0).clip(upper=np.tile(wh, 2), axis=None)
+    shift = np.abs(clipped.to_numpy() - given_boxes.to_numpy()).max(axis=1)
+    moved, rounding = int((shift > ROUNDING_PX).sum()), int(((shift > 0) & (shift <= ROUNDING_PX)).sum())
     df = df.assign(**{c: clipped[c] for c in ("x1", "y1", "x2", "y2")})
     empty = ((df.x2 <= df.x1) | (df.y2 <= df.y1)).to_numpy()
     if moved or empty.any():
         log.warning("%s: %d box(es) clipped to the image, %d without area dropped", source, moved, int(empty.sum()))
+    if rounding:
+        log.info("%s: %d box(es) past the image edge by at most %g px (the file's rounding) clipped", source, rounding,
+                 ROUNDING_PX)
     return df[~empty]
 
 
@@ -417,6 +464,7 @@ def load_external_oof(folder: Path, fmt: str, name: str, table: AnnotationTable,
             raise ExternalError(f"{folder}: no OOF predictions for fold {fold} (expected fold{fold}"
                                 f"{_SUFFIXES[fmt][0] or '/'}); every fold of {len(fold_of)} images must be present")
         df = check_external(read_external(path, fmt, table.classes, sizes), path, len(table.classes), sizes)
+        _check_coverage(df, path, f"fold {fold}'s", int((fold_of == fold).sum()))
         elsewhere = df[df.image_id.map(fold_of).fillna(-1).astype(int) != fold]
         if len(elsewhere):
             first = elsewhere.iloc[0]
@@ -444,6 +492,20 @@ def load_external_test(folder: Path, fmt: str, name: str, table: AnnotationTable
         raise ExternalError(f"{folder}: test predictions for some folds only (missing test_fold{missing[0]})")
     else:
         return None
-    frames = [_as_predictions(check_external(read_external(p, fmt, table.classes, sizes), p, len(table.classes),
-                                             sizes), name, k) for k, p in sources.items()]
+    frames = []
+    for k, path in sources.items():
+        df = check_external(read_external(path, fmt, table.classes, sizes), path, len(table.classes), sizes)
+        _check_coverage(df, path, "the test split's", len(sizes))
+        frames.append(_as_predictions(df, name, k))
     return normalise_predictions(pd.concat(frames, ignore_index=True))
+
+
+def _check_coverage(df: pd.DataFrame, path: Path, which: str, n_images: int) -> None:
+    """A file with no box for any of its images is refused (a misplaced or empty export, which would score as a
+    model that finds nothing); one that predicts under half of them is a warning, counted."""
+    predicted = df.image_id.nunique()
+    if n_images and not predicted:
+        raise ExternalError(f"{path}: no predictions for any of {which} {n_images} images (an empty file or folder; "
+                            "predict with a low confidence threshold, e.g. conf=0.001)")
+    if predicted < n_images / 2:
+        log.warning("%s: predictions for %d of %s %d images only", path, predicted, which, n_images)

@@ -456,3 +456,101 @@ def test_coco_results_read_in_columns_equal_those_read_entry_by_entry(split, tmp
     for odd in ({**entries[1], "image_id": ids[0]}, {**entries[1], "category_id": 0}, {**entries[1], "bbox": [1, 2]},
                 {**entries[1], "image_id": len(ids) + 1}, {**entries[1], "score": "0.5"}, {"image_id": 1}):
         assert _coco_frame_at_once(entries[:1] + [odd] + entries[2:], ids) is None, odd
+
+
+def ultralytics_json(preds, table, numeric_stems=()):
+    """``preds`` as Ultralytics 8's ``val save_json=True`` writes them: ``image_id`` the file stem (an integer when
+    the stem is all digits), ``file_name`` the exported image file, classes from 1, rounded as it rounds."""
+    ext = {r.image_id: Path(r.path).suffix.lower() for r in table.images.itertuples()}
+    entries = []
+    for r in preds.itertuples():
+        stem = yolo_stem(r.image_id)
+        entries.append({"image_id": int(stem) if stem.isnumeric() else stem, "file_name": f"{stem}{ext[r.image_id]}",
+                        "category_id": int(r.label) + 1, "score": round(r.score, 5),
+                        "bbox": [round(v, 3) for v in (r.x1, r.y1, r.x2 - r.x1, r.y2 - r.y1)]})
+    return entries
+
+
+def test_ultralytics_save_json_maps_images_by_file_name_numeric_and_nested_ids_too(split, tmp_path):
+    from pipeline.data.table import AnnotationTable
+    from pipeline.external import _coco_frame_at_once, _coco_frame_by_entry
+
+    cfg, table, folds = split
+    # ids Ultralytics writes as integers ("0007" -> 7: not the exported COCO id 7) and ids with a path separator
+    renamed = {i: (f"{k:04d}" if k % 2 else f"site/{i}") for k, i in enumerate(table.images.image_id)}
+    odd = AnnotationTable(table.images.assign(image_id=table.images.image_id.map(renamed)),
+                          table.boxes.assign(image_id=table.boxes.image_id.map(renamed)), list(table.classes))
+    odd_folds = folds.assign(image_id=folds.image_id.map(renamed))
+    preds = fake_predictions(odd, odd_folds)
+    for k, part in preds.groupby("fold"):
+        (tmp_path / "m").mkdir(exist_ok=True)
+        (tmp_path / "m" / f"fold{k}.json").write_text(json.dumps(ultralytics_json(part, odd)))
+    got = load_external_oof(tmp_path / "m", "coco_json", "ext", odd, odd_folds)
+    key = ["image_id", "score", "x1"]
+    a, b = preds.sort_values(key).reset_index(drop=True), got.sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b) and (a.image_id == b.image_id).all() and (a.label == b.label).all()
+    assert abs(a[["x1", "y1", "x2", "y2"]].to_numpy() - b[["x1", "y1", "x2", "y2"]].to_numpy()).max() < 2e-3
+    entries, ids = ultralytics_json(preds, odd), list(odd.images.image_id)
+    pd.testing.assert_frame_equal(_coco_frame_at_once(entries, ids),
+                                  _coco_frame_by_entry(tmp_path / "f.json", entries, ids), check_dtype=False)
+    stray = entries[:3] + [{**entries[3], "file_name": "elsewhere.jpg"}]
+    with pytest.raises(ExternalError, match=r"f.json: entry 3 has file_name 'elsewhere.jpg', which names no image"):
+        _read_coco_entries(tmp_path / "f.json", stray, ids)
+
+
+def _read_coco_entries(path, entries, ids):
+    from pipeline.external import _read_coco
+
+    path.write_text(json.dumps(entries))
+    return _read_coco(path, ids)
+
+
+def test_label_files_moved_into_a_subfolder_of_the_fold_are_refused_naming_it(split, tmp_path):
+    # the README's old "move labels/ to fold0/" done as `mv .../labels external/m/fold0/` into an existing folder:
+    # read as it stood, fold 0 had no predictions and the member scored as a model that finds nothing, unsaid
+    cfg, table, folds = split
+    write_member(fake_predictions(table, folds), tmp_path / "m", "yolo_txt", table)
+    fold0 = tmp_path / "m" / "fold0"
+    (fold0 / "labels").mkdir()
+    for f in fold0.glob("*.txt"):
+        f.rename(fold0 / "labels" / f.name)
+    with pytest.raises(ExternalError, match=r"fold0/labels: \d+ label file\(s\) in a subfolder of .*rename "
+                                            r"Ultralytics' labels/ folder to fold0"):
+        load_external_oof(tmp_path / "m", "yolo_txt", "ext", table, folds)
+
+
+@pytest.mark.parametrize("fmt", ["yolo_txt", "coco_json"])
+def test_a_fold_without_any_prediction_is_refused_and_a_sparse_one_counted(split, tmp_path, fmt, caplog):
+    cfg, table, folds = split
+    preds = fake_predictions(table, folds)
+    write_member(preds, tmp_path / "m", fmt, table)
+    if fmt == "yolo_txt":
+        for f in (tmp_path / "m" / "fold1").glob("*.txt"):
+            f.unlink()
+    else:
+        (tmp_path / "m" / "fold1.json").write_text("[]")
+    n1 = int((folds.fold == 1).sum())
+    with pytest.raises(ExternalError, match=rf"fold1(\.json)?: no predictions for any of fold 1's {n1} images"):
+        load_external_oof(tmp_path / "m", fmt, "ext", table, folds)
+    keep = folds.image_id[folds.fold == 1].iloc[:1]  # one image of the fold predicted: kept, and said
+    write_member(preds[(preds.fold != 1) | preds.image_id.isin(keep)], tmp_path / "sparse", fmt, table)
+    with caplog.at_level("WARNING", logger="pipeline.external"):
+        got = load_external_oof(tmp_path / "sparse", fmt, "ext", table, folds)
+    assert f"predictions for 1 of fold 1's {n1} images only" in caplog.text
+    assert set(got.image_id[got.fold == 1]) == set(keep)
+
+
+def test_a_sub_pixel_overshoot_is_the_files_rounding_clipped_without_a_warning(split, tmp_path, caplog):
+    cfg, table, folds = split
+    preds = fake_predictions(table, folds)
+    image = folds.image_id[folds.fold == 0].iloc[0]
+    width = float(table.images.set_index("image_id").loc[image, "width"])
+    edge = pd.DataFrame([(image, 10.0, 10.0, width + 0.0003, 40.0, 0.8, 1)],  # 6-decimal rounding at the edge
+                        columns=["image_id", "x1", "y1", "x2", "y2", "score", "label"]).assign(fold=0, model="ext",
+                                                                                               tta="none")
+    write_member(pd.concat([preds, edge], ignore_index=True), tmp_path / "m", "table", table)
+    with caplog.at_level("INFO", logger="pipeline.external"):
+        got = load_external_oof(tmp_path / "m", "table", "ext", table, folds)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "fold0.csv: 1 box(es) past the image edge by at most 0.01 px (the file's rounding) clipped" in caplog.text
+    assert got[(got.image_id == image) & (got.score == 0.8)].x2.tolist() == [width]
