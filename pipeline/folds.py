@@ -133,8 +133,9 @@ def export(cfg: ExperimentConfig, to: str, out: Path) -> list[Path]:
     if missing:
         raise FoldsError(f"{folds_path(cfg)} names images the dataset lacks, e.g. {sorted(missing)[:3]}")
     written = EXPORTERS[to](train, folds, out, test)
+    kind = {"yolo": "dataset YAML", "coco": "COCO JSON"}[to]  # the files a tool is pointed at (YOLO: + lists, links)
     print(f"exported {folds.fold.nunique()} folds of {len(folds)} images in the {to} layout to {out} "
-          f"({len(written)} files)")
+          f"({len(written)} {kind} files)")
     return written
 
 
