@@ -105,6 +105,7 @@ def _batch(n: int = 2, side: int = 128):
     return images, targets
 
 
+@pytest.mark.slow  # dynamo traces a whole EfficientDet: ~3-4 s (make test runs it)
 def test_compile_network_compiles_the_families_network_in_place_and_keeps_its_state_dict_keys():
     from pipeline.engine import compile_network
 
@@ -156,6 +157,7 @@ def test_a_compiled_epoch_reports_its_first_step_and_an_eager_one_does_not():
     assert "first_step_s" not in epoch(False)[0]
 
 
+@pytest.mark.slow  # dynamo traces a whole EfficientDet: ~3-4 s (make test runs it)
 def test_prediction_runs_a_compiled_network_eagerly(tmp_path):
     # train.compile is for the training steps: validation and the OOF (engine.predict) compile nothing
     from pipeline.engine import compile_network

@@ -119,7 +119,8 @@ def test_cli_refuses_to_replace_without_force(tmp_path, capsys):
 def test_bccd_folds_cover_trainval_only(tmp_path):
     from pipeline.config import load_config
 
-    cfg = load_config("configs/bccd/base.yaml", [f"data.root={BCCD}", f"folds.dir={tmp_path}"])
+    cfg = load_config("configs/bccd/base.yaml", [f"data.root={BCCD}", f"folds.dir={tmp_path}",
+                                                    "tracking.enabled=false"])
     path, balance = folds_stage.run(cfg)
     folds = read_folds(path)
     root = BCCD / "ImageSets" / "Main"
