@@ -542,7 +542,8 @@ def run(cfg: ExperimentConfig) -> dict:
     # The picture and breakdown at a working threshold: at the tuned one (often 0 for mAP) every box would be drawn.
     report = write_ensemble_report(train, fused_oof[chosen], folds.image_id.tolist(),
                                    ensemble_dir(cfg) / ENSEMBLE_REPORT, max(params.score_thr, REPORT_SCORE_THR))
-    report["html"] = str(write_html_report(cfg, max(params.score_thr, REPORT_SCORE_THR)))
+    external = {m.name: m.oof for m, spec in zip(members, cfg.ensemble.members) if spec.config is None}
+    report["html"] = str(write_html_report(cfg, max(params.score_thr, REPORT_SCORE_THR), external_oof=external))
     result = {"ensemble": cfg.ensemble.name, "metric": cfg.metric, "members": [m.name for m in members],
               "kept": [m.name for m in members if (params.weights or {}).get(m.name, 1.0) > 0],
               "pseudo_rounds": {m.name: m.pseudo for m in members},

@@ -38,7 +38,7 @@ import base64
 import html
 import io
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -452,10 +452,12 @@ class ReportInputs:
         return self.folds.image_id.tolist()
 
 
-def read_report_inputs(cfg: ExperimentConfig) -> ReportInputs:
+def read_report_inputs(cfg: ExperimentConfig,
+                       external_oof: Mapping[str, pd.DataFrame] | None = None) -> ReportInputs:
     """The dataset, the folds file, the fused OOF predictions and each member's OOF predictions with its TTA views
     fused per fold as the member's own predict stage scores them (one view: that view); a member made by another
-    tool (a predictions folder) is read as the ensemble reads it."""
+    tool (a predictions folder) is read as the ensemble reads it, or taken from ``external_oof`` (by name: the
+    ensemble stage's, already read and checked, so its files are not read and their repairs not logged twice)."""
     if not cfg.ensemble.members:
         raise ReportError(f"{cfg.source}: ensemble.members is empty; the report explains an ensemble: pass its "
                           "ensemble.yaml")
@@ -466,8 +468,10 @@ def read_report_inputs(cfg: ExperimentConfig) -> ReportInputs:
     inputs = ReportInputs(cfg, table, read_folds(folds_path(cfg)), read_predictions(path))
     for spec in cfg.ensemble.members:
         if spec.config is None:  # another tool's predictions: scored like ours, but no fold model to explain with
-            preds = load_external_oof(spec.predictions_folder, spec.format, str(spec.name), table, inputs.folds)
-            inputs.member_oof[str(spec.name)] = _views_fused(preds, table, cfg.predict, str(spec.name))
+            name = str(spec.name)
+            preds = (external_oof[name] if external_oof and name in external_oof
+                     else load_external_oof(spec.predictions_folder, spec.format, name, table, inputs.folds))
+            inputs.member_oof[name] = _views_fused(preds, table, cfg.predict, name)
             continue
         member = cfg.load_sibling(spec.config)
         member_path = predictions_path(member, "oof")
@@ -752,14 +756,16 @@ def _worst_section(inputs: ReportInputs, score_thr: float, n_worst: int, cam: bo
 
 
 def write_html_report(cfg: ExperimentConfig, score_thr: float = REPORT_SCORE_THR, n_worst: int = 6,
-                      cam: bool = True, out: Path | None = None) -> Path:
+                      cam: bool = True, out: Path | None = None,
+                      external_oof: Mapping[str, pd.DataFrame] | None = None) -> Path:
     """One self-contained HTML page of error analysis for the ensemble of ``cfg`` (figures embedded as data
     URIs), written atomically to ``out`` (default ``runs/<experiment>/ensembles/<name>/report/index.html``).
     ``score_thr`` is the working threshold of the confusion matrix, recall and worst images (curves use every
-    box); ``cam=False`` skips the heat maps (no fold model is loaded)."""
+    box); ``cam=False`` skips the heat maps (no fold model is loaded); ``external_oof``: see
+    :func:`read_report_inputs`."""
     if n_worst < 0 or not 0.0 <= score_thr <= 1.0:
         raise ValueError(f"n_worst must be >= 0 and score_thr in [0, 1], got {n_worst} and {score_thr}")
-    inputs = read_report_inputs(cfg)
+    inputs = read_report_inputs(cfg, external_oof)
     metric = get_metric(cfg.metric)
     pooled = {n: Scorer(metric.name, inputs.table, inputs.image_ids)(p).score for n, p in inputs.tables.items()}
     head = (f"<h1>{html.escape(cfg.ensemble.name)}: OOF error analysis</h1>"

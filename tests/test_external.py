@@ -391,7 +391,11 @@ def test_the_ensemble_stage_fuses_an_external_member_with_one_of_ours(tmp_path, 
     monkeypatch.chdir(tmp_path)  # the folder is found from here, not from the config's folder
     write_member(fake_predictions(table, folds, seed=2), tmp_path / "external" / "yolo", "yolo_txt", table,
                  test=fake_predictions(test_table, test_folds, seed=2), test_table=test_table)
+    reads = []
+    monkeypatch.setattr("pipeline.ensemble.load_external_oof", lambda *a: reads.append(a) or load_external_oof(*a))
+    monkeypatch.setattr("pipeline.report.load_external_oof", lambda *a: reads.append(a) or load_external_oof(*a))
     assert ensemble_stage.main(["--config", str(folder / "ensemble.yaml"), "--set", "ensemble.method=wbf"]) == 0
+    assert len(reads) == 1  # the error-analysis page takes the member as the stage read it: its files read once
     result = json.loads((ensemble_dir(cfg) / ENSEMBLE_RESULT).read_text())
     assert result["members"] == ["m", "yolo"] and "test_fused" in result
     assert any(r["row"].startswith("yolo") for r in result["table"])  # the member scored alone, like ours
