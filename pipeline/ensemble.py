@@ -447,14 +447,15 @@ def cells(split: str, results: list[MetricResult]) -> dict[str, float]:
 
 
 def fold_ensemble_cells(m: Member, views: list[str], train, oof_scorer: Scorer, test_scorer: Scorer | None,
-                        sizes_test) -> dict[str, float]:
-    """OOF (and, with labels, test) cells of member ``m``'s fold ensemble over ``views``: one view as predicted
-    (on test its folds fused), several fused by WBF with the member's TTA settings (``predict.tta_*``)."""
+                        sizes_test, with_test: bool = True) -> dict[str, float]:
+    """OOF (and, with labels and ``with_test``, test) cells of member ``m``'s fold ensemble over ``views``: one
+    view as predicted (on test its folds fused), several fused by WBF with the member's TTA settings
+    (``predict.tta_*``)."""
     tta = m.cfg.predict
     wbf = {"iou_thr": tta.tta_iou_thr, "skip_box_thr": tta.tta_skip_box_thr, "conf_type": tta.tta_conf_type}
     oof = m.oof[m.oof.tta.isin(views)]
     row = cells("oof", [oof_scorer(oof if len(views) == 1 else fuse_views(oof, train.images, views, m.name, **wbf))])
-    if test_scorer is not None and m.test is not None:
+    if test_scorer is not None and m.test is not None and with_test:
         test, folds = m.test[m.test.tta.isin(views)], sorted(m.test.fold.unique())
         if len(views) == 1:
             fused = fuse_predictions(test, sizes_test, group_col="fold", sets=folds, model_name=m.name, **wbf)
@@ -485,7 +486,9 @@ def member_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None
     rows = [row]
     score = partial(fold_ensemble_cells, m, train=train, oof_scorer=oof_scorer, test_scorer=test_scorer,
                     sizes_test=sizes_test)
-    rows.append({"row": f"{name}: fold ensemble, no TTA", **score([plain_view(m)])})
+    # another tool's single `test` model has no fold ensemble on test: its one model is the row above
+    one_test_model = m.test is not None and m.test.fold.nunique() == 1 < folds.fold.nunique()
+    rows.append({"row": f"{name}: fold ensemble, no TTA", **score([plain_view(m)], with_test=not one_test_model)})
     if len(m.views) > 1:
         from pipeline.tta import is_scale_view  # the TTA registry imports torch: only for members with views
         rows.append({"row": f"{name}: fold ensemble, TTA {'+'.join(m.views)}", **score(m.views)})
@@ -604,7 +607,7 @@ def log_ensemble(cfg: ExperimentConfig, *, members: list[str], fusion_params: di
 def print_table(rows: list[dict], metric: str, params: FusionParams, evaluations: int) -> None:
     table = pd.DataFrame(rows).set_index("row")
     print(f"\n{metric} (OOF = pooled out-of-fold; test = hidden labels, never used for tuning)")
-    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    print(table.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-"))  # "-": a cell the row has not
     weights = ", ".join(f"{k}={v:g}" for k, v in (params.weights or {}).items())
     dropped = [k for k, v in (params.weights or {}).items() if v == 0]
     if dropped:

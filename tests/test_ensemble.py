@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.config import MemberConfig, load_config
 from pipeline.data.table import AnnotationTable
-from pipeline.ensemble import VIEW_GAP_WARN, FusionParams, Member, fuse, member_rows, oof_sets, tune, view_rows
+from pipeline.ensemble import (VIEW_GAP_WARN, FusionParams, Member, fuse, member_rows, oof_sets, print_table,
+                               tune, view_rows)
 from pipeline.metrics import Scorer
 
 
@@ -455,6 +456,26 @@ def test_members_with_scale_views_get_a_row_without_them():
     no_scale = Member("n", cfg, member.oof[member.oof.tta != "scale0.75"], None, ["none", "hflip"])
     assert not any("without scale" in r["row"] for r in member_rows(no_scale, table, scorer, None, table.images,
                                                                       folds))
+
+
+def test_a_member_with_one_test_model_has_no_fold_ensemble_test_cell(capsys):
+    # another tool's predictions may come with one `test` model (fold 0) for several OOF folds: the single model's
+    # test score is the "mean single-fold model" row; a "fold ensemble" test cell would name one model an ensemble
+    table, good, _ = synthetic(12)
+    cfg = load_config("configs/demo/ensemble.yaml")
+    folds = pd.DataFrame({"image_id": table.images.image_id, "fold": np.arange(12) % 3})
+    oof = good.assign(fold=good.image_id.map(folds.set_index("image_id").fold))
+    scorer = Scorer("coco_map", table)
+    one = Member("ext", cfg, oof, good.assign(fold=0), ["none"])
+    rows = {r["row"]: r for r in member_rows(one, table, scorer, scorer, table.images, folds)}
+    assert rows["ext: mean single-fold model"]["test"] == pytest.approx(scorer(good).score)
+    assert "test" not in rows["ext: fold ensemble, no TTA"] and "oof" in rows["ext: fold ensemble, no TTA"]
+    per_fold = Member("ours", cfg, oof, pd.concat([good.assign(fold=k) for k in range(3)]), ["none"])
+    assert "test" in {r["row"]: r for r in member_rows(per_fold, table, scorer, scorer, table.images,
+                                                        folds)}["ours: fold ensemble, no TTA"]
+    print_table(list(rows.values()), "coco_map", FusionParams("wbf"), 1)
+    line = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("ext: fold ensemble, no TTA"))
+    assert "NaN" not in line and line.split()[-2:] == ["-", "-"]  # test and test map50: no cell, said so
 
 
 def views_config(tmp_path, tiny_data, views, test_views=("hflip", "none", "scale1.25")) -> "ExperimentConfig":
