@@ -406,6 +406,10 @@ class EnsembleConfig(Strict):
     conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = "avg"
     wbf_backend: Literal["numba", "ensemble_boxes"] = "numba"
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    # also score the tuning itself out of fold: each fold fused with what the search chose on the other folds' OOF
+    # images (the table's "nested" row; k times the tuning time). The tuned OOF score picks the best of many
+    # fusions on the images that score it, so it runs high; this one does not.
+    nested: bool = False
 
     @field_validator("method")
     @classmethod

@@ -399,6 +399,21 @@ def tune_rules(members: list[Member], sizes: pd.DataFrame, scorer: Scorer,
     return methods[get_metric(scorer.metric).best_index([tuned[m][1] for m in methods])], tuned
 
 
+def nested_oof(members: list[Member], train, folds: pd.DataFrame, cfg: ExperimentConfig) -> pd.DataFrame:
+    """The tuned ensemble on images its tuning never saw: for each fold, the whole search (:func:`tune_rules`, every
+    rule with ``auto``) on the other folds' OOF images, and its choice fuses this fold's images (fusion is per
+    image, so the fold's rows are what those parameters give there); the folds' fused rows together."""
+    fused = []
+    for k in sorted(folds.fold.unique()):
+        seen = set(folds.image_id[folds.fold != k])
+        tuning = [replace(m, oof=m.oof[m.oof.image_id.isin(seen)]) for m in members]
+        held = [replace(m, oof=m.oof[~m.oof.image_id.isin(seen)]) for m in members]
+        chosen, tuned = tune_rules(tuning, train.images, Scorer(cfg.metric, train, sorted(seen)), cfg)
+        fused.append(fuse(pd.concat([m.oof for m in held], ignore_index=True), train.images, tuned[chosen][0],
+                          oof_sets(held), ("model", "tta"), cfg.ensemble.wbf_backend, cfg.ensemble.name))
+    return pd.concat(fused, ignore_index=True)
+
+
 # Up to this many weight vectors every one is tried (two or three members); more members are searched one
 # member's weight at a time (the full grid of four members at 4 steps is ~560 fusions per pass).
 FULL_WEIGHT_GRID = 64
@@ -577,6 +592,10 @@ def run(cfg: ExperimentConfig) -> dict:
                                **({"test": rule_rows[m]["test"]} if "test" in rule_rows[m] else {})}
                            for m in methods}
     rows += [default_row, *rule_rows.values()]
+    if cfg.ensemble.nested:  # no test cell: on test the one tuning on all the OOF images is what runs
+        nested = cells("oof", [oof_scorer(nested_oof(members, train, folds, cfg))])
+        rows.append({"row": "ensemble, tuned on the other folds (nested)", **nested})
+        result["nested_oof"] = nested["oof"]
     result["table"], result["views"] = rows, views
     if cfg.tracking.enabled:
         result["mlflow_run_id"] = log_ensemble(

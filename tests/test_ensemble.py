@@ -520,3 +520,30 @@ def test_test_views_that_were_never_tuned_are_left_out_and_logged(tmp_path, tiny
         (member,) = load_members(cfg, need_test=True)
     assert sorted(member.test.tta) == ["hflip", "none"] and list(member.test.index) == [0, 1]
     assert "member m: predictions of views ['vflip'] that its OOF predictions lack are left out" in caplog.text
+
+
+def test_nested_tuning_fuses_each_fold_with_what_the_other_folds_chose(monkeypatch):
+    # ensemble.nested: the tuned score picks the best of many fusions on the very images that score it; the nested
+    # row tunes on k-1 folds and fuses the k-th, so no image is fused with parameters its own boxes helped choose
+    import pipeline.ensemble as ensemble_module
+    from pipeline.ensemble import nested_oof
+
+    table, good, bad = synthetic(24)
+    cfg = load_config("configs/demo/ensemble.yaml", ["ensemble.tune.weight_steps=1", "ensemble.method=wbf"])
+    members = good_and_bad(cfg, good, bad)
+    folds = pd.DataFrame({"image_id": table.images.image_id, "fold": np.arange(24) % 3})
+    calls, real_tune = [], ensemble_module.tune_rules
+
+    def recording(tuning, sizes, scorer, config):
+        calls.append((set(scorer.image_ids), set().union(*(set(m.oof.image_id) for m in tuning))))
+        return real_tune(tuning, sizes, scorer, config)
+
+    monkeypatch.setattr(ensemble_module, "tune_rules", recording)
+    fused = nested_oof(members, table, folds, cfg)
+    assert len(calls) == 3
+    for k, (scored, tuned_on) in enumerate(calls):
+        fold_k = set(folds.image_id[folds.fold == k])
+        assert scored == set(table.images.image_id) - fold_k and tuned_on <= scored  # fold k never seen
+    assert set(fused.image_id) <= set(table.images.image_id) and len(set(fused.image_id)) > 12
+    scorer = Scorer("coco_map", table, folds.image_id.tolist())
+    assert scorer(fused).score > scorer(bad).score  # a real fusion of each fold, not an empty table

@@ -394,9 +394,12 @@ def test_the_ensemble_stage_fuses_an_external_member_with_one_of_ours(tmp_path, 
     reads = []
     monkeypatch.setattr("pipeline.ensemble.load_external_oof", lambda *a: reads.append(a) or load_external_oof(*a))
     monkeypatch.setattr("pipeline.report.load_external_oof", lambda *a: reads.append(a) or load_external_oof(*a))
-    assert ensemble_stage.main(["--config", str(folder / "ensemble.yaml"), "--set", "ensemble.method=wbf"]) == 0
+    assert ensemble_stage.main(["--config", str(folder / "ensemble.yaml"), "--set", "ensemble.method=wbf",
+                                "--set", "ensemble.nested=true"]) == 0
     assert len(reads) == 1  # the error-analysis page takes the member as the stage read it: its files read once
     result = json.loads((ensemble_dir(cfg) / ENSEMBLE_RESULT).read_text())
+    nested = next(r for r in result["table"] if r["row"] == "ensemble, tuned on the other folds (nested)")
+    assert nested["oof"] == result["nested_oof"] > 0 and "test" not in nested
     assert result["members"] == ["m", "yolo"] and "test_fused" in result
     assert any(r["row"].startswith("yolo") for r in result["table"])  # the member scored alone, like ours
     fused = pd.read_parquet(result["test_fused"])
