@@ -136,6 +136,7 @@ def test_every_family_names_parts_to_compile_that_exist():
         compile_network(toy, TrainConfig(compile=True))
 
 
+@pytest.mark.slow  # dynamo traces a Faster R-CNN backbone: ~2-3 s (make test runs it)
 def test_a_compiled_epoch_reports_its_first_step_and_an_eager_one_does_not():
     from pipeline.engine import LossModule, compile_network, train_one_epoch
 

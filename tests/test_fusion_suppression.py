@@ -86,7 +86,7 @@ def test_matches_library_on_random_inputs(**case):
     check_random_case(**case)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**RANDOM_CASES)
 def test_matches_library_on_random_inputs_quick(**case):
     """A sample of the slow property test above, for the fast lane (``-m "not slow"``)."""
