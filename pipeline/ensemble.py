@@ -462,15 +462,17 @@ def cells(split: str, results: list[MetricResult]) -> dict[str, float]:
 
 
 def fold_ensemble_cells(m: Member, views: list[str], train, oof_scorer: Scorer, test_scorer: Scorer | None,
-                        sizes_test, with_test: bool = True) -> dict[str, float]:
-    """OOF (and, with labels and ``with_test``, test) cells of member ``m``'s fold ensemble over ``views``: one
-    view as predicted (on test its folds fused), several fused by WBF with the member's TTA settings
-    (``predict.tta_*``)."""
+                        sizes_test) -> dict[str, float]:
+    """OOF (and, with labels, test) cells of member ``m``'s fold ensemble over ``views``: one view as predicted
+    (on test its folds fused), several fused by WBF with the member's TTA settings (``predict.tta_*``). One view
+    of a single test model (another tool's ``test``) is no fold ensemble on test: no test cell (that model's score
+    is the member's single-fold row)."""
     tta = m.cfg.predict
     wbf = {"iou_thr": tta.tta_iou_thr, "skip_box_thr": tta.tta_skip_box_thr, "conf_type": tta.tta_conf_type}
     oof = m.oof[m.oof.tta.isin(views)]
     row = cells("oof", [oof_scorer(oof if len(views) == 1 else fuse_views(oof, train.images, views, m.name, **wbf))])
-    if test_scorer is not None and m.test is not None and with_test:
+    one_model = m.test is not None and len(views) == 1 and m.test.fold.nunique() == 1 < m.oof.fold.nunique()
+    if test_scorer is not None and m.test is not None and not one_model:
         test, folds = m.test[m.test.tta.isin(views)], sorted(m.test.fold.unique())
         if len(views) == 1:
             fused = fuse_predictions(test, sizes_test, group_col="fold", sets=folds, model_name=m.name, **wbf)
@@ -501,9 +503,7 @@ def member_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None
     rows = [row]
     score = partial(fold_ensemble_cells, m, train=train, oof_scorer=oof_scorer, test_scorer=test_scorer,
                     sizes_test=sizes_test)
-    # another tool's single `test` model has no fold ensemble on test: its one model is the row above
-    one_test_model = m.test is not None and m.test.fold.nunique() == 1 < folds.fold.nunique()
-    rows.append({"row": f"{name}: fold ensemble, no TTA", **score([plain_view(m)], with_test=not one_test_model)})
+    rows.append({"row": f"{name}: fold ensemble, no TTA", **score([plain_view(m)])})
     if len(m.views) > 1:
         from pipeline.tta import is_scale_view  # the TTA registry imports torch: only for members with views
         rows.append({"row": f"{name}: fold ensemble, TTA {'+'.join(m.views)}", **score(m.views)})

@@ -470,6 +470,11 @@ def test_a_member_with_one_test_model_has_no_fold_ensemble_test_cell(capsys):
     rows = {r["row"]: r for r in member_rows(one, table, scorer, scorer, table.images, folds)}
     assert rows["ext: mean single-fold model"]["test"] == pytest.approx(scorer(good).score)
     assert "test" not in rows["ext: fold ensemble, no TTA"] and "oof" in rows["ext: fold ensemble, no TTA"]
+    two = Member("ext2", cfg, pd.concat([oof, oof.assign(tta="hflip")]),
+                 pd.concat([good, good.assign(tta="hflip")]).assign(fold=0), ["none", "hflip"])
+    assert all("test" not in r for r in view_rows(two, table, scorer, scorer, table.images))  # a view alone: one model
+    assert "test" in {r["row"]: r for r in member_rows(two, table, scorer, scorer, table.images,
+                                                        folds)}["ext2: fold ensemble, TTA none+hflip"]
     per_fold = Member("ours", cfg, oof, pd.concat([good.assign(fold=k) for k in range(3)]), ["none"])
     assert "test" in {r["row"]: r for r in member_rows(per_fold, table, scorer, scorer, table.images,
                                                         folds)}["ours: fold ensemble, no TTA"]
