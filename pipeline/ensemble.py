@@ -38,7 +38,7 @@ from pipeline.config import ConfigError, ExperimentConfig, MemberConfig, add_con
 from pipeline.data import DataError, load_dataset
 from pipeline.external import ExternalError, load_external_oof, load_external_test
 from pipeline.fusion import FUSION_METHODS, fuse_predictions, fuse_tuned
-from pipeline.fusion.tuned import TunedRows, derive_rows, fuse_tuned_rows
+from pipeline.fusion.tuned import TunedRows, derive_rows, fuse_tuned_rows, fuse_tuned_rows_levels
 from pipeline.fusion.rules import get_rule
 from pipeline.fusion.runner import release_thread_output
 from pipeline.fusion.views import fuse_views
@@ -198,7 +198,11 @@ def tune(members: list[Member], sizes: pd.DataFrame, scorer: Scorer, cfg: Experi
 
     # the compiled backend gives each row's score at selection, from which a rule search derives its options'
     # higher selection thresholds (soft-NMS's thresh) without fusing again
-    shared = SharedSelection(fuse_once, sets, held) if backend == "numba" else None
+    def fuse_together(ps: list[FusionParams]) -> list[TunedRows | None]:
+        return fuse_tuned_rows_levels(oof, sizes, [replace(p, score_thr=0.0).record() for p in ps], sets,
+                                      ("model", "tta"), packings=packings, by_score=True)
+
+    shared = SharedSelection(fuse_once, sets, held, fuse_together) if backend == "numba" else None
     fused_rows = fuse_once if shared is None else shared
 
     def evaluate(p: FusionParams) -> float:
@@ -291,12 +295,18 @@ class SharedSelection:
     the same rows as fusing them) -- soft-NMS's grids fuse once per ``sigma`` and per ``iou_thr``, not once per
     point. Holds one base fusion at a time (a grid's options sharing one come one after another), and for the
     search's length the bases whose rows the tuner held when it was planned (``best``; the current point is
-    usually one, and a better option found first would make the tuner let it go): they are not fused again. With
-    no plan, or for an option that shares nothing, it fuses as it is asked."""
+    usually one, and a better option found first would make the tuner let it go): they are not fused again.
+    Options that differ only in the rule's ``level_param`` (WBF's ``skip_box_thr``) are fused together on the first
+    request for one of them (``fuse_levels``: one kernel pass when every kept weight is 1,
+    :func:`~pipeline.fusion.tuned.fuse_tuned_rows_levels`), the tuner's held points left out, and held while the
+    search asks for them. With no plan, or for an option that shares nothing, it fuses as it is asked."""
 
     def __init__(self, fuse: Callable[[FusionParams], TunedRows | None], sets: list,
-                 best: HeldRows | None = None) -> None:
-        self.fuse, self.sets, self.best = fuse, sets, best
+                 best: HeldRows | None = None,
+                 fuse_levels: Callable[[list[FusionParams]], list[TunedRows | None]] | None = None) -> None:
+        self.fuse, self.sets, self.best, self.fuse_levels = fuse, sets, best, fuse_levels
+        self.level_group: dict[tuple, list[FusionParams]] = {}  # point -> the options fused with it
+        self.level_rows: dict[tuple, TunedRows | None] = {}  # the last group fused, by point
         self.base_of: dict[tuple, FusionParams] = {}
         self.held: tuple[tuple, TunedRows | None] | None = None
         self.ready: dict[tuple, TunedRows | None] = {}  # bases the tuner held when the search was planned
@@ -304,6 +314,7 @@ class SharedSelection:
     def plan(self, options: list[FusionParams]) -> None:
         """The options of the next search (empty: none; the base fusions held are let go)."""
         self.base_of, self.held, self.ready = {}, None, {}
+        self._plan_levels(options)
         lowest: dict[tuple, dict[str, float]] = {}
         group_of: dict[tuple, tuple] = {}
         for p in options:
@@ -321,7 +332,28 @@ class SharedSelection:
             self.ready = {k: self.best.rows(k) for k in {point_key(b) for b in self.base_of.values()}
                           if self.best.holds(k)}
 
+    def _plan_levels(self, options: list[FusionParams]) -> None:
+        self.level_group, self.level_rows = {}, {}
+        if self.fuse_levels is None:
+            return
+        groups: dict[tuple, list[FusionParams]] = {}
+        for p in options:
+            name = get_rule(p.method).level_param
+            if name is not None and not (self.best is not None and self.best.holds(point_key(p))):
+                rule = get_rule(p.method).resolve(p.rule)
+                group = point_key(replace(p, rule={k: v for k, v in rule.items() if k != name}))
+                groups.setdefault(group, []).append(p)
+        for members in groups.values():
+            if len(members) > 1:
+                self.level_group.update({point_key(p): members for p in members})
+
     def __call__(self, p: FusionParams) -> TunedRows | None:
+        members = self.level_group.get(point_key(p))
+        if members is not None and self.fuse_levels is not None:
+            if point_key(p) not in self.level_rows:
+                fused = self.fuse_levels(members)
+                self.level_rows = {point_key(q): rows for q, rows in zip(members, fused)}
+            return self.level_rows[point_key(p)]
         base = self.base_of.get(point_key(p))
         if base is None or not get_rule(p.method).selection_thresholds:
             return self.fuse(p)

@@ -121,8 +121,10 @@ def test_the_tuned_score_is_the_tables_score_whether_or_not_the_rows_were_held(m
     scorer = Scorer("coco_map", table)
     calls, scored = [], []  # scored: each scoring of a fusion's rows (one threshold, or a search's all at once)
     fuse_rows, score_rows = ensemble.fuse_tuned_rows, ensemble.score_rows
-    by_threshold = ensemble.score_rows_by_threshold
+    by_threshold, fuse_levels = ensemble.score_rows_by_threshold, ensemble.fuse_tuned_rows_levels
     monkeypatch.setattr(ensemble, "fuse_tuned_rows", lambda *a, **k: calls.append(1) or fuse_rows(*a, **k))
+    monkeypatch.setattr(ensemble, "fuse_tuned_rows_levels",  # WBF's skip_box_thr grid: its points fused together
+                        lambda *a, **k: calls.extend([1] * len(a[2])) or fuse_levels(*a, **k))
     monkeypatch.setattr(ensemble, "score_rows", lambda *a, **k: scored.append(1) or score_rows(*a, **k))
     monkeypatch.setattr(ensemble, "score_rows_by_threshold", lambda *a: scored.append(1) or by_threshold(*a))
     params, score, fusions = tune(members, table.images, scorer, cfg, method)
@@ -132,7 +134,35 @@ def test_the_tuned_score_is_the_tables_score_whether_or_not_the_rows_were_held(m
     monkeypatch.setattr(ensemble.HeldRows, "holds", lambda self, key: False)
     calls.clear(), scored.clear()
     assert tune(members, table.images, scorer, cfg, method) == (params, score, fusions)
-    assert len(calls) == len(scored) > fusions  # nothing held: each (fusion, threshold) scored fuses again
+    assert len(scored) > fusions and len(calls) > fusions  # nothing held: points are fused again
+    if method == "nms":  # each (fusion, threshold) scored fuses again (WBF fuses a skip_box_thr grid together)
+        assert len(calls) == len(scored)
+
+
+@pytest.mark.slow  # two whole searches (make test); the kernel's exactness is a fast test of its own
+def test_wbf_skip_thresholds_are_fused_together_and_tune_the_same(monkeypatch):
+    # at weights 1 the rule search fuses each iou_thr's skip_box_thr options in one kernel pass
+    # (fuse_tuned_rows_levels): the same tuned point and OOF score as fusing every point, in fewer passes
+    from pipeline import ensemble
+    from pipeline.fusion.tuned import fuse_tuned_rows
+
+    table, good, bad = synthetic(10, seed=2)
+    cfg = load_config("configs/demo/ensemble.yaml", ["ensemble.method=wbf", "ensemble.tune.weight_steps=1"])
+    members = good_and_bad(cfg, good, bad)
+    scorer = Scorer("coco_map", table)
+    passes, together = [], []
+    fuse_rows, fuse_levels = ensemble.fuse_tuned_rows, ensemble.fuse_tuned_rows_levels
+    monkeypatch.setattr(ensemble, "fuse_tuned_rows", lambda *a, **k: passes.append(1) or fuse_rows(*a, **k))
+    monkeypatch.setattr(ensemble, "fuse_tuned_rows_levels",
+                        lambda *a, **k: passes.append(1) or together.append(len(a[2])) or fuse_levels(*a, **k))
+    shared = tune(members, table.images, scorer, cfg, "wbf")
+    n_shared = len(passes)
+    assert together and min(together) >= 2  # the skip grid came in groups
+    passes.clear()
+    monkeypatch.setattr(ensemble, "fuse_tuned_rows_levels", lambda preds, sizes, every, sets, group, **k: [
+        passes.append(1) or fuse_tuned_rows(preds, sizes, p, sets, group, **k) for p in every])
+    assert tune(members, table.images, scorer, cfg, "wbf") == shared
+    assert n_shared < len(passes)
 
 
 def test_soft_nms_thresholds_are_derived_not_fused_and_tune_the_same(monkeypatch):

@@ -574,3 +574,53 @@ def test_compiled_modules_record_the_sources_compiled_into_them():
                        for other, name in sorted(dependencies)}
             assert getattr(module, "COMPILED_AGAINST", None) == current, (
                 f"numba would serve stale cached code: set COMPILED_AGAINST = {current!r} in {package}/{path.name}")
+
+
+def _levels_case(rng: np.random.Generator):
+    """One image's lists for fuse_packed_levels: clustered boxes of 1-3 labels, scores drawn so that some tie
+    (one decimal) or are 0 (a cluster of zero scores fuses to NaN in the library)."""
+    from pipeline.fusion.packing import pack_lists
+
+    n_sets = int(rng.integers(1, 6))
+    lens = rng.integers(0, 50, n_sets)
+    n = int(lens.sum())
+    centres = rng.uniform(0.1, 0.9, (6, 2))[rng.integers(0, 6, n)] + rng.normal(0, 0.03, (n, 2))
+    wh = rng.uniform(0.05, 0.2, (n, 2))
+    kind = int(rng.integers(0, 3))
+    score = [rng.uniform(0, 1, n), np.round(rng.uniform(0, 1, n), 1), (rng.uniform(0, 1, n) > 0.6) * 0.5][kind]
+    label = rng.integers(0, int(rng.integers(1, 4)), n)
+    boxes = np.c_[centres - wh / 2, centres + wh / 2]  # some past the image's edge: clipped as the library does
+    return pack_lists(boxes, score, label.astype(np.int64), lens, n_sets)._replace(weights=np.ones(n_sets))
+
+
+def test_wbf_at_several_skip_thresholds_in_one_pass_is_a_fusion_per_threshold():
+    # fuse_packed_levels: the tuner's skip_box_thr grid in one kernel pass (every weight 1), each level's output bit
+    # for bit fuse_packed's with that threshold -- ties across labels (the level's own label-group order decides
+    # them), NaN clusters, every conf_type
+    from pipeline.fusion.wbf import fuse_packed, fuse_packed_levels
+
+    rng = np.random.default_rng(7)
+    for case in range(240):
+        packed = _levels_case(rng)
+        levels = sorted(rng.choice([0.0, 0.05, 0.1, 0.3, 0.5, 0.6], int(rng.integers(1, 4)), replace=False).tolist())
+        iou_thr, code, overflow = float(rng.choice([0.05, 0.3, 0.55, 0.7])), case % 4, bool(case % 8 >= 4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outputs = fuse_packed_levels(packed, iou_thr, levels, code, overflow)
+            expected = [fuse_packed(packed, iou_thr, level, code, overflow) for level in levels]
+        for got, ref in zip(outputs, expected):
+            m = int(ref.count[0])
+            assert int(got.count[0]) == m, (case, levels)
+            np.testing.assert_array_equal(got.boxes[:m], ref.boxes[:m])  # NaN == NaN here
+            np.testing.assert_array_equal(got.score[:m], ref.score[:m])
+            np.testing.assert_array_equal(got.label[:m], ref.label[:m])
+
+
+def test_wbf_levels_refuse_weights_other_than_one_and_unsorted_thresholds():
+    from pipeline.fusion.wbf import fuse_packed_levels
+
+    packed = _levels_case(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="weight 1"):
+        fuse_packed_levels(packed._replace(weights=np.full(len(packed.weights), 2.0)), 0.55, [0.0, 0.1], 0, False)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        fuse_packed_levels(packed, 0.55, [0.1, 0.0], 0, False)

@@ -27,11 +27,16 @@
   runs its whole selection loop and filters at the end, so the rows kept at a higher value are, in order, the rows
   kept at a lower one whose selection score is above it). The OOF tuner fuses once at the grid's lowest value and
   derives the other values' rows (:func:`pipeline.fusion.tuned.derive_rows`).
+* ``level_param`` and ``fuse_levels``: a parameter whose values the compiled backend fuses in one pass when every
+  set weight is 1, ``fuse_levels(packed, params, values, threads, reuse)`` returning one output per value (WBF's
+  ``skip_box_thr``: a higher threshold keeps a prefix of each label group's boxes, whose clusters are the run's
+  clusters at that point, :func:`pipeline.fusion.wbf.fuse_packed_levels`). The OOF tuner fuses a grid's values of
+  it so (:func:`pipeline.fusion.tuned.fuse_tuned_rows_levels`).
 """
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,12 +47,15 @@ from pipeline.fusion.suppression import DECAYS, check_nms_params
 from pipeline.fusion.suppression import fuse_packed as nms_fuse_packed
 from pipeline.fusion.wbf import CONF_TYPES, check_thresholds, conf_code
 from pipeline.fusion.wbf import fuse_packed as wbf_fuse_packed
+from pipeline.fusion.wbf import fuse_packed_levels as wbf_fuse_packed_levels
 
 __all__ = ["FUSION_METHODS", "FusionRule", "get_rule"]
 
 # fuse(packed, params, weighted, threads, reuse): reuse -- write into this thread's cached output slots
 # (pipeline.fusion.runner.run_kernel)
 Fuse = Callable[[PackedTable, Mapping[str, Any], bool, int, bool], KernelOutput]
+# fuse_levels(packed, params, values of the level parameter, threads, reuse): one output per value
+FuseLevels = Callable[[PackedTable, Mapping[str, Any], Sequence[float], int, bool], list[KernelOutput]]
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,8 @@ class FusionRule:
     divides_by_weight_sum: bool = False
     score_params: tuple[str, ...] = ()
     selection_thresholds: tuple[str, ...] = ()
+    level_param: str | None = None
+    fuse_levels: FuseLevels | None = None
 
     def resolve(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The defaults updated with ``params``; ``TypeError`` naming the rule's parameters for an unknown one."""
@@ -95,6 +105,13 @@ def _fuse_wbf(packed: PackedTable, p: Mapping[str, Any], weighted: bool, threads
     iou_thr, skip_box_thr = check_thresholds(p["iou_thr"], p["skip_box_thr"])
     return wbf_fuse_packed(packed, iou_thr, skip_box_thr, conf_code(p["conf_type"]), bool(p["allows_overflow"]),
                            threads=threads, reuse=reuse)
+
+
+def _fuse_wbf_levels(packed: PackedTable, p: Mapping[str, Any], values: Sequence[float], threads: int,
+                     reuse: bool) -> list[KernelOutput]:
+    iou_thr, _ = check_thresholds(p["iou_thr"], p["skip_box_thr"])
+    return wbf_fuse_packed_levels(packed, iou_thr, [check_thresholds(iou_thr, v)[1] for v in values],
+                                  conf_code(p["conf_type"]), bool(p["allows_overflow"]), threads=threads, reuse=reuse)
 
 
 def _check_nms(p: Mapping[str, Any]) -> None:
@@ -140,7 +157,8 @@ FUSION_METHODS: dict[str, FusionRule] = {
         "wbf", "weighted boxes fusion", "WBF", "weighted_boxes_fusion",
         defaults={"iou_thr": 0.55, "skip_box_thr": 0.0, "conf_type": "avg", "allows_overflow": False},
         grids=({"iou_thr": IOU_GRID, "skip_box_thr": SKIP_GRID, "conf_type": CONF_TYPES},),
-        check=_check_wbf, fuse=_fuse_wbf, sorted_by_score=True),
+        check=_check_wbf, fuse=_fuse_wbf, sorted_by_score=True, level_param="skip_box_thr",
+        fuse_levels=_fuse_wbf_levels),
     "nms": FusionRule(
         "nms", "non-maximum suppression", "NMS", "nms",
         defaults={"iou_thr": 0.5},

@@ -43,21 +43,22 @@ Work = Callable[[int, int, KernelOutput, np.ndarray, bool], None]
 
 
 def run_kernel(packed: PackedTable, work: Work, threads: int, rule: str, reuse: bool = False,
-               selection: bool = False) -> KernelOutput:
+               selection: bool = False, levels: int = 1) -> KernelOutput:
     """``work`` over every image of ``packed``, on ``threads`` threads when there are enough images; warns once
     per kind of input repair; ``ValueError`` for non-finite boxes or scores. ``reuse``: write into this thread's
     cached output arrays (no allocation, no page faults: the drop-ins' single images, and the OOF tuner's many
     fusions of one table, where fresh slots of hundreds of MB cost page faults and, with transparent huge pages,
     stalls of up to 0.3 s; the caller copies the rows it returns before the next call). ``selection``: the
-    output has a ``selection`` column for the kernel to write."""
+    output has a ``selection`` column for the kernel to write. ``levels``: room for that many outputs of every
+    image, one after the other (a kernel fusing at several parameter values at once: :func:`level_output`)."""
     n_img = len(packed.width)
-    n = int(packed.row_offs[-1])
+    n, n_counts = int(packed.row_offs[-1]) * levels, n_img * levels
     if reuse:
-        out = thread_output(n, n_img)
+        out = thread_output(n, n_counts)
         if not selection:
             out = out._replace(selection=None)
     else:
-        out = KernelOutput(np.empty((n, 4)), np.empty(n), np.empty(n, np.int64), np.zeros(n_img, np.int64),
+        out = KernelOutput(np.empty((n, 4)), np.empty(n), np.empty(n, np.int64), np.zeros(n_counts, np.int64),
                            np.empty(n) if selection else None)
     if threads <= 1 or n_img < 4 * threads:
         stats = np.zeros(N_STATS, np.int64)
@@ -70,6 +71,15 @@ def run_kernel(packed: PackedTable, work: Work, threads: int, rule: str, reuse: 
         stats = all_stats.sum(axis=0)
     check_repairs(stats, rule)
     return out
+
+
+def level_output(out: KernelOutput, level: int, packed: PackedTable) -> KernelOutput:
+    """Output ``level`` of a :func:`run_kernel` call with several (``levels``) on ``packed``: its slots and counts,
+    as the output of a call with one (a level's slots start at ``level * n``, its counts at ``level * n_img``)."""
+    n, n_img = int(packed.row_offs[-1]), len(packed.width)
+    return KernelOutput(out.boxes[level * n:(level + 1) * n], out.score[level * n:(level + 1) * n],
+                        out.label[level * n:(level + 1) * n], out.count[level * n_img:(level + 1) * n_img],
+                        None if out.selection is None else out.selection[level * n:(level + 1) * n])
 
 
 _THREAD_LOCAL = threading.local()

@@ -23,7 +23,7 @@ from pipeline.fusion.runner import DenseRows, dense_rows
 from pipeline.fusion.rules import FusionRule, get_rule
 from pipeline.layout import PREDICTION_COLUMNS, empty_predictions, normalise_predictions
 
-__all__ = ["BACKENDS", "fuse_packed", "fuse_predictions", "fused_table"]
+__all__ = ["BACKENDS", "fuse_packed", "fuse_packed_levels", "fuse_predictions", "fused_table"]
 
 BACKENDS = ("numba", "ensemble_boxes")
 
@@ -107,6 +107,19 @@ def fuse_packed(packed: PackedTable, method: str, weighted: bool, backend: str =
         order = np.lexsort((-rows.values[4], rows.image))  # stable: equal scores keep the library's order
         rows = DenseRows(rows.image[order], rows.values[:, order], rows.label[order])
     return rows
+
+
+def fuse_packed_levels(packed: PackedTable, method: str, values: Sequence[float], threads: int | None = None,
+                       reuse_slots: bool = False, by_score: bool = False, **params: Any) -> list[DenseRows]:
+    """:func:`fuse_packed` (numba backend) with the rule's ``level_param`` at each of ``values`` (non-decreasing),
+    in one pass of its kernel (``FusionRule.fuse_levels``); every set weight of ``packed`` must be 1. The same rows
+    as one :func:`fuse_packed` call per value; ``ValueError`` for a rule without levels."""
+    rule, resolved = _resolved_rule(method, "numba", params)
+    if rule.fuse_levels is None:
+        raise ValueError(f"fusion method {method!r} has no parameter fused at several values at once")
+    n_threads = available_cpus() if threads is None else int(threads)
+    outputs = rule.fuse_levels(packed, resolved, values, n_threads, reuse_slots)
+    return [dense_rows(packed, out, n_threads, by_score and not rule.sorted_by_score) for out in outputs]
 
 
 def _resolved_rule(method: str, backend: str, params: dict[str, Any]) -> tuple[FusionRule, dict[str, Any]]:

@@ -16,10 +16,10 @@ import pandas as pd
 from pipeline.fusion.packing import PackedTable, pack_table, with_weights
 from pipeline.fusion.rules import get_rule
 from pipeline.fusion.runner import DenseRows
-from pipeline.fusion.table import fuse_packed, fused_table
+from pipeline.fusion.table import fuse_packed, fuse_packed_levels, fused_table
 from pipeline.layout import empty_predictions
 
-__all__ = ["TunedRows", "derive_rows", "fuse_tuned", "fuse_tuned_rows", "rule_params"]
+__all__ = ["TunedRows", "derive_rows", "fuse_tuned", "fuse_tuned_rows", "fuse_tuned_rows_levels", "rule_params"]
 
 _NOT_RULE = ("method", "weights", "score_thr")
 
@@ -75,14 +75,7 @@ def fuse_tuned_rows(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | 
     scale = _score_scale(method, weights, sets, dropped)
     # a threshold the rule compares with the divided scores (soft-NMS's thresh) is divided alike
     rule = {k: (v / scale if k in get_rule(method).score_params else v) for k, v in rule.items()}
-    multi = not isinstance(group_col, str) and len(group_col) > 1
-    if packings is None or dropped not in packings:
-        packed = pack_table(preds, sizes, group_col, weights, sets, dropped)
-        if packings is not None:
-            packings[dropped] = packed
-    else:
-        packed = packings[dropped]
-        packed = None if packed is None else with_weights(packed, weights, multi)
+    packed = _packed(preds, sizes, group_col, weights, sets, dropped, packings)
     if packed is None:
         return None
     rows = fuse_packed(packed, method, weights is not None, backend, reuse_slots=packings is not None,
@@ -90,6 +83,53 @@ def fuse_tuned_rows(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | 
     if scale != 1.0 and len(rows.image):
         rows.values[4] *= scale
     return TunedRows(packed, _above_score_thr(rows, params))
+
+
+def fuse_tuned_rows_levels(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | pd.DataFrame,
+                           every: Sequence[Mapping[str, Any]], sets: Sequence[tuple], group_col: str | Sequence[str],
+                           *, packings: dict[frozenset, PackedTable | None] | None = None,
+                           by_score: bool = False) -> list[TunedRows | None]:
+    """:func:`fuse_tuned_rows` (numba backend) for each of ``every``: params that differ only in the rule's
+    ``level_param`` (WBF's ``skip_box_thr``) and ``score_thr``. When every kept member has weight 1 (or there are
+    no weights), one pass of the rule's kernel fuses them all (:func:`~pipeline.fusion.table.fuse_packed_levels`:
+    the same rows); otherwise, or for a rule without levels, one fusion each."""
+    method, first = rule_params(every[0])
+    rule = get_rule(method)
+    weights = dict(every[0].get("weights") or {})
+    name = rule.level_param
+    same = name is not None and all(
+        rule_params(p)[0] == method and dict(p.get("weights") or {}) == weights
+        and {k: v for k, v in rule_params(p)[1].items() if k != name} == {k: v for k, v in first.items() if k != name}
+        for p in every)
+    # one pass only where fuse_tuned_rows would neither scale the scores nor divide a parameter (weights 1)
+    if (not same or len(every) < 2 or any(w not in (0.0, 1.0) for w in weights.values())
+            or rule.divides_by_weight_sum or rule.score_params):
+        return [fuse_tuned_rows(preds, sizes, p, sets, group_col, packings=packings, by_score=by_score) for p in every]
+    rule.check(first)
+    dropped = frozenset(m for m, w in weights.items() if w == 0)
+    packed = _packed(preds, sizes, group_col, weights or None, sets, dropped, packings)
+    if packed is None:
+        return [None] * len(every)
+    values = [float(rule_params(p)[1][name]) for p in every]
+    levels = sorted(set(values))
+    rows = fuse_packed_levels(packed, method, levels, reuse_slots=packings is not None, by_score=by_score,
+                              **{k: v for k, v in first.items() if k != name})
+    by_value = dict(zip(levels, rows))
+    return [TunedRows(packed, _above_score_thr(by_value[v], p)) for v, p in zip(values, every)]
+
+
+def _packed(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | pd.DataFrame, group_col: str | Sequence[str],
+            weights: dict | None, sets: Sequence[tuple], dropped: frozenset,
+            packings: dict[frozenset, PackedTable | None] | None) -> PackedTable | None:
+    """``preds`` packed without the members in ``dropped``, with ``weights``: from ``packings`` (one packing per
+    set of left-out members, filled in here) when given."""
+    if packings is None or dropped not in packings:
+        packed = pack_table(preds, sizes, group_col, weights, sets, dropped)
+        if packings is not None:
+            packings[dropped] = packed
+        return packed
+    multi = not isinstance(group_col, str) and len(group_col) > 1
+    return None if packings[dropped] is None else with_weights(packings[dropped], weights, multi)
 
 
 def _score_scale(method: str, weights: dict | None, sets: Sequence[tuple], dropped: frozenset) -> float:

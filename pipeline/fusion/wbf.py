@@ -7,7 +7,9 @@ Two entry points:
   the same boxes, scores, labels, count and order as the library (see "Ties" for the one place the library's
   own output is not defined).
 * :func:`fuse_packed` -- the same fusion for many images at once, on packed arrays (one compiled call per thread);
-  :func:`pipeline.fusion.fuse_predictions` feeds it a whole prediction table.
+  :func:`pipeline.fusion.fuse_predictions` feeds it a whole prediction table. :func:`fuse_packed_levels` gives its
+  output at several ``skip_box_thr`` from one pass when every set weight is 1 (the OOF tuner's grid): a higher
+  threshold keeps the first boxes of each label group's order, and the clusters when they are done are read off.
 
 The compiled stages are in :mod:`pipeline.fusion.wbf_kernel`, their work arrays in :mod:`pipeline.fusion.wbf_scratch`.
 
@@ -87,8 +89,8 @@ import numpy as np
 
 from pipeline.fusion.lists import check_finite, concat_lists, list_weights
 from pipeline.fusion.packing import PackedTable, pack_lists
-from pipeline.fusion.runner import KernelOutput, largest_image, run_kernel
-from pipeline.fusion.wbf_kernel import CONF_TYPES, fuse_image_range
+from pipeline.fusion.runner import KernelOutput, largest_image, level_output, run_kernel
+from pipeline.fusion.wbf_kernel import CONF_TYPES, fuse_image_range, fuse_image_range_levels
 from pipeline.fusion.wbf_scratch import allocate_scratch, thread_scratch
 
 __all__ = ["CONF_TYPES", "weighted_boxes_fusion", "fuse_packed", "conf_code", "check_thresholds"]
@@ -132,6 +134,36 @@ def fuse_packed(packed: PackedTable, iou_thr: float, skip_thr: float | np.ndarra
         fuse_image_range(lo, hi, *packed.kernel_rows, packed.row_offs, *params, *out.slots(), stats, *scratch)
 
     return run_kernel(packed, work, threads, "WBF", reuse)
+
+
+def fuse_packed_levels(packed: PackedTable, iou_thr: float, skip_levels: Sequence[float], conf_code: int,
+                       allows_overflow: bool, threads: int = 1, reuse: bool = False) -> list[KernelOutput]:
+    """:func:`fuse_packed` at each ``skip_box_thr`` of ``skip_levels`` (non-decreasing), in one pass over the
+    images (:func:`~pipeline.fusion.wbf_kernel.fuse_image_range_levels`): the OOF tuner's grid of skip thresholds
+    at the cost of about one fusion. Every set weight must be 1 (``ValueError`` otherwise): only then are the
+    boxes a higher threshold keeps the first ones of each label group's order. Entry ``k`` is ``fuse_packed``'s
+    output with ``skip_levels[k]``, bit for bit. Input repairs are counted as the lowest threshold reads the rows
+    (one warning for the call). ``reuse``: the slots of all levels are this
+    thread's cached output (:func:`~pipeline.fusion.runner.run_kernel`)."""
+    weights = np.ascontiguousarray(packed.weights, dtype=np.float64)
+    levels = [float(v) for v in skip_levels]
+    if not len(weights) or not np.all(weights == 1.0):
+        raise ValueError("fuse_packed_levels needs every set weight 1 (fuse each threshold with fuse_packed)")
+    if not levels or any(math.isnan(v) for v in levels) or levels != sorted(levels):
+        raise ValueError(f"skip_levels must be non-decreasing numbers, got {levels}")
+    n_sets, n_levels = len(weights), len(levels)
+    params = (weights, float(weights.sum()), float(weights.max()), float(iou_thr), np.asarray(levels),
+              int(conf_code), bool(allows_overflow))
+
+    def work(lo: int, hi: int, out: KernelOutput, stats: np.ndarray, cached: bool) -> None:
+        cap = largest_image(packed, lo, hi)
+        scratch = thread_scratch(cap, n_sets) if cached else allocate_scratch(cap, n_sets)
+        level_ints = np.empty((n_levels, 4, cap + 1), np.int64)
+        fuse_image_range_levels(lo, hi, *packed.kernel_rows, packed.row_offs, *params, *out.slots(), level_ints,
+                                stats, *scratch)
+
+    out = run_kernel(packed, work, threads, "WBF", reuse, levels=n_levels)
+    return [level_output(out, k, packed) for k in range(n_levels)]
 
 
 def weighted_boxes_fusion(boxes_list: Any, scores_list: Any, labels_list: Any,

@@ -11,6 +11,11 @@ steps of the ``pipeline.fusion.wbf`` docstring):
 4. :func:`_rescore_clusters` -- the ``conf_type`` rescaling;
 5. :func:`_emit_by_score` -- the final sort and the output rows.
 
+:func:`fuse_image_range_levels` runs the same stages once for several ``skip_box_thr`` at every set weight 1: each
+label group is clustered in pieces (:func:`_cluster_boxes`), and at the end of each threshold's prefix of the group
+its clusters are rescored and copied out for that threshold (:func:`_cluster_group_levels`), then sorted as stage 5
+sorts them (:func:`_emit_level`).
+
 The stages share their work arrays through :class:`~pipeline.fusion.wbf_scratch.Scratch` (named rows, one
 allocation per thread). The per-box helpers of stage 3 are inlined into its loop (``inline="always"``): a call
 per box would cost more than the work. Inlining is free only if LLVM can drop the incref/decref numba wraps
@@ -88,8 +93,159 @@ def fuse_image_range(img_lo: int, img_hi: int, seg_offs: np.ndarray, seg_start: 
         for g in range(n_groups):
             nc = _cluster_label_group(scratch.group_start[g], scratch.group_start[g + 1], nc, weights, iou_thr,
                                       radius_factor, use_grid, conf_code, scratch)
-        stamp = _rescore_clusters(nc, stamp, weights, wsum, wmax, conf_code, allows_overflow, scratch)
+        stamp = _rescore_clusters(np.int64(0), nc, stamp, weights, wsum, wmax, conf_code, allows_overflow, scratch)
         out_count[img] = _emit_by_score(nc, row_offs[img], out_box, out_score, out_label, scratch)
+
+
+@numba.njit(**NJIT_OPTIONS)
+def fuse_image_range_levels(img_lo: int, img_hi: int, seg_offs: np.ndarray, seg_start: np.ndarray,
+                            seg_len: np.ndarray, seg_set: np.ndarray, x1: np.ndarray, y1: np.ndarray, x2: np.ndarray,
+                            y2: np.ndarray, score: np.ndarray, label: np.ndarray, width: np.ndarray,
+                            height: np.ndarray, row_offs: np.ndarray, weights: np.ndarray, wsum: float, wmax: float,
+                            iou_thr: float, skip_levels: np.ndarray, conf_code: int, allows_overflow: bool,
+                            out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray,
+                            out_count: np.ndarray, level_ints: np.ndarray, stats: np.ndarray,
+                            *scratch_blocks: np.ndarray) -> None:
+    """:func:`fuse_image_range` at several skip thresholds in one pass, every set weight 1.
+
+    ``skip_levels`` (K,): the thresholds, non-decreasing. With every weight 1 a box's weighted score is its raw
+    score, so the boxes a higher threshold keeps are, in each label group, the first ones of the order the lowest
+    threshold clusters in -- a prefix (equal scores are kept or dropped together) -- and the library, given only
+    them, goes through the same steps on them: level ``k``'s clusters are this run's clusters when the group's
+    prefix is done. They are read there (rescored, written to level ``k``'s slots) and the run goes on. Level
+    ``k``'s output of image ``i``: slots ``k * n + row_offs[i] : + out_count[k * n_img + i]`` (``n =
+    row_offs[-1]``), by score as :func:`_emit_by_score` orders them, its label groups in their first appearance
+    among the boxes level ``k`` keeps. ``level_ints``: int64 (K, 4, cap + 1) work rows (see
+    :func:`_cluster_group_levels`); input repairs are counted as the lowest level reads the rows.
+    """
+    scratch = Scratch(*scratch_blocks)
+    for t in range(weights.shape[0]):
+        scratch.set_stamp[t] = 0
+    stamp = np.int64(0)  # not the literal 0: see fuse_image_range
+    radius_factor = _search_radius_factor(iou_thr)
+    use_grid = iou_thr >= GRID_MIN_THR
+    n_levels = skip_levels.shape[0]
+    n_img = width.shape[0]
+    n = row_offs[n_img]
+    lowest = np.full(weights.shape[0], skip_levels[0])  # read_image's per-set thresholds
+    for img in range(img_lo, img_hi):
+        m = read_image(img, seg_offs, seg_start, seg_len, seg_set, x1, y1, x2, y2, score, label, width, height,
+                       lowest, weights, 1.0, scratch.boxes[BoxRow.KEPT],
+                       scratch.floats[FloatRow.KEPT_SCORE], scratch.ints[IntRow.KEPT_SET],
+                       scratch.ints[IntRow.KEPT_LABEL], stats)
+        for k in range(n_levels):
+            out_count[k * n_img + img] = 0
+        if m == 0:
+            continue
+        n_groups = _order_by_label(m, scratch)
+        nc = np.int64(0)
+        for g in range(n_groups):
+            nc, stamp = _cluster_group_levels(g, nc, stamp, row_offs[img], n, m, weights, wsum, wmax, iou_thr,
+                                              radius_factor, use_grid, skip_levels, conf_code, allows_overflow,
+                                              out_box, out_score, out_label, level_ints, scratch)
+        stamp = _rescore_clusters(np.int64(0), nc, stamp, weights, wsum, wmax, conf_code, allows_overflow, scratch)
+        out_count[img] = _emit_by_score(nc, row_offs[img], out_box, out_score, out_label, scratch)
+        for k in range(1, n_levels):
+            out_count[k * n_img + img] = _emit_level(k, k * n + row_offs[img], n_groups, out_box, out_score,
+                                                     out_label, level_ints, scratch)
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _cluster_group_levels(g: int, first: int, stamp: int, out_row: int, n: int, m: int, weights: np.ndarray,
+                          wsum: float, wmax: float, iou_thr: float, radius_factor: float, use_grid: bool,
+                          skip_levels: np.ndarray, conf_code: int, allows_overflow: bool, out_box: np.ndarray,
+                          out_score: np.ndarray, out_label: np.ndarray, level_ints: np.ndarray,
+                          scratch: Scratch) -> tuple[int, int]:
+    """Label group ``g`` clustered as :func:`_cluster_label_group` does, its clusters read at the end of each
+    level's prefix, the shortest first, into that level's slots (unsorted: :func:`_emit_level` sorts them).
+    Returns ``nc`` and ``stamp``. ``level_ints[k]`` rows, per group: 0 the first slot of its clusters (relative to
+    the image's), 1 their number, 2 the group's first kept box that level ``k`` keeps (``m``: none), 3 how many of
+    its boxes level ``k`` keeps."""
+    gs = scratch.group_start[g]
+    ge = scratch.group_start[g + 1]
+    kept_score = scratch.floats[FloatRow.KEPT_SCORE]
+    by_group = scratch.ints[IntRow.BY_GROUP]
+    n_levels = skip_levels.shape[0]
+    for k in range(1, n_levels):
+        level_ints[k, 2, g] = m
+        level_ints[k, 3, g] = 0
+    for r in range(gs, ge):
+        i = by_group[r]
+        for k in range(1, n_levels):
+            if kept_score[i] >= skip_levels[k]:  # not (score < thr): read_image's test
+                level_ints[k, 3, g] += 1
+                if i < level_ints[k, 2, g]:
+                    level_ints[k, 2, g] = i
+    n_cells = _group_grid(gs, ge, radius_factor, use_grid, scratch)
+    nc = first
+    nan_c = np.int64(-1)
+    r = gs
+    for k in range(n_levels - 1, 0, -1):
+        end = gs + level_ints[k, 3, g]
+        nc, nan_c = _cluster_boxes(r, end, first, nc, nan_c, n_cells, weights, iou_thr, radius_factor, conf_code,
+                                   scratch)
+        r = end
+        start = 0 if g == 0 else level_ints[k, 0, g - 1] + level_ints[k, 1, g - 1]
+        level_ints[k, 0, g] = start
+        level_ints[k, 1, g] = nc - first
+        stamp = _rescore_clusters(first, nc, stamp, weights, wsum, wmax, conf_code, allows_overflow, scratch)
+        _copy_clusters(first, nc, k * n + out_row + start, out_box, out_score, out_label, scratch)
+    nc, nan_c = _cluster_boxes(r, ge, first, nc, nan_c, n_cells, weights, iou_thr, radius_factor, conf_code,
+                               scratch)
+    return nc, stamp
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _copy_clusters(c_lo: int, c_hi: int, o: int, out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray,
+                   scratch: Scratch) -> None:
+    """Clusters ``c_lo..c_hi-1`` (fused box, ``FINAL_SCORE``, label) to slots ``o...``, in order."""
+    fused = scratch.boxes[BoxRow.FUSED]
+    final_score = scratch.floats[FloatRow.FINAL_SCORE]
+    cluster_label = scratch.ints[IntRow.CLUSTER_LABEL]
+    for c in range(c_lo, c_hi):
+        for q in range(4):
+            out_box[o, q] = fused[c, q]
+        out_score[o] = final_score[c]
+        out_label[o] = cluster_label[c]
+        o += 1
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _emit_level(k: int, base: int, n_groups: int, out_box: np.ndarray, out_score: np.ndarray,
+                out_label: np.ndarray, level_ints: np.ndarray, scratch: Scratch) -> int:
+    """Sort level ``k``'s rows of one image, written group by group from slot ``base`` on, as
+    :func:`_emit_by_score` sorts clusters numbered in level ``k``'s own group order; returns their number. The
+    image's kept boxes, cluster sums and links are done with: their rows hold the rows being sorted."""
+    ints = scratch.ints
+    keys = ints[IntRow.SORT_KEY]
+    by_label = ints[IntRow.BY_LABEL]
+    by_score = ints[IntRow.BY_SCORE]
+    temp_box = scratch.boxes[BoxRow.KEPT]
+    temp_score = scratch.floats[FloatRow.CONF_SUM]
+    temp_label = ints[IntRow.CELL_NEXT]
+    int_sort_keys(level_ints[k, 2], n_groups, keys)
+    radix_argsort(keys, n_groups, by_label, ints[IntRow.SORT_KEY_A], ints[IntRow.SORT_KEY_B],
+                  ints[IntRow.SORT_INDEX_B], scratch.radix_hist)
+    total = 0
+    for q in range(n_groups):
+        g = by_label[q]
+        start = base + level_ints[k, 0, g]
+        for j in range(level_ints[k, 1, g]):
+            for c in range(4):
+                temp_box[total, c] = out_box[start + j, c]
+            temp_score[total] = out_score[start + j]
+            temp_label[total] = out_label[start + j]
+            total += 1
+    float_sort_keys(temp_score, total, keys)
+    radix_argsort_top(keys, total, by_score, ints[IntRow.SORT_KEY_A], ints[IntRow.SORT_KEY_B],
+                      ints[IntRow.SORT_INDEX_B], scratch.radix_hist)
+    for r in range(total):
+        j = by_score[total - 1 - r]
+        for c in range(4):
+            out_box[base + r, c] = temp_box[j, c]
+        out_score[base + r] = temp_score[j]
+        out_label[base + r] = temp_label[j]
+    return total
 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
@@ -182,9 +338,37 @@ def _order_by_label(m: int, scratch: Scratch) -> int:
 def _cluster_label_group(gs: int, ge: int, first: int, weights: np.ndarray, iou_thr: float, radius_factor: float,
                          use_grid: bool, conf_code: int, scratch: Scratch) -> int:
     """Cluster one label group, the boxes ``BY_GROUP[gs:ge]``, into clusters ``first, first + 1, ...`` in the
-    library's order; returns the number of clusters of the image so far.
+    library's order; returns the number of clusters of the image so far."""
+    n_cells = _group_grid(gs, ge, radius_factor, use_grid, scratch)
+    nc, _ = _cluster_boxes(gs, ge, first, first, np.int64(-1), n_cells, weights, iou_thr, radius_factor, conf_code,
+                           scratch)
+    return nc
 
-    The grid upkeep is written out here, on views taken once per group, rather than in inlined helpers: numba
+
+@numba.njit(**NJIT_OPTIONS)
+def _group_grid(gs: int, ge: int, radius_factor: float, use_grid: bool, scratch: Scratch) -> int:
+    """Cells per axis of the grid index of the label group ``BY_GROUP[gs:ge]``, the grid emptied; 0: no index,
+    every open cluster of the group is scanned."""
+    n_cells = 0
+    if use_grid and ge - gs >= GRID_MIN_BOXES:
+        n_cells = _grid_cells_per_axis(gs, ge, scratch.ints[IntRow.BY_GROUP], scratch.boxes[BoxRow.KEPT],
+                                       radius_factor)
+        for k in range(n_cells * n_cells):
+            scratch.grid_head[k] = -1
+        for k in range(n_cells * ROW_WORDS):
+            scratch.grid_rows[k] = 0
+    return n_cells
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _cluster_boxes(r_lo: int, r_hi: int, first: int, nc: int, nan_c: int, n_cells: int, weights: np.ndarray,
+                   iou_thr: float, radius_factor: float, conf_code: int, scratch: Scratch) -> tuple[int, int]:
+    """The boxes ``BY_GROUP[r_lo:r_hi]`` of a label group whose clusters are ``first..nc-1`` so far (grid:
+    :func:`_group_grid`), clustered in order; returns the new ``nc`` and ``nan_c`` (the first cluster with a NaN
+    fused box, -1 if none; see the module docstring of pipeline.fusion.wbf). A group may be clustered in pieces
+    (:func:`fuse_image_range_levels` reads the clusters between them).
+
+    The grid upkeep is written out here, on views taken once per call, rather than in inlined helpers: numba
     increfs and decrefs every array an inlined helper receives, per box, unless LLVM can pair the two up, which
     it cannot when the helper uses the array in only one branch (measured: ~50 more instructions per box).
     """
@@ -200,16 +384,7 @@ def _cluster_label_group(gs: int, ge: int, first: int, weights: np.ndarray, iou_
     cluster_cell = ints[IntRow.CELL]
     cell_next = ints[IntRow.CELL_NEXT]
     cell_prev = ints[IntRow.CELL_PREV]
-    n_cells = 0  # grid cells per axis; 0: no grid index, every open cluster of the group is scanned
-    if use_grid and ge - gs >= GRID_MIN_BOXES:
-        n_cells = _grid_cells_per_axis(gs, ge, by_group, kept, radius_factor)
-        for k in range(n_cells * n_cells):
-            grid_head[k] = -1
-        for k in range(n_cells * ROW_WORDS):
-            grid_rows[k] = 0
-    nc = first
-    nan_c = -1  # the first cluster with a NaN fused box (see the module docstring of pipeline.fusion.wbf)
-    for r in range(gs, ge):
+    for r in range(r_lo, r_hi):
         i = by_group[r]
         x1 = kept[i, 0]
         y1 = kept[i, 1]
@@ -261,7 +436,7 @@ def _cluster_label_group(gs: int, ge: int, first: int, weights: np.ndarray, iou_
                 else:  # the cell was empty
                     mark_cell(grid_rows, new_cell, n_cells, True)
                 grid_head[new_cell] = c
-    return nc
+    return nc, nan_c
 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
@@ -399,14 +574,14 @@ def _join_cluster(c: int, i: int, ws: float, w_set: float, conf_code: int, kept:
 # 4. rescoring
 # ----------------------------------------------------------------------------------------------------------------
 @numba.njit(**NJIT_OPTIONS)
-def _rescore_clusters(nc: int, stamp: int, weights: np.ndarray, wsum: float, wmax: float, conf_code: int,
+def _rescore_clusters(c_lo: int, nc: int, stamp: int, weights: np.ndarray, wsum: float, wmax: float, conf_code: int,
                       allows_overflow: bool, scratch: Scratch) -> int:
-    """``FINAL_SCORE`` of clusters ``0..nc-1``: the library's ``conf_type`` rescaling. ``stamp``: the last value
+    """``FINAL_SCORE`` of clusters ``c_lo..nc-1``: the library's ``conf_type`` rescaling. ``stamp``: the last value
     written to ``set_stamp`` (distinct-set marks, never reset within a kernel call); returns the new one."""
     floats = scratch.floats
     ints = scratch.ints
     n_sets = weights.shape[0]
-    for c in range(nc):
+    for c in range(c_lo, nc):
         n_c = ints[IntRow.MEMBER_COUNT, c]
         s1 = floats[FloatRow.SCORE, c]
         if conf_code == CONF_BOX_AND_MODEL_AVG:
