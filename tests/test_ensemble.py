@@ -140,14 +140,15 @@ def test_the_tuned_score_is_the_tables_score_whether_or_not_the_rows_were_held(m
 
 
 @pytest.mark.slow  # two whole searches (make test); the kernel's exactness is a fast test of its own
-def test_wbf_skip_thresholds_are_fused_together_and_tune_the_same(monkeypatch):
-    # at weights 1 the rule search fuses each iou_thr's skip_box_thr options in one kernel pass
+@pytest.mark.parametrize("method", ["wbf", "nmw"])
+def test_skip_thresholds_are_fused_together_and_tune_the_same(method, monkeypatch):
+    # at weights 1 the rule search fuses each iou_thr's skip_box_thr options in one kernel pass (WBF, NMW)
     # (fuse_tuned_rows_levels): the same tuned point and OOF score as fusing every point, in fewer passes
     from pipeline import ensemble
     from pipeline.fusion.tuned import fuse_tuned_rows
 
     table, good, bad = synthetic(10, seed=2)
-    cfg = load_config("configs/demo/ensemble.yaml", ["ensemble.method=wbf", "ensemble.tune.weight_steps=1"])
+    cfg = load_config("configs/demo/ensemble.yaml", [f"ensemble.method={method}", "ensemble.tune.weight_steps=1"])
     members = good_and_bad(cfg, good, bad)
     scorer = Scorer("coco_map", table)
     passes, together = [], []
@@ -155,13 +156,13 @@ def test_wbf_skip_thresholds_are_fused_together_and_tune_the_same(monkeypatch):
     monkeypatch.setattr(ensemble, "fuse_tuned_rows", lambda *a, **k: passes.append(1) or fuse_rows(*a, **k))
     monkeypatch.setattr(ensemble, "fuse_tuned_rows_levels",
                         lambda *a, **k: passes.append(1) or together.append(len(a[2])) or fuse_levels(*a, **k))
-    shared = tune(members, table.images, scorer, cfg, "wbf")
+    shared = tune(members, table.images, scorer, cfg, method)
     n_shared = len(passes)
     assert together and min(together) >= 2  # the skip grid came in groups
     passes.clear()
     monkeypatch.setattr(ensemble, "fuse_tuned_rows_levels", lambda preds, sizes, every, sets, group, **k: [
         passes.append(1) or fuse_tuned_rows(preds, sizes, p, sets, group, **k) for p in every])
-    assert tune(members, table.images, scorer, cfg, "wbf") == shared
+    assert tune(members, table.images, scorer, cfg, method) == shared
     assert n_shared < len(passes)
 
 

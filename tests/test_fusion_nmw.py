@@ -175,3 +175,33 @@ def test_ious_at_and_just_above_the_threshold_in_the_grid_search(iou_thr):
     # threshold: lattice boxes put many IoUs exactly at it or a hair above it
     boxes, scores, labels = lattice_boxes()
     assert_identical(lib(boxes, scores, labels, iou_thr=iou_thr), ours(boxes, scores, labels, iou_thr=iou_thr))
+
+
+def test_nmw_at_several_skip_thresholds_in_one_pass_is_a_fusion_per_threshold():
+    # fuse_packed_levels (pipeline.fusion.levels): each threshold's output bit for bit fuse_packed's, at weights 1
+    # or all equal (NMW divides them by their maximum), ties across labels and zero scores included
+    from pipeline.fusion.nmw import fuse_packed, fuse_packed_levels
+    from pipeline.fusion.packing import pack_lists
+    from tests.test_fusion import _levels_case
+
+    rng = np.random.default_rng(11)
+    for case in range(200):
+        packed = _levels_case(rng)
+        if case % 3 == 0:
+            packed = packed._replace(weights=np.full(len(packed.weights), 2.5))
+        levels = sorted(rng.choice([0.0, 0.05, 0.1, 0.3, 0.5, 0.6], int(rng.integers(1, 4)), replace=False).tolist())
+        iou_thr = float(rng.choice([0.05, 0.3, 0.55, 0.7]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outputs = fuse_packed_levels(packed, iou_thr, levels)
+            expected = [fuse_packed(packed, iou_thr, level) for level in levels]
+        for got, ref in zip(outputs, expected):
+            m = int(ref.count[0])
+            assert int(got.count[0]) == m, (case, levels)
+            np.testing.assert_array_equal(got.boxes[:m], ref.boxes[:m])
+            np.testing.assert_array_equal(got.score[:m], ref.score[:m])
+            np.testing.assert_array_equal(got.label[:m], ref.label[:m])
+    two_sets = pack_lists(np.array([[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.6, 0.6]]), np.array([0.9, 0.8]),
+                          np.zeros(2, np.int64), np.array([1, 1]), 2)
+    with pytest.raises(ValueError, match="equal"):
+        fuse_packed_levels(two_sets._replace(weights=np.array([1.0, 2.0])), 0.55, [0.0, 0.1])

@@ -183,16 +183,17 @@ def test_rows_by_score_are_each_images_rows_in_the_order_a_scorer_packs_them(met
         assert len(_offsets_if_packed(rows.image, rows.values[4], 3)) == 4
 
 
+@pytest.mark.parametrize("method", ["wbf", "nmw"])
 @pytest.mark.parametrize("weights", [None, {"m0": 1.0, "m1": 1.0, "m2": 1.0}, {"m0": 1.0, "m1": 0.0, "m2": 1.0},
                                      {"m0": 2.0, "m1": 1.0, "m2": 1.0}])
-def test_a_skip_threshold_grid_fused_together_gives_each_points_rows(weights):
-    # the OOF tuner's WBF grid over skip_box_thr: one kernel pass when every kept weight is 1 (a member of weight
+def test_a_skip_threshold_grid_fused_together_gives_each_points_rows(weights, method):
+    # the OOF tuner's WBF / NMW grid over skip_box_thr: one kernel pass when every kept weight is 1 (a member of weight
     # 0 left out), one fusion each otherwise -- the rows of each point as fusing it alone, on 2 threads and 1
     from pipeline.fusion.tuned import fuse_tuned_rows, fuse_tuned_rows_levels
 
     table = pd.concat([make_table(seed=s).assign(image_id=lambda d, s=s: d.image_id + str(s)) for s in range(4)])
     sizes = {f"{k}{s}": v for k, v in SIZES.items() for s in range(4)}
-    every = [{"method": "wbf", "iou_thr": 0.5, "skip_box_thr": v, "weights": weights, "score_thr": t}
+    every = [{"method": method, "iou_thr": 0.5, "skip_box_thr": v, "weights": weights, "score_thr": t}
              for v, t in [(0.05, 0.0), (0.0, 0.0), (0.3, 0.2), (0.05, 0.4)]]
     for packings in (None, {}):
         together = fuse_tuned_rows_levels(table, sizes, every, SETS, GROUP, packings=packings, by_score=True)

@@ -4,8 +4,9 @@ Framework for Real-Time Object Detection", 2017).
 
 Entry points: the drop-in :func:`non_maximum_weighted` (same arguments, normalised ``[0, 1]`` coordinates, the
 same boxes, scores, labels, count and order as the library) and :func:`fuse_packed`, the same rule for every
-image of a packed table (:func:`pipeline.fusion.fuse_predictions` with ``method="nmw"``). The compiled stages are
-in :mod:`pipeline.fusion.nmw_kernel`.
+image of a packed table (:func:`pipeline.fusion.fuse_predictions` with ``method="nmw"``), with
+:func:`fuse_packed_levels` for several ``skip_box_thr`` in one pass at equal weights (the OOF tuner's grid,
+:mod:`pipeline.fusion.levels`). The compiled stages are in :mod:`pipeline.fusion.nmw_kernel`.
 
 What the library does, and what is replicated here:
 
@@ -48,11 +49,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.fusion.lists import check_finite, concat_lists, list_weights
-from pipeline.fusion.nmw_kernel import allocate_scratch, fuse_image_range, thread_scratch
+from pipeline.fusion.levels import checked_levels
+from pipeline.fusion.nmw_kernel import allocate_scratch, fuse_image_range, fuse_image_range_levels, thread_scratch
 from pipeline.fusion.packing import PackedTable, pack_lists
-from pipeline.fusion.runner import KernelOutput, largest_image, run_kernel
+from pipeline.fusion.runner import KernelOutput, largest_image, level_output, run_kernel
 
-__all__ = ["non_maximum_weighted", "fuse_packed"]
+__all__ = ["non_maximum_weighted", "fuse_packed", "fuse_packed_levels"]
 
 
 def fuse_packed(packed: PackedTable, iou_thr: float, skip_thr: float | np.ndarray, threads: int = 1,
@@ -76,6 +78,30 @@ def fuse_packed(packed: PackedTable, iou_thr: float, skip_thr: float | np.ndarra
         fuse_image_range(lo, hi, *packed.kernel_rows, packed.row_offs, *params, *out.slots(), stats, *scratch)
 
     return run_kernel(packed, work, threads, "NMW", reuse)
+
+
+def fuse_packed_levels(packed: PackedTable, iou_thr: float, skip_levels: Sequence[float], threads: int = 1,
+                       reuse: bool = False) -> list[KernelOutput]:
+    """:func:`fuse_packed` at each ``skip_box_thr`` of ``skip_levels`` (non-decreasing) in one pass over the
+    images, every set weight equal (``ValueError`` otherwise: only then are a higher threshold's boxes the first
+    ones of each label group's order; :mod:`pipeline.fusion.levels`). Entry ``k`` is ``fuse_packed``'s output with
+    ``skip_levels[k]``, bit for bit; input repairs are counted as the lowest threshold reads the rows."""
+    iou_thr = float(iou_thr)
+    levels = checked_levels(skip_levels)
+    weights = np.asarray(packed.weights, dtype=np.float64)
+    if math.isnan(iou_thr) or not len(weights) or not np.all(weights == weights.max()):
+        raise ValueError("fuse_packed_levels needs every set weight equal and iou_thr a number")
+    factor = np.ones(len(weights))  # weights / max(weights)
+
+    def work(lo: int, hi: int, out: KernelOutput, stats: np.ndarray, cached: bool) -> None:
+        cap = largest_image(packed, lo, hi)
+        scratch = thread_scratch(cap) if cached else allocate_scratch(cap)
+        level_ints = np.empty((len(levels), 4, cap + 1), np.int64)
+        fuse_image_range_levels(lo, hi, *packed.kernel_rows, packed.row_offs, factor, levels, iou_thr, *out.slots(),
+                                level_ints, stats, *scratch)
+
+    out = run_kernel(packed, work, threads, "NMW", reuse, levels=len(levels))
+    return [level_output(out, k, packed) for k in range(len(levels))]
 
 
 def non_maximum_weighted(boxes_list: Any, scores_list: Any, labels_list: Any,

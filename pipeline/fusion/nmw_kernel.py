@@ -12,6 +12,10 @@
    float32 weighted box is accumulated as boxes join;
 4. :func:`_emit_by_score` -- the fused boxes by their float32 score, descending.
 
+:func:`fuse_image_range_levels` runs them once for several ``skip_box_thr`` at every weight equal
+(:mod:`pipeline.fusion.levels`): each label group clustered in pieces (:func:`_cluster_boxes`), its clusters copied
+out at the end of each higher threshold's prefix.
+
 Work arrays: :class:`Scratch`, rows named by :class:`FloatRow` and :class:`IntRow`, passed as separate arguments.
 """
 from __future__ import annotations
@@ -26,12 +30,14 @@ import numpy as np
 from pipeline.fusion.grid import (CELL_BITS, GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, ROW_WORDS, cells_per_axis,
                                   first_cell, grid_layout, mark_cell, occupied_in_word, search_radius_factor,
                                   window_cells)
+from pipeline.fusion.levels import count_group_levels, place_group, sort_level_rows
 from pipeline.fusion.primitives import (NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys, iou,
                                         may_exceed, overlap_union, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
-COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a"}
+COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "levels.py": "b9bb07e1d9a6fade", "primitives.py": "5a867f87f2eb7faf",
+                    "rows.py": "7abf6a39d4426c6a"}
 
 
 @unique
@@ -131,6 +137,74 @@ def fuse_image_range(img_lo: int, img_hi: int, seg_offs: np.ndarray, seg_start: 
 
 
 @numba.njit(**NJIT_OPTIONS)
+def fuse_image_range_levels(img_lo: int, img_hi: int, seg_offs: np.ndarray, seg_start: np.ndarray,
+                            seg_len: np.ndarray, seg_set: np.ndarray, x1: np.ndarray, y1: np.ndarray, x2: np.ndarray,
+                            y2: np.ndarray, score: np.ndarray, label: np.ndarray, width: np.ndarray,
+                            height: np.ndarray, row_offs: np.ndarray, factor: np.ndarray, skip_levels: np.ndarray,
+                            iou_thr: float, out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray,
+                            out_count: np.ndarray, level_ints: np.ndarray, stats: np.ndarray,
+                            *scratch_blocks: np.ndarray) -> None:
+    """:func:`fuse_image_range` at each threshold of ``skip_levels`` (K, non-decreasing) in one pass, every
+    ``factor`` 1 (:mod:`pipeline.fusion.levels`). Threshold ``k``'s output of image ``i``: slots ``k * n +
+    row_offs[i] : + out_count[k * n_img + i]`` (``n = row_offs[-1]``)."""
+    scratch = Scratch(*scratch_blocks)
+    radius_factor = search_radius_factor(iou_thr)
+    use_grid = iou_thr >= GRID_MIN_THR
+    n_levels = skip_levels.shape[0]
+    n_img = width.shape[0]
+    n = row_offs[n_img]
+    lowest = np.full(factor.shape[0], skip_levels[0])  # read_image's per-set thresholds
+    for img in range(img_lo, img_hi):
+        m = read_image(img, seg_offs, seg_start, seg_len, seg_set, x1, y1, x2, y2, score, label, width, height,
+                       lowest, factor, 1.0, scratch.kept, scratch.floats[FloatRow.KEPT_SCORE],
+                       scratch.ints[IntRow.KEPT_SET], scratch.ints[IntRow.KEPT_LABEL], stats)
+        for k in range(n_levels):
+            out_count[k * n_img + img] = 0
+        if m == 0:
+            continue
+        n_groups = _order_by_label(m, scratch)
+        nc = np.int64(0)  # not the literal 0: numba would compile callees twice (see wbf_kernel)
+        for g in range(n_groups):
+            gs = scratch.group_start[g]
+            ge = scratch.group_start[g + 1]
+            count_group_levels(g, gs, ge, m, scratch.ints[IntRow.BY_GROUP], scratch.floats[FloatRow.KEPT_SCORE],
+                               skip_levels, level_ints)
+            n_cells = _group_grid(gs, ge, radius_factor, use_grid, scratch)
+            first = nc
+            r = gs
+            for k in range(n_levels - 1, 0, -1):  # the shortest prefix first
+                end = gs + level_ints[k, 3, g]
+                nc = _cluster_boxes(r, end, first, nc, n_cells, iou_thr, radius_factor, scratch)
+                r = end
+                _copy_clusters(first, nc, k * n + row_offs[img] + place_group(k, g, nc - first, level_ints), out_box,
+                               out_score, out_label, scratch)
+            nc = _cluster_boxes(r, ge, first, nc, n_cells, iou_thr, radius_factor, scratch)
+        out_count[img] = _emit_by_score(nc, row_offs[img], out_box, out_score, out_label, scratch)
+        ints = scratch.ints
+        for k in range(1, n_levels):  # the image's sums are written out: their rows hold the rows being sorted
+            out_count[k * n_img + img] = sort_level_rows(
+                k, k * n + row_offs[img], n_groups, out_box, out_score, out_label, level_ints, scratch.kept,
+                scratch.floats[FloatRow.CONF], ints[IntRow.REP], ints[IntRow.SORT_KEY], ints[IntRow.BY_LABEL],
+                ints[IntRow.BY_SCORE], ints[IntRow.SORT_KEY_A], ints[IntRow.SORT_KEY_B], ints[IntRow.SORT_INDEX_B],
+                scratch.radix_hist)
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _copy_clusters(c_lo: int, c_hi: int, o: int, out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray,
+                   scratch: Scratch) -> None:
+    """Clusters ``c_lo..c_hi-1`` as they stand (box ``float32(sum / conf)``, score, label) to slots ``o...``."""
+    conf = scratch.floats[FloatRow.CONF]
+    final_score = scratch.floats[FloatRow.FINAL_SCORE]
+    cluster_label = scratch.ints[IntRow.CLUSTER_LABEL]
+    for c in range(c_lo, c_hi):
+        for k in range(4):
+            out_box[o, k] = np.float64(np.float32(np.float64(scratch.box_sums[c, k]) / conf[c]))
+        out_score[o] = final_score[c]
+        out_label[o] = cluster_label[c]
+        o += 1
+
+
+@numba.njit(**NJIT_OPTIONS)
 def _order_by_label(m: int, scratch: Scratch) -> int:
     """``BY_GROUP`` and ``group_start`` for the ``m`` kept boxes: label groups in the order in which their label
     first appears (the library's dict), inside a group by weighted score descending, ties: later box first.
@@ -198,6 +272,36 @@ def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_fa
                          scratch: Scratch) -> int:
     """Cluster the boxes ``BY_GROUP[gs:ge]`` into clusters ``first, first + 1, ...`` as the library does, and
     accumulate each cluster's weighted box; returns the number of clusters of the image so far."""
+    n_cells = _group_grid(gs, ge, radius_factor, use_grid, scratch)
+    return _cluster_boxes(gs, ge, first, first, n_cells, iou_thr, radius_factor, scratch)
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _group_grid(gs: int, ge: int, radius_factor: float, use_grid: bool, scratch: Scratch) -> int:
+    """Cells per axis of the grid of the label group ``BY_GROUP[gs:ge]``'s representatives, laid out with room for
+    every box of the group (any may become one) and empty; 0: no grid, every representative is scanned."""
+    kept = scratch.kept
+    by_group = scratch.ints[IntRow.BY_GROUP]
+    n_cells = 0
+    if use_grid and ge - gs >= GRID_MIN_BOXES:
+        sw = 0.0
+        for r in range(gs, ge):
+            i = by_group[r]
+            sw += (kept[i, 2] - kept[i, 0]) + (kept[i, 3] - kept[i, 1])
+        n_cells = cells_per_axis(radius_factor * sw / (2.0 * (ge - gs)), ge - gs)
+        grid_layout(n_cells, n_cells, kept, by_group[gs:ge], ge - gs, scratch.ints[IntRow.CELL_OF],
+                    scratch.cell_start, scratch.cell_count)
+        for k in range(n_cells * ROW_WORDS):
+            scratch.grid_rows[k] = 0
+    return n_cells
+
+
+@numba.njit(**NJIT_OPTIONS)
+def _cluster_boxes(r_lo: int, r_hi: int, first: int, nc: int, n_cells: int, iou_thr: float, radius_factor: float,
+                   scratch: Scratch) -> int:
+    """The boxes ``BY_GROUP[r_lo:r_hi]`` of a label group whose clusters are ``first..nc-1`` so far (grid:
+    :func:`_group_grid`), clustered in order; returns the new ``nc``. A group may be clustered in pieces
+    (:func:`fuse_image_range_levels` reads the clusters between them)."""
     kept = scratch.kept
     box_sums = scratch.box_sums
     floats = scratch.floats
@@ -215,20 +319,8 @@ def _cluster_label_group(gs: int, ge: int, first: int, iou_thr: float, radius_fa
     cell_start = scratch.cell_start
     cell_count = scratch.cell_count
     grid_rows = scratch.grid_rows
-    n_cells = 0
-    if use_grid and ge - gs >= GRID_MIN_BOXES:
-        sw = 0.0
-        for r in range(gs, ge):
-            i = by_group[r]
-            sw += (kept[i, 2] - kept[i, 0]) + (kept[i, 3] - kept[i, 1])
-        n_cells = cells_per_axis(radius_factor * sw / (2.0 * (ge - gs)), ge - gs)
-        # room for every box of the group, since any may become a representative
-        grid_layout(n_cells, n_cells, kept, by_group[gs:ge], ge - gs, cell_of, cell_start, cell_count)
-        for k in range(n_cells * ROW_WORDS):
-            grid_rows[k] = 0
     thr_low = iou_thr * (1.0 - 1e-9)  # a candidate certainly not above iou_thr is passed over (may_exceed)
-    nc = first
-    for r in range(gs, ge):
+    for r in range(r_lo, r_hi):
         i = by_group[r]
         bx1 = kept[i, 0]
         by1 = kept[i, 1]

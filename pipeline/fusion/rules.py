@@ -29,9 +29,9 @@
   derives the other values' rows (:func:`pipeline.fusion.tuned.derive_rows`).
 * ``level_param`` and ``fuse_levels``: a parameter whose values the compiled backend fuses in one pass when every
   set weight is 1, ``fuse_levels(packed, params, values, threads, reuse)`` returning one output per value (WBF's
-  ``skip_box_thr``: a higher threshold keeps a prefix of each label group's boxes, whose clusters are the run's
-  clusters at that point, :func:`pipeline.fusion.wbf.fuse_packed_levels`). The OOF tuner fuses a grid's values of
-  it so (:func:`pipeline.fusion.tuned.fuse_tuned_rows_levels`).
+  ``skip_box_thr``, NMW's too: a higher threshold keeps a prefix of each label group's boxes, whose clusters are
+  the run's clusters at that point, :mod:`pipeline.fusion.levels`). The OOF tuner fuses a grid's values of it so
+  (:func:`pipeline.fusion.tuned.fuse_tuned_rows_levels`).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.fusion.nmw import fuse_packed as nmw_fuse_packed
+from pipeline.fusion.nmw import fuse_packed_levels as nmw_fuse_packed_levels
 from pipeline.fusion.packing import PackedTable
 from pipeline.fusion.runner import KernelOutput
 from pipeline.fusion.suppression import DECAYS, check_nms_params
@@ -149,6 +150,13 @@ def _fuse_nmw(packed: PackedTable, p: Mapping[str, Any], weighted: bool, threads
     return nmw_fuse_packed(packed, iou_thr, skip_box_thr, threads=threads, reuse=reuse)
 
 
+def _fuse_nmw_levels(packed: PackedTable, p: Mapping[str, Any], values: Sequence[float], threads: int,
+                     reuse: bool) -> list[KernelOutput]:
+    iou_thr, _ = check_thresholds(p["iou_thr"], p["skip_box_thr"])
+    return nmw_fuse_packed_levels(packed, iou_thr, [check_thresholds(iou_thr, v)[1] for v in values],
+                                  threads=threads, reuse=reuse)
+
+
 IOU_GRID = (0.4, 0.5, 0.55, 0.6, 0.7)
 SKIP_GRID = (0.0, 0.01, 0.05)
 
@@ -175,7 +183,8 @@ FUSION_METHODS: dict[str, FusionRule] = {
         "nmw", "non-maximum weighted", "NMW", "non_maximum_weighted",
         defaults={"iou_thr": 0.55, "skip_box_thr": 0.0},
         grids=({"iou_thr": IOU_GRID, "skip_box_thr": SKIP_GRID},),
-        check=_check_nmw, fuse=_fuse_nmw, sorted_by_score=True),
+        check=_check_nmw, fuse=_fuse_nmw, sorted_by_score=True, level_param="skip_box_thr",
+        fuse_levels=_fuse_nmw_levels),
 }
 
 

@@ -87,6 +87,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.fusion.levels import checked_levels
 from pipeline.fusion.lists import check_finite, concat_lists, list_weights
 from pipeline.fusion.packing import PackedTable, pack_lists
 from pipeline.fusion.runner import KernelOutput, largest_image, level_output, run_kernel
@@ -146,14 +147,12 @@ def fuse_packed_levels(packed: PackedTable, iou_thr: float, skip_levels: Sequenc
     (one warning for the call). ``reuse``: the slots of all levels are this
     thread's cached output (:func:`~pipeline.fusion.runner.run_kernel`)."""
     weights = np.ascontiguousarray(packed.weights, dtype=np.float64)
-    levels = [float(v) for v in skip_levels]
+    levels = checked_levels(skip_levels)
     if not len(weights) or not np.all(weights == 1.0):
         raise ValueError("fuse_packed_levels needs every set weight 1 (fuse each threshold with fuse_packed)")
-    if not levels or any(math.isnan(v) for v in levels) or levels != sorted(levels):
-        raise ValueError(f"skip_levels must be non-decreasing numbers, got {levels}")
     n_sets, n_levels = len(weights), len(levels)
-    params = (weights, float(weights.sum()), float(weights.max()), float(iou_thr), np.asarray(levels),
-              int(conf_code), bool(allows_overflow))
+    params = (weights, float(weights.sum()), float(weights.max()), float(iou_thr), levels, int(conf_code),
+              bool(allows_overflow))
 
     def work(lo: int, hi: int, out: KernelOutput, stats: np.ndarray, cached: bool) -> None:
         cap = largest_image(packed, lo, hi)

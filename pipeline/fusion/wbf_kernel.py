@@ -30,6 +30,7 @@ import numba
 import numpy as np
 
 from pipeline.fusion.grid import CELL_BITS, ROW_WORDS, first_cell, mark_cell, occupied_in_word
+from pipeline.fusion.levels import count_group_levels, place_group, sort_level_rows
 from pipeline.fusion.primitives import (NJIT_OPTIONS, cell_index, float_sort_keys, int_sort_keys, may_exceed,
                                         overlap_union, pairwise_sum, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
@@ -41,6 +42,7 @@ from pipeline.fusion.wbf_scratch import GRID_MAX, BoxRow, FloatRow, IntRow, Scra
 # drops the stale cache; tests/test_fusion.py fails (and prints the new record) until they are current.
 COMPILED_AGAINST = {
     "grid.py": "4c31c531fd090b1c",
+    "levels.py": "b9bb07e1d9a6fade",
     "primitives.py": "5a867f87f2eb7faf",
     "rows.py": "7abf6a39d4426c6a",
     "wbf_scratch.py": "3b066932c5e269ea",
@@ -158,24 +160,12 @@ def _cluster_group_levels(g: int, first: int, stamp: int, out_row: int, n: int, 
                           scratch: Scratch) -> tuple[int, int]:
     """Label group ``g`` clustered as :func:`_cluster_label_group` does, its clusters read at the end of each
     level's prefix, the shortest first, into that level's slots (unsorted: :func:`_emit_level` sorts them).
-    Returns ``nc`` and ``stamp``. ``level_ints[k]`` rows, per group: 0 the first slot of its clusters (relative to
-    the image's), 1 their number, 2 the group's first kept box that level ``k`` keeps (``m``: none), 3 how many of
-    its boxes level ``k`` keeps."""
+    Returns ``nc`` and ``stamp``; ``level_ints``: see :mod:`pipeline.fusion.levels`."""
     gs = scratch.group_start[g]
     ge = scratch.group_start[g + 1]
-    kept_score = scratch.floats[FloatRow.KEPT_SCORE]
-    by_group = scratch.ints[IntRow.BY_GROUP]
     n_levels = skip_levels.shape[0]
-    for k in range(1, n_levels):
-        level_ints[k, 2, g] = m
-        level_ints[k, 3, g] = 0
-    for r in range(gs, ge):
-        i = by_group[r]
-        for k in range(1, n_levels):
-            if kept_score[i] >= skip_levels[k]:  # not (score < thr): read_image's test
-                level_ints[k, 3, g] += 1
-                if i < level_ints[k, 2, g]:
-                    level_ints[k, 2, g] = i
+    count_group_levels(g, gs, ge, m, scratch.ints[IntRow.BY_GROUP], scratch.floats[FloatRow.KEPT_SCORE], skip_levels,
+                       level_ints)
     n_cells = _group_grid(gs, ge, radius_factor, use_grid, scratch)
     nc = first
     nan_c = np.int64(-1)
@@ -185,9 +175,7 @@ def _cluster_group_levels(g: int, first: int, stamp: int, out_row: int, n: int, 
         nc, nan_c = _cluster_boxes(r, end, first, nc, nan_c, n_cells, weights, iou_thr, radius_factor, conf_code,
                                    scratch)
         r = end
-        start = 0 if g == 0 else level_ints[k, 0, g - 1] + level_ints[k, 1, g - 1]
-        level_ints[k, 0, g] = start
-        level_ints[k, 1, g] = nc - first
+        start = place_group(k, g, nc - first, level_ints)
         stamp = _rescore_clusters(first, nc, stamp, weights, wsum, wmax, conf_code, allows_overflow, scratch)
         _copy_clusters(first, nc, k * n + out_row + start, out_box, out_score, out_label, scratch)
     nc, nan_c = _cluster_boxes(r, ge, first, nc, nan_c, n_cells, weights, iou_thr, radius_factor, conf_code,
@@ -217,35 +205,10 @@ def _emit_level(k: int, base: int, n_groups: int, out_box: np.ndarray, out_score
     :func:`_emit_by_score` sorts clusters numbered in level ``k``'s own group order; returns their number. The
     image's kept boxes, cluster sums and links are done with: their rows hold the rows being sorted."""
     ints = scratch.ints
-    keys = ints[IntRow.SORT_KEY]
-    by_label = ints[IntRow.BY_LABEL]
-    by_score = ints[IntRow.BY_SCORE]
-    temp_box = scratch.boxes[BoxRow.KEPT]
-    temp_score = scratch.floats[FloatRow.CONF_SUM]
-    temp_label = ints[IntRow.CELL_NEXT]
-    int_sort_keys(level_ints[k, 2], n_groups, keys)
-    radix_argsort(keys, n_groups, by_label, ints[IntRow.SORT_KEY_A], ints[IntRow.SORT_KEY_B],
-                  ints[IntRow.SORT_INDEX_B], scratch.radix_hist)
-    total = 0
-    for q in range(n_groups):
-        g = by_label[q]
-        start = base + level_ints[k, 0, g]
-        for j in range(level_ints[k, 1, g]):
-            for c in range(4):
-                temp_box[total, c] = out_box[start + j, c]
-            temp_score[total] = out_score[start + j]
-            temp_label[total] = out_label[start + j]
-            total += 1
-    float_sort_keys(temp_score, total, keys)
-    radix_argsort_top(keys, total, by_score, ints[IntRow.SORT_KEY_A], ints[IntRow.SORT_KEY_B],
-                      ints[IntRow.SORT_INDEX_B], scratch.radix_hist)
-    for r in range(total):
-        j = by_score[total - 1 - r]
-        for c in range(4):
-            out_box[base + r, c] = temp_box[j, c]
-        out_score[base + r] = temp_score[j]
-        out_label[base + r] = temp_label[j]
-    return total
+    return sort_level_rows(k, base, n_groups, out_box, out_score, out_label, level_ints, scratch.boxes[BoxRow.KEPT],
+                           scratch.floats[FloatRow.CONF_SUM], ints[IntRow.CELL_NEXT], ints[IntRow.SORT_KEY],
+                           ints[IntRow.BY_LABEL], ints[IntRow.BY_SCORE], ints[IntRow.SORT_KEY_A],
+                           ints[IntRow.SORT_KEY_B], ints[IntRow.SORT_INDEX_B], scratch.radix_hist)
 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
