@@ -13,9 +13,10 @@ probability 0.95 - 0.05 k, as the object's box plus Gaussian jitter of 5 % of it
 
 For each rule of ``--rules``, ``tune()`` runs exactly as the ensemble stage calls it (the search grid of
 ``configs/demo/ensemble.yaml``, ``--set ensemble.tune.iou_thr=[0.5,0.6]`` etc. to change it): wall seconds,
-fusions tried (points of the search, each a complete fused OOF table scored), how many of them ran the rule's
-kernel (the others' rows derived from another fusion's: soft-NMS's higher ``thresh``,
-:class:`pipeline.ensemble.SharedSelection`), fusions a minute, and how many members the tuned weights keep. The
+fusions tried (points of the search, each a complete fused OOF table scored), how many passes of the rule's
+kernel they took (the others' rows derived from another fusion's -- soft-NMS's higher ``thresh`` -- or fused in one
+pass with others -- WBF's and NMW's ``skip_box_thr`` grid at weights 1: :class:`pipeline.ensemble.SharedSelection`),
+fusions a minute, and how many members the tuned weights keep. The
 tuner may settle on fewer members (with ``--views 1`` soft-NMS keeps one member of four);
 ``--fixed-weights`` gives every member weight 1 in the config, so that every fusion is of all members (the search
 is then the rule grid and the score threshold). Then one step on the same table is timed in its two parts, as the
@@ -41,6 +42,7 @@ from pipeline import ensemble
 from pipeline.config import MemberConfig, load_config
 from pipeline.data.table import AnnotationTable
 from pipeline.ensemble import Member, oof_sets, score_rows, start_params, tune
+from pipeline.fusion import tuned
 from pipeline.fusion.tuned import fuse_tuned_rows
 from pipeline.metrics import Scorer
 
@@ -137,12 +139,13 @@ def main() -> None:
     print(f"CPUs available: {len(os.sched_getaffinity(0))}; load average: {os.getloadavg()[0]:.1f}; "
           f"{args.images:,} images, {args.members} members x {args.views} views x {args.boxes} boxes = "
           f"{len(oof_all):,} OOF rows; metric {args.metric}\n")
-    print("| rule | fusions tried | of them fused | tune() s | fusions a minute | members kept | tuned OOF "
+    print("| rule | fusions tried | kernel passes | tune() s | fusions a minute | members kept | tuned OOF "
           "| one fusion s | its scoring s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    kernel_runs = []  # the tuner's calls of fuse_tuned_rows: each runs the rule's kernel once
-    fuse_rows_once = ensemble.fuse_tuned_rows
-    ensemble.fuse_tuned_rows = lambda *a, **k: kernel_runs.append(1) or fuse_rows_once(*a, **k)
+    kernel_runs = []  # each pass of a rule's kernel over the table (one point, or a skip_box_thr grid at once)
+    fuse_one, fuse_levels = tuned.fuse_packed, tuned.fuse_packed_levels
+    tuned.fuse_packed = lambda *a, **k: kernel_runs.append(1) or fuse_one(*a, **k)
+    tuned.fuse_packed_levels = lambda *a, **k: kernel_runs.append(1) or fuse_levels(*a, **k)
     for method in [r for r in args.rules.split(",") if r]:
         # compile (or load from numba's cache) every kernel a step runs -- the rule, packing, the scoring -- before
         # timing: on a fresh checkout the first tune() would otherwise time the compilation too
@@ -153,6 +156,7 @@ def main() -> None:
         t0 = time.perf_counter()
         params, score, n_fusions = tune(members, table.images, scorer, cfg, method)
         seconds = time.perf_counter() - t0
+        n_passes = len(kernel_runs)
         n_kept = sum(w > 0 for w in params.weights.values())
         record = start_params(method, members, cfg).record()
 
@@ -162,7 +166,7 @@ def main() -> None:
         fused = fuse_rows()
         t_fuse = median_seconds(fuse_rows)
         t_score = median_seconds(lambda: score_rows(scorer, fused))
-        print(f"| {method} | {n_fusions} | {len(kernel_runs)} | {seconds:.1f} | {60 * n_fusions / seconds:.0f} | "
+        print(f"| {method} | {n_fusions} | {n_passes} | {seconds:.1f} | {60 * n_fusions / seconds:.0f} | "
               f"{n_kept} of {len(members)} | {score:.4f} | {t_fuse:.3f} | {t_score:.3f} |", flush=True)
 
 
