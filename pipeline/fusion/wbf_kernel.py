@@ -118,7 +118,7 @@ def fuse_image_range_levels(img_lo: int, img_hi: int, seg_offs: np.ndarray, seg_
     ``k``'s output of image ``i``: slots ``k * n + row_offs[i] : + out_count[k * n_img + i]`` (``n =
     row_offs[-1]``), by score as :func:`_emit_by_score` orders them, its label groups in their first appearance
     among the boxes level ``k`` keeps. ``level_ints``: int64 (K, 4, cap + 1) work rows (see
-    :func:`_cluster_group_levels`); input repairs are counted as the lowest level reads the rows.
+    :mod:`pipeline.fusion.levels`); input repairs are counted as the lowest level reads the rows.
     """
     scratch = Scratch(*scratch_blocks)
     for t in range(weights.shape[0]):
