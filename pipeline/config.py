@@ -352,6 +352,10 @@ class MemberConfig(Strict):
     predictions: str | None = None
     name: str | None = None  # the member's name (required with predictions; default: the config's `run`)
     format: Literal["table", "coco_json", "yolo_txt"] = "table"  # of the predictions folder's files
+    # coco_json: how an integer image_id without a file_name names an image -- exported: the id `folds export --to
+    # coco` wrote (MMDetection, detectron2); stem: the file's all-digit stem (older Ultralytics save_json); auto: the
+    # reading that names an image for every entry (two that disagree are refused, naming this key)
+    coco_image_id: Literal["auto", "exported", "stem"] = "auto"
     weight: float | None = None  # fixed weight; None: tuned on OOF
     # the TTA views to fuse, each one its OOF predictions hold; None: all of them. A view left out is neither tuned
     # nor fused nor run by a bundle: drop a view that does not help without predicting again
@@ -387,6 +391,9 @@ class MemberConfig(Strict):
             raise ValueError("a member names either `config` (a model of ours) or `predictions` (a folder), not both")
         if self.predictions is not None and not self.name:
             raise ValueError(f"member with predictions {self.predictions!r} needs a `name`")
+        if self.coco_image_id != "auto" and (self.predictions is None or self.format != "coco_json"):
+            raise ValueError(f"coco_image_id {self.coco_image_id!r} reads coco_json predictions only; this member's "
+                             f"are {'a config of ours' if self.predictions is None else self.format}")
         return self
 
 

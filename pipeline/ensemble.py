@@ -124,8 +124,9 @@ def external_member(cfg: ExperimentConfig, spec: MemberConfig) -> Member:
         raise EnsembleError(f"member {spec.name}: predictions folder {folder} not found (a relative path is read "
                             "from the working directory, as data.root is)")
     folds = read_folds(folds_path(cfg))
-    oof = load_external_oof(folder, spec.format, spec.name, load_dataset(cfg.data, "train"), folds)
-    test = load_external_test(folder, spec.format, spec.name, load_dataset(cfg.data, "test"), folds)
+    oof = load_external_oof(folder, spec.format, spec.name, load_dataset(cfg.data, "train"), folds, spec.coco_image_id)
+    test = load_external_test(folder, spec.format, spec.name, load_dataset(cfg.data, "test"), folds,
+                              spec.coco_image_id)
     views = spec.chosen_views(oof.tta.unique(), folder)
     return Member(spec.name, cfg, *only_views(oof, test, views, spec.name), views)
 

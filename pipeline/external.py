@@ -214,13 +214,20 @@ EXPORTERS = {"yolo": export_yolo, "coco": export_coco}
 #     coco_json  a COCO results list [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]; category_id is
 #                the class index + 1 and an integer image_id the image's id in the files `folds export --to coco`
 #                wrote (its 1-based row in the split's annotation table: what MMDetection and detectron2 write
-#                back); a string image_id is our image id itself; an entry with a "file_name" (Ultralytics'
-#                save_json, whose image_id is the file stem, an integer when it is all digits) is mapped by that
-#                name's stem, as the YOLO export named the files
+#                back); a string image_id is our image id itself (or the YOLO export's file stem of it); an entry
+#                with a "file_name" (Ultralytics' save_json, whose image_id is the file stem, an integer when it is
+#                all digits) is mapped by that name's stem, as the YOLO export named the files. Without a file_name
+#                (older Ultralytics versions) an integer image_id may be either reading: COCO_IMAGE_IDS
 #     yolo_txt   one <image_id>.txt per image with "cls cx cy w h conf" lines, normalised (Ultralytics save_txt
 #                with save_conf); cls is the class index
 
 IMPORT_FORMATS = ("table", "coco_json", "yolo_txt")
+# How a coco_json file's integer image_id (an entry without a file_name) names an image: "exported", the id
+# `folds export --to coco` wrote (MMDetection, detectron2); "stem", the file's all-digit stem (Ultralytics' save_json
+# before it wrote file_name: image "0042.jpg" is image_id 42); "auto", the one reading that names an image of the
+# split for every entry, refused when both do and name different images (which one the tool meant is not in the
+# file; the member's coco_image_id says it).
+COCO_IMAGE_IDS = ("auto", "exported", "stem")
 # A box past the image edge by at most this many pixels is the file's rounding, not a fault (Ultralytics' save_txt
 # writes normalised coordinates with 6 decimals: on BCCD's 640 x 480 images a third of its boxes overshot, by at
 # most 0.00032 px): clipped and counted at INFO level; a larger overhang is a clip worth a warning.
@@ -257,10 +264,11 @@ def _read_table(path: Path, classes: list[str]) -> pd.DataFrame:
     return df if "tta" in df.columns else df.assign(tta="none")
 
 
-def _coco_image(path: Path, i: int, value: object, ids: list[str], entry: dict, stems: dict[str, str]) -> str:
+def _coco_image(path: Path, i: int, value: object, entry: dict, stems: dict[str, str]) -> str | int:
     """Entry ``i``'s image: its ``file_name``'s stem when it has one (Ultralytics' ``save_json``, whose ``image_id``
-    is the stem, an integer when the stem is all digits), else an integer ``image_id`` is the id the COCO export
-    gave it (:func:`coco_image_ids`), a string our image id itself."""
+    is the stem, an integer when the stem is all digits); else a string ``image_id`` is our image id (or a YOLO file
+    stem of one: ``stems``), an integer is returned as it is, for :func:`_integer_images` to read with the file's
+    other integers."""
     if "file_name" in entry:
         image = stems.get(Path(str(entry["file_name"])).stem)
         if image is None:
@@ -268,14 +276,57 @@ def _coco_image(path: Path, i: int, value: object, ids: list[str], entry: dict, 
                                 "this split (the files `folds export` wrote are named <image_id>.<ext>)")
         return image
     if isinstance(value, str):
-        return value
+        return stems.get(value, value)
     if isinstance(value, int) and not isinstance(value, bool):
-        if 1 <= value <= len(ids):
-            return ids[value - 1]
-        raise ExternalError(f"{path}: entry {i} has image_id {value}, which no exported image has: integer ids are "
-                            f"the ids `folds export --to coco` wrote (1..{len(ids)} for this split)")
+        return value
     raise ExternalError(f"{path}: entry {i} has image_id {value!r}: expected the exported integer id or our image "
                         "id as a string")
+
+
+def _digit_stems(ids: list[str]) -> dict[int, str]:
+    """``{int(stem): image id}`` for the YOLO file stems of ``ids`` that are all digits (the integers Ultralytics
+    writes for them); two stems of one number ("007", "7") name no image by it."""
+    by_number: dict[int, str | None] = {}
+    for image_id in ids:
+        stem = yolo_stem(image_id)
+        if stem.isascii() and stem.isdigit():
+            number = int(stem)
+            by_number[number] = image_id if number not in by_number else None
+    return {number: image_id for number, image_id in by_number.items() if image_id is not None}
+
+
+def _integer_images(path: Path, values: np.ndarray, entry: np.ndarray, ids: list[str], reading: str) -> np.ndarray:
+    """The images that a file's integer ``image_id`` values (entries ``entry``) name, read as ``reading``
+    (:data:`COCO_IMAGE_IDS`); an error names the first entry no reading can take, or the first that two readings
+    put on different images."""
+    exported_ok = (values >= 1) & (values <= len(ids))
+    exported = np.asarray(ids, dtype=object)[np.where(exported_ok, values - 1, 0)] if len(ids) else values
+    stems = _digit_stems(ids)
+    by_stem = pd.Series(values).map(stems).to_numpy(dtype=object)
+    stem_ok = pd.notna(by_stem)
+    option = ("set the member's coco_image_id: exported (MMDetection or detectron2 results on the files "
+              "`folds export --to coco` wrote) or stem (Ultralytics' save_json without file_name)")
+    if reading == "stem" and not stem_ok.all():
+        k = int(np.flatnonzero(~stem_ok)[0])
+        raise ExternalError(f"{path}: entry {entry[k]} has image_id {values[k]}, which is no image's all-digit file "
+                            "stem (coco_image_id: stem)")
+    if reading == "stem" or (reading == "auto" and stem_ok.all() and not exported_ok.all()):
+        if reading == "auto":
+            log.info("%s: integer image_ids read as file stems (Ultralytics' save_json without file_name)", path)
+        return by_stem
+    if not exported_ok.all():
+        k = int(np.flatnonzero(~exported_ok)[0])
+        stem_hint = ("; they are all-digit file stems of this split's images: coco_image_id stem reads them so"
+                     if stem_ok.all() else "; nor is each the all-digit file stem of one of this split's images "
+                     "(Ultralytics' save_json without file_name)" if stems else "")
+        raise ExternalError(f"{path}: entry {entry[k]} has image_id {values[k]}, which no exported image has: integer "
+                            f"ids are the ids `folds export --to coco` wrote (1..{len(ids)} for this split){stem_hint}")
+    if reading == "auto" and stem_ok.all() and (differ := np.flatnonzero(exported != by_stem)).size:
+        k = int(differ[0])
+        raise ExternalError(f"{path}: integer image_ids name different images read as exported ids or as file "
+                            f"stems ({differ.size} entries, first entry {entry[k]}: image_id {values[k]} is "
+                            f"{exported[k]!r} or {by_stem[k]!r}): {option}")
+    return exported
 
 
 def _class_indexes(labels: pd.Series, classes: list[str]) -> pd.Series:
@@ -290,19 +341,20 @@ def _class_indexes(labels: pd.Series, classes: list[str]) -> pd.Series:
     return text.map(lambda v: names.get(v, int(v) if v.isdigit() else -1)).astype(np.int64)
 
 
-def _read_coco(path: Path, ids: list[str]) -> pd.DataFrame:
-    """A COCO results list; ``ids``: the split's image ids in table order (integer ids index them from 1)."""
+def _read_coco(path: Path, ids: list[str], reading: str = "auto") -> pd.DataFrame:
+    """A COCO results list; ``ids``: the split's image ids in table order (exported integer ids index them from 1);
+    ``reading``: how integer ids without a ``file_name`` name images (:data:`COCO_IMAGE_IDS`)."""
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExternalError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(entries, list):
         raise ExternalError(f"{path}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
-    df = _coco_frame_at_once(entries, ids)
-    return (df if df is not None else _coco_frame_by_entry(path, entries, ids)).assign(tta="none")
+    df = _coco_frame_at_once(path, entries, ids, reading)
+    return (df if df is not None else _coco_frame_by_entry(path, entries, ids, reading)).assign(tta="none")
 
 
-def _coco_frame_at_once(entries: list, ids: list[str]) -> pd.DataFrame | None:
+def _coco_frame_at_once(path: Path, entries: list, ids: list[str], reading: str = "auto") -> pd.DataFrame | None:
     """The usual results list -- integer image and category ids (from 1), four numbers a box, numeric scores --
     read in whole columns (about a second for a million entries, without the loop per entry); None for anything
     else, which :func:`_coco_frame_by_entry` reads and names the first bad entry of."""
@@ -328,19 +380,22 @@ def _coco_frame_at_once(entries: list, ids: list[str]) -> pd.DataFrame | None:
         image_ids = images.to_numpy(dtype=object)
     else:
         image = frame["image_id"]
-        if not types.is_integer_dtype(image) or image.min() < 1 or image.max() > len(ids):
+        if not types.is_integer_dtype(image):
             return None
-        image_ids = np.asarray(ids, dtype=object)[image.to_numpy() - 1]
+        image_ids = _integer_images(path, image.to_numpy(np.int64), np.arange(len(frame)), ids, reading)
     return pd.DataFrame({"image_id": image_ids, "x1": box[:, 0],
                          "y1": box[:, 1], "x2": box[:, 0] + box[:, 2], "y2": box[:, 1] + box[:, 3],
                          "score": score.to_numpy(np.float64), "label": category.to_numpy(np.int64) - 1,
                          "row": "entry " + pd.Series(np.arange(len(frame))).astype(str)})
 
 
-def _coco_frame_by_entry(path: Path, entries: list, ids: list[str]) -> pd.DataFrame:
+def _coco_frame_by_entry(path: Path, entries: list, ids: list[str], reading: str = "auto") -> pd.DataFrame:
     """:func:`_coco_frame_at_once` for any results list, entry by entry: the first bad entry is an error naming it."""
     rows = []
-    stems = yolo_stems(ids) if any(isinstance(e, dict) and "file_name" in e for e in entries) else {}
+    known = set(ids)
+    stemmed = any(isinstance(e, dict) and ("file_name" in e or isinstance(e.get("image_id"), str)
+                                           and e["image_id"] not in known) for e in entries)
+    stems = yolo_stems(ids) if stemmed else {}
     for i, e in enumerate(entries):
         if isinstance(e, dict) and e.get("category_id") == 0:
             raise ExternalError(f"{path}: entry {i} has category_id 0: the exported files number the classes from 1 "
@@ -350,14 +405,21 @@ def _coco_frame_by_entry(path: Path, entries: list, ids: list[str]) -> pd.DataFr
                                 "--save-json (classes from 0; for YOLO models use format yolo_txt)")
         try:
             x, y, w, h = (float(v) for v in e["bbox"])
-            rows.append((_coco_image(path, i, e["image_id"], ids, e, stems), x, y, x + w, y + h, float(e["score"]),
+            rows.append((_coco_image(path, i, e["image_id"], e, stems), x, y, x + w, y + h, float(e["score"]),
                          int(e["category_id"]) - 1, f"entry {i}"))
         except ExternalError:
             raise
         except (KeyError, TypeError, ValueError):
             raise ExternalError(f"{path}: entry {i} is not {{image_id, category_id, bbox: [x, y, w, h], score}}: "
                                 f"{str(e)[:120]}") from None
-    return pd.DataFrame(rows, columns=["image_id", "x1", "y1", "x2", "y2", "score", "label", "row"])
+    df = pd.DataFrame(rows, columns=["image_id", "x1", "y1", "x2", "y2", "score", "label", "row"])
+    numbered = np.array([isinstance(v, (int, np.integer)) for v in df.image_id], dtype=bool)
+    if numbered.any():  # the file's integer ids are read together: which reading they take is the file's
+        images = _integer_images(path, df.image_id[numbered].to_numpy(np.int64), np.flatnonzero(numbered), ids,
+                                 reading)
+        df["image_id"] = df.image_id.astype(object)
+        df.loc[numbered, "image_id"] = images
+    return df
 
 
 def _yolo_files(folder: Path) -> list[Path]:
@@ -401,12 +463,16 @@ def _read_yolo(folder: Path, sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
     return df.assign(tta="none")
 
 
-def read_external(path: Path, fmt: str, classes: list[str], sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
+def read_external(path: Path, fmt: str, classes: list[str], sizes: dict[str, tuple[int, int]],
+                  coco_image_id: str = "auto") -> pd.DataFrame:
     """One predictions file (or folder, for yolo_txt) as rows of the prediction table plus a ``row`` column.
-    ``sizes``: ``{image_id: (width, height)}`` of the split, in its annotation table's order."""
+    ``sizes``: ``{image_id: (width, height)}`` of the split, in its annotation table's order; ``coco_image_id``:
+    coco_json's reading of integer image ids (:data:`COCO_IMAGE_IDS`)."""
+    if coco_image_id not in COCO_IMAGE_IDS:
+        raise ValueError(f"coco_image_id must be one of {COCO_IMAGE_IDS}, got {coco_image_id!r}")
     if fmt == "table":
         return _read_table(path, classes)
-    return _read_coco(path, list(sizes)) if fmt == "coco_json" else _read_yolo(path, sizes)
+    return _read_coco(path, list(sizes), coco_image_id) if fmt == "coco_json" else _read_yolo(path, sizes)
 
 
 def check_external(df: pd.DataFrame, source: Path, n_classes: int, sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
@@ -452,7 +518,8 @@ def _as_predictions(df: pd.DataFrame, name: str, fold: int) -> pd.DataFrame:
     return normalise_predictions(df.assign(model=name, fold=fold))
 
 
-def load_external_oof(folder: Path, fmt: str, name: str, table: AnnotationTable, folds: pd.DataFrame) -> pd.DataFrame:
+def load_external_oof(folder: Path, fmt: str, name: str, table: AnnotationTable, folds: pd.DataFrame,
+                      coco_image_id: str = "auto") -> pd.DataFrame:
     """Every fold's file, checked: present, finite, and fold K's file predicts fold K's images only (any other
     image was in that model's training set: its score would not be out-of-fold)."""
     sizes = image_sizes(table)
@@ -463,7 +530,8 @@ def load_external_oof(folder: Path, fmt: str, name: str, table: AnnotationTable,
         if path is None:
             raise ExternalError(f"{folder}: no OOF predictions for fold {fold} (expected fold{fold}"
                                 f"{_SUFFIXES[fmt][0] or '/'}); every fold of {len(fold_of)} images must be present")
-        df = check_external(read_external(path, fmt, table.classes, sizes), path, len(table.classes), sizes)
+        df = check_external(read_external(path, fmt, table.classes, sizes, coco_image_id), path,
+                            len(table.classes), sizes)
         _check_coverage(df, path, f"fold {fold}'s", int((fold_of == fold).sum()))
         elsewhere = df[df.image_id.map(fold_of).fillna(-1).astype(int) != fold]
         if len(elsewhere):
@@ -478,7 +546,7 @@ def load_external_oof(folder: Path, fmt: str, name: str, table: AnnotationTable,
 
 
 def load_external_test(folder: Path, fmt: str, name: str, table: AnnotationTable,
-                       folds: pd.DataFrame) -> pd.DataFrame | None:
+                       folds: pd.DataFrame, coco_image_id: str = "auto") -> pd.DataFrame | None:
     """``test`` (one model; fold 0) or ``test_fold<K>`` for every fold; None when the folder has neither."""
     sizes = image_sizes(table)
     single = _source(folder, "test", fmt)
@@ -494,7 +562,8 @@ def load_external_test(folder: Path, fmt: str, name: str, table: AnnotationTable
         return None
     frames = []
     for k, path in sources.items():
-        df = check_external(read_external(path, fmt, table.classes, sizes), path, len(table.classes), sizes)
+        df = check_external(read_external(path, fmt, table.classes, sizes, coco_image_id), path,
+                            len(table.classes), sizes)
         _check_coverage(df, path, "the test split's", len(sizes))
         frames.append(_as_predictions(df, name, k))
     return normalise_predictions(pd.concat(frames, ignore_index=True))

@@ -170,7 +170,7 @@ def member_predictions(cfg: ExperimentConfig, split: str, table: AnnotationTable
                 raise PseudoLabelError(f"member {spec.name}: predictions of another tool exist for the test split "
                                        "only; pseudo-label the unlabelled folder from members of ours")
             folder = spec.predictions_folder
-            preds = load_external_test(folder, spec.format, spec.name, table, folds)
+            preds = load_external_test(folder, spec.format, spec.name, table, folds, spec.coco_image_id)
             if preds is None:
                 raise PseudoLabelError(f"member {spec.name}: no test predictions in {folder}")
             views = spec.chosen_views(preds.tta.unique(), folder)

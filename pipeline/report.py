@@ -470,7 +470,8 @@ def read_report_inputs(cfg: ExperimentConfig,
         if spec.config is None:  # another tool's predictions: scored like ours, but no fold model to explain with
             name = str(spec.name)
             preds = (external_oof[name] if external_oof and name in external_oof
-                     else load_external_oof(spec.predictions_folder, spec.format, name, table, inputs.folds))
+                     else load_external_oof(spec.predictions_folder, spec.format, name, table, inputs.folds,
+                                            spec.coco_image_id))
             inputs.member_oof[name] = _views_fused(preds, table, cfg.predict, name)
             continue
         member = cfg.load_sibling(spec.config)

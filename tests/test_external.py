@@ -255,6 +255,17 @@ def test_a_member_is_a_config_or_a_predictions_folder():
     with pytest.raises(ValueError, match="needs a `name`"):
         MemberConfig(predictions="dir")
     assert MemberConfig(predictions="dir", name="yolo", format="yolo_txt").config is None
+    assert MemberConfig(predictions="dir", name="yolo", format="coco_json", coco_image_id="stem").coco_image_id == "stem"
+    with pytest.raises(ValueError, match="coco_image_id 'stem' reads coco_json predictions only; this member's are "
+                                         "yolo_txt"):
+        MemberConfig(predictions="dir", name="yolo", format="yolo_txt", coco_image_id="stem")
+    with pytest.raises(ValueError, match="this member's are a config of ours"):
+        MemberConfig(config="a.yaml", coco_image_id="exported")
+    from typing import get_args
+
+    from pipeline.external import COCO_IMAGE_IDS
+
+    assert get_args(MemberConfig.model_fields["coco_image_id"].annotation) == COCO_IMAGE_IDS
 
 
 BAD_CONTENT = [  # (format, change to fold 0's rows -- a table -- or entries -- COCO results --, expected message)
@@ -397,6 +408,7 @@ def test_the_ensemble_stage_fuses_an_external_member_with_one_of_ours(tmp_path, 
     assert ensemble_stage.main(["--config", str(folder / "ensemble.yaml"), "--set", "ensemble.method=wbf",
                                 "--set", "ensemble.nested=true"]) == 0
     assert len(reads) == 1  # the error-analysis page takes the member as the stage read it: its files read once
+    assert reads[0][1:] == ("yolo_txt", "yolo") + reads[0][3:5] + ("auto",)  # the member's coco_image_id passed on
     result = json.loads((ensemble_dir(cfg) / ENSEMBLE_RESULT).read_text())
     nested = next(r for r in result["table"] if r["row"] == "ensemble, tuned on the other folds (nested)")
     assert nested["oof"] == result["nested_oof"] > 0 and "test" not in nested
@@ -456,26 +468,94 @@ def test_coco_results_read_in_columns_equal_those_read_entry_by_entry(split, tmp
     preds = fake_predictions(table, folds)
     entries = [{"image_id": ids.index(r.image_id) + 1, "category_id": int(r.label) + 1, "score": r.score,
                 "bbox": [r.x1, r.y1, r.x2 - r.x1, r.y2 - r.y1]} for r in preds.itertuples()]
-    at_once = _coco_frame_at_once(entries, ids)
+    path = tmp_path / "f.json"
+    at_once = _coco_frame_at_once(path, entries, ids)
     assert at_once is not None
-    pd.testing.assert_frame_equal(at_once, _coco_frame_by_entry(tmp_path / "f.json", entries, ids), check_dtype=False)
+    pd.testing.assert_frame_equal(at_once, _coco_frame_by_entry(path, entries, ids), check_dtype=False)
     # anything unusual is left to the entry-by-entry reading, which names the entry
     for odd in ({**entries[1], "image_id": ids[0]}, {**entries[1], "category_id": 0}, {**entries[1], "bbox": [1, 2]},
-                {**entries[1], "image_id": len(ids) + 1}, {**entries[1], "score": "0.5"}, {"image_id": 1}):
-        assert _coco_frame_at_once(entries[:1] + [odd] + entries[2:], ids) is None, odd
+                {**entries[1], "score": "0.5"}, {"image_id": 1}):
+        assert _coco_frame_at_once(path, entries[:1] + [odd] + entries[2:], ids) is None, odd
+    # an integer id no image has is named by either reading alike
+    unknown = entries[:1] + [{**entries[1], "image_id": len(ids) + 1}] + entries[2:]
+    for read in (_coco_frame_at_once, _coco_frame_by_entry):
+        with pytest.raises(ExternalError, match=rf"f.json: entry 1 has image_id {len(ids) + 1}, which no exported"):
+            read(path, unknown, ids)
 
 
-def ultralytics_json(preds, table, numeric_stems=()):
+def ultralytics_json(preds, table, file_name=True):
     """``preds`` as Ultralytics 8's ``val save_json=True`` writes them: ``image_id`` the file stem (an integer when
-    the stem is all digits), ``file_name`` the exported image file, classes from 1, rounded as it rounds."""
+    the stem is all digits), ``file_name`` the exported image file (not written by older versions), classes from 1,
+    rounded as it rounds."""
     ext = {r.image_id: Path(r.path).suffix.lower() for r in table.images.itertuples()}
     entries = []
     for r in preds.itertuples():
         stem = yolo_stem(r.image_id)
-        entries.append({"image_id": int(stem) if stem.isnumeric() else stem, "file_name": f"{stem}{ext[r.image_id]}",
-                        "category_id": int(r.label) + 1, "score": round(r.score, 5),
+        entries.append({"image_id": int(stem) if stem.isnumeric() else stem, "category_id": int(r.label) + 1,
+                        "score": round(r.score, 5),
                         "bbox": [round(v, 3) for v in (r.x1, r.y1, r.x2 - r.x1, r.y2 - r.y1)]})
+        if file_name:
+            entries[-1]["file_name"] = f"{stem}{ext[r.image_id]}"
     return entries
+
+
+def renamed_split(table, folds, rename):
+    """``table`` and ``folds`` with every image id ``rename(k, image_id)`` (``k``: its row)."""
+    from pipeline.data.table import AnnotationTable
+
+    renamed = {i: rename(k, i) for k, i in enumerate(table.images.image_id)}
+    odd = AnnotationTable(table.images.assign(image_id=table.images.image_id.map(renamed)),
+                          table.boxes.assign(image_id=table.boxes.image_id.map(renamed)), list(table.classes))
+    return odd, folds.assign(image_id=folds.image_id.map(renamed))
+
+
+def _same_images(preds, got):
+    key = ["image_id", "score", "x1"]
+    a, b = preds.sort_values(key).reset_index(drop=True), got.sort_values(key).reset_index(drop=True)
+    return len(a) == len(b) and (a.image_id == b.image_id).all() and (a.label == b.label).all()
+
+
+def test_older_ultralytics_json_without_file_names_maps_digit_stems_or_asks_which_reading(split, tmp_path):
+    """Older Ultralytics versions write no file_name: an all-digit stem is an integer image_id, which may also be
+    read as an id of our COCO export. The reading that names an image for every entry is taken; where both do and
+    disagree the file is refused, naming the member's coco_image_id, which then decides."""
+    from pipeline.external import _digit_stems
+
+    cfg, table, folds = split
+    n = len(table.images)
+
+    def write(odd, odd_folds, folder):
+        preds = fake_predictions(odd, odd_folds)
+        folder.mkdir()
+        for k, part in preds.groupby("fold"):
+            (folder / f"fold{k}.json").write_text(json.dumps(ultralytics_json(part, odd, file_name=False)))
+        return preds
+
+    # stems past the exported ids (and stems of ids with a path separator): only the stem reading names them all
+    odd, odd_folds = renamed_split(table, folds, lambda k, i: f"{1000 + k}" if k % 2 else f"site/{i}")
+    preds = write(odd, odd_folds, tmp_path / "past")
+    assert _same_images(preds, load_external_oof(tmp_path / "past", "coco_json", "ext", odd, odd_folds))
+    assert _same_images(preds, load_external_oof(tmp_path / "past", "coco_json", "ext", odd, odd_folds, "stem"))
+    with pytest.raises(ExternalError, match=r"fold0.json: entry \d+ has image_id 10\d\d, which no exported image "
+                                            r"has.*they are all-digit file stems.*coco_image_id stem reads them"):
+        load_external_oof(tmp_path / "past", "coco_json", "ext", odd, odd_folds, "exported")
+
+    # the stems 1..n in another order than the table's: both readings name an image for every entry
+    odd, odd_folds = renamed_split(table, folds, lambda k, i: str(n - k))
+    preds = write(odd, odd_folds, tmp_path / "both")
+    with pytest.raises(ExternalError, match=r"fold0.json: integer image_ids name different images read as exported "
+                                            r"ids or as file stems .*set the member's coco_image_id"):
+        load_external_oof(tmp_path / "both", "coco_json", "ext", odd, odd_folds)
+    assert _same_images(preds, load_external_oof(tmp_path / "both", "coco_json", "ext", odd, odd_folds, "stem"))
+    with pytest.raises(ExternalError, match=r"image\(s\) outside fold 0"):  # read as exported ids: other images
+        load_external_oof(tmp_path / "both", "coco_json", "ext", odd, odd_folds, "exported")
+
+    # the stem reading names only what an all-digit stem names: a number two stems share names no image
+    assert _digit_stems(["007", "7", "12", "a/3", "x"]) == {12: "12"}
+    entries = ultralytics_json(preds[preds.image_id == str(n)], odd, file_name=False)
+    entries[1]["image_id"] = n + 5
+    with pytest.raises(ExternalError, match=rf"f.json: entry 1 has image_id {n + 5}, which is no image's all-digit"):
+        _read_coco_entries(tmp_path / "f.json", entries, list(odd.images.image_id), "stem")
 
 
 def test_ultralytics_save_json_maps_images_by_file_name_numeric_and_nested_ids_too(split, tmp_path):
@@ -498,18 +578,18 @@ def test_ultralytics_save_json_maps_images_by_file_name_numeric_and_nested_ids_t
     assert len(a) == len(b) and (a.image_id == b.image_id).all() and (a.label == b.label).all()
     assert abs(a[["x1", "y1", "x2", "y2"]].to_numpy() - b[["x1", "y1", "x2", "y2"]].to_numpy()).max() < 2e-3
     entries, ids = ultralytics_json(preds, odd), list(odd.images.image_id)
-    pd.testing.assert_frame_equal(_coco_frame_at_once(entries, ids),
+    pd.testing.assert_frame_equal(_coco_frame_at_once(tmp_path / "f.json", entries, ids),
                                   _coco_frame_by_entry(tmp_path / "f.json", entries, ids), check_dtype=False)
     stray = entries[:3] + [{**entries[3], "file_name": "elsewhere.jpg"}]
     with pytest.raises(ExternalError, match=r"f.json: entry 3 has file_name 'elsewhere.jpg', which names no image"):
         _read_coco_entries(tmp_path / "f.json", stray, ids)
 
 
-def _read_coco_entries(path, entries, ids):
+def _read_coco_entries(path, entries, ids, reading="auto"):
     from pipeline.external import _read_coco
 
     path.write_text(json.dumps(entries))
-    return _read_coco(path, ids)
+    return _read_coco(path, ids, reading)
 
 
 def test_label_files_moved_into_a_subfolder_of_the_fold_are_refused_naming_it(split, tmp_path):
