@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -432,6 +433,27 @@ def tune_rules(members: list[Member], sizes: pd.DataFrame, scorer: Scorer,
     return methods[get_metric(scorer.metric).best_index([tuned[m][1] for m in methods])], tuned
 
 
+# ensemble.nested "auto" scores the tuning out of fold when that should take at most this many seconds: k tunings,
+# each on the other folds' (k - 1) / k of the OOF images, about k - 1 times the tuning on all of them
+NESTED_AUTO_S = 60.0
+
+
+def nested_decision(setting: bool | str, tuning_s: float, n_folds: int) -> tuple[bool, str]:
+    """Whether the stage scores the tuning out of fold (``ensemble.nested``), and a line saying so ("" when the
+    setting is plain false)."""
+    estimate = (n_folds - 1) * tuning_s
+    if setting is False:
+        return False, ""
+    if setting is True:
+        return True, f"ensemble.nested: the tuning scored out of fold ({n_folds} tunings, ~{estimate:.0f} s)"
+    if estimate <= NESTED_AUTO_S:
+        return True, (f"ensemble.nested auto: the tuning scored out of fold ({n_folds} tunings, ~{estimate:.0f} s; "
+                      f"auto runs it up to {NESTED_AUTO_S:.0f} s)")
+    return False, (f"ensemble.nested auto: the out-of-fold score of the tuning skipped (~{estimate:.0f} s, "
+                   f"{n_folds - 1} x the tuning's {tuning_s:.0f} s; auto runs it up to {NESTED_AUTO_S:.0f} s): "
+                   "--set ensemble.nested=true runs it")
+
+
 def nested_oof(members: list[Member], train, folds: pd.DataFrame, cfg: ExperimentConfig) -> pd.DataFrame:
     """The tuned ensemble on images its tuning never saw: for each fold, the whole search (:func:`tune_rules`, every
     rule with ``auto``) on the other folds' OOF images, and its choice fuses this fold's images (fusion is per
@@ -583,7 +605,10 @@ def run(cfg: ExperimentConfig) -> dict:
 
     rows = [r for m in members for r in member_rows(m, train, oof_scorer, test_scorer, sizes_test, folds)]
     views = [r for m in members for r in view_rows(m, train, oof_scorer, test_scorer, sizes_test)]
+    tuning_start = time.perf_counter()
     chosen, tuned = tune_rules(members, train.images, oof_scorer, cfg)
+    run_nested, nested_line = nested_decision(cfg.ensemble.nested, time.perf_counter() - tuning_start,
+                                              folds.fold.nunique())
     methods, params, oof_score = list(tuned), tuned[chosen][0], tuned[chosen][1]
     evaluations = sum(t[2] for t in tuned.values())
     backend, oof_all = cfg.ensemble.wbf_backend, pd.concat([m.oof for m in members], ignore_index=True)
@@ -625,7 +650,9 @@ def run(cfg: ExperimentConfig) -> dict:
                                **({"test": rule_rows[m]["test"]} if "test" in rule_rows[m] else {})}
                            for m in methods}
     rows += [default_row, *rule_rows.values()]
-    if cfg.ensemble.nested:  # no test cell: on test the one tuning on all the OOF images is what runs
+    if nested_line:
+        print(nested_line)
+    if run_nested:  # no test cell: on test the one tuning on all the OOF images is what runs
         nested = cells("oof", [oof_scorer(nested_oof(members, train, folds, cfg))])
         rows.append({"row": "ensemble, tuned on the other folds (nested)", **nested})
         result["nested_oof"] = nested["oof"]
@@ -633,7 +660,8 @@ def run(cfg: ExperimentConfig) -> dict:
     if cfg.tracking.enabled:
         result["mlflow_run_id"] = log_ensemble(
             cfg, members=result["members"], fusion_params=result["params"], ensemble_score=oof_score,
-            member_scores={r["row"]: r["oof"] for r in rows if "fold ensemble" in r["row"]})
+            member_scores={r["row"]: r["oof"] for r in rows if "fold ensemble" in r["row"]},
+            nested_score=result.get("nested_oof"))
     atomic_write_text(ensemble_dir(cfg) / ENSEMBLE_RESULT, json.dumps(result, indent=2))
     print_table(rows, cfg.metric, params, evaluations)
     print_views(views)
@@ -641,14 +669,15 @@ def run(cfg: ExperimentConfig) -> dict:
 
 
 def log_ensemble(cfg: ExperimentConfig, *, members: list[str], fusion_params: dict, member_scores: dict[str, float],
-                 ensemble_score: float) -> str | None:
+                 ensemble_score: float, nested_score: float | None = None) -> str | None:
     """MLflow: members, the fusion parameters chosen on OOF, each member's OOF score (``oof_<member>``) and the
-    ensemble's (``oof_score``), and what fusing bought over the best member. Returns the run id (None when the
-    store was unusable)."""
+    ensemble's (``oof_score``; ``oof_nested_score``: the tuning scored out of fold, when it ran), and what fusing
+    bought over the best member. Returns the run id (None when the store was unusable)."""
     with stage_run(cfg, "ensemble", name=cfg.ensemble.name, tags={"pipeline.members": ",".join(members)}) as tracker:
         tracker.log_params({"ensemble.members": list(members), "ensemble.metric": cfg.metric,
                             "fusion": dict(fusion_params)})
-        tracker.log_metrics({"oof_score": ensemble_score} | {f"oof_{m}": s for m, s in member_scores.items()})
+        tracker.log_metrics({"oof_score": ensemble_score, "oof_nested_score": nested_score}  # None: not logged
+                            | {f"oof_{m}": s for m, s in member_scores.items()})
         if member_scores:  # in the metric's direction: positive means the ensemble beats its best member
             metric, scores = get_metric(cfg.metric), list(member_scores.values())
             tracker.log_metrics({"oof_gain_over_best_member": metric.gain(ensemble_score,

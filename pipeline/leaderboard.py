@@ -395,21 +395,23 @@ def submit(ident: str, *, competition: str, message: str | None = None, ledger_d
 
 def ledger_table(rows: Sequence[Mapping[str, str]]) -> pd.DataFrame:
     """submission, date, members, round (the highest pseudo-label round a member trained on; missing for rows
-    registered before rounds were recorded), cv, public, private, gap (public - cv), metric, lb_source; newest
-    first."""
-    columns = ["submission", "date", "members", "round", "cv", "public", "private", "metric", "lb_source"]
+    registered before rounds were recorded), cv, cv_nested (the tuning scored out of fold, when it ran), public,
+    private, gap (public - cv), metric, lb_source; newest first."""
+    columns = ["submission", "date", "members", "round", "cv", "cv_nested", "public", "private", "metric",
+               "lb_source"]
     df = pd.DataFrame({
         "submission": [r["file"] for r in rows],
         "date": [r["created"] for r in rows],
         "members": [r["members"].replace(";", ",") for r in rows],
         "round": pd.Series([r.get("pseudo_round") or None for r in rows], dtype="object"),
         "cv": [cell_number(r["cv"]) for r in rows],
+        "cv_nested": [cell_number(r.get("cv_nested")) for r in rows],
         "public": [cell_number(r["public"]) for r in rows],
         "private": [cell_number(r["private"]) for r in rows],
         "metric": [r["metric"] for r in rows],
         "lb_source": [r["lb_source"] for r in rows],
     }, columns=columns)
-    for col in ("cv", "public", "private"):
+    for col in ("cv", "cv_nested", "public", "private"):
         df[col] = df[col].astype("float64")
     df.insert(columns.index("private") + 1, "gap", df.public - df.cv)
     df["_when"] = _when(df.date)

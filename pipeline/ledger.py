@@ -5,8 +5,9 @@ The files, all in the submissions folder (``submission.dir``, default ``submissi
 
 - ``<file>.meta.json``, the sidecar of each submission file (:func:`write_sidecar`): file, created, experiment,
   ensemble, members, pseudo_round (the highest pseudo-label round any member trained on, as text: "0" none, "?"
-  unknown), pseudo_members (``member=round`` per member), cv, metric, format, content_hash, config, mlflow_run_id
-  (the run that made the predictions);
+  unknown), pseudo_members (``member=round`` per member), cv (the ensemble's tuned OOF score), cv_nested (its
+  tuning scored out of fold, when the ensemble stage ran it: ``ensemble.nested``), metric, format, content_hash,
+  config, mlflow_run_id (the run that made the predictions);
 - ``ledger.csv``: one row per submission file, columns :data:`LEDGER_COLUMNS`, every cell text (lists joined by
   ``;``, missing values empty). A plain CSV that works without MLflow and diffs well; written atomically under a
   lock file, so two stages never lose each other's rows. A sidecar without a row (a ``submissions/`` folder copied
@@ -40,15 +41,15 @@ LEDGER_NAME = "ledger.csv"
 META_SUFFIX = ".meta.json"
 DEFAULT_DIR = Path("submissions")
 LEDGER_COLUMNS = [
-    "file", "created", "experiment", "ensemble", "members", "pseudo_round", "pseudo_members", "cv", "metric",
-    "format", "content_hash", "config", "mlflow_run_id", "source_run_id", "tracking_uri", "public", "private",
-    "lb_source", "lb_updated", "kaggle_ref", "kaggle_competition",
+    "file", "created", "experiment", "ensemble", "members", "pseudo_round", "pseudo_members", "cv", "cv_nested",
+    "metric", "format", "content_hash", "config", "mlflow_run_id", "source_run_id", "tracking_uri", "public",
+    "private", "lb_source", "lb_updated", "kaggle_ref", "kaggle_competition",
 ]
 # what the leaderboard sets (scores, and the Kaggle submission they belong to): kept when the same bytes are
 # registered again
 LB_COLUMNS = ["public", "private", "lb_source", "lb_updated", "kaggle_ref", "kaggle_competition"]
-_META_COLUMNS = ["created", "experiment", "ensemble", "members", "pseudo_round", "pseudo_members", "cv", "metric",
-                 "format", "content_hash", "config"]
+_META_COLUMNS = ["created", "experiment", "ensemble", "members", "pseudo_round", "pseudo_members", "cv", "cv_nested",
+                 "metric", "format", "content_hash", "config"]
 _MIN_HASH_PREFIX = 6  # shorter prefixes match too much to name one submission
 
 

@@ -115,7 +115,8 @@ def run(cfg: ExperimentConfig) -> dict:
     print(f"wrote {path} (validated; {path.stat().st_size / 1e6:.2f} MB, {len(fused_test)} boxes, "
           f"{len(fused_test) / max(1, len(test_table.images)):.1f} per image)")
     meta = {"file": str(path), "created": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
-            "ensemble": cfg.ensemble.name, "members": result["members"], "cv": result["oof"], "metric": cfg.metric,
+            "ensemble": cfg.ensemble.name, "members": result["members"], "cv": result["oof"],
+            "cv_nested": result.get("nested_oof"), "metric": cfg.metric,
             "format": cfg.submission.format, "content_hash": content_hash(path), "config": str(cfg.source),
             "mlflow_run_id": result.get("mlflow_run_id")}
     meta |= pseudo_rounds(result, str(ensemble_dir(cfg) / ENSEMBLE_RESULT))

@@ -647,7 +647,7 @@ def log_submission(meta: Mapping[str, Any], tracking: TrackingConfig | None = No
         tracker.log_params({k: meta.get(k) for k in ("file", "created", "ensemble", "members", "metric", "format",
                                                      "content_hash", "config", "pseudo_round", "pseudo_members")
                             if k in meta})
-        tracker.log_metrics({"cv": meta.get("cv")})
+        tracker.log_metrics({"cv": meta.get("cv"), "cv_nested": meta.get("cv_nested")})  # None: not logged
         tracker.close()
     return tracker.run_id
 

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import MemberConfig, load_config
+from pipeline.config import ConfigError, MemberConfig, load_config
 from pipeline.data.table import AnnotationTable
 from pipeline.ensemble import (VIEW_GAP_WARN, FusionParams, Member, fuse, member_rows, oof_sets, print_table,
                                tune, view_rows)
@@ -583,3 +583,21 @@ def test_nested_tuning_fuses_each_fold_with_what_the_other_folds_chose(monkeypat
     assert set(fused.image_id) <= set(table.images.image_id) and len(set(fused.image_id)) > 12
     scorer = Scorer("coco_map", table, folds.image_id.tolist())
     assert scorer(fused).score > scorer(bad).score  # a real fusion of each fold, not an empty table
+
+
+def test_nested_auto_runs_when_k_minus_one_tunings_fit_a_minute_and_says_so_either_way():
+    from pipeline.ensemble import NESTED_AUTO_S, nested_decision
+
+    assert nested_decision(False, 1.0, 5) == (False, "")
+    run, line = nested_decision(True, 100.0, 5)
+    assert run and "5 tunings, ~400 s" in line
+    run, line = nested_decision("auto", NESTED_AUTO_S / 4, 5)  # 4 x 15 s
+    assert run and "ensemble.nested auto: the tuning scored out of fold (5 tunings, ~60 s" in line
+    run, line = nested_decision("auto", NESTED_AUTO_S / 4 + 0.1, 5)
+    assert not run and "skipped (~60 s, 4 x the tuning's 15 s" in line and "--set ensemble.nested=true" in line
+    assert nested_decision("auto", NESTED_AUTO_S / 2, 3)[0] and not nested_decision("auto", NESTED_AUTO_S / 2, 4)[0]
+    cfg = load_config("configs/demo/ensemble.yaml")
+    assert cfg.ensemble.nested == "auto"
+    assert load_config("configs/demo/ensemble.yaml", ["ensemble.nested=false"]).ensemble.nested is False
+    with pytest.raises(ConfigError, match="nested"):
+        load_config("configs/demo/ensemble.yaml", ["ensemble.nested=sometimes"])

@@ -14,7 +14,7 @@ from pipeline.data.readers.gwd import read_gwd_labels
 from pipeline import ledger, tracking
 from pipeline.config import TrackingConfig
 from pipeline.formats import content_hash
-from test_ledger import ENS, ENS2, ledger_rows, make_submission
+from test_ledger import ENS, ENS2, OFF, ledger_rows, make_submission
 
 KAGGLE_FIXTURE = Path(__file__).parent / "data" / "kaggle" / "competition_submissions.json"
 
@@ -59,6 +59,7 @@ def test_register_then_show_lists_newest_first_with_the_gap(two, capsys):
     assert list(table.submission) == [ENS2, ENS]
     assert table.gap[1] == pytest.approx(0.7123 - 0.70) and pd.isna(table.gap[0])
     assert table["round"].isna().all()  # registered without a pseudo round: unknown, not 0
+    assert table.cv_nested.isna().all()  # registered without the nested score (or before the ledger had one)
     folder = two.parent / "with-round"
     make_submission(folder, ENS, cv=0.7, created="2026-11-23T10:15:00")
     with ledger.ledger_lock(folder):
@@ -67,6 +68,12 @@ def test_register_then_show_lists_newest_first_with_the_gap(two, capsys):
         ledger.save_ledger(rows, folder)
     header, line = run_cli(capsys, "show", "--dir", folder)[1].splitlines()
     assert header.split()[3] == "round" and line.split()[3] == "0"
+    # the tuning scored out of fold, beside the tuned CV
+    meta = make_submission(two.parent / "nested", ENS, cv=0.7, created="2026-11-23T10:15:00")
+    ledger.register_submission(meta | {"cv_nested": 0.6875}, OFF, experiment="demo", ledger_dir=two.parent / "nested")
+    assert ledger_rows(two.parent / "nested")[ENS]["cv_nested"] == "0.6875"
+    header, line = run_cli(capsys, "show", "--dir", two.parent / "nested")[1].splitlines()
+    assert header.split()[4:6] == ["cv", "cv_nested"] and line.split()[4:6] == ["0.7000", "0.6875"]
 
 
 def test_sidecar_without_a_ledger_row_is_picked_up(tmp_path, capsys):

@@ -31,9 +31,11 @@ def test_chain_writes_a_valid_submission_and_ledger_row(chain, capsys):
     assert sorted(pd.read_csv(path).image_id) == test_ids
     meta = json.loads(open(str(path) + ".meta.json").read())
     assert meta["members"] == ["frcnn", "effdet"] and meta["cv"] == pytest.approx(result["oof"])
+    # ensemble.nested auto: the tiny tuning is quick, so the stage scored it out of fold too
+    assert meta["cv_nested"] == pytest.approx(result["nested_oof"])
     assert leaderboard.main(["show", "--dir", str(root / "submissions")]) == 0
     shown = capsys.readouterr().out
-    assert "tiny-ens" in shown and f"{result['oof']:.4f}" in shown
+    assert "tiny-ens" in shown and f"{result['oof']:.4f}" in shown and f"{result['nested_oof']:.4f}" in shown
     ledger = pd.read_csv(root / "submissions" / "ledger.csv")
     assert ledger.public.notna().all(), "the tiny test split has labels: the chain records a local LB score"
 
@@ -57,11 +59,13 @@ def test_result_table_has_every_row(chain):
         assert f"{member}: mean single-fold model" in rows
         assert f"{member}: fold ensemble, no TTA" in rows
         assert f"{member}: fold ensemble, TTA none+hflip" in rows
-    assert rows[-2:] == ["ensemble, ensemble-boxes defaults", "ensemble, WBF tuned on OOF"]
-    assert all(0.0 <= r["oof"] <= 1.0 and "test" in r for r in result["table"])
+    assert rows[-3:] == ["ensemble, ensemble-boxes defaults", "ensemble, WBF tuned on OOF",
+                         "ensemble, tuned on the other folds (nested)"]
+    *scored, nested = result["table"]  # the nested row has no test cell: on test the tuning on all OOF runs
+    assert all(0.0 <= r["oof"] <= 1.0 and "test" in r for r in scored) and "test" not in nested
     # COCO mAP rows carry mAP50 beside it; the tuned row's OOF is the CV the ledger records
-    assert all(0.0 <= r[f"{split} map50"] <= 1.0 for r in result["table"] for split in ("oof", "test"))
-    assert result["table"][-1]["oof"] == pytest.approx(result["oof"])
+    assert all(0.0 <= r[f"{split} map50"] <= 1.0 for r in scored for split in ("oof", "test"))
+    assert scored[-1]["oof"] == pytest.approx(result["oof"]) and nested["oof"] == pytest.approx(result["nested_oof"])
 
 
 def test_rerun_resumes_finished_folds_instead_of_retraining(chain, capsys):

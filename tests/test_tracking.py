@@ -133,9 +133,10 @@ def test_folds_predict_ensemble_and_submission_helpers(store, tmp_path):
                                         {"none": 0.58, "hflip": 0.57, "tta_wbf": 0.61})
     ensemble_id = ensemble_stage.log_ensemble(cfg, members=["frcnn", "effdet"],
                                         fusion_params={"iou_thr": 0.55, "skip_box_thr": 0.01},
-                                        member_scores={"frcnn": 0.61, "effdet": 0.63}, ensemble_score=0.66)
+                                        member_scores={"frcnn": 0.61, "effdet": 0.63}, ensemble_score=0.66,
+                                        nested_score=0.645)
     meta = {"file": "20261123-101500_demo-ens.csv", "created": "2026-11-23T10:15:00", "ensemble": "ens",
-            "members": ["frcnn", "effdet"], "cv": 0.66, "metric": "gwd", "format": "gwd",
+            "members": ["frcnn", "effdet"], "cv": 0.66, "cv_nested": 0.645, "metric": "gwd", "format": "gwd",
             "content_hash": "abc123", "config": "configs/demo/ensemble.yaml", "mlflow_run_id": ensemble_id}
     sub_id = tracking.log_submission(meta, cfg.tracking, experiment=cfg.experiment, fallback_dir=tmp_path)
     assert None not in (folds_id, predict_id, ensemble_id, sub_id)
@@ -154,11 +155,13 @@ def test_folds_predict_ensemble_and_submission_helpers(store, tmp_path):
     assert ens.data.params["fusion.iou_thr"] == "0.55"
     assert ens.data.metrics["oof_score"] == 0.66 and ens.data.metrics["oof_effdet"] == 0.63
     assert ens.data.metrics["oof_gain_over_best_member"] == pytest.approx(0.03)
+    assert ens.data.metrics["oof_nested_score"] == 0.645
 
     sub = c.get_run(sub_id)
     assert sub.data.tags["pipeline.stage"] == "submission" and sub.data.tags["pipeline.submission_hash"] == "abc123"
     assert sub.data.tags["pipeline.source_run_id"] == ensemble_id
     assert sub.data.metrics["cv"] == 0.66 and sub.data.params["file"] == meta["file"]
+    assert sub.data.metrics["cv_nested"] == 0.645
     # the same content registered again reuses its run; LB scores attach to it
     assert tracking.log_submission(meta, cfg.tracking, experiment=cfg.experiment, fallback_dir=tmp_path) == sub_id
     assert tracking.find_submission_run(cfg.tracking, "abc123") == sub_id
