@@ -414,9 +414,10 @@ class EnsembleConfig(Strict):
     wbf_backend: Literal["numba", "ensemble_boxes"] = "numba"
     tune: TuneConfig = Field(default_factory=TuneConfig)
     # also score the tuning itself out of fold: each fold fused with what the search chose on the other folds' OOF
-    # images (the table's "nested" row and the ledger's cv_nested; about k - 1 times the tuning time). The tuned OOF
-    # score picks the best of many fusions on the images that score it, so it runs high; this one does not.
-    # auto: run it when that estimate is at most a minute (pipeline.ensemble.NESTED_AUTO_S)
+    # images (the table's "nested" row, a mean of per-fold scores beside the tuned ensemble's, and the ledger's
+    # cv_nested; about k - 1 times the tuning time). The tuned OOF score picks the best of many fusions on the
+    # images that score it, so it runs high; this one does not. auto: run it when that estimate is at most a minute
+    # (pipeline.ensemble.NESTED_AUTO_S)
     nested: bool | Literal["auto"] = "auto"
 
     @field_validator("method")

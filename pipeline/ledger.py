@@ -6,8 +6,8 @@ The files, all in the submissions folder (``submission.dir``, default ``submissi
 - ``<file>.meta.json``, the sidecar of each submission file (:func:`write_sidecar`): file, created, experiment,
   ensemble, members, pseudo_round (the highest pseudo-label round any member trained on, as text: "0" none, "?"
   unknown), pseudo_members (``member=round`` per member), cv (the ensemble's tuned OOF score), cv_nested (its
-  tuning scored out of fold, when the ensemble stage ran it: ``ensemble.nested``), metric, format, content_hash,
-  config, mlflow_run_id (the run that made the predictions);
+  tuning scored out of fold, a mean of per-fold scores, when the ensemble stage ran it: ``ensemble.nested``),
+  metric, format, content_hash, config, mlflow_run_id (the run that made the predictions);
 - ``ledger.csv``: one row per submission file, columns :data:`LEDGER_COLUMNS`, every cell text (lists joined by
   ``;``, missing values empty). A plain CSV that works without MLflow and diffs well; written atomically under a
   lock file, so two stages never lose each other's rows. A sidecar without a row (a ``submissions/`` folder copied

@@ -32,12 +32,12 @@ from pipeline.data import DataError, load_dataset
 from pipeline.data.cache import open_cache
 from pipeline.data.table import AnnotationTable
 from pipeline.dataset import EvalDataset, MultiScaleBatchSampler, TrainDataset, collate, make_records
-from pipeline.engine import (LossModule, NonFiniteLossError, Precision, compile_network, compile_options, evaluate,
+from pipeline.engine import (LossModule, NonFiniteLossError, Precision, compile_network, compile_options,
                              predict, resolve_precision, train_one_epoch)
 from pipeline.io import atomic_write_text
 from pipeline.layout import (BEST_CHECKPOINT, CURVES_PNG, EPOCH_LOG, FOLD_OOF, LAST_CHECKPOINT, RESOLVED_CONFIG, FoldsError,
                              fold_dir, folds_path, read_folds, read_predictions, write_predictions)
-from pipeline.metrics import get_metric
+from pipeline.metrics import MetricResult, Scorer, get_metric, score_at_best_threshold
 from pipeline.models import create_model
 from pipeline.pseudo_labels import PseudoLabelError, fold_training_set, pseudo_table_hash
 from pipeline.tracking import Tracker, model_key, stage_run
@@ -99,10 +99,14 @@ def make_loaders(cfg: ExperimentConfig, table: AnnotationTable, train_ids, val_i
 
 
 def validate(model, val_loader, precision: Precision, cfg: ExperimentConfig, table, val_ids, fold: int):
-    """Predictions of every rank's shard gathered; the score computed once, on every rank alike."""
+    """Predictions of every rank's shard gathered; the score computed once, on every rank alike. Returns the
+    predictions, the score and the confidence threshold it was read at: for a metric where a false positive costs
+    score (``Metric.thresholded``: GWD, F2) the best of the ensemble tuner's ``score_thr`` grid, as a submission
+    is cut at a tuned threshold (scored with every box, a checkpoint that finds more boxes at low scores would
+    lose); 0 -- every box -- for the others."""
     preds = predict(model, val_loader, precision, cfg.model.image_size, cfg.run, fold)
     preds = pd.concat(dist.gather_objects(preds), ignore_index=True)
-    return preds, evaluate(cfg.metric, table, preds, val_ids)
+    return preds, *score_at_best_threshold(Scorer(cfg.metric, table, val_ids), preds, cfg.ensemble.tune.score_thr)
 
 
 # The sections that decide the trained weights; prediction, ensemble, submission and tracking settings may change
@@ -264,8 +268,10 @@ def train_fold(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFram
                                                  precision, cfg.train, epoch, global_step, on_step)
             row = {"epoch": epoch, **stats}
             if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
-                _, result = validate(eval_model, val_loader, precision, cfg, table, val_ids, fold)
+                _, result, score_thr = validate(eval_model, val_loader, precision, cfg, table, val_ids, fold)
                 row.update(val_score=result.score, **{f"val_{k}": v for k, v in result.details.items()})
+                if metric.thresholded:
+                    row["val_score_thr"] = score_thr
                 if metric.better(result.score, best["score"]):  # in the metric's own direction
                     best, stale = {"score": result.score, "epoch": epoch}, 0
                     if dist.is_main():
@@ -347,19 +353,21 @@ def write_oof(cfg, table, val_ids, fold, model, val_loader, precision, best) -> 
     out = fold_dir(cfg, fold)
     dist.barrier()
     model.load_state_dict(checkpoint.load(out / BEST_CHECKPOINT)["model"])
-    preds, result = validate(model, val_loader, precision, cfg, table, val_ids, fold)
-    summary = {"fold": fold, "best_epoch": best["epoch"], "oof_score": result.score, "metric": cfg.metric,
+    preds, result, score_thr = validate(model, val_loader, precision, cfg, table, val_ids, fold)
+    at = {"oof_score_thr": score_thr} if get_metric(cfg.metric).thresholded else {}
+    summary = {"fold": fold, "best_epoch": best["epoch"], "oof_score": result.score, **at, "metric": cfg.metric,
                "n_images": len(val_ids), "n_boxes": len(preds)}
     if dist.is_main():
         write_predictions(preds.assign(model=cfg.run, fold=fold, tta="none"), out / FOLD_OOF)
-        print(json.dumps({"fold": fold, "oof": result.score, **result.details}))
+        print(json.dumps({"fold": fold, "oof": result.score, **at, **result.details}))
     return summary
 
 
-def pooled_oof_score(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFrame):
-    """Every image scored by the one model that did not train on it."""
+def pooled_oof_score(cfg: ExperimentConfig, table: AnnotationTable, folds: pd.DataFrame) -> tuple[MetricResult, float]:
+    """Every image scored by the one model that did not train on it; the threshold as :func:`validate` reads it."""
     frames = [read_predictions(fold_dir(cfg, f) / FOLD_OOF) for f in sorted(folds.fold.unique())]
-    return evaluate(cfg.metric, table, pd.concat(frames, ignore_index=True), folds.image_id.tolist())
+    return score_at_best_threshold(Scorer(cfg.metric, table, folds.image_id.tolist()),
+                                   pd.concat(frames, ignore_index=True), cfg.ensemble.tune.score_thr)
 
 
 def run(cfg: ExperimentConfig, fold: str, resume: bool) -> None:
@@ -372,8 +380,9 @@ def run(cfg: ExperimentConfig, fold: str, resume: bool) -> None:
     for k in fold_list:
         train_fold(cfg, table, folds, int(k), resume)
     if fold == "all" and dist.is_main():
-        result = pooled_oof_score(cfg, table, folds)
-        print(f"pooled OOF {cfg.metric}: {result.score:.4f} over {len(folds)} images ({len(fold_list)} folds)")
+        result, score_thr = pooled_oof_score(cfg, table, folds)
+        at = f" at score >= {score_thr:g}" if get_metric(cfg.metric).thresholded else ""
+        print(f"pooled OOF {cfg.metric}: {result.score:.4f}{at} over {len(folds)} images ({len(fold_list)} folds)")
 
 
 def main(argv: list[str] | None = None) -> int:

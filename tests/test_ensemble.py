@@ -489,6 +489,34 @@ def test_members_with_scale_views_get_a_row_without_them():
                                                                       folds))
 
 
+def test_under_a_thresholded_metric_each_row_is_read_at_its_best_oof_threshold_and_test_at_the_same():
+    # GWD counts every false positive: scored with every box a member would look worse than the tuned ensemble,
+    # which is read at its tuned threshold; each row is read at its own best OOF threshold, test at that one too
+    table, good, _ = synthetic(24, seed=3)
+    rng = np.random.default_rng(0)
+    noise = good.assign(x1=good.x1 + 60, x2=good.x2 + 60, score=rng.uniform(0.05, 0.25, len(good)))
+    folds = pd.DataFrame({"image_id": table.images.image_id, "fold": np.arange(24) % 3})
+    oof = pd.concat([good, noise], ignore_index=True)
+    oof = oof.assign(fold=oof.image_id.map(folds.set_index("image_id").fold))
+    cfg = load_config("configs/demo/ensemble.yaml", ["metric=gwd"])
+    m = Member("m", cfg, oof, pd.concat([oof.assign(fold=k) for k in range(3)], ignore_index=True), ["none"])
+    scorer, grid = Scorer("gwd", table), [0.1, 0.3]
+    rows = {r["row"]: r for r in member_rows(m, table, scorer, scorer, table.images, folds, grid)}
+    every_box = {r["row"]: r for r in member_rows(m, table, scorer, scorer, table.images, folds)}
+    ens = rows["m: fold ensemble, no TTA"]
+    assert ens["score_thr"] == 0.3 and ens["oof"] == pytest.approx(scorer(oof[oof.score >= 0.3]).score)
+    assert ens["oof"] > every_box["m: fold ensemble, no TTA"]["oof"] == pytest.approx(scorer(oof).score)
+    assert ens["test"] > every_box["m: fold ensemble, no TTA"]["test"]  # the OOF threshold cuts test's noise too
+    single = rows["m: mean single-fold model"]
+    by_fold = [max(Scorer("gwd", table, folds.image_id[folds.fold == k].tolist())(oof[oof.score >= t]).score
+                   for t in (0.0, *grid)) for k in range(3)]
+    assert single["oof"] == pytest.approx(np.mean(by_fold)) and "score_thr" not in single
+    coco, m = Scorer("coco_map", table), replace(m, cfg=load_config("configs/demo/ensemble.yaml"))  # ranks boxes
+    assert member_rows(m, table, coco, None, table.images, folds, grid) == member_rows(m, table, coco, None,
+                                                                                        table.images, folds)
+    assert not any("score_thr" in r for r in member_rows(m, table, coco, None, table.images, folds, grid))
+
+
 def test_a_member_with_one_test_model_has_no_fold_ensemble_test_cell(capsys):
     # another tool's predictions may come with one `test` model (fold 0) for several OOF folds: the single model's
     # test score is the "mean single-fold model" row; a "fold ensemble" test cell would name one model an ensemble
@@ -575,7 +603,11 @@ def test_nested_tuning_fuses_each_fold_with_what_the_other_folds_chose(monkeypat
         return real_tune(tuning, sizes, scorer, config)
 
     monkeypatch.setattr(ensemble_module, "tune_rules", recording)
-    fused = nested_oof(members, table, folds, cfg)
+    by_fold = nested_oof(members, table, folds, cfg)
+    assert sorted(by_fold) == [0, 1, 2]
+    for k, rows in by_fold.items():  # each fold's rows are its own images', fused with its own choice
+        assert set(rows.image_id) <= set(folds.image_id[folds.fold == k])
+    fused = pd.concat(by_fold.values(), ignore_index=True)
     assert len(calls) == 3
     for k, (scored, tuned_on) in enumerate(calls):
         fold_k = set(folds.image_id[folds.fold == k])
@@ -583,6 +615,23 @@ def test_nested_tuning_fuses_each_fold_with_what_the_other_folds_chose(monkeypat
     assert set(fused.image_id) <= set(table.images.image_id) and len(set(fused.image_id)) > 12
     scorer = Scorer("coco_map", table, folds.image_id.tolist())
     assert scorer(fused).score > scorer(bad).score  # a real fusion of each fold, not an empty table
+
+
+def test_fold_scores_read_each_fold_alone_so_a_fold_on_another_score_scale_costs_nothing():
+    # nested tuning may weight members differently per fold, which rescales that fold's fused scores: scored
+    # pooled, the folds' boxes interleave by score and the AP drops though no fold's ranking changed
+    from pipeline.ensemble import fold_scores
+
+    table, good, _ = synthetic(24, seed=1)
+    folds = pd.DataFrame({"image_id": table.images.image_id, "fold": np.arange(24) % 2})
+    noisy = pd.concat([good, good.assign(x1=good.x1 + 50, x2=good.x2 + 50, score=good.score - 0.3)])
+    fold_of = noisy.image_id.map(folds.set_index("image_id").fold)
+    by_fold = {0: noisy[fold_of == 0], 1: noisy[fold_of == 1].assign(score=lambda d: d.score * 0.4)}
+    same_scale = {0: noisy[fold_of == 0], 1: noisy[fold_of == 1]}
+    per_fold = [r.score for r in fold_scores(by_fold, table, folds, "coco_map")]
+    assert per_fold == pytest.approx([r.score for r in fold_scores(same_scale, table, folds, "coco_map")])
+    pooled = Scorer("coco_map", table)
+    assert pooled(pd.concat(by_fold.values())).score < pooled(noisy).score - 0.02
 
 
 def test_nested_auto_runs_when_k_minus_one_tunings_fit_a_minute_and_says_so_either_way():

@@ -410,8 +410,10 @@ def test_the_ensemble_stage_fuses_an_external_member_with_one_of_ours(tmp_path, 
     assert len(reads) == 1  # the error-analysis page takes the member as the stage read it: its files read once
     assert reads[0][1:] == ("yolo_txt", "yolo") + reads[0][3:5] + ("auto",)  # the member's coco_image_id passed on
     result = json.loads((ensemble_dir(cfg) / ENSEMBLE_RESULT).read_text())
-    nested = next(r for r in result["table"] if r["row"] == "ensemble, tuned on the other folds (nested)")
+    rows = {r["row"]: r for r in result["table"]}
+    nested = rows["ensemble, tuned on the other folds (nested), mean of per-fold scores"]
     assert nested["oof"] == result["nested_oof"] > 0 and "test" not in nested
+    assert rows["ensemble, tuned on OOF, mean of per-fold scores"]["oof"] == result["oof_fold_mean"] > 0
     assert result["members"] == ["m", "yolo"] and "test_fused" in result
     assert any(r["row"].startswith("yolo") for r in result["table"])  # the member scored alone, like ours
     fused = pd.read_parquet(result["test_fused"])

@@ -311,6 +311,30 @@ def test_scorer_is_reusable_and_matches_evaluate():
         assert scorer(preds.iloc[:0]).score == 0.0  # no predictions at all
 
 
+def test_a_thresholded_metric_is_read_at_its_best_confidence_threshold_a_ranking_metric_at_every_box():
+    """GWD and F2 lose score to a false positive, so a model is judged at the best threshold of a grid (the
+    lowest of equal scores); AP metrics score every box."""
+    from pipeline.metrics import score_at_best_threshold
+
+    assert {m for m in METRICS if get_metric(m).thresholded} == {"gwd", "gbr_f2"}
+    gt = make_gt({"a": [(0, 0, 10, 10), (20, 20, 30, 30)], "b": [(0, 0, 10, 10)], "c": []})
+    preds = make_preds([("a", 0, 0, 10, 10, 0.9), ("a", 20, 20, 30, 30, 0.35), ("a", 50, 50, 60, 60, 0.2),
+                        ("b", 0, 0, 10, 10, 0.8), ("b", 40, 40, 50, 50, 0.28), ("c", 0, 0, 5, 5, 0.1),
+                        ("d", 0, 0, 5, 5, 0.95)])  # d: not scored
+    grid = [0.5, 0.1, 0.32, 0.3, 0.25]
+    for metric in ("gwd", "gbr_f2", "coco_map", "voc_map50"):
+        scorer = Scorer(metric, gt, ["a", "b", "c"])
+        result, t = score_at_best_threshold(scorer, preds, grid)
+        apart = {u: scorer(preds[preds.score >= u]).score for u in (0.0, 0.1, 0.25, 0.3, 0.32, 0.5)}
+        if get_metric(metric).thresholded:  # 0.3 and 0.32 keep the same boxes: the lower one is taken
+            assert t == 0.3 and result == scorer(preds[preds.score >= t]) and apart[0.3] > apart[0.25]
+            assert result.score == max(apart.values()) > apart[0.0]
+        else:
+            assert t == 0.0 and result == scorer(preds)
+    assert score_at_best_threshold(Scorer("gwd", gt), preds.iloc[:0], grid) == (Scorer("gwd", gt)(preds.iloc[:0]),
+                                                                                 0.0)
+
+
 # rows of a fusion's output: (image position, label, score, x, y)
 _fused_rows = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1), st.sampled_from([0.2, 0.5, 0.5, 0.9]),
                                  st.integers(0, 8), st.integers(0, 8)), max_size=25)

@@ -59,13 +59,16 @@ def test_result_table_has_every_row(chain):
         assert f"{member}: mean single-fold model" in rows
         assert f"{member}: fold ensemble, no TTA" in rows
         assert f"{member}: fold ensemble, TTA none+hflip" in rows
-    assert rows[-3:] == ["ensemble, ensemble-boxes defaults", "ensemble, WBF tuned on OOF",
-                         "ensemble, tuned on the other folds (nested)"]
-    *scored, nested = result["table"]  # the nested row has no test cell: on test the tuning on all OOF runs
-    assert all(0.0 <= r["oof"] <= 1.0 and "test" in r for r in scored) and "test" not in nested
+    assert rows[-4:] == ["ensemble, ensemble-boxes defaults", "ensemble, WBF tuned on OOF",
+                         "ensemble, tuned on OOF, mean of per-fold scores",
+                         "ensemble, tuned on the other folds (nested), mean of per-fold scores"]
+    # the per-fold rows have no test cell: on test the tuning on all OOF runs
+    *scored, fold_mean, nested = result["table"]
+    assert all(0.0 <= r["oof"] <= 1.0 and "test" in r for r in scored) and "test" not in nested | fold_mean
     # COCO mAP rows carry mAP50 beside it; the tuned row's OOF is the CV the ledger records
     assert all(0.0 <= r[f"{split} map50"] <= 1.0 for r in scored for split in ("oof", "test"))
     assert scored[-1]["oof"] == pytest.approx(result["oof"]) and nested["oof"] == pytest.approx(result["nested_oof"])
+    assert fold_mean["oof"] == pytest.approx(result["oof_fold_mean"])
 
 
 def test_rerun_resumes_finished_folds_instead_of_retraining(chain, capsys):

@@ -39,6 +39,7 @@ def test_fold_all_writes_the_run_directory_without_leakage(tmp_path, tiny_data, 
             assert (d / name).exists(), name
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows] == [0, 1] and all("val_score" in r for r in rows)
+        assert not any("val_score_thr" in r for r in rows)  # COCO mAP ranks boxes: every box is scored
         oof = read_predictions(d / "oof.parquet")
         # out of fold: only this fold's images, predicted by this fold's model
         assert set(oof.image_id) <= set(folds.image_id[folds.fold == k])
@@ -159,6 +160,29 @@ def test_a_lower_is_better_metric_keeps_the_lowest_scoring_checkpoint(tmp_path, 
     best = checkpoint.load(out / "best.pt")
     assert best["epoch"] == lowest and best["score"] == pytest.approx(min(scores))
     assert rows[-1]["best_score"] == pytest.approx(min(scores)) and rows[-1]["best_epoch"] == lowest
+
+
+@pytest.mark.slow
+def test_a_thresholded_metric_validates_each_epoch_at_its_best_confidence_threshold(tmp_path, tiny_data, capsys):
+    from pipeline.data import load_dataset
+    from pipeline.metrics import evaluate
+
+    grid = [0.05, 0.1, 0.2, 0.3]
+    cfg = prepared(tmp_path, tiny_data, metric="gwd", train={"epochs": 2, "ema": False},
+                   ensemble={"tune": {"score_thr": grid}})
+    train.run(cfg, "0", resume=False)
+    out = fold_dir(cfg, 0)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["val_score_thr"] in [0.0, *grid] for r in rows)
+    best = checkpoint.load(out / "best.pt")
+    t = rows[best["epoch"]]["val_score_thr"]
+    oof = read_predictions(out / "oof.parquet")  # the best checkpoint's predictions, every box
+    table, folds = load_dataset(cfg.data, "train"), read_folds(folds_path(cfg))
+    val_ids = folds.image_id[folds.fold == 0].tolist()
+    assert best["score"] == pytest.approx(evaluate("gwd", table, oof[oof.score >= t], val_ids).score)
+    assert best["score"] == pytest.approx(max(evaluate("gwd", table, oof[oof.score >= u], val_ids).score
+                                              for u in [0.0, *grid]))
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["oof_score_thr"] == t
 
 
 def test_scheduler_warms_up_linearly_then_follows_the_cosine(tmp_path, tiny_data):

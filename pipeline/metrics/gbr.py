@@ -35,9 +35,9 @@ from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, registe
 # them); see pipeline.fusion.wbf_kernel.COMPILED_AGAINST.
 COMPILED_AGAINST = {
     "fusion/primitives.py": "5a867f87f2eb7faf",
-    "gwd.py": "7b93e74af3c995bd",
+    "gwd.py": "71131656a78dd28e",
     "packing.py": "df836e67dad1bbc1",
-    "registry.py": "0a4e33550c5657b9",
+    "registry.py": "c7d01582269e09f9",
 }
 
 IOU_THRESHOLDS = np.array([0.30, 0.35, 0.40, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70, 0.75, 0.80], dtype=np.float64)
@@ -144,6 +144,6 @@ def _score_by_threshold(gt: GroundTruth, preds: Packed, score_thresholds: np.nda
 
 
 register_metric(Metric("gbr_f2", higher_is_better=True, class_aware=False, score=_score,
-                       score_by_threshold=_score_by_threshold))
+                       score_by_threshold=_score_by_threshold, thresholded=True))
 
 __all__ = ["IOU_THRESHOLDS", "F2Counts", "f2_by_score_threshold", "f2_counts"]

@@ -44,7 +44,7 @@ from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, registe
 COMPILED_AGAINST = {
     "fusion/primitives.py": "5a867f87f2eb7faf",
     "packing.py": "df836e67dad1bbc1",
-    "registry.py": "0a4e33550c5657b9",
+    "registry.py": "c7d01582269e09f9",
 }
 
 IOU_THRESHOLDS = np.array([0.50, 0.55, 0.60, 0.65, 0.70, 0.75], dtype=np.float64)
@@ -310,4 +310,4 @@ def _score_by_threshold(gt: GroundTruth, preds: Packed, score_thresholds: np.nda
 
 
 register_metric(Metric("gwd", higher_is_better=True, class_aware=False, score=_score,
-                       score_by_threshold=_score_by_threshold))
+                       score_by_threshold=_score_by_threshold, thresholded=True))

@@ -65,6 +65,10 @@ class Metric(Generic[State]):
     # pass (GWD, COCO, VOC: the greedy matching of a score-ordered prefix is the prefix of the matching), equal to
     # scoring each threshold's predictions apart; None: :class:`~pipeline.metrics.Scorer` scores them apart
     score_by_threshold: Callable[[State, Packed, np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+    # whether a confidence threshold changes the score (a false positive costs score: GWD, F2), so that a model is
+    # judged at its best one, as its submission is cut at a tuned one; False for ranking metrics (AP: boxes below
+    # a threshold only add recall), which score every box
+    thresholded: bool = False
 
     @property
     def worst(self) -> float:

@@ -60,10 +60,26 @@ class Scorer:
         return [float(v) for v in self._by_threshold(packed, np.asarray(thresholds, dtype=np.float64))]
 
 
+def score_at_best_threshold(scorer: Scorer, preds: pd.DataFrame,
+                            thresholds: Sequence[float]) -> tuple[MetricResult, float]:
+    """``(result, t)``: for a ``thresholded`` metric, the predictions scoring ``>= t`` for the best ``t`` of
+    ``thresholds`` and 0 (the lowest of equal scores); for any other metric every prediction, ``t = 0``."""
+    if not scorer.entry.thresholded or not len(preds):
+        return scorer(preds), 0.0
+    grid = sorted({0.0, *(float(t) for t in thresholds)})
+    index = pd.Index(pd.unique(preds.image_id))
+    labels = preds.label.to_numpy(np.int64) if "label" in preds.columns else np.zeros(len(preds), np.int64)
+    scores = scorer.score_rows_by_threshold(index, index.get_indexer(preds.image_id),
+                                            preds[["x1", "y1", "x2", "y2"]].to_numpy(np.float64),
+                                            preds.score.to_numpy(np.float64), labels, grid)
+    t = grid[scorer.entry.best_index(scores)]
+    return scorer(preds[preds.score >= t] if t > 0 else preds), t
+
+
 def evaluate(metric: str, gt: AnnotationTable, preds: pd.DataFrame,
              image_ids: Sequence[str] | None = None) -> MetricResult:
     """Score ``preds`` against ``gt`` on ``image_ids`` (default: all images of ``gt``) with ``metric``."""
     return Scorer(metric, gt, image_ids)(preds)
 
 
-__all__ = ["Scorer", "evaluate"]
+__all__ = ["Scorer", "evaluate", "score_at_best_threshold"]

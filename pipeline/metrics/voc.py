@@ -38,7 +38,7 @@ from pipeline.metrics.registry import GroundTruth, Metric, MetricResult, registe
 COMPILED_AGAINST = {
     "fusion/primitives.py": "5a867f87f2eb7faf",
     "packing.py": "df836e67dad1bbc1",
-    "registry.py": "0a4e33550c5657b9",
+    "registry.py": "c7d01582269e09f9",
 }
 
 IOU_THRESHOLD = 0.5
