@@ -28,7 +28,7 @@ from pipeline.engine import MissingCheckpointError, load_fold_model, predict_wit
 from pipeline.fusion.views import fuse_views
 from pipeline.layout import (FoldsError, empty_predictions, folds_path, normalise_predictions, predictions_path,
                              read_folds, write_predictions)
-from pipeline.metrics import Scorer
+from pipeline.metrics import Scorer, score_at_best_threshold
 from pipeline.pseudo_labels import unlabelled_table
 from pipeline.tracking import model_key, stage_run
 from pipeline.tta import check_views
@@ -84,16 +84,21 @@ def log_prediction(cfg: ExperimentConfig, split: str, views: list[str], path: Pa
 
 
 def report_oof(cfg, table, folds: pd.DataFrame, preds: pd.DataFrame, views: list[str]) -> dict[str, float]:
-    """Pooled OOF score of each view alone and of the views fused: does TTA help this model?"""
+    """Pooled OOF score of each view alone and of the views fused: does TTA help this model? A thresholded metric
+    (GWD, F2) reads each at its best threshold of ``ensemble.tune.score_thr``: fusing views rescales the scores,
+    so read with every box the comparison would be of score distributions, not of boxes."""
     scorer = Scorer(cfg.metric, table, folds.image_id.tolist())
-    scores = {view: scorer(preds[preds.tta == view]).score for view in views}
+    tables = {view: preds[preds.tta == view] for view in views}
     if len(views) > 1:
         p = cfg.predict
-        fused = fuse_views(preds, table.images, views, cfg.run, iou_thr=p.tta_iou_thr,
-                           skip_box_thr=p.tta_skip_box_thr, conf_type=p.tta_conf_type)
-        scores["tta_wbf"] = scorer(fused).score
-    for name, value in scores.items():
-        print(f"OOF {cfg.metric} {name:>12}: {value:.4f}")
+        tables["tta_wbf"] = fuse_views(preds, table.images, views, cfg.run, iou_thr=p.tta_iou_thr,
+                                       skip_box_thr=p.tta_skip_box_thr, conf_type=p.tta_conf_type)
+    scores = {}
+    for name, rows in tables.items():
+        result, score_thr = score_at_best_threshold(scorer, rows, cfg.ensemble.tune.score_thr)
+        scores[name] = result.score
+        at = f" at score >= {score_thr:g}" if scorer.entry.thresholded else ""
+        print(f"OOF {cfg.metric} {name:>12}: {result.score:.4f}{at}")
     return scores
 
 

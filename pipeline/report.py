@@ -56,7 +56,7 @@ from pipeline.external import load_external_oof
 from pipeline.io import atomic_write, atomic_write_text
 from pipeline.layout import (ENSEMBLE_REPORT, FoldsError, ensemble_dir, folds_path, fused_path, predictions_path,
                              read_folds, read_predictions)
-from pipeline.metrics import Scorer, get_metric, gwd
+from pipeline.metrics import Scorer, get_metric, gwd, score_at_best_threshold
 from pipeline.metrics.gwd import box_areas, box_iou
 from pipeline.metrics.packing import BOX_COLUMNS, pack_boxes, resolve_image_ids
 from pipeline.metrics.voc import average_precision
@@ -389,15 +389,23 @@ def recall_by(m: Matching, groups: pd.Series) -> pd.DataFrame:
     return out.rename_axis("group").reset_index()
 
 
-def fold_scores(metric: str, table: AnnotationTable, folds: pd.DataFrame,
-                predictions: dict[str, pd.DataFrame]) -> pd.DataFrame:
+def fold_scores(metric: str, table: AnnotationTable, folds: pd.DataFrame, predictions: dict[str, pd.DataFrame],
+                thresholds: Sequence[float] = ()) -> pd.DataFrame:
     """The metric of each prediction table on each fold's images (the fold model that predicted them) and pooled:
-    one row per fold plus ``pooled``, columns ``n_images`` and one per table."""
+    one row per fold plus ``pooled``, columns ``n_images`` and one per table. A thresholded metric (GWD, F2) reads
+    each table at its best pooled threshold of ``thresholds`` (its folds at that one too), as the ensemble table
+    does; the row ``score_thr`` holds them."""
+    pooled = Scorer(metric, table, folds.image_id.tolist())
+    cut = {name: score_at_best_threshold(pooled, p, thresholds)[1] for name, p in predictions.items()}
     rows = []
     for fold in [*sorted(folds.fold.unique()), "pooled"]:
         ids = folds.image_id if fold == "pooled" else folds.image_id[folds.fold == fold]
         scorer = Scorer(metric, table, ids.tolist())
-        rows.append({"fold": fold, "n_images": len(ids), **{name: scorer(p).score for name, p in predictions.items()}})
+        rows.append({"fold": fold, "n_images": len(ids),
+                     **{name: scorer(p[p.score >= cut[name]] if cut[name] > 0 else p).score
+                        for name, p in predictions.items()}})
+    if pooled.entry.thresholded:
+        rows.append({"fold": "score_thr", "n_images": len(folds), **cut})
     return pd.DataFrame(rows).set_index("fold")
 
 
@@ -652,8 +660,8 @@ def _recall_section(inputs: ReportInputs, score_thr: float) -> str:
 
 def _fold_section(inputs: ReportInputs) -> str:
     metric = get_metric(inputs.cfg.metric)
-    scores = fold_scores(metric.name, inputs.table, inputs.folds, inputs.tables)
-    per_fold = scores.drop(index="pooled")
+    scores = fold_scores(metric.name, inputs.table, inputs.folds, inputs.tables, inputs.cfg.ensemble.tune.score_thr)
+    per_fold = scores.drop(index=["pooled", "score_thr"], errors="ignore")
     lines = []
     for name in inputs.tables:
         values = per_fold[name].to_list()
@@ -768,7 +776,9 @@ def write_html_report(cfg: ExperimentConfig, score_thr: float = REPORT_SCORE_THR
         raise ValueError(f"n_worst must be >= 0 and score_thr in [0, 1], got {n_worst} and {score_thr}")
     inputs = read_report_inputs(cfg, external_oof)
     metric = get_metric(cfg.metric)
-    pooled = {n: Scorer(metric.name, inputs.table, inputs.image_ids)(p).score for n, p in inputs.tables.items()}
+    pooled_scorer = Scorer(metric.name, inputs.table, inputs.image_ids)
+    pooled = {n: score_at_best_threshold(pooled_scorer, p, cfg.ensemble.tune.score_thr)[0].score
+              for n, p in inputs.tables.items()}
     head = (f"<h1>{html.escape(cfg.ensemble.name)}: OOF error analysis</h1>"
             + _note(f"{len(inputs.image_ids)} out-of-fold images of {cfg.data.name}, {cfg.folds.k} folds; metric "
                     f"{metric.name}: " + ", ".join(f"{n} {v:.4f}" for n, v in pooled.items()) + "."))

@@ -282,9 +282,15 @@ def test_fold_scores_hand_case(table):
     exact = table.boxes.assign(score=1.0)
     half = exact[exact.image_id != "miss"]  # fold 0 loses the miss's box: perfect 1, miss 0
     scores = fold_scores("gwd", table, folds, {"exact": exact, "half": half})
-    assert list(scores.index) == [0, 1, "pooled"] and list(scores.n_images) == [2, 2, 4]
-    assert scores.exact.tolist() == [1.0, 1.0, 1.0]
-    assert scores.half.tolist() == [0.5, 1.0, 0.75]
+    assert list(scores.index) == [0, 1, "pooled", "score_thr"] and list(scores.n_images) == [2, 2, 4, 4]
+    assert scores.exact.tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert scores.half.tolist() == [0.5, 1.0, 0.75, 0.0]
+    # GWD counts a false positive: each table is read at its best pooled threshold, its folds at that one too
+    stray = pd.concat([exact, exact.assign(x1=exact.x1 + 300, x2=exact.x2 + 300, score=0.2)], ignore_index=True)
+    cut = fold_scores("gwd", table, folds, {"stray": stray}, thresholds=[0.5])
+    assert cut.stray.tolist() == [1.0, 1.0, 1.0, 0.5]
+    assert fold_scores("gwd", table, folds, {"stray": stray}).stray.loc["pooled"] < 1.0
+    assert "score_thr" not in fold_scores("coco_map", table, folds, {"stray": stray}, [0.5]).index  # AP: every box
 
 
 # ----------------------------------------------------------------------------------------- the HTML page
