@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipeline import tracking
@@ -440,8 +441,10 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(s.corr(t))
 
 
-def plot(ledger_dir: Path = DEFAULT_DIR, out: Path | None = None) -> tuple[Path, float | None]:
-    """A PNG scatter of CV against public LB (y = x line, Pearson r, one label per point). Returns (png, r)."""
+def plot(ledger_dir: Path = DEFAULT_DIR, out: Path | None = None) -> tuple[Path, float | None, float | None]:
+    """A PNG scatter of CV against public LB (y = x line, Pearson r, one label per point), and of the nested CV
+    (``cv_nested``) of the rows that have one, hollow, with its own r: which of the two follows the LB. Returns
+    (png, r, nested r)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend switch
     from matplotlib.figure import Figure
 
@@ -451,14 +454,19 @@ def plot(ledger_dir: Path = DEFAULT_DIR, out: Path | None = None) -> tuple[Path,
             f"nothing to plot: no submission in {ledger_path(ledger_dir)} has both a CV and a public LB score; "
             "add scores with `record FILE --public X` or `sync --competition SLUG`")
     r = pearson(table.cv, table.public)
+    nested = table.dropna(subset=["cv_nested"])
+    r_nested = pearson(nested.cv_nested, nested.public)
     fig = Figure(figsize=(6.5, 6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.scatter(table.cv, table.public, zorder=3)
+    ax.scatter(table.cv, table.public, zorder=3, label="CV (tuned OOF)")
+    if len(nested):
+        ax.scatter(nested.cv_nested, nested.public, zorder=3, facecolors="none", edgecolors="C1",
+                   label=f"nested CV (n = {len(nested)}, r = {'n/a' if r_nested is None else f'{r_nested:.3f}'})")
     for name, x, y in zip(table.submission, table.cv, table.public):
         ax.annotate(Path(name).stem, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    lo = min(table.cv.min(), table.public.min())
-    hi = max(table.cv.max(), table.public.max())
+    lo = min(table.cv.min(), table.public.min(), nested.cv_nested.min() if len(nested) else np.inf)
+    hi = max(table.cv.max(), table.public.max(), nested.cv_nested.max() if len(nested) else -np.inf)
     pad = max(hi - lo, 1e-3) * 0.1
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "--", color="grey", label="y = x (LB = CV)")
     metric = next((m for m in table.metric if m), "score")
@@ -474,7 +482,7 @@ def plot(ledger_dir: Path = DEFAULT_DIR, out: Path | None = None) -> tuple[Path,
     fig.savefig(buffer, format="png")
     with atomic_write(out, "wb") as f:
         f.write(buffer.getvalue())
-    return out, r
+    return out, r, r_nested
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -546,8 +554,9 @@ def _run(args: argparse.Namespace) -> int:
                       as_=args.as_, ledger_dir=args.dir, tracking_uri=args.tracking_uri)
         print(f"{Path(args.submission).name}: local {args.as_} score {value:.4f}")
     elif args.command == "plot":
-        out, r = plot(args.dir, args.out)
-        print(f"wrote {out} (Pearson r = {'n/a' if r is None else f'{r:.3f}'})")
+        out, r, r_nested = plot(args.dir, args.out)
+        nested = "" if r_nested is None else f"; nested CV r = {r_nested:.3f}"
+        print(f"wrote {out} (Pearson r = {'n/a' if r is None else f'{r:.3f}'}{nested})")
     return 0
 
 

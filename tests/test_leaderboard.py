@@ -192,6 +192,16 @@ def test_plot_writes_a_png_and_needs_scores(two, capsys, tmp_path):
     assert code == 0 and "Pearson r = 1.000" in out
     assert (tmp_path / "p" / "cv_lb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert lb.pearson([0.1], [0.2]) is None
+    assert "nested" not in out  # no row has a nested CV
+    with ledger.ledger_lock(two):  # nested CVs that rank the two the other way round from the LB
+        rows = ledger.load_ledger(two)
+        for row, nested in zip(sorted(rows, key=lambda r: r["file"]), ("0.69", "0.68")):
+            row["cv_nested"] = nested
+        ledger.save_ledger(rows, two)
+    png, r, r_nested = lb.plot(two, tmp_path / "n.png")
+    assert r == pytest.approx(1.0) and r_nested == pytest.approx(-1.0)  # ENS: 0.69 nested, public 0.71
+    assert run_cli(capsys, "plot", "--dir", two, "--out", tmp_path / "n.png")[1].strip().endswith(
+        f"nested CV r = {r_nested:.3f})")
 
 
 # --------------------------------------------------------------------------------------------- Kaggle sync
