@@ -89,7 +89,12 @@ def test_the_tuner_follows_a_lower_is_better_metric(mean_confidence_metric):
     members = good_and_bad(cfg, good, bad)
     scorer = Scorer("mean_confidence", table)
     params, score, _ = tune(members, table.images, scorer, cfg)
-    assert params.score_thr == max(cfg.ensemble.tune.score_thr)
+    # no box left is the lowest score; of the thresholds that leave none, ties go to the lowest
+    grid = sorted(cfg.ensemble.tune.score_thr)
+    assert score == 0.0 and params.score_thr > 0 and grid[grid.index(params.score_thr) - 1] < params.score_thr
+    fused = fuse(pd.concat([good, bad]), table.images, replace(params, score_thr=0.0), oof_sets(members),
+                 ("model", "tta"), "numba", "e")
+    assert (fused.score < params.score_thr).all() and (fused.score >= grid[grid.index(params.score_thr) - 1]).any()
     defaults = FusionParams(weights={"good": 1.0, "bad": 1.0})
     default_score = scorer(fuse(pd.concat([good, bad]), table.images, defaults, oof_sets(members),
                                 ("model", "tta"), "numba", "e")).score
@@ -314,7 +319,8 @@ def test_when_a_member_alone_wins_the_start_the_rule_is_searched_from_all_member
     # soft-NMS at its default sigma (0.5) keeps every member's copy of a box, false positives under GWD: one member
     # alone beats all of them there, and a search started from it never tried a narrow sigma with all members
     table, preds = confident_members_among_false_positives()
-    cfg, members, scorer = gwd_ensemble(table, preds)
+    # thresholds up to 0.5: above them one member alone cuts the false positives too, which is not this case
+    cfg, members, scorer = gwd_ensemble(table, preds, "ensemble.tune.score_thr=[0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5]")
     oof = pd.concat(preds.values(), ignore_index=True)
     default = {"iou_thr": 0.5, "sigma": 0.5, "thresh": 0.001, "decay": "gaussian"}
     everyone = FusionParams("soft_nms", default, weights={m: 1.0 for m in preds})
