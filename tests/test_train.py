@@ -133,6 +133,50 @@ def test_ddp_with_gloo_on_two_processes(tmp_path, tiny_data):
     assert summary["fold"] == 0
 
 
+# Loaded by every process of the run below through PYTHONPATH: rank 1 alone gets a NaN loss at its third step.
+NAN_ON_RANK_1 = """
+import importlib.abc, os, sys
+
+class _Patch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "pipeline.train":
+            sys.meta_path.remove(self)
+            import pipeline.engine as engine
+            real, calls = engine.LossModule.forward, []
+
+            def forward(module, images, targets):
+                out = real(module, images, targets)
+                calls.append(1)
+                return {**out, "loss": out["loss"] * float("nan")} if len(calls) == 3 else out
+            engine.LossModule.forward = forward
+        return None
+
+if os.environ.get("RANK") == "1":
+    sys.meta_path.insert(0, _Patch())
+"""
+
+
+@pytest.mark.slow
+def test_a_nan_loss_on_one_ddp_rank_stops_every_rank_naming_the_step(tmp_path, tiny_data):
+    # the gradients of the NaN step reach every rank through the all-reduce: each names its first non-finite step
+    # and exits, torchrun ends the job (no rank left waiting in a collective), and best.pt stays the last good one
+    path = write_config(tmp_path, tiny_data, train={"epochs": 2, "batch_size": 2})
+    assert folds_stage.main(["--config", str(path)]) == 0
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(NAN_ON_RANK_1)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "pipeline.train", "--config", str(path), "--fold", "0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    named = [line for line in proc.stderr.splitlines() if line.startswith("error: loss is nan")]
+    assert named and "(global step 2)" in named[0], proc.stderr[-3000:]
+    d = tmp_path / "runs/demo/tiny/fold0"
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0] and checkpoint.load(d / "best.pt")["epoch"] == 0
+
+
 @pytest.mark.slow
 def test_resume_accepts_changed_prediction_settings_but_not_a_changed_model(tmp_path, tiny_data, capsys):
     cfg = prepared(tmp_path, tiny_data, train={"epochs": 1})
