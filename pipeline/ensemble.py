@@ -47,7 +47,7 @@ from pipeline.io import atomic_write_text
 from pipeline.layout import (ENSEMBLE_REPORT, ENSEMBLE_RESULT, FoldsError, empty_predictions, ensemble_dir,
                              folds_path, fused_path, predictions_path, read_folds, read_predictions,
                              rows_of_views, write_predictions)
-from pipeline.metrics import Metric, MetricResult, Scorer, get_metric, score_at_best_threshold
+from pipeline.metrics import Metric, MetricResult, Scorer, at_or_above, get_metric, score_at_best_threshold
 from pipeline.report import write_ensemble_report, write_html_report
 from pipeline.tracking import stage_run
 
@@ -524,11 +524,6 @@ def cells(split: str, results: list[MetricResult]) -> dict[str, float]:
     return row
 
 
-def at_or_above(preds: pd.DataFrame, score_thr: float) -> pd.DataFrame:
-    """The predictions scoring ``>= score_thr`` (all of them at 0)."""
-    return preds if score_thr <= 0 else preds[preds.score >= score_thr]
-
-
 def oof_cells(scorer: Scorer, preds: pd.DataFrame, thresholds: Sequence[float]) -> tuple[dict[str, float], float]:
     """A row's OOF cells and the confidence threshold they were read at: for a ``thresholded`` metric (GWD, F2: a
     false positive costs score) the row's best of ``thresholds`` -- as the tuned ensemble is read at its tuned
@@ -579,9 +574,9 @@ def member_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None
     row = {"row": f"{name}: mean single-fold model", **cells("oof", [r for r, _ in per_fold.values()])}
     if test_scorer is not None and m.test is not None:
         test_plain = m.test[m.test.tta == plain_view(m)]
-        test_folds = sorted(m.test.fold.unique())  # one test model (another tool's): read at the mean threshold
-        at = {f: per_fold[f][1] if f in per_fold and len(test_folds) > 1 else
-              float(np.mean([t for _, t in per_fold.values()])) for f in test_folds}
+        test_folds = sorted(m.test.fold.unique())
+        mean_thr = float(np.mean([t for _, t in per_fold.values()]))  # one test model (another tool's) reads at it
+        at = {f: per_fold[f][1] if len(test_folds) > 1 and f in per_fold else mean_thr for f in test_folds}
         row |= cells("test", [test_scorer(at_or_above(test_plain[test_plain.fold == f], at[f])) for f in test_folds])
     rows = [row]
     score = partial(fold_ensemble_cells, m, train=train, oof_scorer=oof_scorer, test_scorer=test_scorer,

@@ -56,7 +56,7 @@ from pipeline.external import load_external_oof
 from pipeline.io import atomic_write, atomic_write_text
 from pipeline.layout import (ENSEMBLE_REPORT, FoldsError, ensemble_dir, folds_path, fused_path, predictions_path,
                              read_folds, read_predictions)
-from pipeline.metrics import Scorer, get_metric, gwd, score_at_best_threshold
+from pipeline.metrics import Scorer, at_or_above, get_metric, gwd, score_at_best_threshold
 from pipeline.metrics.gwd import box_areas, box_iou
 from pipeline.metrics.packing import BOX_COLUMNS, pack_boxes, resolve_image_ids
 from pipeline.metrics.voc import average_precision
@@ -402,8 +402,7 @@ def fold_scores(metric: str, table: AnnotationTable, folds: pd.DataFrame, predic
         ids = folds.image_id if fold == "pooled" else folds.image_id[folds.fold == fold]
         scorer = Scorer(metric, table, ids.tolist())
         rows.append({"fold": fold, "n_images": len(ids),
-                     **{name: scorer(p[p.score >= cut[name]] if cut[name] > 0 else p).score
-                        for name, p in predictions.items()}})
+                     **{name: scorer(at_or_above(p, cut[name])).score for name, p in predictions.items()}})
     if pooled.entry.thresholded:
         rows.append({"fold": "score_thr", "n_images": len(folds), **cut})
     return pd.DataFrame(rows).set_index("fold")

@@ -35,7 +35,7 @@ from pipeline.metrics.packing import (Packed, pack_boxes, pack_ground_truth, pac
                                       resolve_image_ids)
 from pipeline.metrics.registry import (GroundTruth, Metric, MetricResult, get_metric, higher_is_better,
                                        metric_names, register_metric, unregister_metric)
-from pipeline.metrics.scoring import Scorer, evaluate, score_at_best_threshold
+from pipeline.metrics.scoring import Scorer, at_or_above, evaluate, score_at_best_threshold
 
 _BUILTIN_MODULES = ("gwd", "coco", "voc")  # registered first, in this order: the order of METRICS
 _NOT_METRICS = {"packing", "registry", "scoring"}
@@ -55,6 +55,6 @@ _import_metric_modules()
 # is metric_names(): validate against that.
 METRICS: tuple[str, ...] = metric_names()
 
-__all__ = ["METRICS", "GroundTruth", "Metric", "MetricResult", "Packed", "Scorer", "evaluate", "get_metric",
-           "higher_is_better", "metric_names", "pack_boxes", "pack_ground_truth", "pack_predictions",
+__all__ = ["METRICS", "GroundTruth", "Metric", "MetricResult", "Packed", "Scorer", "at_or_above", "evaluate",
+           "get_metric", "higher_is_better", "metric_names", "pack_boxes", "pack_ground_truth", "pack_predictions",
            "register_metric", "resolve_image_ids", "score_at_best_threshold", "unregister_metric"]

@@ -60,6 +60,11 @@ class Scorer:
         return [float(v) for v in self._by_threshold(packed, np.asarray(thresholds, dtype=np.float64))]
 
 
+def at_or_above(preds: pd.DataFrame, score_thr: float) -> pd.DataFrame:
+    """The predictions scoring ``>= score_thr`` (all of them, uncopied, at 0 or below)."""
+    return preds if score_thr <= 0 else preds[preds.score >= score_thr]
+
+
 def score_at_best_threshold(scorer: Scorer, preds: pd.DataFrame,
                             thresholds: Sequence[float]) -> tuple[MetricResult, float]:
     """``(result, t)``: for a ``thresholded`` metric, the predictions scoring ``>= t`` for the best ``t`` of
@@ -73,7 +78,7 @@ def score_at_best_threshold(scorer: Scorer, preds: pd.DataFrame,
                                             preds[["x1", "y1", "x2", "y2"]].to_numpy(np.float64),
                                             preds.score.to_numpy(np.float64), labels, grid)
     t = grid[scorer.entry.best_index(scores)]
-    return scorer(preds[preds.score >= t] if t > 0 else preds), t
+    return scorer(at_or_above(preds, t)), t
 
 
 def evaluate(metric: str, gt: AnnotationTable, preds: pd.DataFrame,
@@ -82,4 +87,4 @@ def evaluate(metric: str, gt: AnnotationTable, preds: pd.DataFrame,
     return Scorer(metric, gt, image_ids)(preds)
 
 
-__all__ = ["Scorer", "evaluate", "score_at_best_threshold"]
+__all__ = ["Scorer", "at_or_above", "evaluate", "score_at_best_threshold"]
