@@ -579,7 +579,7 @@ def manifest_for(cfg: ExperimentConfig, result: dict, members: list[dict], class
         "bundle_format": BUNDLE_FORMAT,
         "created": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
         "experiment": cfg.experiment, "ensemble": cfg.ensemble.name, "config": str(cfg.source),
-        "metric": cfg.metric, "cv": result["oof"], "classes": list(classes),
+        "metric": cfg.metric, "cv": result["oof"], "cv_nested": result.get("nested_oof"), "classes": list(classes),
         "submission": {"format": cfg.submission.format, "coord_decimals": cfg.submission.coord_decimals,
                        "max_boxes_per_image": boxes_per_image(cfg)},
         "fusion": bundled_fusion(result, cfg.ensemble.wbf_backend),

@@ -53,7 +53,7 @@ def fake_trained_ensemble(root: Path, data: Path, members: tuple[str, ...] = ("f
         write_predictions(oof, predictions_path(cfg, "oof"))
     params = {**TUNED, "weights": {m: TUNED["weights"][m] for m in members}}
     result = {"ensemble": ens.ensemble.name, "metric": ens.metric, "members": list(members), "params": params,
-              "oof": CV, "test_labelled": True}
+              "oof": CV, "nested_oof": CV - 0.01, "test_labelled": True}
     atomic_write_text(ensemble_dir(ens) / ENSEMBLE_RESULT, json.dumps(result))
     return config_dir / "ensemble.yaml"
 
@@ -81,7 +81,7 @@ def test_manifest_names_members_views_folds_fusion_cv_and_hashes(built, ensemble
         assert [f["score"] for f in member["folds"]] == [0.25, 0.26] and member["folds"][0]["epoch"] == 3
         assert load_config(out / member["config"]).run == member["name"]
     assert manifest["fusion"] == {**TUNED, "backend": "numba"}
-    assert manifest["cv"] == CV and manifest["metric"] == "coco_map"
+    assert manifest["cv"] == CV and manifest["cv_nested"] == CV - 0.01 and manifest["metric"] == "coco_map"
     assert manifest["classes"] == ["disc", "square", "ring"]
     # max_boxes_per_image "metric", resolved as the submission stage does: COCO mAP reads 100 boxes per image
     assert manifest["submission"] == {"format": "label_conf_xyxy", "coord_decimals": None, "max_boxes_per_image": 100}
