@@ -22,10 +22,8 @@ from tqdm import tqdm
 
 from pipeline import checkpoint, distributed as dist
 from pipeline.config import ExperimentConfig, InputSize, ModelConfig, TrainConfig, input_wh
-from pipeline.data.table import AnnotationTable
 from pipeline.dataset import EvalDataset, collate
 from pipeline.layout import BEST_CHECKPOINT, PREDICTION_COLUMNS, empty_predictions, fold_dir, normalise_predictions
-from pipeline.metrics import MetricResult, evaluate as score_predictions
 from pipeline.models import Detector, create_model
 from pipeline.tta import predict_views
 
@@ -297,10 +295,6 @@ def input_to_original(boxes: np.ndarray, meta: dict, size: InputSize) -> tuple[n
     out[:, [1, 3]] = out[:, [1, 3]].clip(0, ch) * (meta["height"] / ch)
     keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
     return out, keep
-
-
-def evaluate(metric: str, table: AnnotationTable, preds: pd.DataFrame, image_ids) -> MetricResult:
-    return score_predictions(metric, table, preds, image_ids)
 
 
 def load_model_checkpoint(path: str | Path, model_cfg: ModelConfig, num_classes: int,
