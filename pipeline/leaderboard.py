@@ -529,9 +529,10 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "record":
         for row in record(args.submission, public=args.public, private=args.private, ledger_dir=args.dir,
                           tracking_uri=args.tracking_uri):
-            cv, public, private = (cell_number(row[c]) for c in ("cv", "public", "private"))
+            cv, nested, public, private = (cell_number(row.get(c)) for c in ("cv", "cv_nested", "public", "private"))
             gap = f", gap {public - cv:+.4f}" if cv is not None and public is not None else ""
-            print(f"{row['file']}: CV {_fmt(cv)}, public {_fmt(public)}, private {_fmt(private)}{gap}")
+            nested_cv = f" (nested {nested:.4f})" if nested is not None else ""
+            print(f"{row['file']}: CV {_fmt(cv)}{nested_cv}, public {_fmt(public)}, private {_fmt(private)}{gap}")
     elif args.command == "submit":
         row = submit(args.submission, competition=args.competition, message=args.message, ledger_dir=args.dir)
         print(f"submitted {row['file']} to {args.competition}: Kaggle ref {row['kaggle_ref'] or '? (not returned)'}"

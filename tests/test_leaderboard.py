@@ -97,6 +97,13 @@ def test_record_by_name_path_and_hash(two, capsys):
     prefix = ledger_rows(two)[ENS2]["content_hash"][:10]
     assert run_cli(capsys, "record", prefix, "--private", "0.7", "--dir", two)[0] == 0
     assert ledger_rows(two)[ENS2]["private"] == "0.7"
+    assert "(nested" not in out  # registered without one
+    with ledger.ledger_lock(two):
+        rows = ledger.load_ledger(two)
+        next(r for r in rows if r["file"] == ENS)["cv_nested"] = "0.69"
+        ledger.save_ledger(rows, two)
+    out = run_cli(capsys, "record", ENS, "--public", "0.7123", "--dir", two)[1]
+    assert out.startswith(f"{ENS}: CV 0.7000 (nested 0.6900), public 0.7123")
 
 
 def test_record_unknown_submission_is_a_clear_error(two, capsys):
