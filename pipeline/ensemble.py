@@ -699,7 +699,18 @@ def run(cfg: ExperimentConfig) -> dict:
     atomic_write_text(ensemble_dir(cfg) / ENSEMBLE_RESULT, json.dumps(result, indent=2))
     print_table(rows, cfg.metric, params, evaluations)
     print_views(views)
+    if (edge := threshold_at_grid_top(params.score_thr, cfg.ensemble.tune.score_thr, oof_scorer.entry)) is not None:
+        log.warning(edge)
     return result
+
+
+def threshold_at_grid_top(score_thr: float, grid: Sequence[float], metric: Metric) -> str | None:
+    """A warning when a thresholded metric's tuned threshold is the grid's highest (the best may lie above it),
+    else None; a ranking metric's threshold stays 0."""
+    if not metric.thresholded or not grid or score_thr <= 0 or score_thr < max(grid):
+        return None
+    return (f"the tuned score_thr {score_thr:g} is the highest of ensemble.tune.score_thr: a higher one may score "
+            f"better under {metric.name}; add higher thresholds to the grid")
 
 
 def log_ensemble(cfg: ExperimentConfig, *, members: list[str], fusion_params: dict, member_scores: dict[str, float],

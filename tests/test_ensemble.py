@@ -9,7 +9,7 @@ from pipeline.config import ConfigError, MemberConfig, load_config
 from pipeline.data.table import AnnotationTable
 from pipeline.ensemble import (VIEW_GAP_WARN, FusionParams, Member, fuse, member_rows, oof_sets, print_table,
                                tune, view_rows)
-from pipeline.metrics import Scorer
+from pipeline.metrics import Scorer, get_metric
 
 
 def synthetic(n_images=30, seed=0):
@@ -638,6 +638,15 @@ def test_fold_scores_read_each_fold_alone_so_a_fold_on_another_score_scale_costs
     assert per_fold == pytest.approx([r.score for r in fold_scores(same_scale, table, folds, "coco_map")])
     pooled = Scorer("coco_map", table)
     assert pooled(pd.concat(by_fold.values())).score < pooled(noisy).score - 0.02
+
+
+def test_a_tuned_threshold_at_the_top_of_the_grid_is_flagged_for_a_thresholded_metric():
+    from pipeline.ensemble import threshold_at_grid_top
+
+    gwd, coco, grid = get_metric("gwd"), get_metric("coco_map"), [0.0, 0.5, 0.9]
+    assert "0.9 is the highest of ensemble.tune.score_thr" in threshold_at_grid_top(0.9, grid, gwd)
+    assert threshold_at_grid_top(0.5, grid, gwd) is None and threshold_at_grid_top(0.9, grid, coco) is None
+    assert threshold_at_grid_top(0.0, [0.0], gwd) is None  # a grid of 0 alone: nothing above to try
 
 
 def test_nested_auto_runs_when_k_minus_one_tunings_fit_a_minute_and_says_so_either_way():
