@@ -56,6 +56,8 @@ REPORT_SCORE_THR = 0.3
 # A TTA view alone scoring this much below its member's plain view on OOF is flagged (a wrong view or inverse
 # shows as a large loss; an honest view of the same model costs about a point at most on BCCD).
 VIEW_GAP_WARN = 0.015
+# a member whose WBF over its own one set merges more than this share of its rows is named (fold_ensemble_cells)
+OWN_OVERLAP_WARN = 0.1
 log = logging.getLogger(__name__)
 
 
@@ -534,17 +536,29 @@ def oof_cells(scorer: Scorer, preds: pd.DataFrame, thresholds: Sequence[float]) 
 
 
 def fold_ensemble_cells(m: Member, views: list[str], train, oof_scorer: Scorer, test_scorer: Scorer | None,
-                        sizes_test, thresholds: Sequence[float] = ()) -> dict[str, float]:
-    """OOF (and, with labels, test) cells of member ``m``'s fold ensemble over ``views``: one view as predicted
-    (on test its folds fused), several fused by WBF with the member's TTA settings (``predict.tta_*``), read as
-    :func:`oof_cells` reads them. One view of a single test model (another tool's ``test``) is no fold ensemble on
-    test: no test cell (that model's score is the member's single-fold row)."""
+                        sizes_test, thresholds: Sequence[float] = (), warn_overlap: bool = False) -> dict[str, float]:
+    """OOF (and, with labels, test) cells of member ``m``'s fold ensemble over ``views``, fused by WBF with the
+    member's TTA settings (``predict.tta_*``) on both sides -- OOF fold by fold over its views, test over its
+    folds x views --, read as :func:`oof_cells` reads them. One view is fused on OOF too, over its one set: a
+    model whose own boxes overlap above ``tta_iou_thr`` (YOLO's ``conf=0.001`` output) has them averaged on test,
+    where their scores sink, so its threshold is read on that scale (BCCD, GWD: yolov8n's OOF as predicted was
+    best at 0.4, where its fused test read 0.023; fused on OOF too, best at 0.1, test 0.465). With
+    ``warn_overlap``, a member whose one-set fusion merges more than ``OWN_OVERLAP_WARN`` of its rows is named.
+    One view of a single test model (another tool's ``test``) is no fold ensemble: OOF as predicted, no test cell
+    (that model's score is the member's single-fold row)."""
     tta = m.cfg.predict
     wbf = {"iou_thr": tta.tta_iou_thr, "skip_box_thr": tta.tta_skip_box_thr, "conf_type": tta.tta_conf_type}
     oof = m.oof[m.oof.tta.isin(views)]
-    row, score_thr = oof_cells(oof_scorer, oof if len(views) == 1 else fuse_views(oof, train.images, views, m.name,
-                                                                                    **wbf), thresholds)
     one_model = m.test is not None and len(views) == 1 and m.test.fold.nunique() == 1 < m.oof.fold.nunique()
+    fused_oof = oof if one_model else fuse_views(oof, train.images, views, m.name, **wbf)
+    if warn_overlap and len(views) == 1 and len(oof) and 1 - len(fused_oof) / len(oof) > OWN_OVERLAP_WARN:
+        log.warning("%s: WBF at iou_thr %.2f merges %.0f %% of its own %s OOF boxes (boxes of one class from one "
+                    "model overlapping above it: an NMS at a looser IoU, or low-score duplicates). Its fold ensemble "
+                    "averages their scores into its boxes', and so does any WBF or NMW fusion with it: a "
+                    "skip_box_thr drops the low scores first (ensemble.tune.skip_box_thr for the ensemble, "
+                    "predict.tta_skip_box_thr for these rows), a stricter NMS in the tool that made them the "
+                    "duplicates", m.name, wbf["iou_thr"], 100 * (1 - len(fused_oof) / len(oof)), views[0])
+    row, score_thr = oof_cells(oof_scorer, fused_oof, thresholds)
     if test_scorer is not None and m.test is not None and not one_model:
         test, folds = m.test[m.test.tta.isin(views)], sorted(m.test.fold.unique())
         if len(views) == 1:
@@ -581,7 +595,7 @@ def member_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None
     rows = [row]
     score = partial(fold_ensemble_cells, m, train=train, oof_scorer=oof_scorer, test_scorer=test_scorer,
                     sizes_test=sizes_test, thresholds=thresholds)
-    rows.append({"row": f"{name}: fold ensemble, no TTA", **score([plain_view(m)])})
+    rows.append({"row": f"{name}: fold ensemble, no TTA", **score([plain_view(m)], warn_overlap=True)})
     if len(m.views) > 1:
         from pipeline.tta import is_scale_view  # the TTA registry imports torch: only for members with views
         rows.append({"row": f"{name}: fold ensemble, TTA {'+'.join(m.views)}", **score(m.views)})

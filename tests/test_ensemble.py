@@ -9,7 +9,9 @@ from pipeline.config import ConfigError, MemberConfig, load_config
 from pipeline.data.table import AnnotationTable
 from pipeline.ensemble import (VIEW_GAP_WARN, FusionParams, Member, fuse, member_rows, oof_sets, print_table,
                                tune, view_rows)
-from pipeline.metrics import Scorer, get_metric
+from pipeline.fusion import fuse_predictions
+from pipeline.fusion.views import fuse_views
+from pipeline.metrics import Scorer, at_or_above, get_metric, score_at_best_threshold
 
 
 def synthetic(n_images=30, seed=0):
@@ -469,7 +471,10 @@ def test_each_view_is_scored_alone_and_a_view_far_below_the_plain_one_is_flagged
         rows = view_rows(member, table, scorer, scorer, table.images)
     by_view = {r["view"]: r for r in rows}
     assert [r["view"] for r in rows] == ["none", "hflip", "scale0.75"]
-    assert by_view["none"]["oof"] == pytest.approx(scorer(good).score)
+    # one view is fused over its one set on OOF too (its folds are on test): the synthetic objects overlap
+    one_set = fuse_views(good, table.images, ["none"], "m", iou_thr=cfg.predict.tta_iou_thr,
+                         skip_box_thr=cfg.predict.tta_skip_box_thr, conf_type=cfg.predict.tta_conf_type)
+    assert by_view["none"]["oof"] == pytest.approx(scorer(one_set).score) != pytest.approx(scorer(good).score)
     assert by_view["hflip"]["oof gain"] == 0.0  # identical boxes: no gap, no warning
     # on test each view's folds are fused: identical views score identically, the shifted one lower
     assert by_view["hflip"]["test"] == by_view["none"]["test"] > by_view["scale0.75"]["test"]
@@ -510,8 +515,9 @@ def test_under_a_thresholded_metric_each_row_is_read_at_its_best_oof_threshold_a
     rows = {r["row"]: r for r in member_rows(m, table, scorer, scorer, table.images, folds, grid)}
     every_box = {r["row"]: r for r in member_rows(m, table, scorer, scorer, table.images, folds)}
     ens = rows["m: fold ensemble, no TTA"]
-    assert ens["score_thr"] == 0.3 and ens["oof"] == pytest.approx(scorer(oof[oof.score >= 0.3]).score)
-    assert ens["oof"] > every_box["m: fold ensemble, no TTA"]["oof"] == pytest.approx(scorer(oof).score)
+    one_set = fuse_views(oof, table.images, ["none"], "m", iou_thr=0.55, skip_box_thr=0.0, conf_type="avg")
+    assert ens["score_thr"] == 0.3 and ens["oof"] == pytest.approx(scorer(one_set[one_set.score >= 0.3]).score)
+    assert ens["oof"] > every_box["m: fold ensemble, no TTA"]["oof"] == pytest.approx(scorer(one_set).score)
     assert ens["test"] > every_box["m: fold ensemble, no TTA"]["test"]  # the OOF threshold cuts test's noise too
     single = rows["m: mean single-fold model"]
     by_fold = [max(Scorer("gwd", table, folds.image_id[folds.fold == k].tolist())(oof[oof.score >= t]).score
@@ -521,6 +527,32 @@ def test_under_a_thresholded_metric_each_row_is_read_at_its_best_oof_threshold_a
     assert member_rows(m, table, coco, None, table.images, folds, grid) == member_rows(m, table, coco, None,
                                                                                         table.images, folds)
     assert not any("score_thr" in r for r in member_rows(m, table, coco, None, table.images, folds, grid))
+
+
+def test_a_one_view_fold_ensemble_reads_its_oof_through_the_fusion_its_test_gets(caplog):
+    # YOLO's conf=0.001 output keeps low-score duplicates of a box: WBF over the folds averages them into the box's
+    # score on test. Read as predicted, OOF put the threshold above the duplicates (0.5), where every fused test box
+    # fell under it (BCCD: 0.023 against 0.47); fused over its one set, OOF reads the scale test gets
+    table, good, _ = synthetic(24, seed=3)
+    rng = np.random.default_rng(1)
+    dups = [good.assign(x1=good.x1 + rng.uniform(-1, 1, len(good)), x2=good.x2 + rng.uniform(-1, 1, len(good)),
+                        score=rng.uniform(0.2, 0.4, len(good))) for _ in range(5)]
+    folds = pd.DataFrame({"image_id": table.images.image_id, "fold": np.arange(24) % 3})
+    oof = pd.concat([good, *dups], ignore_index=True)
+    oof = oof.assign(fold=oof.image_id.map(folds.set_index("image_id").fold))
+    test = pd.concat([oof.assign(fold=k) for k in range(3)], ignore_index=True)
+    m = Member("yolo", load_config("configs/demo/ensemble.yaml", ["metric=gwd"]), oof, test, ["none"])
+    scorer, grid = Scorer("gwd", table), [0.1, 0.3, 0.5]
+    with caplog.at_level("WARNING", logger="pipeline.ensemble"):
+        row = {r["row"]: r for r in member_rows(m, table, scorer, scorer, table.images, folds, grid)}[
+            "yolo: fold ensemble, no TTA"]
+    fused_test = fuse_predictions(test, table.images, group_col="fold", sets=[0, 1, 2], iou_thr=0.55)
+    assert score_at_best_threshold(scorer, oof, grid)[1] == 0.5  # as predicted: above the duplicates
+    assert row["score_thr"] < 0.5 and row["test"] == pytest.approx(scorer(at_or_above(fused_test,
+                                                                                      row["score_thr"])).score)
+    assert row["test"] > 2 * scorer(at_or_above(fused_test, 0.5)).score  # what the as-predicted threshold gave
+    merged = [r.getMessage() for r in caplog.records if "merges" in r.getMessage()]
+    assert len(merged) == 1 and merged[0].startswith("yolo:") and "tta_skip_box_thr" in merged[0]
 
 
 def test_a_member_with_one_test_model_has_no_fold_ensemble_test_cell(capsys):
