@@ -248,6 +248,8 @@ def bundled_fusion(result: dict, backend: str) -> dict:
     params = dict(result["params"])
     if params.get("weights"):
         params["weights"] = {m: w for m, w in params["weights"].items() if w != 0}
+        if params.get("fold_fusion"):  # each kept member's WBF over its fold models
+            params["fold_fusion"] = {m: f for m, f in params["fold_fusion"].items() if m in params["weights"]}
     return {**params, "backend": backend}
 
 

@@ -424,6 +424,11 @@ class EnsembleConfig(Strict):
     # images that score it, so it runs high; this one does not. auto: run it when that estimate is at most a minute
     # (pipeline.ensemble.NESTED_AUTO_S)
     nested: bool | Literal["auto"] = "auto"
+    # test's fold models: "wbf" -- each member x view's fold models fused by WBF first (the member's predict.tta_*:
+    # its "fold ensemble" rows), so the tuned rule fuses member x view sets on test as on OOF, where one fold model
+    # predicted each image; "sets" -- every fold model a set of the tuned rule (before 2026-12-01). On BCCD's
+    # cross-tool ensemble "wbf" read higher on test for every rule, most for NMS, soft-NMS and NMW (README)
+    fold_fusion: Literal["wbf", "sets"] = "wbf"
 
     @field_validator("method")
     @classmethod

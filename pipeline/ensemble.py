@@ -14,9 +14,11 @@ what the choice of rule is worth.
 Writes ``runs/<experiment>/ensembles/<name>/``: ``oof_fused.parquet``, ``test_fused.parquet`` (what the submission
 stage turns into a file), ``result.json`` (members, chosen rule and parameters, the score table) and ``report/``.
 
-Fusion sets: on OOF one set per (member, view); on test one per (member, fold, view), each with its member's
-weight. A box every set agrees on keeps its averaged confidence in both (WBF, NMW; NMS and soft-NMS are rescaled to
-match, :func:`pipeline.fusion.fuse_tuned`), so the tuned score threshold carries over.
+Fusion sets: on OOF one set per (member, view), one fold model's predictions of each image. On test each member x
+view's fold models are first fused by WBF into one set (``ensemble.fold_fusion: wbf``, the member's
+``predict.tta_*``: its "fold ensemble"), so the tuned rule fuses the same member x view sets it was tuned on; with
+``sets`` every (member, fold, view) is a set of the rule, each with its member's weight (a box every set agrees on
+keeps its averaged confidence: WBF, NMW; NMS and soft-NMS rescaled to match, :func:`pipeline.fusion.fuse_tuned`).
 """
 from __future__ import annotations
 
@@ -84,11 +86,22 @@ class FusionParams:
     rule: dict[str, Any] = field(default_factory=dict)  # the rule's parameters; its library defaults fill the rest
     score_thr: float = 0.0
     weights: dict[str, float] | None = None
+    # test only: {member: WBF parameters} fusing each member x view's fold models first (ensemble.fold_fusion)
+    fold_fusion: dict[str, dict[str, Any]] | None = None
 
     def record(self) -> dict[str, Any]:
         """Flat, as ``result.json`` stores it and :func:`pipeline.fusion.fuse_tuned` reads it."""
         return {"method": self.method, **get_rule(self.method).resolve(self.rule), "score_thr": self.score_thr,
-                "weights": self.weights}
+                "weights": self.weights, **({"fold_fusion": self.fold_fusion} if self.fold_fusion else {})}
+
+
+def fold_fusion_plan(members: list[Member], cfg: ExperimentConfig) -> dict[str, dict[str, Any]] | None:
+    """``ensemble.fold_fusion: wbf``: each member's WBF over its fold models on test, its ``predict.tta_*`` (the
+    fusion of its "fold ensemble" rows; another tool's members: the ensemble config's); None with ``sets``."""
+    if cfg.ensemble.fold_fusion == "sets":
+        return None
+    return {m.name: {"iou_thr": m.cfg.predict.tta_iou_thr, "skip_box_thr": m.cfg.predict.tta_skip_box_thr,
+                     "conf_type": m.cfg.predict.tta_conf_type} for m in members}
 
 
 def load_members(cfg: ExperimentConfig, need_test: bool) -> list[Member]:
@@ -652,6 +665,8 @@ def run(cfg: ExperimentConfig) -> dict:
         tuning_start = time.perf_counter()
         chosen, tuned = tune_rules(members, train.images, oof_scorer, cfg)
         tuning_s = time.perf_counter() - tuning_start - compiling()
+    plan = fold_fusion_plan(members, cfg)  # how test's fold models enter: recorded with the tuned parameters
+    tuned = {m: (replace(p, fold_fusion=plan), *rest) for m, (p, *rest) in tuned.items()}
     run_nested, nested_line = nested_decision(cfg.ensemble.nested, tuning_s, folds.fold.nunique())
     methods, params, oof_score = list(tuned), tuned[chosen][0], tuned[chosen][1]
     evaluations = sum(t[2] for t in tuned.values())
@@ -670,7 +685,8 @@ def run(cfg: ExperimentConfig) -> dict:
               "test_labelled": labelled, "method": chosen, "params": params.record(), "oof": oof_score,
               "report": report, "evaluations": evaluations, "config": str(cfg.source)}
     # the defaults row: WBF as ensemble-boxes calls it, every member weight 1 (thresholded metrics: at its best)
-    defaults = FusionParams(rule={"conf_type": cfg.ensemble.conf_type}, weights={m.name: 1.0 for m in members})
+    defaults = FusionParams(rule={"conf_type": cfg.ensemble.conf_type}, weights={m.name: 1.0 for m in members},
+                            fold_fusion=plan)
     default_cells, default_thr = oof_cells(oof_scorer, fuse(oof_all, train.images, defaults, oof_sets(members),
                                                             ("model", "tta"), backend, "ensemble"), grid)
     result["oof_defaults"] = default_cells["oof"]
@@ -758,6 +774,9 @@ def print_table(rows: list[dict], metric: str, params: FusionParams, evaluations
     rule = ", ".join(f"{k}={v}" for k, v in get_rule(params.method).resolve(params.rule).items())
     print(f"chosen: {get_rule(params.method).label} ({rule}), score_thr={params.score_thr}, weights [{weights}] "
           f"({evaluations} fusions tried on OOF)")
+    if params.fold_fusion:
+        print("test: each member x view's fold models fused by WBF first (its predict.tta_*; ensemble.fold_fusion), "
+              "then the rule over member x view sets, as on OOF")
 
 
 def print_views(views: list[dict]) -> None:

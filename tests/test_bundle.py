@@ -414,10 +414,12 @@ def test_a_member_of_weight_zero_is_left_out_and_the_fusion_is_the_same(tmp_path
     path = ensemble_dir(cfg) / ENSEMBLE_RESULT
     result = json.loads(path.read_text())
     result["params"]["weights"] = {"frcnn": 1.0, "effdet": 0.0}  # the tuner switched EfficientDet off
+    wbf = {"iou_thr": 0.55, "skip_box_thr": 0.0, "conf_type": "avg"}
+    result["params"]["fold_fusion"] = {"frcnn": wbf, "effdet": wbf}
     atomic_write_text(path, json.dumps(result))
     manifest = bundle.run(cfg, tmp_path / "b", bundle.BundleOptions(wheels=False))
     assert [m["name"] for m in manifest["members"]] == ["frcnn"] and not (tmp_path / "b" / "weights" / "effdet").exists()
-    assert manifest["fusion"]["weights"] == {"frcnn": 1.0}
+    assert manifest["fusion"]["weights"] == {"frcnn": 1.0} and manifest["fusion"]["fold_fusion"] == {"frcnn": wbf}
     assert "left out: effdet (weight 0 in the tuned fusion" in capsys.readouterr().out
     # what the notebook fuses without the member is what the pipeline fused with it at weight 0
     rng = np.random.default_rng(0)
@@ -427,10 +429,13 @@ def test_a_member_of_weight_zero_is_left_out_and_the_fusion_is_the_same(tmp_path
                           "fold": 0, "tta": "none"})
     sizes = pd.DataFrame({"image_id": ["a"], "width": [128], "height": [128]})
     params = {k: v for k, v in manifest["fusion"].items() if k != "backend"}
-    both = fuse_tuned(preds, sizes, {**params, "weights": result["params"]["weights"]},
-                      [("frcnn", 0, "none"), ("effdet", 0, "none")], ("model", "fold", "tta"), name="ens")
-    alone = fuse_tuned(preds[preds.model == "frcnn"], sizes, params, [("frcnn", 0, "none")], ("model", "fold", "tta"),
-                       name="ens")
+    two_folds = pd.concat([preds, preds.assign(fold=1, x1=preds.x1 + 2)], ignore_index=True)  # fused fold first
+    both = fuse_tuned(two_folds, sizes, {**params, "weights": result["params"]["weights"],
+                                         "fold_fusion": result["params"]["fold_fusion"]},
+                      [(m, f, "none") for m in ("frcnn", "effdet") for f in (0, 1)], ("model", "fold", "tta"),
+                      name="ens")
+    alone = fuse_tuned(two_folds[two_folds.model == "frcnn"], sizes, params, [("frcnn", f, "none") for f in (0, 1)],
+                       ("model", "fold", "tta"), name="ens")
     assert len(alone) > 0
     pd.testing.assert_frame_equal(both, alone)
 

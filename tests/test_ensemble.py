@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.config import ConfigError, MemberConfig, load_config
 from pipeline.data.table import AnnotationTable
-from pipeline.ensemble import (VIEW_GAP_WARN, FusionParams, Member, fuse, member_rows, oof_sets, print_table,
-                               tune, view_rows)
+from pipeline.ensemble import (VIEW_GAP_WARN, FusionParams, Member, fold_fusion_plan, fuse, member_rows, oof_sets,
+                               print_table, tune, view_rows)
 from pipeline.fusion import fuse_predictions
 from pipeline.fusion.views import fuse_views
 from pipeline.metrics import Scorer, at_or_above, get_metric, score_at_best_threshold
@@ -697,3 +697,16 @@ def test_nested_auto_runs_when_k_minus_one_tunings_fit_a_minute_and_says_so_eith
     assert load_config("configs/demo/ensemble.yaml", ["ensemble.nested=false"]).ensemble.nested is False
     with pytest.raises(ConfigError, match="nested"):
         load_config("configs/demo/ensemble.yaml", ["ensemble.nested=sometimes"])
+
+
+def test_fold_fusion_plan_is_each_members_tta_wbf_and_recorded_with_the_tuned_parameters():
+    cfg = load_config("configs/demo/ensemble.yaml")
+    table, good, bad = synthetic(6)
+    own = load_config("configs/demo/ensemble.yaml", ["predict.tta_iou_thr=0.7", "predict.tta_conf_type=max"])
+    members = [Member("good", own, good, None, ["none"]), Member("ext", cfg, bad, None, ["none"])]
+    plan = fold_fusion_plan(members, cfg)
+    assert plan == {"good": {"iou_thr": 0.7, "skip_box_thr": 0.0, "conf_type": "max"},
+                    "ext": {"iou_thr": 0.55, "skip_box_thr": 0.0, "conf_type": "avg"}}
+    assert FusionParams("nms", fold_fusion=plan).record()["fold_fusion"] == plan
+    assert "fold_fusion" not in FusionParams("nms").record()  # OOF's fusions, and files of "sets"
+    assert fold_fusion_plan(members, load_config("configs/demo/ensemble.yaml", ["ensemble.fold_fusion=sets"])) is None

@@ -415,6 +415,8 @@ def test_the_ensemble_stage_fuses_an_external_member_with_one_of_ours(tmp_path, 
     assert nested["oof"] == result["nested_oof"] > 0 and "test" not in nested
     assert rows["ensemble, tuned on OOF, mean of per-fold scores"]["oof"] == result["oof_fold_mean"] > 0
     assert result["members"] == ["m", "yolo"] and "test_fused" in result
+    wbf = {"iou_thr": 0.55, "skip_box_thr": 0.0, "conf_type": "avg"}  # each member's predict.tta_* (defaults)
+    assert result["params"]["fold_fusion"] == {"m": wbf, "yolo": wbf}  # test's fold models, as the bundle reads it
     assert any(r["row"].startswith("yolo") for r in result["table"])  # the member scored alone, like ours
     fused = pd.read_parquet(result["test_fused"])
     assert len(fused) and set(fused.image_id) <= set(test_table.images.image_id)

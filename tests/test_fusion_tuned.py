@@ -202,3 +202,65 @@ def test_a_skip_threshold_grid_fused_together_gives_each_points_rows(weights, me
             np.testing.assert_array_equal(got.rows.image, ref.rows.image)
             np.testing.assert_array_equal(got.rows.values, ref.rows.values)
             np.testing.assert_array_equal(got.rows.label, ref.rows.label)
+
+
+TEST_SETS = [(m, f, "none") for m in ("m0", "m1", "m2") for f in (0, 1)]
+TEST_GROUP = ("model", "fold", "tta")
+WBF_FOLDS = {"iou_thr": 0.55, "skip_box_thr": 0.0, "conf_type": "avg"}
+
+
+@pytest.mark.parametrize("method", ["wbf", "nms", "soft_nms", "nmw"])
+def test_fold_fusion_fuses_each_members_folds_by_wbf_then_the_rule_over_member_sets(method):
+    table = make_table(seed=7)
+    plan = {m: WBF_FOLDS for m in ("m0", "m1", "m2")}
+    params = {"method": method, "weights": {"m0": 2.0, "m1": 0.0, "m2": 1.0}, "fold_fusion": plan}
+    fused = fuse_tuned(table, SIZES, params, TEST_SETS, TEST_GROUP, name="e")
+    # by hand: m0's and m2's two folds each fused by WBF (m1 at weight 0: left out), then the rule over m0, m2
+    by_member = pd.concat([fuse_predictions(table[table.model == m], SIZES, group_col="fold", sets=[0, 1],
+                                            model_name=m, **WBF_FOLDS).assign(tta="none") for m in ("m0", "m2")],
+                          ignore_index=True)
+    expected = fuse_tuned(by_member, SIZES, {"method": method, "weights": {"m0": 2.0, "m2": 1.0}},
+                          [("m0", "none"), ("m2", "none")], ("model", "tta"), name="e")
+    pd.testing.assert_frame_equal(fused.reset_index(drop=True), expected.reset_index(drop=True))
+    # and it is not what fusing every fold model as a set gives
+    as_sets = fuse_tuned(table, SIZES, {k: v for k, v in params.items() if k != "fold_fusion"}, TEST_SETS,
+                         TEST_GROUP, name="e")
+    assert len(as_sets) != len(fused) or not np.allclose(as_sets.score.to_numpy(), fused.score.to_numpy())
+
+
+def test_with_fold_fusion_k_copies_of_a_model_fuse_as_one_did_on_oof():
+    # soft-NMS keeps a decayed copy (its own score returned) while its decayed score stays above thresh: three
+    # identical fold models would come out as three rows per box on test where OOF, one fold model per image,
+    # had one. Fused fold by fold first, test gets the rows OOF got
+    one = make_table(seed=3, models=("m0",), folds=(0,))
+    one = one.groupby("image_id").head(1)  # one box per image: no overlaps inside the model
+    copies = pd.concat([one.assign(fold=k) for k in range(3)], ignore_index=True)
+    params = {"method": "soft_nms", "weights": {"m0": 1.0}}
+    oof_like = fuse_tuned(one, SIZES, params, [("m0", "none")], ("model", "tta"), name="e")
+    sets = [("m0", k, "none") for k in range(3)]
+    folds_first = fuse_tuned(copies, SIZES, params | {"fold_fusion": {"m0": WBF_FOLDS}}, sets, TEST_GROUP, name="e")
+    as_sets = fuse_tuned(copies, SIZES, params, sets, TEST_GROUP, name="e")
+    assert len(folds_first) == len(oof_like) and len(as_sets) == 3 * len(oof_like)
+    np.testing.assert_allclose(folds_first[["x1", "y1", "x2", "y2", "score"]].to_numpy(),
+                               oof_like[["x1", "y1", "x2", "y2", "score"]].to_numpy(), rtol=1e-5)
+
+
+def test_fold_fusion_leaves_one_fold_model_as_predicted_and_other_sets_alone():
+    table = make_table(seed=4)
+    plan = {m: WBF_FOLDS for m in ("m0", "m1", "m2")}
+    params = {"method": "nms", "fold_fusion": plan}
+    # m1 has one test model (another tool's single `test`): its rows enter as they are, not fused over one set
+    single = table[(table.model != "m1") | (table.fold == 0)]
+    sets = [s for s in TEST_SETS if s[0] != "m1" or s[1] == 0]
+    fused = fuse_tuned(single, SIZES, params, sets, TEST_GROUP, name="e")
+    parts = [fuse_predictions(single[single.model == m], SIZES, group_col="fold", sets=[0, 1], model_name=m,
+                              **WBF_FOLDS).assign(tta="none") for m in ("m0", "m2")]
+    by_hand = pd.concat([parts[0], single[single.model == "m1"], parts[1]], ignore_index=True)
+    expected = fuse_tuned(by_hand, SIZES, {"method": "nms"}, [("m0", "none"), ("m1", "none"), ("m2", "none")],
+                          ("model", "tta"), name="e")
+    pd.testing.assert_frame_equal(fused.reset_index(drop=True), expected.reset_index(drop=True))
+    # OOF's sets (member, view) have no folds to fuse: fold_fusion changes nothing there
+    oof = table[table.fold == 0]
+    oof_sets = [(m, "none") for m in ("m0", "m1", "m2")]
+    pd.testing.assert_frame_equal(fuse_tuned(oof, SIZES, params, oof_sets, ("model", "tta"), name="e"),
+                                  fuse_tuned(oof, SIZES, {"method": "nms"}, oof_sets, ("model", "tta"), name="e"))

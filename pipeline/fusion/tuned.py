@@ -3,7 +3,9 @@ ensemble stage, pseudo-labelling and offline inference, so all three fuse exactl
 
 ``params`` is flat: ``method`` (a key of :data:`~pipeline.fusion.rules.FUSION_METHODS`; ``"wbf"`` when absent, as
 in files written before rules could be chosen), the rule's own parameters (``iou_thr``, ``conf_type``...),
-``weights`` (``{member: weight}``, or None) and ``score_thr``.
+``weights`` (``{member: weight}``, or None), ``score_thr`` and, from 2026-12-01, ``fold_fusion`` (``{member: WBF
+parameters}``: how test's fold models of each member x view are fused before the rule, :func:`fuse_folds_first`;
+absent in older files, which fused every fold model as a set of the rule).
 """
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ import pandas as pd
 from pipeline.fusion.packing import PackedTable, pack_table, with_weights
 from pipeline.fusion.rules import get_rule
 from pipeline.fusion.runner import DenseRows
-from pipeline.fusion.table import fuse_packed, fuse_packed_levels, fused_table
+from pipeline.fusion.table import fuse_packed, fuse_packed_levels, fuse_predictions, fused_table
 from pipeline.layout import empty_predictions
 
-__all__ = ["TunedRows", "derive_rows", "fuse_tuned", "fuse_tuned_rows", "fuse_tuned_rows_levels", "rule_params"]
+__all__ = ["TunedRows", "derive_rows", "fuse_folds_first", "fuse_tuned", "fuse_tuned_rows", "fuse_tuned_rows_levels",
+           "rule_params"]
 
-_NOT_RULE = ("method", "weights", "score_thr")
+_NOT_RULE = ("method", "weights", "score_thr", "fold_fusion")
 
 
 def rule_params(params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -44,12 +47,45 @@ def fuse_tuned(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | pd.Da
       the score threshold tuned on OOF means the same on test (soft-NMS's own ``thresh`` is divided by the same
       constant, so the boxes it keeps do not depend on the number of sets either).
     * Then boxes under ``score_thr`` are dropped.
+
+    With ``fold_fusion`` (``{member: WBF parameters}``) and sets ``(member, fold, view)`` (test), each member x
+    view's fold models are fused first (:func:`fuse_folds_first`), and the rule fuses member x view sets.
     """
+    preds, sets, group_col = fuse_folds_first(preds, sizes, params, sets, group_col, backend)
     fused = fuse_tuned_rows(preds, sizes, params, sets, group_col, backend=backend)
     if fused is None:
         return empty_predictions()
     method, _ = rule_params(params)
     return fused_table(fused.packed, fused.rows, name, method)
+
+
+def fuse_folds_first(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | pd.DataFrame,
+                     params: Mapping[str, Any], sets: Sequence[tuple], group_col: str | Sequence[str],
+                     backend: str = "numba") -> tuple[pd.DataFrame, list[tuple], str | Sequence[str]]:
+    """``(preds, sets, group_col)`` for the tuned rule. Test's sets ``(member, fold, view)``, when ``params`` has
+    ``fold_fusion``: each member x view's fold models fused by WBF with ``fold_fusion[member]`` into one set
+    ``(member, view)`` (a single fold model's rows as they are), so that the rule fuses the sets it was tuned on --
+    OOF holds one fold model's predictions per image and member x view. Members of weight 0 are left out. Any other
+    sets pass through."""
+    plan = params.get("fold_fusion")
+    if not plan or isinstance(group_col, str) or tuple(group_col) != ("model", "fold", "tta"):
+        return preds, list(sets), group_col
+    weights = params.get("weights") or {}
+    folds_of: dict[tuple, list] = {}
+    for member, fold, view in sets:
+        if weights.get(member, 1.0) != 0:
+            folds_of.setdefault((member, view), []).append(fold)
+    positions = preds.groupby(["model", "tta"], sort=False, observed=True).indices if len(preds) else {}
+    parts = []
+    for (member, view), folds in folds_of.items():
+        rows = preds.iloc[positions.get((member, view), [])]
+        if len(folds) == 1:
+            parts.append(rows[rows.fold == folds[0]])
+        elif len(rows):
+            parts.append(fuse_predictions(rows, sizes, group_col="fold", sets=folds, model_name=member,
+                                          backend=backend, **plan[member]).assign(tta=view))
+    fused = pd.concat(parts, ignore_index=True) if parts else empty_predictions()
+    return fused, list(folds_of), ("model", "tta")
 
 
 class TunedRows(NamedTuple):
