@@ -426,9 +426,10 @@ class EnsembleConfig(Strict):
     nested: bool | Literal["auto"] = "auto"
     # test's fold models: "wbf" -- each member x view's fold models fused by WBF first (the member's predict.tta_*:
     # its "fold ensemble" rows), so the tuned rule fuses member x view sets on test as on OOF, where one fold model
-    # predicted each image; "sets" -- every fold model a set of the tuned rule (before 2026-12-01). On BCCD's
-    # cross-tool ensemble "wbf" read higher on test for every rule, most for NMS, soft-NMS and NMW (README)
-    fold_fusion: Literal["wbf", "sets"] = "wbf"
+    # predicted each image; "sets" -- every fold model a set of the tuned rule (all rules before 2026-12-01); "auto"
+    # -- "sets" for a rule that averages its sets (WBF but conf_type max: FusionRule.averages_sets), "wbf" for the
+    # others. Test, sets -> wbf: NMS, soft-NMS, NMW +2 to +10 points on the demo and BCCD; WBF -0.005 / +0.003 (README)
+    fold_fusion: Literal["auto", "wbf", "sets"] = "auto"
 
     @field_validator("method")
     @classmethod

@@ -14,11 +14,13 @@ what the choice of rule is worth.
 Writes ``runs/<experiment>/ensembles/<name>/``: ``oof_fused.parquet``, ``test_fused.parquet`` (what the submission
 stage turns into a file), ``result.json`` (members, chosen rule and parameters, the score table) and ``report/``.
 
-Fusion sets: on OOF one set per (member, view), one fold model's predictions of each image. On test each member x
-view's fold models are first fused by WBF into one set (``ensemble.fold_fusion: wbf``, the member's
-``predict.tta_*``: its "fold ensemble"), so the tuned rule fuses the same member x view sets it was tuned on; with
-``sets`` every (member, fold, view) is a set of the rule, each with its member's weight (a box every set agrees on
-keeps its averaged confidence: WBF, NMW; NMS and soft-NMS rescaled to match, :func:`pipeline.fusion.fuse_tuned`).
+Fusion sets: on OOF one set per (member, view), one fold model's predictions of each image. On test, for a rule
+that averages its sets (WBF), every (member, fold, view) is a set, each with its member's weight: a box every set
+agrees on keeps its averaged confidence, so the tuned score threshold carries over. For the others (NMS, soft-NMS,
+NMW: a box keeps one box's own score, and fold models as sets would add a copy per fold) each member x view's fold
+models are first fused by WBF into one set (the member's ``predict.tta_*``: its "fold ensemble"), so the rule fuses
+the member x view sets it was tuned on (``ensemble.fold_fusion``; NMS and soft-NMS scores are rescaled for the
+weights' sum, :func:`pipeline.fusion.fuse_tuned`).
 """
 from __future__ import annotations
 
@@ -95,10 +97,14 @@ class FusionParams:
                 "weights": self.weights, **({"fold_fusion": self.fold_fusion} if self.fold_fusion else {})}
 
 
-def fold_fusion_plan(members: list[Member], cfg: ExperimentConfig) -> dict[str, dict[str, Any]] | None:
-    """``ensemble.fold_fusion: wbf``: each member's WBF over its fold models on test, its ``predict.tta_*`` (the
-    fusion of its "fold ensemble" rows; another tool's members: the ensemble config's); None with ``sets``."""
-    if cfg.ensemble.fold_fusion == "sets":
+def fold_fusion_plan(members: list[Member], cfg: ExperimentConfig, p: FusionParams) -> dict[str, dict[str, Any]] | None:
+    """How test's fold models enter fusion ``p`` (``ensemble.fold_fusion``): each member's WBF over them, its
+    ``predict.tta_*`` (the fusion of its "fold ensemble" rows; another tool's members: the ensemble config's), or
+    None -- every fold model a set of the rule -- with ``sets``, and with ``auto`` for a rule that averages its
+    sets (:attr:`~pipeline.fusion.rules.FusionRule.averages_sets`)."""
+    setting = cfg.ensemble.fold_fusion
+    rule = get_rule(p.method)
+    if setting == "sets" or (setting == "auto" and rule.averages_sets(rule.resolve(p.rule))):
         return None
     return {m.name: {"iou_thr": m.cfg.predict.tta_iou_thr, "skip_box_thr": m.cfg.predict.tta_skip_box_thr,
                      "conf_type": m.cfg.predict.tta_conf_type} for m in members}
@@ -665,8 +671,8 @@ def run(cfg: ExperimentConfig) -> dict:
         tuning_start = time.perf_counter()
         chosen, tuned = tune_rules(members, train.images, oof_scorer, cfg)
         tuning_s = time.perf_counter() - tuning_start - compiling()
-    plan = fold_fusion_plan(members, cfg)  # how test's fold models enter: recorded with the tuned parameters
-    tuned = {m: (replace(p, fold_fusion=plan), *rest) for m, (p, *rest) in tuned.items()}
+    # how test's fold models enter each rule's fusion: recorded with its tuned parameters
+    tuned = {m: (replace(p, fold_fusion=fold_fusion_plan(members, cfg, p)), *rest) for m, (p, *rest) in tuned.items()}
     run_nested, nested_line = nested_decision(cfg.ensemble.nested, tuning_s, folds.fold.nunique())
     methods, params, oof_score = list(tuned), tuned[chosen][0], tuned[chosen][1]
     evaluations = sum(t[2] for t in tuned.values())
@@ -685,8 +691,8 @@ def run(cfg: ExperimentConfig) -> dict:
               "test_labelled": labelled, "method": chosen, "params": params.record(), "oof": oof_score,
               "report": report, "evaluations": evaluations, "config": str(cfg.source)}
     # the defaults row: WBF as ensemble-boxes calls it, every member weight 1 (thresholded metrics: at its best)
-    defaults = FusionParams(rule={"conf_type": cfg.ensemble.conf_type}, weights={m.name: 1.0 for m in members},
-                            fold_fusion=plan)
+    defaults = FusionParams(rule={"conf_type": cfg.ensemble.conf_type}, weights={m.name: 1.0 for m in members})
+    defaults = replace(defaults, fold_fusion=fold_fusion_plan(members, cfg, defaults))
     default_cells, default_thr = oof_cells(oof_scorer, fuse(oof_all, train.images, defaults, oof_sets(members),
                                                             ("model", "tta"), backend, "ensemble"), grid)
     result["oof_defaults"] = default_cells["oof"]

@@ -699,14 +699,21 @@ def test_nested_auto_runs_when_k_minus_one_tunings_fit_a_minute_and_says_so_eith
         load_config("configs/demo/ensemble.yaml", ["ensemble.nested=sometimes"])
 
 
-def test_fold_fusion_plan_is_each_members_tta_wbf_and_recorded_with_the_tuned_parameters():
+def test_fold_fusion_plan_is_each_members_tta_wbf_for_rules_that_do_not_average_their_sets():
     cfg = load_config("configs/demo/ensemble.yaml")
     table, good, bad = synthetic(6)
     own = load_config("configs/demo/ensemble.yaml", ["predict.tta_iou_thr=0.7", "predict.tta_conf_type=max"])
     members = [Member("good", own, good, None, ["none"]), Member("ext", cfg, bad, None, ["none"])]
-    plan = fold_fusion_plan(members, cfg)
-    assert plan == {"good": {"iou_thr": 0.7, "skip_box_thr": 0.0, "conf_type": "max"},
-                    "ext": {"iou_thr": 0.55, "skip_box_thr": 0.0, "conf_type": "avg"}}
+    plan = {"good": {"iou_thr": 0.7, "skip_box_thr": 0.0, "conf_type": "max"},
+            "ext": {"iou_thr": 0.55, "skip_box_thr": 0.0, "conf_type": "avg"}}
+    # auto: a rule keeping one box's own score gets the fold models fused first; WBF's average needs not
+    for method in ("nms", "soft_nms", "nmw"):
+        assert fold_fusion_plan(members, cfg, FusionParams(method)) == plan, method
+    assert fold_fusion_plan(members, cfg, FusionParams("wbf")) is None
+    assert fold_fusion_plan(members, cfg, FusionParams("wbf", {"conf_type": "max"})) == plan  # a max is no average
+    forced = load_config("configs/demo/ensemble.yaml", ["ensemble.fold_fusion=wbf"])
+    assert fold_fusion_plan(members, forced, FusionParams("wbf")) == plan
+    as_sets = load_config("configs/demo/ensemble.yaml", ["ensemble.fold_fusion=sets"])
+    assert fold_fusion_plan(members, as_sets, FusionParams("nms")) is None
     assert FusionParams("nms", fold_fusion=plan).record()["fold_fusion"] == plan
     assert "fold_fusion" not in FusionParams("nms").record()  # OOF's fusions, and files of "sets"
-    assert fold_fusion_plan(members, load_config("configs/demo/ensemble.yaml", ["ensemble.fold_fusion=sets"])) is None

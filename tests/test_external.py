@@ -405,7 +405,7 @@ def test_the_ensemble_stage_fuses_an_external_member_with_one_of_ours(tmp_path, 
     reads = []
     monkeypatch.setattr("pipeline.ensemble.load_external_oof", lambda *a: reads.append(a) or load_external_oof(*a))
     monkeypatch.setattr("pipeline.report.load_external_oof", lambda *a: reads.append(a) or load_external_oof(*a))
-    assert ensemble_stage.main(["--config", str(folder / "ensemble.yaml"), "--set", "ensemble.method=wbf",
+    assert ensemble_stage.main(["--config", str(folder / "ensemble.yaml"), "--set", "ensemble.method=nms",
                                 "--set", "ensemble.nested=true"]) == 0
     assert len(reads) == 1  # the error-analysis page takes the member as the stage read it: its files read once
     assert reads[0][1:] == ("yolo_txt", "yolo") + reads[0][3:5] + ("auto",)  # the member's coco_image_id passed on
@@ -415,8 +415,9 @@ def test_the_ensemble_stage_fuses_an_external_member_with_one_of_ours(tmp_path, 
     assert nested["oof"] == result["nested_oof"] > 0 and "test" not in nested
     assert rows["ensemble, tuned on OOF, mean of per-fold scores"]["oof"] == result["oof_fold_mean"] > 0
     assert result["members"] == ["m", "yolo"] and "test_fused" in result
+    # NMS keeps one box's own score: test's fold models are fused per member first, as recorded for the bundle
     wbf = {"iou_thr": 0.55, "skip_box_thr": 0.0, "conf_type": "avg"}  # each member's predict.tta_* (defaults)
-    assert result["params"]["fold_fusion"] == {"m": wbf, "yolo": wbf}  # test's fold models, as the bundle reads it
+    assert result["method"] == "nms" and result["params"]["fold_fusion"] == {"m": wbf, "yolo": wbf}
     assert any(r["row"].startswith("yolo") for r in result["table"])  # the member scored alone, like ours
     fused = pd.read_parquet(result["test_fused"])
     assert len(fused) and set(fused.image_id) <= set(test_table.images.image_id)

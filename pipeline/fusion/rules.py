@@ -77,6 +77,10 @@ class FusionRule:
     selection_thresholds: tuple[str, ...] = ()
     level_param: str | None = None
     fuse_levels: FuseLevels | None = None
+    # whether a box's fused score averages over the sets (with these parameters): then extra sets that repeat a
+    # model -- test's fold models -- leave the scale alone; a rule keeping one box's own score (NMS, soft-NMS, NMW,
+    # WBF's conf_type max) gets more and higher-scored copies from them (pipeline.ensemble's fold_fusion auto)
+    averages_sets: Callable[[Mapping[str, Any]], bool] = lambda params: False
 
     def resolve(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The defaults updated with ``params``; ``TypeError`` naming the rule's parameters for an unknown one."""
@@ -166,7 +170,7 @@ FUSION_METHODS: dict[str, FusionRule] = {
         defaults={"iou_thr": 0.55, "skip_box_thr": 0.0, "conf_type": "avg", "allows_overflow": False},
         grids=({"iou_thr": IOU_GRID, "skip_box_thr": SKIP_GRID, "conf_type": CONF_TYPES},),
         check=_check_wbf, fuse=_fuse_wbf, sorted_by_score=True, level_param="skip_box_thr",
-        fuse_levels=_fuse_wbf_levels),
+        fuse_levels=_fuse_wbf_levels, averages_sets=lambda params: params["conf_type"] != "max"),
     "nms": FusionRule(
         "nms", "non-maximum suppression", "NMS", "nms",
         defaults={"iou_thr": 0.5},
