@@ -440,6 +440,27 @@ def test_fuse_predictions_leave_out_equals_filtering_the_rows(method):
     assert fuse_predictions(table, SIZES, group_col="model", leave_out=["m0", "m1", "m2"], **kw).empty
 
 
+def test_sets_left_out_of_a_packing_equal_packing_without_them():
+    """without_sets (the OOF tuner's packings of member subsets, taken from all members' packing) gives what
+    pack_table gives with leave_out, field for field -- an image left with no segment dropped too."""
+    from pipeline.fusion.packing import without_sets
+
+    table = make_table(seed=6)  # m2 predicts nothing on image c: leaving m0 and m1 out leaves c without segments
+    keys = sorted(set(zip(table["model"], table["fold"])))
+    weights = {"m0": 1.0, "m1": 2.0, "m2": 3.0}
+    full = pack_table(table, SIZES, ("model", "fold"), weights, keys)
+    for leave_out in [{"m1"}, {"m0", "m1"}, {"m2"}, {("m0", 1), "m2"}]:
+        want = pack_table(table, SIZES, ("model", "fold"), weights, keys, leave_out)
+        got = without_sets(full, leave_out, weights, multi=True)
+        assert list(got.image_ids) == list(want.image_ids) and got.set_keys == want.set_keys, leave_out
+        for name in ["width", "height", "row_offs", "seg_offs", "seg_start", "seg_len", "seg_set", "weights"]:
+            a, b = getattr(got, name), getattr(want, name)
+            assert a.dtype == b.dtype and a.flags.writeable == b.flags.writeable, (leave_out, name)
+            np.testing.assert_array_equal(a, b, err_msg=f"{leave_out} {name}")
+    assert "c" not in list(without_sets(full, {"m0", "m1"}, weights, multi=True).image_ids)
+    assert without_sets(full, {"m0", "m1", "m2"}, weights, multi=True) is None
+
+
 def test_fuse_predictions_backends_agree_and_threads_agree():
     rng = np.random.default_rng(5)
     parts = []

@@ -300,6 +300,32 @@ def _leave_out(codes: np.ndarray, keys: list[Any], leave_out: set, multi: bool) 
     return renumber[codes] if len(codes) else codes, [k for k, g in zip(keys, gone) if not g]
 
 
+def without_sets(packed: PackedTable, leave_out: Collection[Any], weights: Mapping[Any, float] | None,
+                 multi: bool) -> PackedTable | None:
+    """What :func:`pack_table` gives with ``leave_out`` and ``weights``, from the same table packed without leaving
+    anything out (field for field: the segments of the sets left out dropped, the others' renumbered, images left
+    with no segment dropped), without reading the table's columns again. ``multi``: packed on several group
+    columns (a set key's first value may then name a set, or carry a weight). The OOF tuner packs once and tries
+    subsets of the members: each :func:`pack_table` compared and factorised the table's string ids anew."""
+    codes, keys = _leave_out(packed.seg_set, packed.set_keys, set(leave_out), multi)
+    kept = codes >= 0
+    if not keys or not kept.any():
+        return None
+    seg_image = np.repeat(np.arange(len(packed.image_ids)), np.diff(packed.seg_offs))[kept]
+    seg_len = packed.seg_len[kept]
+    images = np.flatnonzero(np.bincount(seg_image, minlength=len(packed.image_ids)))  # ascending: still sorted
+    local = np.searchsorted(images, seg_image)
+    seg_offs = np.zeros(len(images) + 1, np.int64)
+    row_offs = np.zeros(len(images) + 1, np.int64)
+    np.cumsum(np.bincount(local, minlength=len(images)), out=seg_offs[1:])
+    np.cumsum(np.bincount(local, weights=seg_len, minlength=len(images)).astype(np.int64), out=row_offs[1:])
+    return packed._replace(image_ids=packed.image_ids[images], width=readonly_f64(packed.width[images]),
+                           height=readonly_f64(packed.height[images]), row_offs=row_offs, seg_offs=seg_offs,
+                           seg_start=readonly_i64(packed.seg_start[kept]), seg_len=readonly_i64(seg_len),
+                           seg_set=readonly_i64(codes[kept]), set_keys=keys, weights=_set_weights(keys, weights,
+                                                                                                 multi))
+
+
 def with_weights(packed: PackedTable, weights: Mapping[Any, float] | None, multi: bool) -> PackedTable:
     """``packed`` with other set weights (the rows and segments shared, not copied): what :func:`pack_table` would
     give for ``weights``. ``multi``: the table was packed on several group columns (a set key's first value may then

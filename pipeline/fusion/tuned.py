@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from pipeline.fusion.packing import PackedTable, pack_table, with_weights
+from pipeline.fusion.packing import PackedTable, pack_table, with_weights, without_sets
 from pipeline.fusion.rules import get_rule
 from pipeline.fusion.runner import DenseRows
 from pipeline.fusion.table import fuse_packed, fuse_packed_levels, fuse_predictions, fused_table
@@ -158,13 +158,15 @@ def _packed(preds: pd.DataFrame, sizes: Mapping[str, tuple[int, int]] | pd.DataF
             weights: dict | None, sets: Sequence[tuple], dropped: frozenset,
             packings: dict[frozenset, PackedTable | None] | None) -> PackedTable | None:
     """``preds`` packed without the members in ``dropped``, with ``weights``: from ``packings`` (one packing per
-    set of left-out members, filled in here) when given."""
-    if packings is None or dropped not in packings:
-        packed = pack_table(preds, sizes, group_col, weights, sets, dropped)
-        if packings is not None:
-            packings[dropped] = packed
-        return packed
+    set of left-out members, filled in here, each taken from the packing of every member) when given."""
+    if packings is None:
+        return pack_table(preds, sizes, group_col, weights, sets, dropped)
     multi = not isinstance(group_col, str) and len(group_col) > 1
+    if dropped not in packings:
+        if frozenset() not in packings:
+            packings[frozenset()] = pack_table(preds, sizes, group_col, weights, sets)
+        full = packings[frozenset()]
+        packings[dropped] = full if not dropped or full is None else without_sets(full, dropped, weights, multi)
     return None if packings[dropped] is None else with_weights(packings[dropped], weights, multi)
 
 
