@@ -396,13 +396,15 @@ def fold_scores(metric: str, table: AnnotationTable, folds: pd.DataFrame, predic
     each table at its best pooled threshold of ``thresholds`` (its folds at that one too), as the ensemble table
     does; the row ``score_thr`` holds them."""
     pooled = Scorer(metric, table, folds.image_id.tolist())
-    cut = {name: score_at_best_threshold(pooled, p, thresholds)[1] for name, p in predictions.items()}
+    best = {name: score_at_best_threshold(pooled, p, thresholds) for name, p in predictions.items()}
+    cut = {name: thr for name, (_, thr) in best.items()}
     rows = []
-    for fold in [*sorted(folds.fold.unique()), "pooled"]:
-        ids = folds.image_id if fold == "pooled" else folds.image_id[folds.fold == fold]
+    for fold in sorted(folds.fold.unique()):
+        ids = folds.image_id[folds.fold == fold]
         scorer = Scorer(metric, table, ids.tolist())
         rows.append({"fold": fold, "n_images": len(ids),
                      **{name: scorer(at_or_above(p, cut[name])).score for name, p in predictions.items()}})
+    rows.append({"fold": "pooled", "n_images": len(folds), **{name: r.score for name, (r, _) in best.items()}})
     if pooled.entry.thresholded:
         rows.append({"fold": "score_thr", "n_images": len(folds), **cut})
     return pd.DataFrame(rows).set_index("fold")
@@ -657,9 +659,9 @@ def _recall_section(inputs: ReportInputs, score_thr: float) -> str:
                           f"{score_thr:.2f}."), _img(_figure_uri(fig), "recall by size and source"), *parts)
 
 
-def _fold_section(inputs: ReportInputs) -> str:
+def _fold_section(inputs: ReportInputs, scores: pd.DataFrame) -> str:
+    """The :func:`fold_scores` table of every member and the ensemble, with each one's worst fold."""
     metric = get_metric(inputs.cfg.metric)
-    scores = fold_scores(metric.name, inputs.table, inputs.folds, inputs.tables, inputs.cfg.ensemble.tune.score_thr)
     per_fold = scores.drop(index=["pooled", "score_thr"], errors="ignore")
     lines = []
     for name in inputs.tables:
@@ -775,17 +777,16 @@ def write_html_report(cfg: ExperimentConfig, score_thr: float = REPORT_SCORE_THR
         raise ValueError(f"n_worst must be >= 0 and score_thr in [0, 1], got {n_worst} and {score_thr}")
     inputs = read_report_inputs(cfg, external_oof)
     metric = get_metric(cfg.metric)
-    pooled_scorer = Scorer(metric.name, inputs.table, inputs.image_ids)
-    pooled = {n: score_at_best_threshold(pooled_scorer, p, cfg.ensemble.tune.score_thr)[0].score
-              for n, p in inputs.tables.items()}
+    scores = fold_scores(metric.name, inputs.table, inputs.folds, inputs.tables, cfg.ensemble.tune.score_thr)
     head = (f"<h1>{html.escape(cfg.ensemble.name)}: OOF error analysis</h1>"
             + _note(f"{len(inputs.image_ids)} out-of-fold images of {cfg.data.name}, {cfg.folds.k} folds; metric "
-                    f"{metric.name}: " + ", ".join(f"{n} {v:.4f}" for n, v in pooled.items()) + "."))
+                    f"{metric.name}: " + ", ".join(f"{n} {scores.loc['pooled', n]:.4f}" for n in inputs.tables)
+                    + "."))
     breakdown = per_threshold_breakdown(inputs.table, inputs.fused, inputs.image_ids, score_thr=score_thr)
     matchings = {thr: {n: match(inputs.table, p, inputs.image_ids, thr) for n, p in inputs.tables.items()}
                  for thr in (0.5, 0.75)}
     sections = [head,
-                _fold_section(inputs),
+                _fold_section(inputs, scores),
                 _section("Fused boxes by IoU threshold",
                          _note(f"score >= {score_thr:.2f}, class-aware, pooled over images"),
                          _table(breakdown, index=False)),
