@@ -120,3 +120,47 @@ def test_imports_without_mlflow_and_needs_only_the_bundle_and_the_image():
     imported = bundle.infer_import_distributions()
     assert "effdet" in imported and "torch" in imported
     assert bundle.uncovered_imports(imported, set(bundle.BUNDLED_DISTRIBUTIONS), set(bundle.KAGGLE_IMAGE)) == {}
+
+
+@pytest.mark.slow
+def test_an_nms_ensemble_fuses_each_members_fold_models_first_in_every_chunk(tmp_path, tiny_data, monkeypatch):
+    # the ensemble stage records fold_fusion for a rule that keeps one box's own score: the notebook fuses each
+    # member x view's fold models by WBF first, chunk by chunk, as the stage fused test
+    from pipeline.data import load_dataset
+    from pipeline.fusion import fuse_tuned
+    from pipeline.io import atomic_write_text
+    from pipeline.layout import ENSEMBLE_RESULT, ensemble_dir
+
+    ens = fake_trained_ensemble(tmp_path / "run", tiny_data, members=("frcnn",))
+    path = ensemble_dir(load_config(ens)) / ENSEMBLE_RESULT
+    result = json.loads(path.read_text())
+    wbf = {"iou_thr": 0.55, "skip_box_thr": 0.0, "conf_type": "avg"}
+    result["params"] = {"method": "nms", "iou_thr": 0.5, "score_thr": 0.02, "weights": {"frcnn": 1.0},
+                        "fold_fusion": {"frcnn": wbf}}
+    atomic_write_text(path, json.dumps(result))
+    out = tmp_path / "bundle"
+    manifest = bundle.run(load_config(ens), out, bundle.BundleOptions(wheels=False))
+    assert manifest["fusion"]["fold_fusion"] == {"frcnn": wbf}
+    raw = []
+    real = infer.predict_chunk
+    monkeypatch.setattr(infer, "predict_chunk", lambda *a: raw.append(real(*a)) or raw[-1])
+    opts = dict(batch_size=2, progress=False)
+    whole = infer.run(out, tiny_data / "test", tmp_path / "whole.csv",
+                      opts=infer.InferOptions(chunk_size=100, **opts))["fused"].reset_index(drop=True)
+    chunked = infer.run(out, tiny_data / "test", tmp_path / "chunked.csv",
+                        opts=infer.InferOptions(chunk_size=2, **opts))["fused"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(chunked, whole)
+    # the first run's one chunk holds every raw prediction: fused with the plan it is the notebook's table
+    preds, sets = raw[0], [("frcnn", f, v) for f in (0, 1) for v in manifest["members"][0]["views"]]
+    sizes = load_dataset(load_config(ens).data, "test").images
+    params = {k: v for k, v in manifest["fusion"].items() if k != "backend"}
+    top, group = manifest["submission"]["max_boxes_per_image"], ("model", "fold", "tta")
+
+    def fused(p):
+        return infer.keep_top_boxes(fuse_tuned(preds, sizes, p, sets, group, name=manifest["ensemble"]),
+                                    top).reset_index(drop=True)
+
+    assert len(whole) > 0
+    pd.testing.assert_frame_equal(whole, fused(params))
+    as_sets = fused({k: v for k, v in params.items() if k != "fold_fusion"})  # and not the fold models as sets
+    assert len(as_sets) != len(whole) or not as_sets[["x1", "score"]].equals(whole[["x1", "score"]])
