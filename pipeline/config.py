@@ -321,6 +321,11 @@ class PredictConfig(Strict):
     tta_skip_box_thr: float = Field(0.0, ge=0, le=1)
     tta_conf_type: str = "avg"
 
+    @property
+    def tta_wbf(self) -> dict[str, Any]:
+        """The WBF that fuses this model's views and fold models (its "fold ensemble"), as keyword arguments."""
+        return {"iou_thr": self.tta_iou_thr, "skip_box_thr": self.tta_skip_box_thr, "conf_type": self.tta_conf_type}
+
 
 class SubmissionConfig(Strict):
     format: str = "gwd"  # a registered format: pipeline.formats.format_names()

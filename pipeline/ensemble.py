@@ -106,8 +106,7 @@ def fold_fusion_plan(members: list[Member], cfg: ExperimentConfig, p: FusionPara
     rule = get_rule(p.method)
     if setting == "sets" or (setting == "auto" and rule.averages_sets(rule.resolve(p.rule))):
         return None
-    return {m.name: {"iou_thr": m.cfg.predict.tta_iou_thr, "skip_box_thr": m.cfg.predict.tta_skip_box_thr,
-                     "conf_type": m.cfg.predict.tta_conf_type} for m in members}
+    return {m.name: m.cfg.predict.tta_wbf for m in members}
 
 
 def load_members(cfg: ExperimentConfig, need_test: bool) -> list[Member]:
@@ -567,8 +566,7 @@ def fold_ensemble_cells(m: Member, views: list[str], train, oof_scorer: Scorer, 
     ``warn_overlap``, a member whose one-set fusion merges more than ``OWN_OVERLAP_WARN`` of its rows is named.
     One view of a single test model (another tool's ``test``) is no fold ensemble: OOF as predicted, no test cell
     (that model's score is the member's single-fold row)."""
-    tta = m.cfg.predict
-    wbf = {"iou_thr": tta.tta_iou_thr, "skip_box_thr": tta.tta_skip_box_thr, "conf_type": tta.tta_conf_type}
+    wbf = m.cfg.predict.tta_wbf
     oof = m.oof[m.oof.tta.isin(views)]
     one_model = m.test is not None and len(views) == 1 and m.test.fold.nunique() == 1 < m.oof.fold.nunique()
     fused_oof = oof if one_model else fuse_views(oof, train.images, views, m.name, **wbf)

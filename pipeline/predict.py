@@ -90,9 +90,7 @@ def report_oof(cfg, table, folds: pd.DataFrame, preds: pd.DataFrame, views: list
     scorer = Scorer(cfg.metric, table, folds.image_id.tolist())
     tables = {view: preds[preds.tta == view] for view in views}
     if len(views) > 1:
-        p = cfg.predict
-        tables["tta_wbf"] = fuse_views(preds, table.images, views, cfg.run, iou_thr=p.tta_iou_thr,
-                                       skip_box_thr=p.tta_skip_box_thr, conf_type=p.tta_conf_type)
+        tables["tta_wbf"] = fuse_views(preds, table.images, views, cfg.run, **cfg.predict.tta_wbf)
     scores = {}
     for name, rows in tables.items():
         result, score_thr = score_at_best_threshold(scorer, rows, cfg.ensemble.tune.score_thr)

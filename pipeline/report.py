@@ -501,8 +501,7 @@ def _views_fused(preds: pd.DataFrame, table: AnnotationTable, p: PredictConfig, 
     views = sorted(preds.tta.unique(), key=lambda v: (v != "none", v))
     if len(views) == 1:
         return preds
-    return fuse_views(preds, table.images, views, name, iou_thr=p.tta_iou_thr, skip_box_thr=p.tta_skip_box_thr,
-                      conf_type=p.tta_conf_type)
+    return fuse_views(preds, table.images, views, name, **p.tta_wbf)
 
 
 def _figure(width: float, height: float):
