@@ -340,8 +340,8 @@ def test_soft_overlap_search_finds_exactly_the_live_overlapping_boxes():
     assert steps >= 160  # four refiles at least
 
 
-def test_block_max_and_first_equal():
-    from pipeline.fusion.suppression_kernel import _block_max, _first_equal
+def test_block_max_and_leftmost_argmax():
+    from pipeline.fusion.suppression_kernel import _block_argmax, _block_max
     rng = np.random.default_rng(9)
     for _ in range(200):
         a = np.round(rng.normal(0, 1, 8 * int(rng.integers(1, 6))) * 4) / 4
@@ -349,7 +349,7 @@ def test_block_max_and_first_equal():
         lo = 4 * int(rng.integers(0, len(a) // 4))
         m = _block_max(a, lo, len(a))
         assert m == a[lo:].max()
-        assert _first_equal(a, lo, m) == lo + int(np.argmax(a[lo:]))
+        assert _block_argmax(a, lo, len(a)) == (m, lo + int(np.argmax(a[lo:])))  # ties: the leftmost
 
 
 def test_block_layout_fits_the_scratch():

@@ -648,19 +648,50 @@ def _leftmost_max(score: np.ndarray, bound: np.ndarray, group_bound: np.ndarray,
     Rescans the leftmost group of the largest group bound and its leftmost block of that bound, lowering stale
     bounds, until a block's maximum is its group's bound."""
     while True:
-        top = _block_max(group_bound, 0, len(group_bound))
+        top, g = _block_argmax(group_bound, 0, len(group_bound))
         if top == -np.inf:
             return top, -1
-        g = _first_equal(group_bound, 0, top)
-        g_max = _block_max(bound, g * gsz, g * gsz + gsz)
+        g_max, b = _block_argmax(bound, g * gsz, g * gsz + gsz)
         if g_max != top:
             group_bound[g] = g_max
             continue
-        b = _first_equal(bound, g * gsz, top)
-        m = _block_max(score, b * bs, b * bs + bs)
+        m, p = _block_argmax(score, b * bs, b * bs + bs)
         if m == top:
-            return top, _first_equal(score, b * bs, top)
+            return top, p
         bound[b] = m
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _block_argmax(a: np.ndarray, lo: int, hi: int) -> tuple[float, int]:
+    """``(maximum, its leftmost index)`` of ``a[lo:hi]`` (``hi - lo`` a positive multiple of 4, no NaN), four
+    running maxima at a time, without a data-dependent branch."""
+    m0 = a[lo]
+    m1 = a[lo + 1]
+    m2 = a[lo + 2]
+    m3 = a[lo + 3]
+    i0 = lo
+    i1 = lo + 1
+    i2 = lo + 2
+    i3 = lo + 3
+    for k in range(lo + 4, hi, 4):  # strictly greater: each lane keeps its leftmost maximum
+        x0 = a[k]
+        x1 = a[k + 1]
+        x2 = a[k + 2]
+        x3 = a[k + 3]
+        i0 = k if x0 > m0 else i0
+        i1 = k + 1 if x1 > m1 else i1
+        i2 = k + 2 if x2 > m2 else i2
+        i3 = k + 3 if x3 > m3 else i3
+        m0 = x0 if x0 > m0 else m0
+        m1 = x1 if x1 > m1 else m1
+        m2 = x2 if x2 > m2 else m2
+        m3 = x3 if x3 > m3 else m3
+    i0 = i1 if m1 > m0 or (m1 == m0 and i1 < i0) else i0
+    m0 = m1 if m1 > m0 else m0
+    i2 = i3 if m3 > m2 or (m3 == m2 and i3 < i2) else i2
+    m2 = m3 if m3 > m2 else m2
+    i0 = i2 if m2 > m0 or (m2 == m0 and i2 < i0) else i0
+    return (m2 if m2 > m0 else m0), i0
 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
@@ -682,15 +713,6 @@ def _block_max(a: np.ndarray, lo: int, hi: int) -> float:
     m0 = m1 if m1 > m0 else m0
     m2 = m3 if m3 > m2 else m2
     return m2 if m2 > m0 else m0
-
-
-@numba.njit(inline="always", **NJIT_OPTIONS)
-def _first_equal(a: np.ndarray, lo: int, v: float) -> int:
-    """The first index ``k >= lo`` with ``a[k] == v`` (there must be one)."""
-    k = lo
-    while a[k] != v:
-        k += 1
-    return k
 
 
 @numba.njit(**NJIT_NO_REFCOUNT)
