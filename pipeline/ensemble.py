@@ -598,7 +598,8 @@ def member_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None
                 thresholds: Sequence[float] = ()) -> list[dict]:
     """Per member: mean single-fold model, fold ensemble without TTA, with TTA, and with TTA but no scale views
     when it has both kinds (OOF and, with labels, test; for a thresholded metric each at its best OOF threshold of
-    ``thresholds``, a single-fold model at its own fold's, :func:`oof_cells`)."""
+    ``thresholds``, a single-fold model at its own fold's, :func:`oof_cells`). The second row is always the plain
+    view's fold ensemble (:func:`view_rows` takes its cells)."""
     cfg = m.cfg
     name = m.name if m.pseudo is None else f"{m.name} (pseudo round {m.pseudo})"
     plain = m.oof[m.oof.tta == plain_view(m)]
@@ -626,16 +627,22 @@ def member_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None
 
 
 def view_rows(m: Member, train, oof_scorer: Scorer, test_scorer: Scorer | None, sizes_test,
-              thresholds: Sequence[float] = ()) -> list[dict]:
+              thresholds: Sequence[float] = (), plain: dict | None = None) -> list[dict]:
     """Each TTA view of member ``m`` alone (fold ensemble; OOF, and test with labels; :func:`oof_cells`) and its
     OOF gain over the plain view, in the metric's direction. A view scoring more than ``VIEW_GAP_WARN`` below the
     plain view is flagged: a view is the same model on a transformed image, so a large loss points at the view or
-    its inverse."""
+    its inverse. ``plain``: the plain view's cells when the caller has them (:func:`member_rows`' "fold ensemble,
+    no TTA" row, the same fusion and scoring), taken rather than computed again."""
     if len(m.views) < 2:
         return []
     metric = get_metric(m.cfg.metric)
-    rows = [{"member": m.name, "view": v, **fold_ensemble_cells(m, [v], train, oof_scorer, test_scorer, sizes_test,
-                                                                thresholds)}
+
+    def view_cells(v: str) -> dict:
+        if v == plain_view(m) and plain is not None:
+            return {k: value for k, value in plain.items() if k != "row"}
+        return fold_ensemble_cells(m, [v], train, oof_scorer, test_scorer, sizes_test, thresholds)
+
+    rows = [{"member": m.name, "view": v, **view_cells(v)}
             for v in [plain_view(m)] + [v for v in m.views if v != plain_view(m)]]
     from pipeline.tta import is_scale_view  # the TTA registry imports torch: only for members with views
     for row in rows:
@@ -663,8 +670,10 @@ def run(cfg: ExperimentConfig) -> dict:
     sizes_test = test_table.images if test_table is not None else None
 
     grid = cfg.ensemble.tune.score_thr  # a thresholded metric reads each row at its best OOF threshold of it
-    rows = [r for m in members for r in member_rows(m, train, oof_scorer, test_scorer, sizes_test, folds, grid)]
-    views = [r for m in members for r in view_rows(m, train, oof_scorer, test_scorer, sizes_test, grid)]
+    by_member = [member_rows(m, train, oof_scorer, test_scorer, sizes_test, folds, grid) for m in members]
+    rows = [r for member_table in by_member for r in member_table]
+    views = [r for m, member_table in zip(members, by_member)  # member_rows' second row: its plain view's cells
+             for r in view_rows(m, train, oof_scorer, test_scorer, sizes_test, grid, plain=member_table[1])]
     with compile_clock() as compiling:  # a first run compiles the kernels: the nested tunings would not
         tuning_start = time.perf_counter()
         chosen, tuned = tune_rules(members, train.images, oof_scorer, cfg)

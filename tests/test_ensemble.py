@@ -485,6 +485,24 @@ def test_each_view_is_scored_alone_and_a_view_far_below_the_plain_one_is_flagged
     assert "views: [...]" in flagged[0]  # and the way to leave it out without predicting again
 
 
+def test_the_view_table_takes_the_plain_view_from_the_member_rows_and_fuses_only_the_other_views(monkeypatch):
+    from pipeline import ensemble
+    table, good, _ = synthetic(12)
+    cfg = load_config("configs/demo/ensemble.yaml")
+    member, scorer = views_member(table, good, cfg), Scorer("coco_map", table)
+    folds = pd.DataFrame({"image_id": table.images.image_id, "fold": 0})
+    member_table = member_rows(member, table, scorer, scorer, table.images, folds, [0.0, 0.3])
+    assert member_table[1]["row"] == "m: fold ensemble, no TTA"
+    from_scratch = view_rows(member, table, scorer, scorer, table.images, [0.0, 0.3])
+    fused_views = []
+    real = ensemble.fold_ensemble_cells
+    monkeypatch.setattr(ensemble, "fold_ensemble_cells", lambda m, views, *a, **k: fused_views.append(views)
+                        or real(m, views, *a, **k))
+    taken = view_rows(member, table, scorer, scorer, table.images, [0.0, 0.3], plain=member_table[1])
+    assert taken == from_scratch
+    assert fused_views == [["hflip"], ["scale0.75"]]  # the plain view ("none") is not fused and scored again
+
+
 def test_members_with_scale_views_get_a_row_without_them():
     table, good, _ = synthetic(12)
     cfg = load_config("configs/demo/ensemble.yaml")
