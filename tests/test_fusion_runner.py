@@ -5,7 +5,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.fusion.runner import DenseRows
+from pipeline.fusion.runner import DenseRows, RowsPool
 
 
 @settings(max_examples=60, deadline=None)
@@ -27,3 +27,29 @@ def test_taking_rows_equals_boolean_indexing_and_keeps_the_values_one_block(keep
     # one C-ordered block: its coordinate rows' transpose is what the scorer reads in place
     assert taken.values.flags.c_contiguous and taken.values.shape == (5, int(mask.sum()))
     assert taken.image.dtype == taken.label.dtype == np.int64
+
+
+def test_the_rows_pool_hands_a_buffer_out_again_only_once_no_rows_or_views_of_them_are_held():
+    pool = RowsPool()
+    first = pool.rows(100, selection=True)
+    assert first.values.flags.c_contiguous and first.values.shape == (5, 100)
+    assert first.image.dtype == first.label.dtype == np.int64 and first.selection.shape == (100,)
+    columns = [first.image, first.values, first.label, first.selection]
+    assert not any(np.shares_memory(a, b) for k, a in enumerate(columns) for b in columns[k + 1:])
+    first.values[:] = 7.0
+    second = pool.rows(100, selection=False)  # the first rows are held: another buffer
+    assert second.selection is None and not np.shares_memory(second.values, first.values)
+    second.values[:] = 9.0
+    np.testing.assert_array_equal(first.values, 7.0)
+    coordinates = first.values[:4].T  # a view, as the scorer takes it, outlives the rows it was cut from
+    del first, columns
+    third = pool.rows(50, selection=False)
+    assert not np.shares_memory(third.values, coordinates) and not np.shares_memory(third.values, second.values)
+    assert len(pool.buffers) == 3
+    del coordinates, third
+    fourth = pool.rows(80, selection=True)  # free again: reused, none allocated
+    assert len(pool.buffers) == 3 and np.shares_memory(fourth.values, pool.buffers[0])
+    del fourth
+    bigger = pool.rows(1000, selection=False)  # no free buffer is large enough: the free ones go, one is made
+    assert len(pool.buffers) == 2 and len(pool.buffers[-1]) >= 8 * 1000
+    assert np.shares_memory(bigger.values, pool.buffers[-1])

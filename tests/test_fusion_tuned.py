@@ -111,6 +111,7 @@ def test_the_tuners_fusions_write_into_one_set_of_cached_slots_and_keep_their_ow
     assert len(cached_calls) == len(every)  # fuse_tuned: fresh slots
     runner.release_thread_output()
     assert getattr(runner._THREAD_LOCAL, "output", "absent") is None
+    assert getattr(runner._THREAD_LOCAL, "rows", "absent") is None  # the dense-row buffers too
 
 
 def test_rows_of_a_table_with_nothing_to_fuse_are_none():

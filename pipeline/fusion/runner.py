@@ -8,6 +8,7 @@ kernels release the GIL) and reports the repairs once per call.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -100,9 +101,49 @@ def thread_output(n: int, n_img: int) -> KernelOutput:
 
 
 def release_thread_output() -> None:
-    """Let go of this thread's cached output slots (:func:`thread_output`), e.g. once a tuner is done with a
-    large table."""
+    """Let go of this thread's cached output slots (:func:`thread_output`) and dense-row buffers
+    (:class:`RowsPool`), e.g. once a tuner is done with a large table."""
     _THREAD_LOCAL.output = None
+    _THREAD_LOCAL.rows = None
+
+
+class RowsPool:
+    """Buffers for the dense rows of one caller's many fusions (:func:`dense_rows` with ``reuse``: the OOF tuner's),
+    a buffer handed out again once nothing but the pool refers to it. Every view of a buffer holds a reference to
+    it (numpy's ``base``), so its reference count says whether rows cut from it are still held anywhere -- the test
+    ``ndarray.resize`` makes. Fresh rows of millions of boxes cost page faults, on a virtual machine 2-4 times their
+    copy (benchmarks/README.md, *tuning_speed.py*)."""
+
+    def __init__(self) -> None:
+        self.buffers: list[np.ndarray] = []
+
+    def rows(self, m: int, selection: bool) -> DenseRows:
+        """``m`` dense rows (uninitialised), each column a contiguous view of one free buffer."""
+        b = self._free(8 * m)
+        return DenseRows(b[:m].view(np.int64), b[m:6 * m].reshape(5, m), b[6 * m:7 * m].view(np.int64),
+                         b[7 * m:8 * m] if selection else None)
+
+    def _free(self, size: int) -> np.ndarray:
+        free = [k for k in range(len(self.buffers)) if _unreferenced(self.buffers, k)]
+        fits = [k for k in free if len(self.buffers[k]) >= size]
+        if fits:
+            return self.buffers[fits[0]]
+        self.buffers = [b for k, b in enumerate(self.buffers) if k not in free]  # too small: let them go
+        self.buffers.append(np.empty(max(size, 1)))
+        return self.buffers[-1]
+
+
+def _unreferenced(buffers: list[np.ndarray], k: int) -> bool:
+    """Whether ``buffers[k]`` has no reference but the list's (and ``getrefcount``'s argument)."""
+    return sys.getrefcount(buffers[k]) == 2
+
+
+def thread_rows_pool() -> RowsPool:
+    """This thread's :class:`RowsPool` (:func:`release_thread_output` lets it go)."""
+    pool: RowsPool | None = getattr(_THREAD_LOCAL, "rows", None)
+    if pool is None:
+        pool = _THREAD_LOCAL.rows = RowsPool()
+    return pool
 
 
 def image_ranges(row_offs: np.ndarray, threads: int) -> list[tuple[int, int]]:
@@ -149,15 +190,20 @@ class DenseRows(NamedTuple):
         return DenseRows(image, values, label, None if self.selection is None else self.selection[keep])
 
 
-def dense_rows(packed: PackedTable, out: KernelOutput, threads: int, by_score: bool = False) -> DenseRows:
+def dense_rows(packed: PackedTable, out: KernelOutput, threads: int, by_score: bool = False,
+               reuse: bool = False) -> DenseRows:
     """``out`` compacted to dense pixel columns (:func:`~pipeline.fusion.packing.compact_rows`), image ranges
     on ``threads`` threads; ``by_score``: each image's rows by descending score, stable
-    (:func:`~pipeline.fusion.packing.compact_rows_by_score`)."""
+    (:func:`~pipeline.fusion.packing.compact_rows_by_score`); ``reuse``: into a buffer of this thread's
+    :class:`RowsPool` that no rows use any more."""
     dst = np.zeros(len(out.count) + 1, np.int64)
     np.cumsum(out.count, out=dst[1:])
     m = int(dst[-1])
-    rows = DenseRows(np.empty(m, np.int64), np.empty((5, m)), np.empty(m, np.int64),
-                     None if out.selection is None else np.empty(m))
+    if reuse:
+        rows = thread_rows_pool().rows(m, out.selection is not None)
+    else:
+        rows = DenseRows(np.empty(m, np.int64), np.empty((5, m)), np.empty(m, np.int64),
+                         None if out.selection is None else np.empty(m))
 
     def work(lo: int, hi: int) -> None:
         if by_score:

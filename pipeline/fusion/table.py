@@ -87,14 +87,15 @@ def fuse_packed(packed: PackedTable, method: str, weighted: bool, backend: str =
     then divide scores by their sum, as the library does). The OOF tuner calls this directly, to score the rows
     without a table and to reuse one packing for many weights (:func:`~pipeline.fusion.packing.with_weights`), and
     with ``reuse_slots``: the kernel writes into this thread's cached output slots, one row per input row, which
-    the dense rows are copied from (:func:`~pipeline.fusion.runner.release_thread_output` lets them go).
+    the dense rows are copied from, into a buffer no rows use any more (:class:`~pipeline.fusion.runner.RowsPool`;
+    :func:`~pipeline.fusion.runner.release_thread_output` lets both go).
     ``by_score``: each image's rows by descending score, stable (the rule's own order when it sorts by score; the
     order a scorer packs rows in, so the tuner's scorings take them as they come)."""
     rule, resolved = _resolved_rule(method, backend, params)
     if backend == "numba":
         n_threads = available_cpus() if threads is None else int(threads)
         return dense_rows(packed, rule.fuse(packed, resolved, weighted, n_threads, reuse_slots), n_threads,
-                          by_score and not rule.sorted_by_score)
+                          by_score and not rule.sorted_by_score, reuse_slots)
     from pipeline.fusion.oracle import fuse_with_ensemble_boxes  # the library is imported only when asked for
 
     fused = fuse_with_ensemble_boxes(packed, method, resolved, weighted)
@@ -119,7 +120,7 @@ def fuse_packed_levels(packed: PackedTable, method: str, values: Sequence[float]
         raise ValueError(f"fusion method {method!r} has no parameter fused at several values at once")
     n_threads = available_cpus() if threads is None else int(threads)
     outputs = rule.fuse_levels(packed, resolved, values, n_threads, reuse_slots)
-    return [dense_rows(packed, out, n_threads, by_score and not rule.sorted_by_score) for out in outputs]
+    return [dense_rows(packed, out, n_threads, by_score and not rule.sorted_by_score, reuse_slots) for out in outputs]
 
 
 def _resolved_rule(method: str, backend: str, params: dict[str, Any]) -> tuple[FusionRule, dict[str, Any]]:
