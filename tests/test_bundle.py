@@ -58,9 +58,25 @@ def fake_trained_ensemble(root: Path, data: Path, members: tuple[str, ...] = ("f
     return config_dir / "ensemble.yaml"
 
 
+def copy_of_ensemble(ens_yaml: Path, root: Path) -> Path:
+    """`ens_yaml`'s config folder (runs and folds included) copied to `root`, its configs pointing into `root`: what
+    fake_trained_ensemble(root, ...) writes, in 0.03 s instead of 0.55 s (four models built and saved)."""
+    source = ens_yaml.parent
+    shutil.copytree(source, root, dirs_exist_ok=True)
+    for config in root.glob("*.yaml"):  # runs_dir, folds.dir, submission.dir: absolute paths into the folder
+        config.write_text(config.read_text().replace(str(source), str(root)))
+    return root / ens_yaml.name
+
+
 @pytest.fixture(scope="module")
-def ensemble_yaml(tmp_path_factory, tiny_data) -> Path:
+def pristine_ensemble(tmp_path_factory, tiny_data) -> Path:
+    """The module's one fake trained ensemble, never changed: each user gets a copy."""
     return fake_trained_ensemble(tmp_path_factory.mktemp("fake_run"), tiny_data)
+
+
+@pytest.fixture(scope="module")
+def ensemble_yaml(pristine_ensemble, tmp_path_factory) -> Path:
+    return copy_of_ensemble(pristine_ensemble, tmp_path_factory.mktemp("shared_run"))
 
 
 @pytest.fixture(scope="module")
@@ -390,10 +406,10 @@ def test_the_command_line_refuses_a_python_version_it_cannot_read(ensemble_yaml,
     assert code == 1 and "give the notebook's Python as MAJOR.MINOR" in capsys.readouterr().err
 
 
-def test_a_bundle_runs_only_the_views_the_ensemble_fused(tmp_path, tiny_data):
+def test_a_bundle_runs_only_the_views_the_ensemble_fused(tmp_path, pristine_ensemble):
     import yaml
 
-    ens = fake_trained_ensemble(tmp_path, tiny_data)
+    ens = copy_of_ensemble(pristine_ensemble, tmp_path)
     tree = yaml.safe_load(ens.read_text())
     tree["ensemble"]["members"][1]["views"] = ["hflip"]
     ens.write_text(yaml.safe_dump(tree))
@@ -406,10 +422,10 @@ def test_a_bundle_runs_only_the_views_the_ensemble_fused(tmp_path, tiny_data):
         bundle.plan_members(load_config(ens), result)
 
 
-def test_a_member_of_weight_zero_is_left_out_and_the_fusion_is_the_same(tmp_path, tiny_data, capsys):
+def test_a_member_of_weight_zero_is_left_out_and_the_fusion_is_the_same(tmp_path, pristine_ensemble, capsys):
     from pipeline.fusion import fuse_tuned
 
-    ens = fake_trained_ensemble(tmp_path, tiny_data)
+    ens = copy_of_ensemble(pristine_ensemble, tmp_path)
     cfg = load_config(ens)
     path = ensemble_dir(cfg) / ENSEMBLE_RESULT
     result = json.loads(path.read_text())
@@ -440,10 +456,10 @@ def test_a_member_of_weight_zero_is_left_out_and_the_fusion_is_the_same(tmp_path
     pd.testing.assert_frame_equal(both, alone)
 
 
-def test_an_external_member_blocks_a_bundle_unless_the_tuner_dropped_it(tmp_path, tiny_data):
+def test_an_external_member_blocks_a_bundle_unless_the_tuner_dropped_it(tmp_path, pristine_ensemble):
     import yaml
 
-    ens = fake_trained_ensemble(tmp_path, tiny_data)
+    ens = copy_of_ensemble(pristine_ensemble, tmp_path)
     tree = yaml.safe_load(ens.read_text())
     tree["ensemble"]["members"].append({"predictions": "external/yolo", "name": "yolo", "format": "yolo_txt"})
     ens.write_text(yaml.safe_dump(tree))

@@ -1,4 +1,5 @@
 """Our folds in other tools' layouts: a model trained elsewhere sees exactly our split."""
+import copy
 import json
 from pathlib import Path
 
@@ -12,11 +13,18 @@ from pipeline.data import load_dataset
 from pipeline.layout import folds_path, read_folds
 
 
-@pytest.fixture
-def split(tmp_path, tiny_data):
-    cfg = tiny_config(tmp_path, tiny_data, tracking={"enabled": False})
+@pytest.fixture(scope="module")
+def made_split(tmp_path_factory, tiny_data):
+    """The tiny dataset's config, table and folds, made once: the folds stage and the reading take 0.1 s a test."""
+    cfg = tiny_config(tmp_path_factory.mktemp("split"), tiny_data, tracking={"enabled": False})
     folds_stage.run(cfg)
     return cfg, load_dataset(cfg.data, "train"), read_folds(folds_path(cfg))
+
+
+@pytest.fixture
+def split(made_split):
+    """A copy for each test: whatever a test or the code under test changes in them stays in that test."""
+    return copy.deepcopy(made_split)
 
 
 def test_yolo_export_has_one_dataset_per_fold_and_normalised_labels(split, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import subprocess
 import sys
@@ -340,10 +341,23 @@ _fused_rows = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1), st.sample
                                  st.integers(0, 8), st.integers(0, 8)), max_size=25)
 
 
+@functools.cache
+def fused_rows_gt() -> AnnotationTable:
+    """The ground truth of every fused-rows case, made once (it never changes)."""
+    return make_gt({"a": [(0, 0, 10, 10), (4, 4, 12, 12)], "b": [(2, 2, 9, 9)], "c": []}, classes=("p", "q"))
+
+
+@functools.cache
+def fused_rows_scorer(metric: str) -> Scorer:
+    """A Scorer of fused_rows_gt(), made once per metric and reused as the tuner reuses one: packing the same ground
+    truth again for every hypothesis example was half of these tests' time."""
+    return Scorer(metric, fused_rows_gt())
+
+
 def fused_rows_case(rows: list) -> tuple:
     """``(gt, image_ids, image, boxes, scores, labels)``: the rows' images are positions in ``image_ids``, which are
     in another order than the scorer's; "zz" is not scored, "c" has no ground truth."""
-    gt = make_gt({"a": [(0, 0, 10, 10), (4, 4, 12, 12)], "b": [(2, 2, 9, 9)], "c": []}, classes=("p", "q"))
+    gt = fused_rows_gt()
     image = np.array([r[0] for r in rows], dtype=np.int64)
     boxes = np.array([(r[3], r[4], r[3] + 5.0, r[4] + 6.0) for r in rows], dtype=np.float64).reshape(-1, 4)
     scores = np.array([r[2] for r in rows], dtype=np.float64)
@@ -355,11 +369,11 @@ def fused_rows_case(rows: list) -> tuple:
 @given(_fused_rows, st.booleans())
 def test_scoring_rows_equals_scoring_the_table(rows, class_aware):
     # the OOF tuner scores a fusion's rows (images as positions in the fusion's own sorted ids) without a table
-    gt, image_ids, image, boxes, scores, labels = fused_rows_case(rows)
+    _, image_ids, image, boxes, scores, labels = fused_rows_case(rows)
     table = pd.DataFrame({"image_id": pd.array(np.asarray(image_ids)[image], dtype="str"), "x1": boxes[:, 0],
                           "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3], "score": scores, "label": labels})
     for metric in [m for m in METRICS if get_metric(m).class_aware == class_aware] or METRICS:
-        scorer = Scorer(metric, gt)
+        scorer = fused_rows_scorer(metric)
         from_rows = scorer.score_rows(image_ids, image, boxes, scores, labels)
         from_table = scorer(table)
         assert from_rows.score == from_table.score
@@ -381,7 +395,7 @@ def test_scoring_a_fusions_own_rows_reads_their_boxes_in_place(rows):
     table = pd.DataFrame({"image_id": pd.array(np.asarray(image_ids)[image], dtype="str"), "x1": columns[0],
                           "y1": columns[1], "x2": columns[2], "y2": columns[3], "score": scores, "label": labels})
     for metric in METRICS:
-        scorer = Scorer(metric, gt)
+        scorer = fused_rows_scorer(metric)
         assert list(scorer.index) == list(image_ids)
         packed = pack_indexed(scorer.index, image_ids, image, columns.T, scores, labels, 2)
         assert np.shares_memory(packed.boxes, columns) or len(image) == 0
@@ -402,10 +416,10 @@ def test_scoring_every_threshold_at_once_equals_scoring_each(rows):
     # GWD from one pass (the greedy matching of a score-ordered prefix is the prefix of the matching), the other
     # metrics threshold by threshold: the score of the rows scoring >= t, bit for bit, thresholds at score values
     # (ties), above every score and below; images without ground truth ("c") or rows ("a" at times)
-    gt, image_ids, image, boxes, scores, labels = fused_rows_case(rows)
+    _, image_ids, image, boxes, scores, labels = fused_rows_case(rows)
     thresholds = [0.0, 0.2, 0.3, 0.5, 0.9, 1.0]
     for metric in METRICS:
-        scorer = Scorer(metric, gt)
+        scorer = fused_rows_scorer(metric)
         each = [scorer.score_rows(image_ids, image[scores >= t], boxes[scores >= t], scores[scores >= t],
                                   labels[scores >= t]).score for t in thresholds]
         assert scorer.score_rows_by_threshold(image_ids, image, boxes, scores, labels, thresholds) == each

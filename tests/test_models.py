@@ -4,6 +4,7 @@ Tiny models on 128 px CPU batches; the network is blocked for the whole file, so
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import socket
@@ -82,8 +83,36 @@ def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def build(family: str, num_classes: int = NUM_CLASSES, **changes) -> torch.nn.Module:
+    """A fresh model of `family` built after seed 0, the random state left as that build leaves it."""
+    if family in COPIED and num_classes == NUM_CLASSES and not changes:
+        return copy_of_built(family)
     torch.manual_seed(0)
     return create_model(replace(TINY[family], **changes), num_classes)
+
+
+def copy_of_built(family: str) -> torch.nn.Module:
+    """A deep copy of `family`'s tiny model built after seed 0 (on first use), the random state set to the one after
+    that build: the same weights, and the same random numbers after it, as a build of its own."""
+    if family not in BUILT:
+        torch.manual_seed(0)
+        BUILT[family] = create_model(replace(TINY[family]), NUM_CLASSES), torch.get_rng_state()
+    model, rng_after = BUILT[family]
+    torch.set_rng_state(rng_after)
+    return copy.deepcopy(model)
+
+
+# Most tests take these families as they are (34 builds): a deep copy takes half the time of building EfficientDet
+# (0.06 s against 0.12 s) and 40 % of building the torchvision MobileNetV3 FPN (0.08 s against 0.19 s: its
+# 12.8M-weight box head drawn at random). For the small timm families a copy is no faster.
+COPIED = {"efficientdet", "fasterrcnn_mobilenet_v3_large_fpn"}
+BUILT: dict[str, tuple[torch.nn.Module, torch.Tensor]] = {}  # family -> (model, random state after its build)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def built_models_freed():
+    """The two cached models (~90 MB) go when this file's tests are done, not at the end of the session."""
+    yield
+    BUILT.clear()
 
 
 def batch() -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
@@ -487,7 +516,8 @@ def test_checkpoint_with_other_num_classes_skips_the_head(family: str, tmp_path:
     assert not report.missing and not report.unexpected
     assert "class head" in caplog.text
     body = {k: v for k, v in source.state_dict().items() if not k.startswith(head)}
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in body.items())
+    loaded = model.state_dict()  # once, not once per tensor: each call walks every module (300-450 tensors)
+    assert all(torch.equal(loaded[k], v) for k, v in body.items())
     # and through the config, as a user would do it
     create_model(replace(TINY[family], init_checkpoint=str(path)), NUM_CLASSES)
 
