@@ -17,10 +17,11 @@ drop-ins' one image, read from the library's lists concatenated (no packed table
 4. the kept boxes are written group by group, in selection order.
 
 Cost. NMS: a sort, filing every member, and per kept box a few runs of grid slots tested in SIMD lanes.
-Soft-NMS: per selected box, a window of grid rows and its overlapping live boxes, each an IoU and (gaussian) an
-``exp`` (the step's weights in one vectorised loop, :mod:`pipeline.fusion.vector_exp`), then the decays at the
-library's positions -- every overlapping pair is decayed once, as in the library, which computes the same products for all
-remaining boxes at every step; finding each step's maximum costs two scans of about ``sqrt(n)`` scores, about
+Soft-NMS: per selected box, a window of grid rows, eight slots at a time (their IoUs, and the overlapping ones
+packed with their library positions: :mod:`pipeline.fusion.vector_hits`), its overlapping live boxes each (gaussian)
+an ``exp`` (the step's weights in one vectorised loop, :mod:`pipeline.fusion.vector_exp`), then the decays at the
+library's positions -- every overlapping pair is decayed once, as in the library, which computes the same products
+for all remaining boxes at every step; finding each step's maximum costs two scans of about ``sqrt(n)`` scores, about
 twice per step. Tens of thousands of overlapping pairs per image at 40 sets x 100 boxes keep gaussian soft-NMS
 the slowest rule.
 
@@ -43,10 +44,11 @@ from pipeline.fusion.primitives import (NJIT_NO_REFCOUNT, NJIT_OPTIONS, RADIX_HI
                                         iou, radix_argsort, radix_argsort_top)
 from pipeline.fusion.rows import read_image
 from pipeline.fusion.vector_exp import covers_gaussian_weights, exp_vectorisable
+from pipeline.fusion.vector_hits import LANES, iou_hits8
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
 COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a",
-                    "vector_exp.py": "824cc4dac6b35a2c"}
+                    "vector_exp.py": "824cc4dac6b35a2c", "vector_hits.py": "fd7ca30bf02b25d1"}
 
 # The library's ``method`` codes.
 LINEAR = 1
@@ -57,7 +59,7 @@ SOFT_LARGE = 3.0  # soft-NMS: members wider or taller than this many times the m
 SOFT_CELL_FACTOR = 0.25  # soft-NMS grid cells per axis: about 1 / (this * the largest filed size)
 SOFT_COLUMNS = 4  # soft-NMS grid columns per row cell: a window row is one run of slots, so narrower columns trim
 #                   the run's ends at no cost per row (agreeing 40 x 100: ~3 % a step, benchmarks/README.md)
-SLOT_PAD = 8  # grid slots are tested in runs of whole 8s (AVX-512's doubles, twice AVX2's), past a run's end
+SLOT_PAD = LANES  # grid slots are tested in runs of whole 8s (AVX-512's doubles, twice AVX2's), past a run's end
 SOFT_REFILE_MIN = 64  # soft-NMS: refile the grid once fewer than half its slots are live, if it has more than this
 
 
@@ -77,12 +79,12 @@ class FloatRow(IntEnum):
     GROUP_SCORE = 1  # per group member: weighted score (hard: the sort input; soft: the score returned)
     FINAL = 2  # soft-NMS, per step: the selected member's score at selection (compared with ``thresh``)
     CAND_IOU = 3  # soft-NMS: IoU of the selected member with each candidate (``IntRow.CAND``)
-    SLOT_IOU = 4  # soft-NMS, per grid slot: IoU of the selected member with the slot's box (window slots only)
 
 
 @unique
 class IntRow(IntEnum):
-    """Rows of ``Scratch.ints`` (int64, ``(len(IntRow), cap)``)."""
+    """Rows of ``Scratch.ints`` (int64, ``(len(IntRow), cap + SLOT_PAD)``: ``SLOT_POS`` is read, and ``CAND``
+    written, eight slots at a time)."""
 
     KEPT_SET = 0
     KEPT_LABEL = 1
@@ -108,7 +110,7 @@ class Scratch(NamedTuple):
 
     boxes: np.ndarray  # float64 (len(BoxRow), cap, 4)
     floats: np.ndarray  # float64 (len(FloatRow), cap + SLOT_PAD)
-    ints: np.ndarray  # int64 (len(IntRow), cap)
+    ints: np.ndarray  # int64 (len(IntRow), cap + SLOT_PAD)
     group_start: np.ndarray  # int64 (cap + 1)
     pos_score: np.ndarray  # float64 (score_room(cap)): soft-NMS, the library's score array (padded to whole
     #                        blocks), then each block's upper bound of its maximum (see _soft_nms_group)
@@ -134,7 +136,8 @@ def allocate_scratch(cap: int) -> Scratch:
     slots[:2, cap:] = np.inf
     slots[2:, cap:] = -np.inf
     return Scratch(np.empty((len(BoxRow), cap, 4)), np.empty((len(FloatRow), cap + SLOT_PAD)),
-                   np.empty((len(IntRow), cap), np.int64), np.empty(cap + 1, np.int64), np.empty(score_room(cap)),
+                   np.empty((len(IntRow), cap + SLOT_PAD), np.int64), np.empty(cap + 1, np.int64),
+                   np.empty(score_room(cap)),
                    slots, np.empty(GRID_MAX * GRID_MAX + 1, np.int64), np.empty(GRID_MAX * GRID_MAX, np.int64),
                    np.empty(RADIX_HIST_SIZE, np.int64))
 
@@ -145,10 +148,10 @@ _THREAD_LOCAL = threading.local()
 def thread_scratch(cap: int) -> Scratch:
     """This thread's cached :class:`Scratch` for ``cap`` boxes, grown by half when too small, never shrunk."""
     cached: Scratch | None = getattr(_THREAD_LOCAL, "scratch", None)
-    if cached is not None and cached.ints.shape[1] >= cap:
+    if cached is not None and len(cached.group_start) > cap:
         return cached
     if cached is not None:
-        cap = max(cap, int(cached.ints.shape[1] * 1.5))
+        cap = max(cap, int((len(cached.group_start) - 1) * 1.5))
     _THREAD_LOCAL.scratch = allocate_scratch(cap)
     return _THREAD_LOCAL.scratch
 
@@ -425,20 +428,6 @@ def _suppress_run(lo: int, hi: int, bx1: float, by1: float, bx2: float, by2: flo
     area_b = (bx2 - bx1) * (by2 - by1)
     for s in range(numba.uint64(lo), numba.uint64(hi)):
         dead[s] |= _slot_iou(bx1, by1, bx2, by2, area_b, sx1[s], sy1[s], sx2[s], sy2[s]) > iou_thr
-
-
-@numba.njit(inline="always", **NJIT_OPTIONS)
-def _iou_run(lo: int, hi: int, bx1: float, by1: float, bx2: float, by2: float, sx1: np.ndarray, sy1: np.ndarray,
-             sx2: np.ndarray, sy2: np.ndarray, above: float, out: np.ndarray) -> int:
-    """``out[s]``: IoU of box B with slot ``s``'s box for ``s`` in ``lo..hi-1`` (vectorised); returns how many are
-    above ``above``."""
-    area_b = (bx2 - bx1) * (by2 - by1)
-    n_above = 0
-    for s in range(numba.uint64(lo), numba.uint64(hi)):
-        v = _slot_iou(bx1, by1, bx2, by2, area_b, sx1[s], sy1[s], sx2[s], sy2[s])
-        out[s] = v
-        n_above += v > above
-    return n_above
 
 
 @numba.njit(**NJIT_NO_REFCOUNT)
@@ -872,21 +861,11 @@ def _overlapping(q: int, n_cells: int, fw: float, fh: float, n_big: int, radius_
         n_cols = _soft_columns(n_cells)
         gx0, gx1, _, _ = window_cells(qx1, qy1, qx2, qy2, rx, ry, n_cols)
         _, _, gy0, gy1 = window_cells(qx1, qy1, qx2, qy2, rx, ry, n_cells)
-        slot_iou = scratch.floats[FloatRow.SLOT_IOU]
-        for gy in range(gy0, gy1 + 1):  # row by row: every slot's IoU (vectorised), then those above ``above``
-            lo = cell_start[gy * n_cols + gx0]
+        for gy in range(gy0, gy1 + 1):  # row by row, eight slots at a time (the last eight may reach past the
+            lo = cell_start[gy * n_cols + gx0]  # run, into slots that are ignored)
             hi = cell_start[gy * n_cols + gx1 + 1]
-            # whole multiples of SLOT_PAD (no scalar remainder); only the run's own IoUs are read below
-            if _iou_run(lo, lo + (hi - lo + SLOT_PAD - 1) // SLOT_PAD * SLOT_PAD, qx1, qy1, qx2, qy2, sx1, sy1, sx2,
-                        sy2, above, slot_iou) == 0:
-                continue  # (counted past the run too: at worst a compaction that finds nothing)
-            for s in range(numba.uint64(lo), numba.uint64(hi)):  # unsigned: no negative-index wraparound
-                cand[k] = s
-                k += slot_iou[s] > above
-        for t in range(k):  # as library positions
-            s = cand[t]
-            cand_iou[t] = slot_iou[s]
-            cand[t] = slot_pos[s]
+            for s in range(lo, hi, SLOT_PAD):
+                k = iou_hits8(sx1, sy1, sx2, sy2, slot_pos, s, hi, qx1, qy1, qx2, qy2, above, cand, cand_iou, k)
     for r in range(n_big):
         j = big[r]
         if (removed[j] == 0 and min(qx2, gbox[j, 2]) - max(qx1, gbox[j, 0]) > 0.0

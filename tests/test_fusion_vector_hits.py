@@ -1,0 +1,76 @@
+"""pipeline.fusion.vector_hits: soft-NMS's eight-slot IoUs and hits, against the kernel's scalar IoU."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from pipeline.fusion.suppression_kernel import _slot_iou
+from pipeline.fusion.vector_hits import LANES, iou_hits8
+
+
+@numba.njit
+def _run(slots, position, lo, hi, box, above, out_position, out_iou):
+    """The kernel's loop over one run of slots ``lo .. hi - 1``."""
+    k = 0
+    for s in range(lo, hi, LANES):
+        k = iou_hits8(slots[0], slots[1], slots[2], slots[3], position, s, hi, box[0], box[1], box[2], box[3], above,
+                      out_position, out_iou, k)
+    return k
+
+
+@numba.njit
+def _scalar_ious(slots, box):
+    area_b = (box[2] - box[0]) * (box[3] - box[1])
+    out = np.empty(slots.shape[1])
+    for s in range(slots.shape[1]):
+        out[s] = _slot_iou(box[0], box[1], box[2], box[3], area_b, slots[0, s], slots[1, s], slots[2, s], slots[3, s])
+    return out
+
+
+def _slots(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` slots of small boxes near the centre (many overlap the query), a fifth emptied (the kernel's box that
+    overlaps nothing), and ``LANES`` padding slots."""
+    xy = rng.uniform(0.3, 0.6, (n, 2))
+    wh = rng.uniform(0.01, 0.2, (n, 2))
+    slots = np.empty((4, n + LANES))
+    slots[:2, :n] = xy.T
+    slots[2:, :n] = (xy + wh).T
+    emptied = np.r_[rng.random(n) < 0.2, np.ones(LANES, bool)]
+    slots[:2, emptied] = np.inf
+    slots[2:, emptied] = -np.inf
+    return slots
+
+
+@pytest.mark.parametrize("above", [0.0, 0.5])
+def test_the_hits_are_the_scalar_ious_above_the_threshold_in_slot_order_with_their_positions(above) -> None:
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        n = int(rng.integers(1, 70))
+        slots = _slots(rng, n)
+        position = rng.permutation(10 * (n + LANES))[:n + LANES].astype(np.int64)
+        lo = int(rng.integers(0, n))
+        hi = int(rng.integers(lo, n + 1))
+        box = np.r_[rng.uniform(0.3, 0.5, 2), 0.0, 0.0]
+        box[2:] = box[:2] + rng.uniform(0.02, 0.3, 2)
+        out_position = np.full(n + LANES, -1, np.int64)
+        out_iou = np.full(n + LANES, np.nan)
+        k = _run(slots, position, lo, hi, box, above, out_position, out_iou)
+        ious = _scalar_ious(slots, box)
+        expected = lo + np.flatnonzero(ious[lo:hi] > above)
+        assert k == len(expected), trial
+        np.testing.assert_array_equal(out_position[:k], position[expected])
+        assert out_iou[:k].tobytes() == ious[expected].tobytes()  # the same bits
+
+
+def test_slots_past_the_run_and_emptied_slots_are_never_hits() -> None:
+    # every slot overlaps the query box exactly, but only the run's own (3 of 8) count; an emptied slot never does
+    slots = np.tile(np.array([[0.2], [0.2], [0.4], [0.4]]), (1, 2 * LANES))
+    slots[:2, 1], slots[2:, 1] = np.inf, -np.inf
+    position = np.arange(100, 100 + 2 * LANES, dtype=np.int64)
+    out_position, out_iou = np.full(2 * LANES, -1, np.int64), np.zeros(2 * LANES)
+    k = _run(slots, position, 0, 3, np.array([0.2, 0.2, 0.4, 0.4]), 0.0, out_position, out_iou)
+    assert k == 2
+    assert out_position[:2].tolist() == [100, 102]
+    assert out_iou[:2].tolist() == [1.0, 1.0]
+
