@@ -6,10 +6,11 @@ scalar loop (``cand[k] = s; k += iou[s] > above``: ``k`` is carried from slot to
 then read each hit's IoU and position again. :func:`iou_hits8` does all three on vector registers: the IoUs as
 :func:`pipeline.fusion.suppression_kernel._slot_iou` computes them (the same operations in the same order, so the
 same bits), the hits packed to the front of the vector (``llvm.experimental.vector.compress``: AVX-512's
-``vcompresspd`` / ``vpcompressq`` between registers) and stored whole, their number a ``popcount`` of the lane mask.
+``vpcompressq`` between registers, the IoUs as their bits) and stored whole, their number a ``popcount`` of the lane
+mask.
 
 The packed lanes are stored whole from a register, not with a compressing store to memory
-(``llvm.masked.compressstore``): Zen 4 runs ``vcompresspd`` to memory as microcode, and gaussian soft-NMS took
+(``llvm.masked.compressstore``): Zen 4 runs a compress to memory as microcode, and gaussian soft-NMS took
 1.6-1.8 times as long with it on this project's 2-core AMD EPYC machine (benchmarks/README.md). Where the CPU
 has no AVX-512, LLVM expands the compress into lane-by-lane code with the same result. numba 0.68 ships LLVM 22
 (the compress intrinsic needs LLVM 19).
@@ -66,12 +67,13 @@ def _slot_ious(builder: ir.IRBuilder, slots: list[ir.Value], box: list[ir.Value]
 
 
 def _append(builder: ir.IRBuilder, vector: ir.Value, hit: ir.Value, out: ir.Value, k: ir.Value) -> None:
-    """The lanes of ``vector`` where ``hit``, in lane order, from ``out[k]`` (all eight lanes are stored)."""
-    name = f"v{LANES}{vector.type.element.intrinsic_name}"
-    compress = _declare(builder, f"llvm.experimental.vector.compress.{name}", vector.type,
-                        [vector.type, _MASK, vector.type])
-    packed = builder.call(compress, [vector, hit, ir.Constant(vector.type, None)])
-    builder.store(packed, _vector_at(builder, out, k, vector.type), align=8)
+    """The lanes of ``vector`` where ``hit``, in lane order, from ``out[k]`` (all eight lanes are stored). Packed as
+    64-bit integers (a double's bits as they are): LLVM 22 aborts expanding a compress of doubles for a CPU without
+    AVX-512 when it knows nothing more of it (``NUMBA_CPU_NAME=generic``, numba's portable caches)."""
+    bits = builder.bitcast(vector, _I64X8)
+    compress = _declare(builder, f"llvm.experimental.vector.compress.v{LANES}i64", _I64X8, [_I64X8, _MASK, _I64X8])
+    packed = builder.call(compress, [bits, hit, ir.Constant(_I64X8, None)])
+    builder.store(packed, builder.bitcast(_vector_at(builder, out, k, vector.type), _I64X8.as_pointer()), align=8)
 
 
 @intrinsic
