@@ -79,7 +79,6 @@ def test_slots_past_the_run_and_emptied_slots_are_never_hits() -> None:
     assert out_iou[:2].tolist() == [1.0, 1.0]
 
 
-
 def test_compiles_for_a_cpu_llvm_knows_nothing_of(tmp_path) -> None:
     # NUMBA_CPU_NAME=generic (numba's portable caches): LLVM 22 aborted the process expanding a compress of doubles
     # there, so the IoUs are packed as their 64-bit patterns

@@ -48,7 +48,7 @@ from pipeline.fusion.vector_hits import LANES, iou_hits8
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
 COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a",
-                    "vector_exp.py": "824cc4dac6b35a2c", "vector_hits.py": "c0ee07f8b6f91595"}
+                    "vector_exp.py": "824cc4dac6b35a2c", "vector_hits.py": "d2fad5c0b84b583a"}
 
 # The library's ``method`` codes.
 LINEAR = 1

@@ -73,7 +73,7 @@ def _append(builder: ir.IRBuilder, vector: ir.Value, hit: ir.Value, out: ir.Valu
     bits = builder.bitcast(vector, _I64X8)
     compress = _declare(builder, f"llvm.experimental.vector.compress.v{LANES}i64", _I64X8, [_I64X8, _MASK, _I64X8])
     packed = builder.call(compress, [bits, hit, ir.Constant(_I64X8, None)])
-    builder.store(packed, builder.bitcast(_vector_at(builder, out, k, vector.type), _I64X8.as_pointer()), align=8)
+    builder.store(packed, _vector_at(builder, out, k, _I64X8), align=8)
 
 
 @intrinsic
