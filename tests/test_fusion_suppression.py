@@ -412,8 +412,9 @@ def test_needs_no_repair_exactly_when_reading_repairs_nothing():
     }
     for name, (box, score, clean) in cases.items():
         b = np.array([A, box], np.float64)
-        for sc in (np.array([0.9, score]), np.array([0.9, score], np.float32)):
-            assert _needs_no_repair(b[:, 0], b[:, 1], b[:, 2], b[:, 3], sc) == clean, name
+        for sc in (np.array([0.9, score]), np.array([0.9, score], np.float32)):  # the drop-ins pass float64
+            assert _needs_no_repair(b, sc.astype(np.float64)) == clean, name
+            assert _needs_no_repair(np.repeat(b, 3, axis=0), np.repeat(sc, 3).astype(np.float64)) == clean, name
 
 
 @pytest.mark.parametrize("messy", [False, True])
@@ -478,3 +479,60 @@ def test_each_kept_row_carries_its_score_at_selection(method):
                           sigma=0.2, thresh=thresh)
         np.testing.assert_array_equal(high.values[:4, high.image == 5].T, ref[0])
         np.testing.assert_array_equal(high.values[4, high.image == 5], ref[1])
+
+
+def test_bucketed_score_order_is_the_stable_argsort_of_the_keys():
+    """NMS's order: buckets of the sort keys (``_bucket_by_key``), each sorted when its turn comes
+    (``sort_ids_by_key``: insertion sort, or a radix sort past ``SHORT_BUCKET``), is ``np.argsort(kind="stable")``
+    of the scores -- through ties, -0.0, infinities and ranges that put most keys in one bucket."""
+    from pipeline.fusion.primitives import float_sort_keys
+    from pipeline.fusion.suppression_kernel import SHORT_BUCKET, _bucket_by_key, allocate_scratch, sort_ids_by_key
+    rng = np.random.default_rng(13)
+    cases = [rng.random(1), rng.random(4000), np.round(rng.random(3000), 1),  # ties: buckets past SHORT_BUCKET
+             np.r_[rng.normal(0, 1, 500), [0.0, -0.0, np.inf, -np.inf, 1e300, -1e-300]],
+             np.r_[0.5 + rng.random(2000) * 1e-9, 1e-300]]  # one far score: nearly all in one bucket
+    largest = 0
+    for scores in cases:
+        n = len(scores)
+        scratch = allocate_scratch(n)
+        keys, order, tmp = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+        float_sort_keys(scores, n, keys)
+        n_buckets = _bucket_by_key(keys, n, order, tmp, scratch.cell_count)
+        start = scratch.cell_count[:n_buckets + 1]
+        assert start[0] == 0 and start[-1] == n and (np.diff(start) >= 0).all()
+        largest = max(largest, int(np.diff(start).max()))
+        got = []
+        for b in range(n_buckets):
+            ids = order[start[b]:start[b + 1]].copy()
+            assert (np.diff(ids) > 0).all()  # each bucket in member order
+            ints = scratch.ints
+            sort_ids_by_key(ids, len(ids), keys, ints[0], ints[1], ints[2], ints[3], ints[4], scratch.radix_hist)
+            got += ids.tolist()
+        expected = np.argsort(np.where(scores == 0, 0.0, scores), kind="stable")
+        assert got == expected.tolist()
+    assert largest > SHORT_BUCKET  # the radix branch ran
+
+
+def test_nms_order_with_many_tied_scores_is_the_later_box_first():
+    """Scores on a coarse grid tie across and within buckets; boxes either coincide, overlap by IoU 1/3 or are
+    apart: kept rows are those of greedy NMS by score descending, a tie taken by the later box first."""
+    rng = np.random.default_rng(17)
+    for trial in range(20):
+        n = int(rng.integers(50, 400))
+        cell = rng.integers(0, 6, (n, 2)) * 0.15
+        shift = rng.integers(0, 2, n) * 0.05  # half of a 0.1 box: IoU 1/3 with the unshifted one
+        boxes = np.c_[cell[:, 0] + shift, cell[:, 1], cell[:, 0] + shift + 0.1, cell[:, 1] + 0.1]
+        scores = np.round(rng.random(n), 1)
+        b, s, _ = nms([boxes], [scores], [np.zeros(n)], iou_thr=0.3 if trial % 2 else 0.5)
+        thr = 0.3 if trial % 2 else 0.5
+        keep, dead = [], np.zeros(n, bool)
+        for i in sorted(range(n), key=lambda i: (scores[i], i), reverse=True):
+            if dead[i]:
+                continue
+            keep.append(i)
+            inter = (np.clip(np.minimum(boxes[i, 2], boxes[:, 2]) - np.maximum(boxes[i, 0], boxes[:, 0]), 0, None)
+                     * np.clip(np.minimum(boxes[i, 3], boxes[:, 3]) - np.maximum(boxes[i, 1], boxes[:, 1]), 0, None))
+            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            dead |= inter / (area[i] + area - inter) > thr
+        np.testing.assert_array_equal(b, boxes[keep])
+        np.testing.assert_array_equal(s, scores[keep])

@@ -1,4 +1,4 @@
-"""pipeline.fusion.vector_hits: soft-NMS's eight-slot IoUs and hits, against the kernel's scalar IoU."""
+"""pipeline.fusion.vector_hits: soft-NMS's eight-slot IoUs and hits, NMS's eight-slot marks; against the scalar IoU."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.fusion.suppression_kernel import _slot_iou
-from pipeline.fusion.vector_hits import LANES, iou_hits8
+from pipeline.fusion.vector_hits import LANES, iou_hits8, suppress8
 
 
 @numba.njit
@@ -94,3 +94,26 @@ def test_compiles_for_a_cpu_llvm_knows_nothing_of(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["2", "[10,", "12]", "[1.0,", "1.0]"]
+
+
+@numba.njit
+def _suppress(slots, lo, hi, box, thr, dead):
+    for s in range(lo, hi, LANES):
+        suppress8(slots[0], slots[1], slots[2], slots[3], s, box[0], box[1], box[2], box[3], thr, dead)
+
+
+@pytest.mark.parametrize("thr", [0.0, 0.3, 0.5])
+def test_suppress8_marks_the_slots_whose_scalar_iou_is_above_the_threshold(thr) -> None:
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        n = int(rng.integers(1, 70))
+        slots = _slots(rng, n)
+        lo = LANES * int(rng.integers(0, n // LANES + 1))
+        box = np.r_[rng.uniform(0.3, 0.5, 2), 0.0, 0.0]
+        box[2:] = box[:2] + rng.uniform(0.02, 0.3, 2)
+        before = (rng.random(n + LANES) < 0.2).astype(np.uint8)  # marks already made stay
+        dead = before.copy()
+        _suppress(slots, lo, n + LANES, box, thr, dead)
+        expected = before.copy()
+        expected[lo:] |= (_scalar_ious(slots, box)[lo:] > thr).astype(np.uint8)
+        np.testing.assert_array_equal(dead, expected, err_msg=str(trial))

@@ -185,9 +185,9 @@ def nms_method(boxes: Any, scores: Any, labels: Any, method: int = 3, iou_thr: f
     n = len(sc)
     out = thread_output(n, 1)
     stats = np.zeros(N_STATS, np.int64)
-    m = fuse_lists(b[:, 0], b[:, 1], b[:, 2], b[:, 3], sc, codes.reshape(-1).astype(np.int64, copy=False), method,
-                   iou_thr, sigma, thresh_eff, sc.dtype == np.float32, out.boxes, out.score, out.label,
-                   out.selection, stats, *thread_scratch(n))
+    m = fuse_lists(np.ascontiguousarray(b), np.ascontiguousarray(sc, np.float64),
+                   np.ascontiguousarray(codes.reshape(-1), np.int64), method, iou_thr, sigma, thresh_eff,
+                   sc.dtype == np.float32, out.boxes, out.score, out.label, out.selection, stats, *thread_scratch(n))
     check_repairs(stats, RULE_NAMES[method], stacklevel=3)  # the caller of nms() or soft_nms()
     labels_out = out.label[:m].astype(lab.dtype) if uniq is None else uniq[out.label[:m]]
     return out.boxes[:m].copy(), out.score[:m].astype(sc.dtype), labels_out

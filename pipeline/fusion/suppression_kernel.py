@@ -5,18 +5,20 @@
 drop-ins' one image, read from the library's lists concatenated (no packed table to build):
 
 1. :func:`~pipeline.fusion.rows.read_image` -- read the rows, clip and sort each coordinate pair, drop zero areas,
-   weight the scores (the drop-ins: copied as they are when :func:`_needs_no_repair` finds nothing to repair);
+   weight the scores (the drop-ins: read where they are when :func:`_needs_no_repair` finds nothing to repair);
 2. :func:`_order_by_label` -- label groups in ascending label order, each in input order;
 3. per group (:func:`_gather_group`; NMS of a single label reads the boxes where they are),
    :func:`_hard_nms_group` (greedy suppression in score order, as the library's forward: each kept box marks the
-   boxes it suppresses among the members filed in the grid cells of its window, a vectorised test) or
+   boxes it suppresses among the members filed in the grid cells of its window, eight slots at a time; the order
+   comes from buckets of the scores, each sorted when its turn comes, without the members suppressed by then) or
    :func:`_soft_nms_group` (the library's selection loop over its own score array, whose maximum is found through
    lazy per-block maxima; only boxes that overlap the selected one are decayed -- every other weight is exactly 1
    -- found by :func:`_overlapping` in a grid of their own (:func:`_soft_grid_build`); boxes that can no longer be
    returned drop out);
 4. the kept boxes are written group by group, in selection order.
 
-Cost. NMS: a sort, filing every member, and per kept box a few runs of grid slots tested in SIMD lanes.
+Cost. NMS: one bucketing pass over the scores, filing every member, per bucket a sort of its few members still
+live, and per kept box a few runs of grid slots tested in SIMD lanes.
 Soft-NMS: per selected box, a window of grid rows, eight slots at a time (their IoUs, and the overlapping ones
 packed with their library positions: :mod:`pipeline.fusion.vector_hits`), its overlapping live boxes each (gaussian)
 an ``exp`` (the step's weights in one vectorised loop, :mod:`pipeline.fusion.vector_exp`), then the decays at the
@@ -41,14 +43,14 @@ import numpy as np
 from pipeline.fusion.grid import (GRID_MAX, GRID_MIN_BOXES, GRID_MIN_THR, cells_per_axis, grid_layout,
                                   search_radius_factor, window_cells)
 from pipeline.fusion.primitives import (NJIT_NO_REFCOUNT, NJIT_OPTIONS, RADIX_HIST_SIZE, float_sort_keys, int_sort_keys,
-                                        iou, radix_argsort, radix_argsort_top)
+                                        iou, radix_argsort)
 from pipeline.fusion.rows import read_image
 from pipeline.fusion.vector_exp import covers_gaussian_weights, exp_vectorisable
-from pipeline.fusion.vector_hits import LANES, iou_hits8
+from pipeline.fusion.vector_hits import LANES, iou_hits8, suppress8
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
 COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a",
-                    "vector_exp.py": "824cc4dac6b35a2c", "vector_hits.py": "d2fad5c0b84b583a"}
+                    "vector_exp.py": "824cc4dac6b35a2c", "vector_hits.py": "9d9b8b7fac4593a1"}
 
 # The library's ``method`` codes.
 LINEAR = 1
@@ -61,6 +63,11 @@ SOFT_COLUMNS = 4  # soft-NMS grid columns per row cell: a window row is one run 
 #                   the run's ends at no cost per row (agreeing 40 x 100: ~3 % a step, benchmarks/README.md)
 SLOT_PAD = LANES  # grid slots are tested in runs of whole 8s (AVX-512's doubles, twice AVX2's), past a run's end
 SOFT_REFILE_MIN = 64  # soft-NMS: refile the grid once fewer than half its slots are live, if it has more than this
+NMS_BUCKET_SIZE = 4  # NMS orders its members by buckets of their scores, about this many a bucket (sizes 4-8 ran
+#                      fastest at 40 x 100, 16 slower), and
+NMS_BUCKETS_MIN = 8  # between this many buckets
+NMS_BUCKETS_MAX = 8192  # and this many (Scratch.cell_count holds GRID_MAX ** 2 bucket starts)
+SHORT_BUCKET = 32  # a bucket's members are ordered by an insertion sort up to this many, else by a radix sort
 
 
 @unique
@@ -89,7 +96,7 @@ class IntRow(IntEnum):
     KEPT_SET = 0
     KEPT_LABEL = 1
     BY_LABEL = 2  # kept boxes by label, ascending, each label in input order
-    BY_SCORE = 3  # stable ascending argsort of a group's scores
+    BY_SCORE = 3  # NMS: a group's members by bucket of their scores (_bucket_by_key)
     SORT_KEY = 4
     SORT_KEY_A = 5
     SORT_KEY_B = 6
@@ -179,52 +186,48 @@ def fuse_image_range(img_lo: int, img_hi: int, seg_offs: np.ndarray, seg_start: 
                        no_skip, factor, divisor, scratch.boxes[BoxRow.KEPT], scratch.floats[FloatRow.KEPT_SCORE],
                        scratch.ints[IntRow.KEPT_SET], scratch.ints[IntRow.KEPT_LABEL], stats)
         o = _fuse_kept(m, row_offs[img], method, iou_thr, sigma, thresh, float32_scores, out_box, out_score,
-                       out_label, out_selection, scratch)
+                       out_label, out_selection, scratch.boxes[BoxRow.KEPT], scratch.floats[FloatRow.KEPT_SCORE],
+                       scratch.ints[IntRow.KEPT_LABEL], scratch)
         out_count[img] = o - row_offs[img]
 
 
 @numba.njit(**NJIT_OPTIONS)
-def fuse_lists(x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray, score: np.ndarray,
-               label: np.ndarray, method: int, iou_thr: float, sigma: float, thresh: float, float32_scores: bool,
-               out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, out_selection: np.ndarray,
-               stats: np.ndarray, *scratch_blocks: np.ndarray) -> int:
-    """The drop-ins' one image, straight from the library's lists concatenated (coordinates normalised, scores
-    already weighted): :func:`fuse_image_range` without a packed table to build in Python. Writes the kept rows
-    from slot 0, returns their number."""
+def fuse_lists(boxes: np.ndarray, score: np.ndarray, label: np.ndarray, method: int, iou_thr: float, sigma: float,
+               thresh: float, float32_scores: bool, out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray,
+               out_selection: np.ndarray, stats: np.ndarray, *scratch_blocks: np.ndarray) -> int:
+    """The drop-ins' one image, straight from the library's lists concatenated (``boxes`` ``(n, 4)`` normalised,
+    C-contiguous; scores already weighted, as float64; labels as int64 codes): :func:`fuse_image_range` without a
+    packed table to build in Python. Writes the kept rows from slot 0, returns their number."""
     scratch = Scratch(*scratch_blocks)
-    n = x1.shape[0]
+    n = score.shape[0]
+    if _needs_no_repair(boxes, score):  # the usual case: the rules read the inputs where they are
+        return _fuse_kept(n, 0, method, iou_thr, sigma, thresh, float32_scores, out_box, out_score, out_label,
+                          out_selection, boxes, score, label, scratch)
     kept = scratch.boxes[BoxRow.KEPT]
     kept_score = scratch.floats[FloatRow.KEPT_SCORE]
     kept_label = scratch.ints[IntRow.KEPT_LABEL]
-    if _needs_no_repair(x1, y1, x2, y2, score):  # the usual case: copied in loops that vectorise
-        for i in range(n):
-            kept[i, 0] = x1[i]
-            kept[i, 1] = y1[i]
-            kept[i, 2] = x2[i]
-            kept[i, 3] = y2[i]
-            kept_score[i] = score[i]
-            kept_label[i] = label[i]
-        m = n
-    else:
-        one = np.ones(1)
-        m = read_image(0, np.arange(2), np.zeros(1, np.int64), np.full(1, n, np.int64), np.zeros(1, np.int64), x1,
-                       y1, x2, y2, score, label, one, one, np.full(1, -np.inf), one, 1.0, kept, kept_score,
-                       scratch.ints[IntRow.KEPT_SET], kept_label, stats)
+    one = np.ones(1)
+    m = read_image(0, np.arange(2), np.zeros(1, np.int64), np.full(1, n, np.int64), np.zeros(1, np.int64),
+                   boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3], score, label, one, one, np.full(1, -np.inf),
+                   one, 1.0, kept, kept_score, scratch.ints[IntRow.KEPT_SET], kept_label, stats)
     return _fuse_kept(m, 0, method, iou_thr, sigma, thresh, float32_scores, out_box, out_score, out_label,
-                      out_selection, scratch)
+                      out_selection, kept, kept_score, kept_label, scratch)
 
 
 @numba.njit(**NJIT_NO_REFCOUNT)
-def _needs_no_repair(x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray, score: np.ndarray) -> bool:
-    """Whether every box is inside [0, 1] with ``x1 < x2``, ``y1 < y2`` and a positive area, and every score
-    finite: what :func:`~pipeline.fusion.rows.read_image` would then keep is the rows as they are (a branch-free
-    count, so it vectorises; NaN fails every comparison)."""
+def _needs_no_repair(boxes: np.ndarray, score: np.ndarray) -> bool:
+    """Whether every box (a row of the C-contiguous ``(n, 4)`` ``boxes``) is inside [0, 1] with ``x1 < x2``,
+    ``y1 < y2`` and a positive area, and every score finite: what :func:`~pipeline.fusion.rows.read_image` would
+    then keep is the rows as they are (a branch-free count over the flat coordinates, so that it vectorises --
+    two-dimensional indexing did not, and strided columns read three times slower; NaN fails every
+    comparison)."""
+    flat = boxes.reshape(-1)
     bad = 0
-    for i in range(x1.shape[0]):
-        a = x1[i]
-        b = y1[i]
-        c = x2[i]
-        d = y2[i]
+    for i in range(score.shape[0]):
+        a = flat[4 * i]
+        b = flat[4 * i + 1]
+        c = flat[4 * i + 2]
+        d = flat[4 * i + 3]
         ok = ((a >= 0.0) & (a < c) & (c <= 1.0) & (b >= 0.0) & (b < d) & (d <= 1.0) & ((c - a) * (d - b) > 0.0)
               & (abs(score[i]) < np.inf))
         bad += not ok
@@ -234,35 +237,35 @@ def _needs_no_repair(x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndar
 @numba.njit(**NJIT_NO_REFCOUNT)
 def _fuse_kept(m: int, o: int, method: int, iou_thr: float, sigma: float, thresh: float, float32_scores: bool,
                out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, out_selection: np.ndarray,
-               scratch: Scratch) -> int:
-    """One image's ``m`` read boxes (``KEPT`` rows) fused label by label, written from slot ``o``; returns the
-    next slot."""
+               kept: np.ndarray, kept_score: np.ndarray, kept_label: np.ndarray, scratch: Scratch) -> int:
+    """One image's ``m`` read boxes (``kept``, ``kept_score``, ``kept_label``: the scratch's ``KEPT`` rows, or the
+    drop-ins' inputs as they are) fused label by label, written from slot ``o``; returns the next slot."""
     radius_factor = search_radius_factor(iou_thr)
     use_grid = iou_thr >= GRID_MIN_THR
-    n_groups = _order_by_label(m, scratch)
+    n_groups = _order_by_label(m, kept_label, scratch)
     for g in range(n_groups):
         gs = scratch.group_start[g]
         ge = scratch.group_start[g + 1]
+        label = kept_label[scratch.ints[IntRow.BY_LABEL, gs]]
         if method == HARD and n_groups == 1:  # one label: the group is the kept boxes as they are
-            o = _hard_nms_group(gs, ge, o, iou_thr, radius_factor, use_grid, out_box, out_score, out_label,
-                                scratch.boxes[BoxRow.KEPT], scratch.floats[FloatRow.KEPT_SCORE], scratch)
+            o = _hard_nms_group(gs, ge, o, iou_thr, radius_factor, use_grid, label, out_box, out_score, out_label,
+                                kept, kept_score, scratch)
             continue
-        _gather_group(gs, ge, scratch)
+        _gather_group(gs, ge, kept, kept_score, scratch)
         if method == HARD:
-            o = _hard_nms_group(gs, ge, o, iou_thr, radius_factor, use_grid, out_box, out_score, out_label,
+            o = _hard_nms_group(gs, ge, o, iou_thr, radius_factor, use_grid, label, out_box, out_score, out_label,
                                 scratch.boxes[BoxRow.GROUP], scratch.floats[FloatRow.GROUP_SCORE], scratch)
         else:
-            o = _soft_nms_group(gs, ge, o, method, iou_thr, sigma, thresh, float32_scores, out_box, out_score,
-                                out_label, out_selection, scratch)
+            o = _soft_nms_group(gs, ge, o, method, iou_thr, sigma, thresh, float32_scores, label, out_box,
+                                out_score, out_label, out_selection, scratch)
     return o
 
 
 @numba.njit(**NJIT_NO_REFCOUNT)
-def _order_by_label(m: int, scratch: Scratch) -> int:
+def _order_by_label(m: int, kept_label: np.ndarray, scratch: Scratch) -> int:
     """``BY_LABEL``: the ``m`` kept boxes by label ascending (``np.unique`` order), each label in input order;
     ``group_start``: where each label starts. Returns the number of labels."""
     ints = scratch.ints
-    kept_label = ints[IntRow.KEPT_LABEL]
     by_label = ints[IntRow.BY_LABEL]
     group_start = scratch.group_start
     if m == 0:
@@ -292,11 +295,9 @@ def _order_by_label(m: int, scratch: Scratch) -> int:
 
 
 @numba.njit(**NJIT_NO_REFCOUNT)
-def _gather_group(gs: int, ge: int, scratch: Scratch) -> None:
+def _gather_group(gs: int, ge: int, kept: np.ndarray, kept_score: np.ndarray, scratch: Scratch) -> None:
     """The group's boxes and scores, contiguous in the library's order: member ``q`` is ``BY_LABEL[gs + q]``."""
-    kept = scratch.boxes[BoxRow.KEPT]
     gbox = scratch.boxes[BoxRow.GROUP]
-    kept_score = scratch.floats[FloatRow.KEPT_SCORE]
     gscore = scratch.floats[FloatRow.GROUP_SCORE]
     by_label = scratch.ints[IntRow.BY_LABEL]
     for q in range(ge - gs):
@@ -307,7 +308,7 @@ def _gather_group(gs: int, ge: int, scratch: Scratch) -> None:
 
 
 @numba.njit(**NJIT_NO_REFCOUNT)
-def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: float, use_grid: bool,
+def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: float, use_grid: bool, label: int,
                     out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, gbox: np.ndarray,
                     gscore: np.ndarray, scratch: Scratch) -> int:
     """Greedy NMS of one label group, members ``gbox[:n]`` with scores ``gscore[:n]`` (``n = ge - gs``); writes
@@ -317,19 +318,23 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
     As the library, forward: each kept box marks the boxes it suppresses. Every member is filed in a grid over
     the centres (one cell when the bound is too loose or the group small), so the candidates of a kept box are
     the members in the cells of its window (pipeline.fusion.grid's bound, in the kept box's own size) -- a few
-    contiguous runs of slots, tested without a branch so the test vectorises. Members already decided are
-    tested too (a mark on them is never read): cheaper than taking them out."""
+    contiguous runs of slots, tested eight at a time (:func:`~pipeline.fusion.vector_hits.suppress8`). Members
+    already decided are tested too (a mark on them is never read): cheaper than taking them out.
+
+    The order. The members are counted into about ``n / NMS_BUCKET_SIZE`` buckets of their scores
+    (:func:`_bucket_by_key`), and the buckets taken from the highest: a bucket's members not suppressed yet are
+    sorted (stable, ascending) and taken from the last -- the order of a stable ascending sort of all the scores
+    read backwards (ties: the later box first), without sorting the members suppressed before their turn (three of
+    four in an agreeing ensemble; a full radix sort took about a sixth of the drop-in's time at 40 sets x 100 boxes)."""
     ints = scratch.ints
     by_score = ints[IntRow.BY_SCORE]
     slot_of = ints[IntRow.SLOT_OF]
     dead = ints[IntRow.REMOVED].view(np.uint8)  # per slot: 1 once a kept box suppresses its member
-    cell_start = scratch.cell_start
-    slots = scratch.soft_slots
     n = ge - gs
     keys = ints[IntRow.SORT_KEY]
     float_sort_keys(gscore, n, keys)
-    radix_argsort_top(keys, n, by_score, ints[IntRow.SORT_KEY_A], ints[IntRow.SORT_KEY_B],
-                      ints[IntRow.SORT_INDEX_B], scratch.radix_hist)
+    bucket_start = scratch.cell_count  # free in NMS: its grid needs only cell_start
+    n_buckets = _bucket_by_key(keys, n, by_score, ints[IntRow.SORT_KEY_B], bucket_start)
     n_cells = 1
     if use_grid and n >= GRID_MIN_BOXES:
         sw = 0.0
@@ -341,14 +346,37 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
     _file_members(n_cells, gbox, n, scratch)
     for s in range(n):
         dead[s] = 0
-    slot_at_rank = ints[IntRow.SORT_INDEX_B]  # free after the sort
-    for r in range(n):
-        slot_at_rank[r] = slot_of[by_score[r]]
-    label = ints[IntRow.KEPT_LABEL, ints[IntRow.BY_LABEL, gs]]
-    for r in range(n - 1, -1, -1):  # score descending; ties: the later box first
-        if dead[slot_at_rank[r]]:
+    live = ints[IntRow.SORT_KEY_A]
+    for bucket in range(n_buckets - 1, -1, -1):  # score descending
+        k = 0
+        for t in range(bucket_start[bucket], bucket_start[bucket + 1]):  # members suppressed already need no order
+            q = by_score[t]
+            live[k] = q
+            k += dead[slot_of[q]] == 0
+        if k == 0:
             continue
-        q = by_score[r]
+        if k > 1:
+            sort_ids_by_key(live, k, keys, ints[IntRow.AT_POS], ints[IntRow.POS_OF], ints[IntRow.SORT_KEY_B],
+                            ints[IntRow.SORT_INDEX_B], ints[IntRow.LIST], scratch.radix_hist)
+        o = _keep_in_order(live, k, o, iou_thr, radius_factor, n_cells, label, out_box, out_score, out_label, gbox,
+                           gscore, scratch)
+    return o
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _keep_in_order(live: np.ndarray, k: int, o: int, iou_thr: float, radius_factor: float, n_cells: int, label: int,
+                   out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray, gbox: np.ndarray,
+                   gscore: np.ndarray, scratch: Scratch) -> int:
+    """Members ``live[k-1], .., live[0]`` in turn (score descending; ties: the later box first): each one not
+    suppressed yet is kept (written from slot ``o``) and marks the members it suppresses. Returns the next slot."""
+    slot_of = scratch.ints[IntRow.SLOT_OF]
+    dead = scratch.ints[IntRow.REMOVED].view(np.uint8)
+    cell_start = scratch.cell_start
+    slots = scratch.soft_slots
+    for r in range(k - 1, -1, -1):
+        q = live[r]
+        if dead[slot_of[q]]:
+            continue
         bx1 = gbox[q, 0]
         by1 = gbox[q, 1]
         bx2 = gbox[q, 2]
@@ -370,6 +398,69 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
         out_label[o] = label
         o += 1
     return o
+
+
+@numba.njit(**NJIT_NO_REFCOUNT)
+def _bucket_by_key(keys: np.ndarray, n: int, order: np.ndarray, bucket_of: np.ndarray, start: np.ndarray) -> int:
+    """``order[:n]``: members ``0..n-1`` by bucket of their sort key (``(key - smallest) >> shift``, unsigned, so
+    the buckets follow the keys' order), each bucket in member order; ``start[b] .. start[b + 1]``: bucket ``b``'s
+    range. About ``n / NMS_BUCKET_SIZE`` buckets (a power of two, at most ``NMS_BUCKETS_MAX``): NMS sorts a bucket
+    only when its turn comes, and only its members not suppressed by then. Returns the number of buckets."""
+    lo = numba.uint64(keys[0])
+    hi = lo
+    for q in range(1, n):
+        u = numba.uint64(keys[q])
+        lo = min(lo, u)
+        hi = max(hi, u)
+    cap = numba.uint64(NMS_BUCKETS_MIN)
+    while cap * NMS_BUCKET_SIZE < n and cap < NMS_BUCKETS_MAX:
+        cap *= numba.uint64(2)
+    shift = numba.uint64(0)
+    while ((hi - lo) >> shift) >= cap:
+        shift += numba.uint64(1)
+    n_buckets = numba.int64((hi - lo) >> shift) + 1
+    for b in range(n_buckets + 1):
+        start[b] = 0
+    for q in range(n):
+        b = numba.int64((numba.uint64(keys[q]) - lo) >> shift)
+        bucket_of[q] = b
+        start[b + 1] += 1
+    for b in range(n_buckets):
+        start[b + 1] += start[b]
+    for q in range(n):  # each bucket's cursor: its start moves to its end
+        b = bucket_of[q]
+        order[start[b]] = q
+        start[b] += 1
+    for b in range(n_buckets, 0, -1):  # back to each bucket's start
+        start[b] = start[b - 1]
+    start[0] = 0
+    return n_buckets
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def sort_ids_by_key(ids: np.ndarray, k: int, keys: np.ndarray, sub_keys: np.ndarray, perm: np.ndarray,
+                    ka: np.ndarray, kb: np.ndarray, ib: np.ndarray, hist: np.ndarray) -> None:
+    """Sort ``ids[:k]`` stably by ``keys[ids[t]]`` ascending (unsigned bit order, see
+    :func:`~pipeline.fusion.primitives.float_sort_keys`): an insertion sort up to ``SHORT_BUCKET`` ids, else
+    :func:`~pipeline.fusion.primitives.radix_argsort` of their keys (``sub_keys``, ``perm``, ``ka``, ``kb``,
+    ``ib``: scratch of length >= k; ``hist``: ``RADIX_HIST_SIZE``)."""
+    if k <= SHORT_BUCKET:
+        for a in range(1, k):
+            v = ids[a]
+            key = numba.uint64(keys[v])
+            b = a - 1
+            while b >= 0 and numba.uint64(keys[ids[b]]) > key:
+                ids[b + 1] = ids[b]
+                b -= 1
+            ids[b + 1] = v
+        return
+    for t in range(k):
+        sub_keys[t] = keys[ids[t]]
+    radix_argsort(sub_keys, k, perm, ka, kb, ib, hist)
+    for t in range(k):
+        ka[t] = ids[perm[t]]
+    for t in range(k):
+        ids[t] = ka[t]
 
 
 @numba.njit(**NJIT_NO_REFCOUNT)
@@ -425,18 +516,17 @@ def _suppress_run(lo: int, hi: int, bx1: float, by1: float, bx2: float, by2: flo
                   sx1: np.ndarray, sy1: np.ndarray, sx2: np.ndarray, sy2: np.ndarray, dead: np.ndarray) -> None:
     """Mark slots ``lo..hi-1`` whose box has IoU ``> iou_thr`` with the kept box B (vectorised: ~3x; unsigned
     positions, so no negative-index wraparound)."""
-    area_b = (bx2 - bx1) * (by2 - by1)
-    for s in range(numba.uint64(lo), numba.uint64(hi)):
-        dead[s] |= _slot_iou(bx1, by1, bx2, by2, area_b, sx1[s], sy1[s], sx2[s], sy2[s]) > iou_thr
+    for s in range(lo, hi, SLOT_PAD):
+        suppress8(sx1, sy1, sx2, sy2, s, bx1, by1, bx2, by2, iou_thr, dead)
 
 
 @numba.njit(**NJIT_NO_REFCOUNT)
 def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma: float, thresh: float,
-                    float32_scores: bool, out_box: np.ndarray, out_score: np.ndarray, out_label: np.ndarray,
-                    out_selection: np.ndarray, scratch: Scratch) -> int:
-    """The library's ``cpu_soft_nms_float`` on one label group; writes the boxes whose score at selection is
-    ``> thresh`` from slot ``o``, in selection order, with their undecayed scores (``out_score``) and their scores
-    at selection (``out_selection``); returns the next slot.
+                    float32_scores: bool, label: int, out_box: np.ndarray, out_score: np.ndarray,
+                    out_label: np.ndarray, out_selection: np.ndarray, scratch: Scratch) -> int:
+    """The library's ``cpu_soft_nms_float`` on one label group (label ``label``); writes the boxes whose score at
+    selection is ``> thresh`` from slot ``o``, in selection order, with their undecayed scores (``out_score``) and
+    their scores at selection (``out_selection``); returns the next slot.
 
     The library's array. ``score[p]`` is the score at the library's position ``p`` (``AT_POS`` / ``POS_OF`` map
     positions and members, swapped as the library swaps rows); a selected box counts as -inf, so step ``i``'s
@@ -517,7 +607,6 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
             n_filed -= _decay(nc, True, prune, thresh, score, bound, group_bound, bs, gsz, scratch)
         else:
             n_filed -= _decay(nc, False, prune, thresh, score, bound, group_bound, bs, gsz, scratch)
-    label = ints[IntRow.KEPT_LABEL, ints[IntRow.BY_LABEL, gs]]
     for k in range(n_sel):
         if final[k] > thresh:
             q = selected[k]

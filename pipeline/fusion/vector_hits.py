@@ -110,3 +110,30 @@ def iou_hits8(typingctx, sx1, sy1, sx2, sy2, position, s, end, bx1, by1, bx2, by
         return builder.add(k_v, builder.zext(n_hits, _I64))
 
     return sig, codegen
+
+
+@intrinsic
+def suppress8(typingctx, sx1, sy1, sx2, sy2, s, bx1, by1, bx2, by2, thr, dead):
+    """Hard NMS's test of grid slots ``s .. s + 7`` (``sx1`` .. ``sy2``, float64): ``dead[slot] |= IoU > thr``, the
+    IoU with box B (``bx1`` .. ``by2``) as ``_slot_iou`` computes it, all eight lanes in one AVX-512 register (LLVM
+    vectorises the scalar loop four lanes at a time on this project's CPUs). ``dead``: uint8, one byte a slot."""
+    wanted = ((sx1, types.float64), (sy1, types.float64), (sx2, types.float64), (sy2, types.float64),
+              (dead, types.uint8))
+    for arr, dtype in wanted:
+        if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype == dtype):
+            return None
+    sig = types.void(sx1, sy1, sx2, sy2, types.int64, types.float64, types.float64, types.float64, types.float64,
+                     types.float64, dead)
+
+    def codegen(context, builder, signature, args):
+        data = {i: context.make_array(signature.args[i])(context, builder, args[i]).data for i in (0, 1, 2, 3, 10)}
+        s_v = args[4]
+        slots = [builder.load(_vector_at(builder, data[i], s_v, _F64X8), align=8) for i in range(4)]
+        iou = _slot_ious(builder, slots, list(args[5:9]))
+        hit = builder.fcmp_ordered(">", iou, _splat(builder, args[9], _F64X8))
+        bytes8 = ir.VectorType(ir.IntType(8), LANES)
+        at = _vector_at(builder, data[10], s_v, bytes8)
+        builder.store(builder.or_(builder.load(at, align=1), builder.zext(hit, bytes8)), at, align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
