@@ -81,19 +81,23 @@ def test_slots_past_the_run_and_emptied_slots_are_never_hits() -> None:
 
 def test_compiles_for_a_cpu_llvm_knows_nothing_of(tmp_path) -> None:
     # NUMBA_CPU_NAME=generic (numba's portable caches): LLVM 22 aborted the process expanding a compress of doubles
-    # there, so the IoUs are packed as their 64-bit patterns
+    # there, so the IoUs are packed as their 64-bit patterns; suppress8's eight-lane test compiles there too
     script = ("import numba, numpy as np\n"
-              "from pipeline.fusion.vector_hits import iou_hits8\n"
+              "from pipeline.fusion.vector_hits import iou_hits8, suppress8\n"
               "@numba.njit\n"
               "def run(s, p, o, oi):\n"
               "    return iou_hits8(s[0], s[1], s[2], s[3], p, 0, 3, 0.2, 0.2, 0.4, 0.4, 0.0, o, oi, 0)\n"
+              "@numba.njit\n"
+              "def mark(s, dead):\n"
+              "    suppress8(s[0], s[1], s[2], s[3], 0, 0.2, 0.2, 0.4, 0.4, 0.5, dead)\n"
               "s = np.tile(np.array([[0.2], [0.2], [0.4], [0.4]]), (1, 8)); s[:2, 1], s[2:, 1] = np.inf, -np.inf\n"
-              "o, oi = np.zeros(8, np.int64), np.zeros(8)\n"
-              "print(run(s, np.arange(10, 18), o, oi), o[:2].tolist(), oi[:2].tolist())\n")
+              "o, oi, dead = np.zeros(8, np.int64), np.zeros(8), np.zeros(8, np.uint8)\n"
+              "mark(s, dead)\n"
+              "print(run(s, np.arange(10, 18), o, oi), o[:2].tolist(), oi[:2].tolist(), dead.sum())\n")
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["2", "[10,", "12]", "[1.0,", "1.0]"]
+    assert done.stdout.split() == ["2", "[10,", "12]", "[1.0,", "1.0]", "7"]
 
 
 @numba.njit

@@ -50,7 +50,7 @@ from pipeline.fusion.vector_hits import LANES, iou_hits8, suppress8
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
 COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a",
-                    "vector_exp.py": "824cc4dac6b35a2c", "vector_hits.py": "9d9b8b7fac4593a1"}
+                    "vector_exp.py": "824cc4dac6b35a2c", "vector_hits.py": "2484e6f46a19bbf4"}
 
 # The library's ``method`` codes.
 LINEAR = 1

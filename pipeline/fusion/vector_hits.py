@@ -1,5 +1,5 @@
 """Soft-NMS's overlap search, eight grid slots at a time: the IoUs of the selected box with the slots' boxes, and the
-slots above the decay threshold written one after the other with their library positions.
+slots above the decay threshold written one after the other with their library positions; NMS's marks likewise.
 
 The loop this replaces computed a run's IoUs in one vectorised loop (stored per slot), then compacted the hits in a
 scalar loop (``cand[k] = s; k += iou[s] > above``: ``k`` is carried from slot to slot, so LLVM leaves it scalar),
@@ -14,6 +14,9 @@ The packed lanes are stored whole from a register, not with a compressing store 
 1.6-1.8 times as long with it on this project's 2-core AMD EPYC machine (benchmarks/README.md). Where the CPU
 has no AVX-512, LLVM expands the compress into lane-by-lane code with the same result. numba 0.68 ships LLVM 22
 (the compress intrinsic needs LLVM 19).
+
+:func:`suppress8` is hard NMS's test of eight slots (mark those above ``iou_thr``): the same IoUs in one register,
+where LLVM vectorised the scalar loop four lanes at a time (its cost model prefers 256-bit vectors on these CPUs).
 """
 from __future__ import annotations
 
