@@ -337,10 +337,7 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
     n_buckets = _bucket_by_key(keys, n, by_score, ints[IntRow.SORT_KEY_B], bucket_start)
     n_cells = 1
     if use_grid and n >= GRID_MIN_BOXES:
-        sw = 0.0
-        for q in range(n):
-            sw += (gbox[q, 2] - gbox[q, 0]) + (gbox[q, 3] - gbox[q, 1])
-        n_cells = cells_per_axis(radius_factor * sw / (2.0 * n), n)
+        n_cells = cells_per_axis(radius_factor * _size_sum(gbox, n) / (2.0 * n), n)
     else:
         radius_factor = np.inf  # one cell: every member is a candidate
     _file_members(n_cells, gbox, n, scratch)
@@ -463,6 +460,25 @@ def sort_ids_by_key(ids: np.ndarray, k: int, keys: np.ndarray, sub_keys: np.ndar
         ids[t] = ka[t]
 
 
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _size_sum(gbox: np.ndarray, n: int) -> float:
+    """The sum of the ``n`` boxes' widths and heights, for the grid's cell size only: four running sums over the
+    flat coordinates, so that the additions do not wait on each other."""
+    flat = gbox.reshape(-1)
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for q in range(0, n - 3, 4):
+        s0 += (flat[4 * q + 2] - flat[4 * q]) + (flat[4 * q + 3] - flat[4 * q + 1])
+        s1 += (flat[4 * q + 6] - flat[4 * q + 4]) + (flat[4 * q + 7] - flat[4 * q + 5])
+        s2 += (flat[4 * q + 10] - flat[4 * q + 8]) + (flat[4 * q + 11] - flat[4 * q + 9])
+        s3 += (flat[4 * q + 14] - flat[4 * q + 12]) + (flat[4 * q + 15] - flat[4 * q + 13])
+    for q in range(n - n % 4, n):
+        s0 += (flat[4 * q + 2] - flat[4 * q]) + (flat[4 * q + 3] - flat[4 * q + 1])
+    return (s0 + s1) + (s2 + s3)
+
+
 @numba.njit(**NJIT_NO_REFCOUNT)
 def _file_members(n_cells: int, gbox: np.ndarray, n: int, scratch: Scratch) -> None:
     """NMS's grid: members ``0..n-1`` filed by centre cell in member order (hard NMS needs no order within a cell),
@@ -474,10 +490,11 @@ def _file_members(n_cells: int, gbox: np.ndarray, n: int, scratch: Scratch) -> N
     next_slot = scratch.cell_start
     slots = scratch.soft_slots
     g = float(n_cells)
-    top = n_cells - 1
+    top = float(n_cells - 1)
+    flat = gbox.reshape(-1)  # flat coordinates: the loop vectorises (two-dimensional indexing did not)
     for q in range(n):
-        cx = int(min(max((gbox[q, 0] + gbox[q, 2]) * 0.5 * g, 0.0), float(top)))
-        cy = int(min(max((gbox[q, 1] + gbox[q, 3]) * 0.5 * g, 0.0), float(top)))
+        cx = int(min(max((flat[4 * q] + flat[4 * q + 2]) * 0.5 * g, 0.0), top))
+        cy = int(min(max((flat[4 * q + 1] + flat[4 * q + 3]) * 0.5 * g, 0.0), top))
         cell_of[q] = cy * n_cells + cx
     n_all = n_cells * n_cells
     for c in range(n_all + 1):
