@@ -340,6 +340,38 @@ def test_soft_overlap_search_finds_exactly_the_live_overlapping_boxes():
     assert steps >= 160  # four refiles at least
 
 
+def test_refile_compacts_the_grid_into_the_layout_of_filing_the_live_members_again():
+    """``_refile`` moves each cell's live slots down in place; the grid it leaves is the one ``_soft_grid_build`` files
+    from the live members (cells, slots, coordinates, positions, each member's slot), through several refiles."""
+    from pipeline.fusion.suppression_kernel import (IntRow, _file_soft_group, _refile, _soft_columns, _soft_grid_build,
+                                                    _soft_grid_remove)
+    rng = np.random.default_rng(21)
+    n = 900
+    xy = rng.uniform(0, 0.9, (n, 2))
+    boxes = np.clip(np.c_[xy, xy + rng.uniform(0.01, 0.1, (n, 2))], 0, 1)
+    scratch = _soft_scratch(boxes, (rng.random(n) < 0.1).astype(np.int64), rng.permutation(n))
+    ints = scratch.ints
+    cell_of, slot_of = ints[IntRow.CELL_OF], ints[IntRow.SLOT_OF]
+    n_cells, _, _, _ = _file_soft_group(n, scratch)
+    n_all = n_cells * _soft_columns(n_cells)
+    for _ in range(4):
+        for j in rng.choice(np.flatnonzero(cell_of[:n] != -1), 150, replace=False):
+            _soft_grid_remove(j, cell_of, slot_of, scratch.soft_slots)
+        k = _refile(n, n_cells, scratch)
+        live = np.flatnonzero(cell_of[:n] != -1)
+        assert k == len(live)
+        got = (scratch.cell_start[:n_all + 1].copy(), scratch.soft_slots[:, :k].copy(),
+               ints[IntRow.SLOT_POS, :k].copy(), slot_of[live].copy())
+        fresh = copy.deepcopy(scratch)
+        ids = fresh.ints[IntRow.CAND]
+        ids[:k] = live
+        _soft_grid_build(n_cells, ids, k, fresh)
+        np.testing.assert_array_equal(got[0], fresh.cell_start[:n_all + 1])
+        np.testing.assert_array_equal(got[1], fresh.soft_slots[:, :k])
+        np.testing.assert_array_equal(got[2], fresh.ints[IntRow.SLOT_POS, :k])
+        np.testing.assert_array_equal(got[3], fresh.ints[IntRow.SLOT_OF][live])
+
+
 def test_block_max_and_leftmost_argmax():
     from pipeline.fusion.suppression_kernel import _block_argmax, _block_max
     rng = np.random.default_rng(9)

@@ -860,8 +860,8 @@ def _file_soft_group(n: int, scratch: Scratch) -> tuple[int, float, float, int]:
 # Soft-NMS's grid: members filed by centre cell (pipeline.fusion.grid's rows, SOFT_COLUMNS times as many columns)
 # with no room between cells, so the cells of one row of a search window are one contiguous run of slots, scanned
 # in a single loop. A member taken out leaves its slot holding a box that overlaps nothing (x1 = y1 = inf, x2 = y2 =
-# -inf); once fewer than half the slots are live, the live members are filed again (:func:`_refile`), so scans stay
-# proportional to them.
+# -inf); once fewer than half the slots are live, the emptied slots are dropped (:func:`_refile`: the live ones
+# moved down in place, which is the layout filing them again gives), so scans stay proportional to them.
 #   cell_of[j]: member j's cell (-1: not in the grid); slot_of[j]: its slot; slot_pos[s]: the library position of
 #   the member in slot s (kept as the library swaps, so a decay reads its score with one load less);
 #   soft_slots[:, s]: its x1, y1, x2, y2; cell_start[c] .. cell_start[c + 1]: the slots of cell c.
@@ -919,16 +919,36 @@ def _soft_grid_remove(j: int, cell_of: np.ndarray, slot_of: np.ndarray, slots: n
 
 @numba.njit(**NJIT_NO_REFCOUNT)
 def _refile(n: int, n_cells: int, scratch: Scratch) -> int:
-    """File the members still in the grid again, without the emptied slots; returns their number."""
-    cell_of = scratch.ints[IntRow.CELL_OF]
-    ids = scratch.ints[IntRow.CAND]  # free between steps
-    k = 0
-    for q in range(n):
-        if cell_of[q] != -1:
-            ids[k] = q
-            k += 1
-    _soft_grid_build(n_cells, ids, k, scratch)
-    return k
+    """Drop the emptied slots: each cell's live slots moved down in place, in their order (the layout filing the
+    live members again would give, without recomputing a cell or scattering a box: a sequential pass), with
+    ``cell_start``, ``slot_of`` and ``slot_pos`` following. Returns the number of slots left."""
+    ints = scratch.ints
+    slot_of = ints[IntRow.SLOT_OF]
+    slot_pos = ints[IntRow.SLOT_POS]
+    at_pos = ints[IntRow.AT_POS]
+    cell_start = scratch.cell_start
+    sx1 = scratch.soft_slots[0]
+    sy1 = scratch.soft_slots[1]
+    sx2 = scratch.soft_slots[2]
+    sy2 = scratch.soft_slots[3]
+    n_all = n_cells * _soft_columns(n_cells)
+    w = 0
+    for c in range(n_all):
+        lo = cell_start[c]
+        hi = cell_start[c + 1]
+        cell_start[c] = w
+        for s in range(lo, hi):  # without a branch on liveness (half the slots are emptied: unpredictable)
+            live = sx1[s] != np.inf  # emptied by _soft_grid_remove; a live box's x1 is at most 1
+            p = slot_pos[s]
+            sx1[w] = sx1[s]
+            sy1[w] = sy1[s]
+            sx2[w] = sx2[s]
+            sy2[w] = sy2[s]
+            slot_pos[w] = p
+            slot_of[at_pos[p] if live else n] = w  # an emptied slot's position is stale: its write goes to n
+            w += live
+    cell_start[n_all] = w
+    return w
 
 
 @numba.njit(**NJIT_NO_REFCOUNT)
