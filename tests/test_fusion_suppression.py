@@ -515,10 +515,10 @@ def test_each_kept_row_carries_its_score_at_selection(method):
 
 def test_bucketed_score_order_is_the_stable_argsort_of_the_keys():
     """NMS's order: buckets of the sort keys (``_bucket_by_key``), each sorted when its turn comes
-    (``sort_ids_by_key``: insertion sort, or a radix sort past ``SHORT_BUCKET``), is ``np.argsort(kind="stable")``
+    (``_sort_ids_by_key``: insertion sort, or a radix sort past ``SHORT_BUCKET``), is ``np.argsort(kind="stable")``
     of the scores -- through ties, -0.0, infinities and ranges that put most keys in one bucket."""
     from pipeline.fusion.primitives import float_sort_keys
-    from pipeline.fusion.suppression_kernel import SHORT_BUCKET, _bucket_by_key, allocate_scratch, sort_ids_by_key
+    from pipeline.fusion.suppression_kernel import SHORT_BUCKET, _bucket_by_key, _sort_ids_by_key, allocate_scratch
     rng = np.random.default_rng(13)
     cases = [rng.random(1), rng.random(4000), np.round(rng.random(3000), 1),  # ties: buckets past SHORT_BUCKET
              np.r_[rng.normal(0, 1, 500), [0.0, -0.0, np.inf, -np.inf, 1e300, -1e-300]],
@@ -538,7 +538,7 @@ def test_bucketed_score_order_is_the_stable_argsort_of_the_keys():
             ids = order[start[b]:start[b + 1]].copy()
             assert (np.diff(ids) > 0).all()  # each bucket in member order
             ints = scratch.ints
-            sort_ids_by_key(ids, len(ids), keys, ints[0], ints[1], ints[2], ints[3], ints[4], scratch.radix_hist)
+            _sort_ids_by_key(ids, len(ids), keys, ints[0], ints[1], ints[2], ints[3], ints[4], scratch.radix_hist)
             got += ids.tolist()
         expected = np.argsort(np.where(scores == 0, 0.0, scores), kind="stable")
         assert got == expected.tolist()

@@ -353,7 +353,7 @@ def _hard_nms_group(gs: int, ge: int, o: int, iou_thr: float, radius_factor: flo
         if k == 0:
             continue
         if k > 1:
-            sort_ids_by_key(live, k, keys, ints[IntRow.AT_POS], ints[IntRow.POS_OF], ints[IntRow.SORT_KEY_B],
+            _sort_ids_by_key(live, k, keys, ints[IntRow.AT_POS], ints[IntRow.POS_OF], ints[IntRow.SORT_KEY_B],
                             ints[IntRow.SORT_INDEX_B], ints[IntRow.LIST], scratch.radix_hist)
         o = _keep_in_order(live, k, o, iou_thr, radius_factor, n_cells, label, out_box, out_score, out_label, gbox,
                            gscore, scratch)
@@ -435,7 +435,7 @@ def _bucket_by_key(keys: np.ndarray, n: int, order: np.ndarray, bucket_of: np.nd
 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)
-def sort_ids_by_key(ids: np.ndarray, k: int, keys: np.ndarray, sub_keys: np.ndarray, perm: np.ndarray,
+def _sort_ids_by_key(ids: np.ndarray, k: int, keys: np.ndarray, sub_keys: np.ndarray, perm: np.ndarray,
                     ka: np.ndarray, kb: np.ndarray, ib: np.ndarray, hist: np.ndarray) -> None:
     """Sort ``ids[:k]`` stably by ``keys[ids[t]]`` ascending (unsigned bit order, see
     :func:`~pipeline.fusion.primitives.float_sort_keys`): an insertion sort up to ``SHORT_BUCKET`` ids, else
@@ -531,8 +531,8 @@ def _slot_iou(bx1: float, by1: float, bx2: float, by2: float, area_b: float, x1:
 @numba.njit(inline="always", **NJIT_OPTIONS)
 def _suppress_run(lo: int, hi: int, bx1: float, by1: float, bx2: float, by2: float, iou_thr: float,
                   sx1: np.ndarray, sy1: np.ndarray, sx2: np.ndarray, sy2: np.ndarray, dead: np.ndarray) -> None:
-    """Mark slots ``lo..hi-1`` whose box has IoU ``> iou_thr`` with the kept box B (vectorised: ~3x; unsigned
-    positions, so no negative-index wraparound)."""
+    """Mark slots ``lo..hi-1`` (``hi - lo`` a multiple of ``SLOT_PAD``) whose box has IoU ``> iou_thr`` with the
+    kept box B, eight at a time (:func:`~pipeline.fusion.vector_hits.suppress8`)."""
     for s in range(lo, hi, SLOT_PAD):
         suppress8(sx1, sy1, sx2, sy2, s, bx1, by1, bx2, by2, iou_thr, dead)
 
