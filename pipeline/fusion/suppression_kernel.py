@@ -50,7 +50,7 @@ from pipeline.fusion.vector_hits import LANES, iou_hits8, suppress8
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
 COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a",
-                    "vector_exp.py": "824cc4dac6b35a2c", "vector_hits.py": "2484e6f46a19bbf4"}
+                    "vector_exp.py": "0c428c1a124ba036", "vector_hits.py": "2484e6f46a19bbf4"}
 
 # The library's ``method`` codes.
 LINEAR = 1
@@ -560,8 +560,9 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
     at least every bound of group ``g``. A decay only lowers a score, so bounds are left alone by decays; a step
     finds the leftmost group of the largest group bound, in it the leftmost block of that bound, and rescans the
     block: if its maximum is the bound, that is the leftmost maximum of the array (every block and group to its
-    left has a smaller bound), else the stale bound is lowered and the search repeats. A score that grows (a
-    negative one, decayed towards 0 when ``thresh < 0``) raises its block's and group's bounds at once.
+    left has a smaller bound), else the stale bound is lowered, its group's bound recomputed, and the search
+    repeats. A score that grows (a negative one, decayed towards 0 when ``thresh < 0``) raises its block's and
+    group's bounds at once.
     """
     gbox = scratch.boxes[BoxRow.GROUP]
     floats = scratch.floats
@@ -753,7 +754,8 @@ def _leftmost_max(score: np.ndarray, bound: np.ndarray, group_bound: np.ndarray,
         m, p = _block_argmax(score, b * bs, b * bs + bs)
         if m == top:
             return top, p
-        bound[b] = m
+        bound[b] = m  # stale: lowered, and its group's bound with it (else the next pass finds that stale too)
+        group_bound[g] = _block_max(bound, g * gsz, g * gsz + gsz)
 
 
 @numba.njit(inline="always", **NJIT_OPTIONS)

@@ -3,8 +3,10 @@
 numba calls glibc's scalar ``exp`` per element (through its helper library's PLT entry and glibc's compatibility
 wrapper): about a fifth of gaussian soft-NMS's time at 40 sets x 100 boxes (perf). :func:`exp_vectorisable` is
 arithmetic only -- a round-to-nearest by the 1.5 * 2**52 shift, fdlibm's two-part ln 2, a degree-13 Taylor polynomial
-in Estrin's form and the power of two built in the exponent bits -- so a loop calling it runs on vector registers
-(about 2 ns an element against 5.5 ns on this 2-core machine).
+by Horner's rule and the power of two built in the exponent bits -- so a loop calling it runs on vector registers
+(about 2 ns an element against 5.5 ns on this 2-core machine, before the fused multiply-adds). Every multiply-add
+is one ``llvm.fmuladd`` (fused where the CPU has FMA: fewer instructions, rounded once); the loop's elements are
+independent, so Horner's fewest operations serve as well as Estrin's shorter chains (benchmarks/README.md).
 
 It is within 1 ulp of glibc's ``exp`` and differs from it in the last bit on ~10 % of arguments. The library computes
 its weights with numpy's ``np.exp``, whose own SIMD ``exp`` differs from glibc's on ~5 % (AVX-512 machines; glibc's
@@ -22,6 +24,7 @@ import math
 import numba
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from pipeline.fusion.primitives import NJIT_OPTIONS
@@ -45,18 +48,28 @@ def _bits_as_float(typingctx, bits):
     return types.float64(types.int64), codegen
 
 
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """``a * b + c``, rounded once where the CPU has fused multiply-adds, else a multiply and an add (LLVM's
+    ``llvm.fmuladd``: never the slow software ``fma`` on a CPU without them; vectorisable)."""
+    def codegen(context, builder, signature, args):
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.DoubleType(), [ir.DoubleType()] * 3),
+                                             "llvm.fmuladd.f64")
+        return builder.call(fma, args)
+    return types.float64(types.float64, types.float64, types.float64), codegen
+
+
 @numba.njit(inline="always", **NJIT_OPTIONS)
 def exp_vectorisable(x: float) -> float:
     """``exp(x)`` for ``LOWEST_ARGUMENT <= x <= 0`` within 1 ulp: ``2**k * exp(r)``, ``|r| <= ln(2) / 2``."""
-    k = (x * _INV_LN2 + _ROUND_SHIFT) - _ROUND_SHIFT
-    r = (x - k * _LN2_HI) - k * _LN2_LO
-    r2 = r * r
-    r4 = r2 * r2
-    low = (_C[1] + _C[2] * r) + (_C[3] + _C[4] * r) * r2 + ((_C[5] + _C[6] * r) + (_C[7] + _C[8] * r) * r2) * r4
-    high = (_C[9] + _C[10] * r) + (_C[11] + _C[12] * r) * r2 + _C[13] * r4
-    expm1_r = r * (low + high * (r4 * r4))
+    k = _fma(x, _INV_LN2, _ROUND_SHIFT) - _ROUND_SHIFT
+    r = _fma(-k, _LN2_LO, _fma(-k, _LN2_HI, x))
+    p = _C[13]
+    for c in _C[12:0:-1]:  # Horner's rule: the fewest operations (the loop runs many elements, not one chain)
+        p = _fma(p, r, c)
+    expm1_r = r * p
     scale = _bits_as_float((numba.int64(k) + 1023) << 52)
-    return scale + scale * expm1_r  # exp(r) - 1 kept apart from the 1: the sum rounds once
+    return _fma(scale, expm1_r, scale)  # exp(r) - 1 kept apart from the 1: the sum rounds once
 
 
 @numba.njit(**NJIT_OPTIONS)
