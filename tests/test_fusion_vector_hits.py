@@ -1,4 +1,5 @@
-"""pipeline.fusion.vector_hits: soft-NMS's eight-slot IoUs and hits, NMS's eight-slot marks; against the scalar IoU."""
+"""pipeline.fusion.vector_hits: soft-NMS's eight-slot IoUs and hits, NMS's eight-slot marks (against the scalar IoU),
+soft-NMS's eight-lane decays (against the scalar loop)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.fusion.suppression_kernel import _slot_iou
-from pipeline.fusion.vector_hits import LANES, iou_hits8, suppress8
+from pipeline.fusion.vector_hits import LANES, decay8, iou_hits8, suppress8
 
 
 @numba.njit
@@ -83,7 +84,7 @@ def test_compiles_for_a_cpu_llvm_knows_nothing_of(tmp_path) -> None:
     # NUMBA_CPU_NAME=generic (numba's portable caches): LLVM 22 aborted the process expanding a compress of doubles
     # there, so the IoUs are packed as their 64-bit patterns; suppress8's eight-lane test compiles there too
     script = ("import numba, numpy as np\n"
-              "from pipeline.fusion.vector_hits import iou_hits8, suppress8\n"
+              "from pipeline.fusion.vector_hits import decay8, iou_hits8, suppress8\n"
               "@numba.njit\n"
               "def run(s, p, o, oi):\n"
               "    return iou_hits8(s[0], s[1], s[2], s[3], p, 0, 3, 0.2, 0.2, 0.4, 0.4, 0.0, o, oi, 0)\n"
@@ -92,12 +93,18 @@ def test_compiles_for_a_cpu_llvm_knows_nothing_of(tmp_path) -> None:
               "    suppress8(s[0], s[1], s[2], s[3], 0, 0.2, 0.2, 0.4, 0.4, 0.5, dead)\n"
               "s = np.tile(np.array([[0.2], [0.2], [0.4], [0.4]]), (1, 8)); s[:2, 1], s[2:, 1] = np.inf, -np.inf\n"
               "o, oi, dead = np.zeros(8, np.int64), np.zeros(8), np.zeros(8, np.uint8)\n"
+              "@numba.njit\n"
+              "def decay(score, p, w):\n"
+              "    return decay8(score, p, w, 0, 3, 0.1, False)\n"
               "mark(s, dead)\n"
-              "print(run(s, np.arange(10, 18), o, oi), o[:2].tolist(), oi[:2].tolist(), dead.sum())\n")
+              "score = np.full(4, 0.5)\n"
+              "died = decay(score, np.array([3, 0, 1, 2, 9, 9, 9, 9]), np.array([0.5, 0.1, 1.0, 0, 0, 0, 0, 0]))\n"
+              "print(run(s, np.arange(10, 18), o, oi), o[:2].tolist(), oi[:2].tolist(), dead.sum(), died,\n"
+              "      score.tolist())\n")
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["2", "[10,", "12]", "[1.0,", "1.0]", "7"]
+    assert done.stdout.split() == ["2", "[10,", "12]", "[1.0,", "1.0]", "7", "2", "[-inf,", "0.5,", "0.5,", "0.25]"]
 
 
 @numba.njit
@@ -121,3 +128,38 @@ def test_suppress8_marks_the_slots_whose_scalar_iou_is_above_the_threshold(thr) 
         expected = before.copy()
         expected[lo:] |= (_scalar_ious(slots, box)[lo:] > thr).astype(np.uint8)
         np.testing.assert_array_equal(dead, expected, err_msg=str(trial))
+
+
+@numba.njit
+def _decays(score, position, weight, nc, thresh, float32_scores):
+    """The kernel's loop over a step's candidates; the died lanes' bit masks, one per eight."""
+    died = np.zeros((nc + LANES - 1) // LANES, np.int64)
+    for t in range(0, nc, LANES):
+        died[t // LANES] = decay8(score, position, weight, t, nc, thresh, float32_scores)
+    return died
+
+
+@pytest.mark.parametrize("float32_scores", [False, True])
+def test_decay8_multiplies_each_candidate_score_and_kills_those_not_above_thresh(float32_scores) -> None:
+    rng = np.random.default_rng(12)
+    for trial in range(300):
+        n = 100
+        nc = int(rng.integers(0, 40))
+        position = np.r_[rng.permutation(n)[:nc], rng.integers(0, n, LANES)]  # past nc: anything, never read
+        weight = np.r_[rng.random(nc), rng.random(LANES)]
+        weight[:nc][rng.random(nc) < 0.1] = 0.0  # products of exactly 0: not above a thresh of 0
+        score = rng.uniform(0.0, 1.0, n)
+        if float32_scores:
+            score = score.astype(np.float32).astype(np.float64)
+        thresh = float(rng.choice([0.0, 0.05, 0.3]))
+        expected, expected_died = score.copy(), []
+        for c in range(nc):  # the library's product, stored in its array's dtype, compared with thresh
+            product = weight[c] * expected[position[c]]
+            product = float(np.float32(product)) if float32_scores else product
+            expected[position[c]] = product if product > thresh else -np.inf
+            if not product > thresh:
+                expected_died.append(c)
+        died = _decays(score, position, weight, nc, thresh, float32_scores)
+        np.testing.assert_array_equal(score, expected, err_msg=str(trial))  # other scores untouched
+        assert [c for c in range(nc) if died[c // LANES] >> (c % LANES) & 1] == expected_died, trial
+        assert all(d >> (nc - LANES * k) == 0 for k, d in enumerate(died) if nc - LANES * k < LANES), trial

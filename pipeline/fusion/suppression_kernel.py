@@ -46,11 +46,11 @@ from pipeline.fusion.primitives import (NJIT_NO_REFCOUNT, NJIT_OPTIONS, RADIX_HI
                                         iou, radix_argsort)
 from pipeline.fusion.rows import read_image
 from pipeline.fusion.vector_exp import covers_gaussian_weights, exp_vectorisable
-from pipeline.fusion.vector_hits import LANES, iou_hits8, suppress8
+from pipeline.fusion.vector_hits import LANES, decay8, iou_hits8, suppress8
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
 COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a",
-                    "vector_exp.py": "0c428c1a124ba036", "vector_hits.py": "2484e6f46a19bbf4"}
+                    "vector_exp.py": "0c428c1a124ba036", "vector_hits.py": "355a4c328ab01f3f"}
 
 # The library's ``method`` codes.
 LINEAR = 1
@@ -658,7 +658,8 @@ def _decay(nc: int, float32_scores: bool, prune: bool, thresh: float, score: np.
            group_bound: np.ndarray, bs: int, gsz: int, scratch: Scratch) -> int:
     """Each candidate's score (``CAND``: its library position) times its weight (``CAND_IOU``), as the library
     computes it (``weight * score``, rounded to float32 when its array is float32); a score that falls to
-    ``thresh`` or below (``prune``) dies: -inf, ``REMOVED``, out of the grid. Returns how many left the grid."""
+    ``thresh`` or below (``prune``) dies: -inf, ``REMOVED``, out of the grid. Returns how many left the grid.
+    With ``prune``, eight candidates at a time (:func:`~pipeline.fusion.vector_hits.decay8`)."""
     cand = scratch.ints[IntRow.CAND]
     weight = scratch.floats[FloatRow.CAND_IOU]
     at_pos = scratch.ints[IntRow.AT_POS]
@@ -666,6 +667,16 @@ def _decay(nc: int, float32_scores: bool, prune: bool, thresh: float, score: np.
     cell_of = scratch.ints[IntRow.CELL_OF]
     slot_of = scratch.ints[IntRow.SLOT_OF]
     n_out = 0
+    if prune:  # every live score is above thresh >= 0: none grows, so no bound moves
+        for t in range(0, nc, LANES):
+            died = decay8(score, cand, weight, t, nc, thresh, float32_scores)
+            if died != 0:
+                for b in range(LANES):
+                    if (died >> b) & 1:
+                        j = at_pos[cand[t + b]]
+                        removed[j] = 1
+                        n_out += _soft_grid_remove(j, cell_of, slot_of, scratch.soft_slots)
+        return n_out
     for t in range(nc):
         pj = cand[t]
         old = score[pj]

@@ -17,6 +17,12 @@ has no AVX-512, LLVM expands the compress into lane-by-lane code with the same r
 
 :func:`suppress8` is hard NMS's test of eight slots (mark those above ``iou_thr``): the same IoUs in one register,
 where LLVM vectorised the scalar loop four lanes at a time (its cost model prefers 256-bit vectors on these CPUs).
+
+:func:`decay8` is soft-NMS's decay of eight candidates: their scores gathered from the library's positions,
+multiplied by their weights, and scattered back (-inf where a score fell to ``thresh``), with LLVM's masked gather and
+scatter (AVX-512's ``vgatherqpd`` / ``vscatterqpd``; lane by lane where the CPU has none). The scalar loop did one
+dependent load and store a candidate, with a branch on the threshold. Measured on an Intel machine only
+(benchmarks/README.md); the project's AMD (Zen 4) machine has not run it yet.
 """
 from __future__ import annotations
 
@@ -138,5 +144,45 @@ def suppress8(typingctx, sx1, sy1, sx2, sy2, s, bx1, by1, bx2, by2, thr, dead):
         at = _vector_at(builder, data[10], s_v, bytes8)
         builder.store(builder.or_(builder.load(at, align=1), builder.zext(hit, bytes8)), at, align=1)
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def decay8(typingctx, score, position, weight, t, end, thresh, float32_scores):
+    """Soft-NMS's decays of candidates ``t .. t + 7`` (those before ``end``): ``score[position[c]] *=
+    weight[c]`` (rounded to float32 first when ``float32_scores``), or -inf where the product is not above
+    ``thresh`` -- one gather, one multiply and one scatter of eight lanes. Returns the bit mask of the lanes whose
+    box died (bit ``c - t``). ``position`` holds distinct indices (one box once a step)."""
+    wanted = ((score, types.float64), (weight, types.float64), (position, types.int64))
+    for arr, dtype in wanted:
+        if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype == dtype):
+            return None
+    sig = types.int64(score, position, weight, types.int64, types.int64, types.float64, types.boolean)
+
+    def codegen(context, builder, signature, args):
+        data = {i: context.make_array(signature.args[i])(context, builder, args[i]).data for i in (0, 1, 2)}
+        t_v, end_v, thresh_v, f32_v = args[3], args[4], args[5], args[6]
+        lane = builder.add(_splat(builder, t_v, _I64X8), ir.Constant(_I64X8, list(range(LANES))))
+        valid = builder.icmp_signed("<", lane, _splat(builder, end_v, _I64X8))
+        index = builder.load(_vector_at(builder, data[1], t_v, _I64X8), align=8)
+        w = builder.load(_vector_at(builder, data[2], t_v, _F64X8), align=8)
+        base = _splat(builder, builder.ptrtoint(data[0], _I64), _I64X8)
+        ptr_type = ir.VectorType(ir.PointerType(_F64), LANES)
+        pointers = builder.inttoptr(builder.add(base, builder.shl(index, _splat(builder, ir.Constant(_I64, 3), _I64X8))),
+                                    ptr_type)
+        gather = _declare(builder, f"llvm.masked.gather.v{LANES}f64.v{LANES}p0", _F64X8,
+                          [ptr_type, _I32, _MASK, _F64X8])
+        old = builder.call(gather, [pointers, ir.Constant(_I32, 8), valid, ir.Constant(_F64X8, None)])
+        product = builder.fmul(w, old)
+        rounded = builder.fpext(builder.fptrunc(product, ir.VectorType(ir.FloatType(), LANES)), _F64X8)
+        product = builder.select(f32_v, rounded, product)
+        alive = builder.fcmp_ordered(">", product, _splat(builder, thresh_v, _F64X8))
+        minus_inf = ir.Constant(_F64X8, [float("-inf")] * LANES)
+        scatter = _declare(builder, f"llvm.masked.scatter.v{LANES}f64.v{LANES}p0", ir.VoidType(),
+                           [_F64X8, ptr_type, _I32, _MASK])
+        builder.call(scatter, [builder.select(alive, product, minus_inf), pointers, ir.Constant(_I32, 8), valid])
+        died = builder.and_(valid, builder.not_(alive))
+        return builder.zext(builder.bitcast(died, ir.IntType(LANES)), _I64)
 
     return sig, codegen
