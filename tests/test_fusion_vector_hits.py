@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pipeline.fusion.suppression_kernel import _slot_iou
-from pipeline.fusion.vector_hits import LANES, decay8, iou_hits8, suppress8
+from pipeline.fusion.vector_exp import exp_vectorisable
+from pipeline.fusion.vector_hits import LANES, decay8, gaussian_decay8, iou_hits8, suppress8
 
 
 @numba.njit
@@ -84,7 +85,7 @@ def test_compiles_for_a_cpu_llvm_knows_nothing_of(tmp_path) -> None:
     # NUMBA_CPU_NAME=generic (numba's portable caches): LLVM 22 aborted the process expanding a compress of doubles
     # there, so the IoUs are packed as their 64-bit patterns; suppress8's eight-lane test compiles there too
     script = ("import numba, numpy as np\n"
-              "from pipeline.fusion.vector_hits import decay8, iou_hits8, suppress8\n"
+              "from pipeline.fusion.vector_hits import decay8, gaussian_decay8, iou_hits8, suppress8\n"
               "@numba.njit\n"
               "def run(s, p, o, oi):\n"
               "    return iou_hits8(s[0], s[1], s[2], s[3], p, 0, 3, 0.2, 0.2, 0.4, 0.4, 0.0, o, oi, 0)\n"
@@ -95,7 +96,7 @@ def test_compiles_for_a_cpu_llvm_knows_nothing_of(tmp_path) -> None:
               "o, oi, dead = np.zeros(8, np.int64), np.zeros(8), np.zeros(8, np.uint8)\n"
               "@numba.njit\n"
               "def decay(score, p, w):\n"
-              "    return decay8(score, p, w, 0, 3, 0.1, False)\n"
+              "    return decay8(score, p, w, 0, 3, 0.1, False) + 16 * gaussian_decay8(score, p, w, 3, 4, 0.5, 0.1, False)\n"
               "mark(s, dead)\n"
               "score = np.full(4, 0.5)\n"
               "died = decay(score, np.array([3, 0, 1, 2, 9, 9, 9, 9]), np.array([0.5, 0.1, 1.0, 0, 0, 0, 0, 0]))\n"
@@ -104,6 +105,7 @@ def test_compiles_for_a_cpu_llvm_knows_nothing_of(tmp_path) -> None:
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    # gaussian_decay8 on candidate 3 (position 2, IoU 0): its weight is exactly 1
     assert done.stdout.split() == ["2", "[10,", "12]", "[1.0,", "1.0]", "7", "2", "[-inf,", "0.5,", "0.5,", "0.25]"]
 
 
@@ -163,3 +165,40 @@ def test_decay8_multiplies_each_candidate_score_and_kills_those_not_above_thresh
         np.testing.assert_array_equal(score, expected, err_msg=str(trial))  # other scores untouched
         assert [c for c in range(nc) if died[c // LANES] >> (c % LANES) & 1] == expected_died, trial
         assert all(d >> (nc - LANES * k) == 0 for k, d in enumerate(died) if nc - LANES * k < LANES), trial
+
+
+@numba.njit
+def _gaussian_decays(score, position, iou, nc, sigma, thresh, float32_scores):
+    died = np.zeros((nc + LANES - 1) // LANES, np.int64)
+    for t in range(0, nc, LANES):
+        died[t // LANES] = gaussian_decay8(score, position, iou, t, nc, sigma, thresh, float32_scores)
+    return died
+
+
+@numba.njit
+def _gaussian_weights(iou, sigma):
+    out = np.empty_like(iou)
+    for t in range(len(iou)):
+        out[t] = exp_vectorisable(-(iou[t] * iou[t]) / sigma)
+    return out
+
+
+@pytest.mark.parametrize("float32_scores", [False, True])
+def test_gaussian_decay8_is_decay8_of_the_vectorisable_exp_weights_bit_for_bit(float32_scores) -> None:
+    """The kernel's one-pass gaussian decays equal its two passes (weights by ``exp_vectorisable``, then decay8)."""
+    rng = np.random.default_rng(13)
+    for trial in range(300):
+        n, nc = 100, int(rng.integers(0, 40))
+        position = np.r_[rng.permutation(n)[:nc], rng.integers(0, n, LANES)]
+        iou = np.r_[rng.random(nc) ** 2, rng.random(LANES)]
+        iou[:nc][rng.random(nc) < 0.1] = 0.0  # weight exactly 1
+        sigma = float(rng.choice([0.5, 0.1, 2.0, 1.0 / 700.0]))
+        score = rng.uniform(0.0, 1.0, n)
+        if float32_scores:
+            score = score.astype(np.float32).astype(np.float64)
+        thresh = float(rng.choice([0.0, 0.001, 0.3]))
+        two_pass = score.copy()
+        died_two = _decays(two_pass, position, _gaussian_weights(iou, sigma), nc, thresh, float32_scores)
+        died_one = _gaussian_decays(score, position, iou, nc, sigma, thresh, float32_scores)
+        np.testing.assert_array_equal(score, two_pass, err_msg=str(trial))
+        np.testing.assert_array_equal(died_one, died_two, err_msg=str(trial))

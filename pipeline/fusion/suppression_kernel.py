@@ -20,11 +20,11 @@ drop-ins' one image, read from the library's lists concatenated (no packed table
 Cost. NMS: one bucketing pass over the scores, filing every member, per bucket a sort of its few members still
 live, and per kept box a few runs of grid slots tested in SIMD lanes.
 Soft-NMS: per selected box, a window of grid rows, eight slots at a time (their IoUs, and the overlapping ones
-packed with their library positions: :mod:`pipeline.fusion.vector_hits`), its overlapping live boxes each (gaussian)
-an ``exp`` (the step's weights in one vectorised loop, :mod:`pipeline.fusion.vector_exp`), then the decays at the
-library's positions -- every overlapping pair is decayed once, as in the library, which computes the same products
-for all remaining boxes at every step; finding each step's maximum costs two scans of about ``sqrt(n)`` scores, about
-twice per step. Tens of thousands of overlapping pairs per image at 40 sets x 100 boxes keep gaussian soft-NMS
+packed with their library positions: :mod:`pipeline.fusion.vector_hits`), then its overlapping live boxes' decays
+at the library's positions, eight at a time, each (gaussian) with an ``exp`` computed in the same registers
+(:mod:`pipeline.fusion.vector_exp`) -- every overlapping pair is decayed once, as in the library, which computes the
+same products for all remaining boxes at every step; finding each step's maximum scans a few dozen bounds and
+scores, and again for each stale block bound it meets (about 1.6 a step, agreeing 40 x 100). Tens of thousands of overlapping pairs per image at 40 sets x 100 boxes keep gaussian soft-NMS
 the slowest rule.
 
 Work arrays are laid out in :class:`Scratch` (one allocation per thread, rows named by :class:`BoxRow`,
@@ -46,11 +46,11 @@ from pipeline.fusion.primitives import (NJIT_NO_REFCOUNT, NJIT_OPTIONS, RADIX_HI
                                         iou, radix_argsort)
 from pipeline.fusion.rows import read_image
 from pipeline.fusion.vector_exp import covers_gaussian_weights, exp_vectorisable
-from pipeline.fusion.vector_hits import LANES, decay8, iou_hits8, suppress8
+from pipeline.fusion.vector_hits import LANES, decay8, gaussian_decay8, iou_hits8, suppress8
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
 COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a",
-                    "vector_exp.py": "0c428c1a124ba036", "vector_hits.py": "355a4c328ab01f3f"}
+                    "vector_exp.py": "21393a15e5df49fd", "vector_hits.py": "b284ec8f0c7e4d8d"}
 
 # The library's ``method`` codes.
 LINEAR = 1
@@ -620,11 +620,14 @@ def _soft_nms_group(gs: int, ge: int, o: int, method: int, iou_thr: float, sigma
         if n_cells > 0 and 2 * n_filed < n_room and n_room > SOFT_REFILE_MIN:
             n_room = _refile(n, n_cells, scratch)  # the scans cover emptied slots too: drop them
         nc = _overlapping(q, n_cells, fw, fh, n_big, window_factor, decay_above, scratch)
-        _decay_weights(nc, method, sigma, vector_weights, cand_iou)
-        if float32_scores:  # two loops, so that the common one carries no float32 rounding
-            n_filed -= _decay(nc, True, prune, thresh, score, bound, group_bound, bs, gsz, scratch)
+        if vector_weights and prune:  # each weight computed in the registers that decay its score
+            n_filed -= _gaussian_decays(nc, sigma, thresh, float32_scores, score, scratch)
         else:
-            n_filed -= _decay(nc, False, prune, thresh, score, bound, group_bound, bs, gsz, scratch)
+            _decay_weights(nc, method, sigma, vector_weights, cand_iou)
+            if float32_scores:  # two loops, so that the common one carries no float32 rounding
+                n_filed -= _decay(nc, True, prune, thresh, score, bound, group_bound, bs, gsz, scratch)
+            else:
+                n_filed -= _decay(nc, False, prune, thresh, score, bound, group_bound, bs, gsz, scratch)
     for k in range(n_sel):
         if final[k] > thresh:
             q = selected[k]
@@ -653,6 +656,37 @@ def _decay_weights(nc: int, method: int, sigma: float, vector_weights: bool, w: 
             w[t] = math.exp(-(w[t] * w[t]) / sigma)
 
 
+@numba.njit(**NJIT_NO_REFCOUNT)
+def _gaussian_decays(nc: int, sigma: float, thresh: float, float32_scores: bool, score: np.ndarray,
+                     scratch: Scratch) -> int:
+    """:func:`_decay_weights` then :func:`_decay` of a gaussian step with ``prune``, eight candidates at a time in
+    one pass (:func:`~pipeline.fusion.vector_hits.gaussian_decay8`: the weights never leave the registers; the
+    same bits as the two passes). Returns how many left the grid."""
+    cand = scratch.ints[IntRow.CAND]
+    cand_iou = scratch.floats[FloatRow.CAND_IOU]
+    n_out = 0
+    for t in range(0, nc, LANES):
+        n_out += _drop_died(gaussian_decay8(score, cand, cand_iou, t, nc, sigma, thresh, float32_scores), t, scratch)
+    return n_out
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _drop_died(died: int, t: int, scratch: Scratch) -> int:
+    """The candidates ``t + b`` whose bit ``b`` is set in ``died`` (their score fell to ``thresh``): ``REMOVED``,
+    out of the grid. Returns how many left the grid."""
+    n_out = 0
+    if died != 0:
+        cand = scratch.ints[IntRow.CAND]
+        at_pos = scratch.ints[IntRow.AT_POS]
+        for b in range(LANES):
+            if (died >> b) & 1:
+                j = at_pos[cand[t + b]]
+                scratch.ints[IntRow.REMOVED, j] = 1
+                n_out += _soft_grid_remove(j, scratch.ints[IntRow.CELL_OF], scratch.ints[IntRow.SLOT_OF],
+                                           scratch.soft_slots)
+    return n_out
+
+
 @numba.njit(inline="always", **NJIT_OPTIONS)
 def _decay(nc: int, float32_scores: bool, prune: bool, thresh: float, score: np.ndarray, bound: np.ndarray,
            group_bound: np.ndarray, bs: int, gsz: int, scratch: Scratch) -> int:
@@ -669,13 +703,7 @@ def _decay(nc: int, float32_scores: bool, prune: bool, thresh: float, score: np.
     n_out = 0
     if prune:  # every live score is above thresh >= 0: none grows, so no bound moves
         for t in range(0, nc, LANES):
-            died = decay8(score, cand, weight, t, nc, thresh, float32_scores)
-            if died != 0:
-                for b in range(LANES):
-                    if (died >> b) & 1:
-                        j = at_pos[cand[t + b]]
-                        removed[j] = 1
-                        n_out += _soft_grid_remove(j, cell_of, slot_of, scratch.soft_slots)
+            n_out += _drop_died(decay8(score, cand, weight, t, nc, thresh, float32_scores), t, scratch)
         return n_out
     for t in range(nc):
         pj = cand[t]

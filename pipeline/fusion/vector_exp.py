@@ -14,6 +14,9 @@ elsewhere), and soft-NMS returns the undecayed scores: a decayed score only deci
 threshold, so the last bit matters only between scores that tie to within an ulp, where the library's own answer
 already depends on the machine. ``exp(0) = 1`` exactly (a box that does not overlap keeps its score).
 
+:func:`pipeline.fusion.vector_hits.gaussian_decay8` repeats these operations on eight lanes in LLVM's IR (its test
+checks the bits against this function).
+
 Valid for ``-708 <= x <= 0`` (the power of two stays a normal number); callers check
 :func:`covers_gaussian_weights` first and fall back to ``math.exp``.
 """
@@ -33,11 +36,11 @@ from pipeline.fusion.primitives import NJIT_OPTIONS
 COMPILED_AGAINST = {"primitives.py": "5a867f87f2eb7faf"}
 
 LOWEST_ARGUMENT = -708.0  # 2**k stays a normal double for k >= -1022: exp(-708) ~ 3.3e-308
-_INV_LN2 = 1.0 / math.log(2.0)
-_LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of ln 2: k * _LN2_HI is exact for |k| < 2**20
-_LN2_LO = 1.90821492927058770002e-10
-_ROUND_SHIFT = 6755399441055744.0  # 1.5 * 2**52: (x + shift) - shift rounds x to the nearest integer
-_C = tuple(1.0 / math.factorial(k) for k in range(14))
+INV_LN2 = 1.0 / math.log(2.0)
+LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of ln 2: k * LN2_HI is exact for |k| < 2**20
+LN2_LO = 1.90821492927058770002e-10
+ROUND_SHIFT = 6755399441055744.0  # 1.5 * 2**52: (x + shift) - shift rounds x to the nearest integer
+TAYLOR = tuple(1.0 / math.factorial(k) for k in range(14))
 
 
 @intrinsic
@@ -62,10 +65,10 @@ def _fma(typingctx, a, b, c):
 @numba.njit(inline="always", **NJIT_OPTIONS)
 def exp_vectorisable(x: float) -> float:
     """``exp(x)`` for ``LOWEST_ARGUMENT <= x <= 0`` within 1 ulp: ``2**k * exp(r)``, ``|r| <= ln(2) / 2``."""
-    k = _fma(x, _INV_LN2, _ROUND_SHIFT) - _ROUND_SHIFT
-    r = _fma(-k, _LN2_LO, _fma(-k, _LN2_HI, x))
-    p = _C[13]
-    for c in _C[12:0:-1]:  # Horner's rule: the fewest operations (the loop runs many elements, not one chain)
+    k = _fma(x, INV_LN2, ROUND_SHIFT) - ROUND_SHIFT
+    r = _fma(-k, LN2_LO, _fma(-k, LN2_HI, x))
+    p = TAYLOR[13]
+    for c in TAYLOR[12:0:-1]:  # Horner's rule: the fewest operations (the loop runs many elements, not one chain)
         p = _fma(p, r, c)
     expm1_r = r * p
     scale = _bits_as_float((numba.int64(k) + 1023) << 52)

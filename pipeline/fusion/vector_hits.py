@@ -21,8 +21,10 @@ where LLVM vectorised the scalar loop four lanes at a time (its cost model prefe
 :func:`decay8` is soft-NMS's decay of eight candidates: their scores gathered from the library's positions,
 multiplied by their weights, and scattered back (-inf where a score fell to ``thresh``), with LLVM's masked gather and
 scatter (AVX-512's ``vgatherqpd`` / ``vscatterqpd``; lane by lane where the CPU has none). The scalar loop did one
-dependent load and store a candidate, with a branch on the threshold. Measured on an Intel machine only
-(benchmarks/README.md); the project's AMD (Zen 4) machine has not run it yet.
+dependent load and store a candidate, with a branch on the threshold. :func:`gaussian_decay8` computes the eight
+gaussian weights on the way, with :func:`~pipeline.fusion.vector_exp.exp_vectorisable`'s operations written out
+(the same bits), so that they are never stored and loaded again. Measured on an Intel machine only
+(benchmarks/README.md); the project's AMD (Zen 4) machine has not run them yet.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from pipeline.fusion.vector_exp import INV_LN2, LN2_HI, LN2_LO, ROUND_SHIFT, TAYLOR
 
 LANES = 8  # doubles in an AVX-512 register
 
@@ -148,41 +152,87 @@ def suppress8(typingctx, sx1, sy1, sx2, sy2, s, bx1, by1, bx2, by2, thr, dead):
     return sig, codegen
 
 
+
+def _exp_lanes(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """:func:`~pipeline.fusion.vector_exp.exp_vectorisable` of eight lanes, operation for operation (the same bits:
+    ``tests/test_fusion_vector_hits.py``)."""
+    fmuladd = _declare(builder, f"llvm.fmuladd.v{LANES}f64", _F64X8, [_F64X8] * 3)
+
+    def lanes(value: float) -> ir.Value:
+        return ir.Constant(_F64X8, [value] * LANES)
+
+    k = builder.fsub(builder.call(fmuladd, [x, lanes(INV_LN2), lanes(ROUND_SHIFT)]), lanes(ROUND_SHIFT))
+    minus_k = builder.fneg(k)
+    r = builder.call(fmuladd, [minus_k, lanes(LN2_LO), builder.call(fmuladd, [minus_k, lanes(LN2_HI), x])])
+    p = lanes(TAYLOR[13])
+    for c in TAYLOR[12:0:-1]:
+        p = builder.call(fmuladd, [p, r, lanes(c)])
+    scale = builder.bitcast(builder.shl(builder.add(builder.fptosi(k, _I64X8), ir.Constant(_I64X8, [1023] * LANES)),
+                                        ir.Constant(_I64X8, [52] * LANES)), _F64X8)
+    return builder.call(fmuladd, [scale, builder.fmul(r, p), scale])
+
+
+def _decay_lanes(builder: ir.IRBuilder, score: ir.Value, position: ir.Value, t: ir.Value, end: ir.Value,
+                 weight: ir.Value, thresh: ir.Value, float32_scores: ir.Value) -> ir.Value:
+    """``score[position[t + c]] *= weight[c]`` for the lanes ``t + c < end`` (masked gather and scatter), -inf where
+    the product is not above ``thresh``; the died lanes' bit mask, as an int64."""
+    lane = builder.add(_splat(builder, t, _I64X8), ir.Constant(_I64X8, list(range(LANES))))
+    valid = builder.icmp_signed("<", lane, _splat(builder, end, _I64X8))
+    index = builder.load(_vector_at(builder, position, t, _I64X8), align=8)
+    pointers_type = ir.VectorType(ir.PointerType(_F64), LANES)
+    offsets = builder.shl(index, ir.Constant(_I64X8, [3] * LANES))
+    pointers = builder.inttoptr(builder.add(_splat(builder, builder.ptrtoint(score, _I64), _I64X8), offsets),
+                                pointers_type)
+    gather = _declare(builder, f"llvm.masked.gather.v{LANES}f64.v{LANES}p0", _F64X8,
+                      [pointers_type, _I32, _MASK, _F64X8])
+    product = builder.fmul(weight, builder.call(gather, [pointers, ir.Constant(_I32, 8), valid,
+                                                         ir.Constant(_F64X8, None)]))
+    rounded = builder.fpext(builder.fptrunc(product, ir.VectorType(ir.FloatType(), LANES)), _F64X8)
+    product = builder.select(float32_scores, rounded, product)  # as numpy stores it in a float32 array
+    alive = builder.fcmp_ordered(">", product, _splat(builder, thresh, _F64X8))
+    scatter = _declare(builder, f"llvm.masked.scatter.v{LANES}f64.v{LANES}p0", ir.VoidType(),
+                       [_F64X8, pointers_type, _I32, _MASK])
+    minus_inf = ir.Constant(_F64X8, [float("-inf")] * LANES)
+    builder.call(scatter, [builder.select(alive, product, minus_inf), pointers, ir.Constant(_I32, 8), valid])
+    return builder.zext(builder.bitcast(builder.and_(valid, builder.not_(alive)), ir.IntType(LANES)), _I64)
+
+
+def _decay_signature(score, position, values):
+    """The signature shared by :func:`decay8` and :func:`gaussian_decay8` (None for other argument types)."""
+    for arr, dtype in ((score, types.float64), (values, types.float64), (position, types.int64)):
+        if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype == dtype):
+            return None
+    return types.int64(score, position, values, types.int64, types.int64, types.float64, types.boolean)
+
+
 @intrinsic
 def decay8(typingctx, score, position, weight, t, end, thresh, float32_scores):
     """Soft-NMS's decays of candidates ``t .. t + 7`` (those before ``end``): ``score[position[c]] *=
     weight[c]`` (rounded to float32 first when ``float32_scores``), or -inf where the product is not above
     ``thresh`` -- one gather, one multiply and one scatter of eight lanes. Returns the bit mask of the lanes whose
     box died (bit ``c - t``). ``position`` holds distinct indices (one box once a step)."""
-    wanted = ((score, types.float64), (weight, types.float64), (position, types.int64))
-    for arr, dtype in wanted:
-        if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype == dtype):
-            return None
-    sig = types.int64(score, position, weight, types.int64, types.int64, types.float64, types.boolean)
+    sig = _decay_signature(score, position, weight)
 
     def codegen(context, builder, signature, args):
-        data = {i: context.make_array(signature.args[i])(context, builder, args[i]).data for i in (0, 1, 2)}
-        t_v, end_v, thresh_v, f32_v = args[3], args[4], args[5], args[6]
-        lane = builder.add(_splat(builder, t_v, _I64X8), ir.Constant(_I64X8, list(range(LANES))))
-        valid = builder.icmp_signed("<", lane, _splat(builder, end_v, _I64X8))
-        index = builder.load(_vector_at(builder, data[1], t_v, _I64X8), align=8)
-        w = builder.load(_vector_at(builder, data[2], t_v, _F64X8), align=8)
-        base = _splat(builder, builder.ptrtoint(data[0], _I64), _I64X8)
-        ptr_type = ir.VectorType(ir.PointerType(_F64), LANES)
-        pointers = builder.inttoptr(builder.add(base, builder.shl(index, _splat(builder, ir.Constant(_I64, 3), _I64X8))),
-                                    ptr_type)
-        gather = _declare(builder, f"llvm.masked.gather.v{LANES}f64.v{LANES}p0", _F64X8,
-                          [ptr_type, _I32, _MASK, _F64X8])
-        old = builder.call(gather, [pointers, ir.Constant(_I32, 8), valid, ir.Constant(_F64X8, None)])
-        product = builder.fmul(w, old)
-        rounded = builder.fpext(builder.fptrunc(product, ir.VectorType(ir.FloatType(), LANES)), _F64X8)
-        product = builder.select(f32_v, rounded, product)
-        alive = builder.fcmp_ordered(">", product, _splat(builder, thresh_v, _F64X8))
-        minus_inf = ir.Constant(_F64X8, [float("-inf")] * LANES)
-        scatter = _declare(builder, f"llvm.masked.scatter.v{LANES}f64.v{LANES}p0", ir.VoidType(),
-                           [_F64X8, ptr_type, _I32, _MASK])
-        builder.call(scatter, [builder.select(alive, product, minus_inf), pointers, ir.Constant(_I32, 8), valid])
-        died = builder.and_(valid, builder.not_(alive))
-        return builder.zext(builder.bitcast(died, ir.IntType(LANES)), _I64)
+        data = [context.make_array(signature.args[i])(context, builder, args[i]).data for i in range(3)]
+        weights = builder.load(_vector_at(builder, data[2], args[3], _F64X8), align=8)
+        return _decay_lanes(builder, data[0], data[1], args[3], args[4], weights, args[5], args[6])
 
-    return sig, codegen
+    return (sig, codegen) if sig is not None else None
+
+
+@intrinsic
+def gaussian_decay8(typingctx, score, position, iou, t, end, sigma, thresh, float32_scores):
+    """:func:`decay8` with each weight computed from the candidate's IoU in the same registers: ``exp(-(iou *
+    iou) / sigma)`` as :func:`~pipeline.fusion.vector_exp.exp_vectorisable` gives it (callers check
+    ``covers_gaussian_weights(sigma)`` first). Returns the died lanes' bit mask."""
+    base = _decay_signature(score, position, iou)
+    sig = None if base is None else types.int64(*base.args[:5], types.float64, *base.args[5:])
+
+    def codegen(context, builder, signature, args):
+        data = [context.make_array(signature.args[i])(context, builder, args[i]).data for i in range(3)]
+        v = builder.load(_vector_at(builder, data[2], args[3], _F64X8), align=8)
+        x = builder.fdiv(builder.fneg(builder.fmul(v, v)), _splat(builder, args[5], _F64X8))  # -(iou * iou) / sigma
+        return _decay_lanes(builder, data[0], data[1], args[3], args[4], _exp_lanes(builder, x), args[6], args[7])
+
+    return (sig, codegen) if sig is not None else None
