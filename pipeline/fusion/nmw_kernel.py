@@ -36,8 +36,8 @@ from pipeline.fusion.primitives import (NJIT_OPTIONS, RADIX_HIST_SIZE, float_sor
 from pipeline.fusion.rows import read_image
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
-COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "levels.py": "b9bb07e1d9a6fade", "primitives.py": "5a867f87f2eb7faf",
-                    "rows.py": "7abf6a39d4426c6a"}
+COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "levels.py": "b9bb07e1d9a6fade",
+                    "primitives.py": "5a867f87f2eb7faf", "rows.py": "d18c55d7d48eb07d"}
 
 
 @unique

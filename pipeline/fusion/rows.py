@@ -54,6 +54,10 @@ def read_image(img: int, seg_offs: np.ndarray, seg_start: np.ndarray, seg_len: n
         t = seg_set[s]
         thr = skip_thr[t]
         f = factor[t]
+        if thr <= 0.0 and _read_plain_segment(seg_start[s], seg_len[s], m, t, x1c, y1c, x2c, y2c, score, label, w,
+                                              h, thr, f, divisor, kept, kept_score, kept_set, kept_label):
+            m += seg_len[s]
+            continue
         for i in range(seg_start[s], seg_start[s] + seg_len[s]):
             sc = score[i]
             if unit:
@@ -97,3 +101,34 @@ def read_image(img: int, seg_offs: np.ndarray, seg_start: np.ndarray, seg_len: n
             kept_label[m] = label[i]
             m += 1
     return m
+
+
+@numba.njit(inline="always", **NJIT_OPTIONS)
+def _read_plain_segment(start: int, n: int, m: int, t: int, x1c: np.ndarray, y1c: np.ndarray, x2c: np.ndarray,
+                        y2c: np.ndarray, score: np.ndarray, label: np.ndarray, w: float, h: float, thr: float,
+                        f: float, divisor: float, kept: np.ndarray, kept_score: np.ndarray, kept_set: np.ndarray,
+                        kept_label: np.ndarray) -> bool:
+    """Rows ``start .. start + n - 1`` (one segment, set ``t``) into ``kept[m:]`` etc. as :func:`read_image` writes
+    them, in one branch-free loop (it vectorises: the divisions by the image size eight at a time), and whether
+    they needed nothing else: every value finite, each box ordered and inside [0, 1] with a positive area, every
+    score at least ``thr``. When not, the caller reads the segment again row by row, repairing and counting (it
+    tries this loop only when ``thr <= 0``: a skip threshold above 0 fails most segments, and reading them twice
+    cost WBF 5-12 %)."""
+    plain = True
+    for r in range(n):
+        i = start + r
+        x1 = x1c[i] / w
+        y1 = y1c[i] / h
+        x2 = x2c[i] / w
+        y2 = y2c[i] / h
+        sc = score[i]
+        kept[m + r, 0] = x1
+        kept[m + r, 1] = y1
+        kept[m + r, 2] = x2
+        kept[m + r, 3] = y2
+        kept_score[m + r] = (sc * f) / divisor  # x / 1.0 == x: the plain product when the divisor is 1
+        kept_set[m + r] = t
+        kept_label[m + r] = label[i]
+        plain &= ((x1 >= 0.0) & (x1 <= x2) & (x2 <= 1.0) & (y1 >= 0.0) & (y1 <= y2) & (y2 <= 1.0)
+                  & ((x2 - x1) * (y2 - y1) != 0.0) & (sc >= thr) & (abs(sc) < np.inf))  # NaN fails every test
+    return plain

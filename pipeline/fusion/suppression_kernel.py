@@ -49,7 +49,7 @@ from pipeline.fusion.vector_exp import covers_gaussian_weights, exp_vectorisable
 from pipeline.fusion.vector_hits import LANES, decay8, gaussian_decay8, iou_hits8, suppress8
 
 # numba's cache cannot see changes to other files compiled in here: see pipeline.fusion.wbf_kernel.
-COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "primitives.py": "5a867f87f2eb7faf", "rows.py": "7abf6a39d4426c6a",
+COMPILED_AGAINST = {"grid.py": "4c31c531fd090b1c", "primitives.py": "5a867f87f2eb7faf", "rows.py": "d18c55d7d48eb07d",
                     "vector_exp.py": "21393a15e5df49fd", "vector_hits.py": "b284ec8f0c7e4d8d"}
 
 # The library's ``method`` codes.

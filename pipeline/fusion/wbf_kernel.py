@@ -44,7 +44,7 @@ COMPILED_AGAINST = {
     "grid.py": "4c31c531fd090b1c",
     "levels.py": "b9bb07e1d9a6fade",
     "primitives.py": "5a867f87f2eb7faf",
-    "rows.py": "7abf6a39d4426c6a",
+    "rows.py": "d18c55d7d48eb07d",
     "wbf_scratch.py": "3b066932c5e269ea",
 }
 
