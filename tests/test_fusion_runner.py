@@ -1,11 +1,14 @@
-"""pipeline.fusion.runner: the dense rows a fusion hands on."""
+"""pipeline.fusion.runner: the dense rows a fusion hands on, and the fresh arrays its slots and rows live in."""
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.fusion.runner import DenseRows, RowsPool
+from pipeline.fusion.runner import SMALL_PAGES_MIN, DenseRows, RowsPool, fresh_array
 
 
 @settings(max_examples=60, deadline=None)
@@ -53,3 +56,21 @@ def test_the_rows_pool_hands_a_buffer_out_again_only_once_no_rows_or_views_of_th
     bigger = pool.rows(1000, selection=False)  # no free buffer is large enough: the free ones go, one is made
     assert len(pool.buffers) == 2 and len(pool.buffers[-1]) >= 8 * 1000
     assert np.shares_memory(bigger.values, pool.buffers[-1])
+
+
+@pytest.mark.parametrize("shape, dtype", [(10, np.int64), ((3, 7), np.float64), (1 << 20, np.float64),
+                                          ((5, 300_000), np.float64), (0, np.int64)])
+def test_fresh_arrays_are_writable_arrays_of_the_shape_and_dtype_asked_for(shape, dtype) -> None:
+    a = fresh_array(shape, dtype)
+    assert a.shape == (shape if isinstance(shape, tuple) else (shape,)) and a.dtype == dtype
+    assert a.flags.c_contiguous and a.flags.writeable
+    a[...] = 7  # every element can be written and read back
+    assert (a == 7).all()
+    owner = a
+    while isinstance(owner, np.ndarray) and owner.base is not None:
+        owner = owner.base
+    owner = owner.obj if isinstance(owner, memoryview) else owner
+    if a.nbytes >= SMALL_PAGES_MIN and hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux: a mapping of its own (small
+        assert isinstance(owner, mmap.mmap)  # pages), kept alive by the array
+    else:
+        assert owner is a  # numpy's own allocation

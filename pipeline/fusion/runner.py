@@ -8,6 +8,7 @@ kernels release the GIL) and reports the repairs once per call.
 """
 from __future__ import annotations
 
+import mmap
 import sys
 import threading
 import warnings
@@ -20,6 +21,9 @@ import numpy as np
 from pipeline.cpus import item_ranges
 from pipeline.fusion.packing import PackedTable, compact_column, compact_rows, compact_rows_by_score, take_rows
 from pipeline.fusion.rows import N_STATS, STAT_CLIPPED, STAT_NON_FINITE, STAT_SWAPPED, STAT_ZERO_AREA
+
+
+SMALL_PAGES_MIN = 1 << 22  # bytes: arrays from here on are advised against huge pages (fresh_array)
 
 
 class KernelOutput(NamedTuple):
@@ -59,8 +63,8 @@ def run_kernel(packed: PackedTable, work: Work, threads: int, rule: str, reuse: 
         if not selection:
             out = out._replace(selection=None)
     else:
-        out = KernelOutput(np.empty((n, 4)), np.empty(n), np.empty(n, np.int64), np.zeros(n_counts, np.int64),
-                           np.empty(n) if selection else None)
+        out = KernelOutput(fresh_array((n, 4), np.float64), fresh_array(n, np.float64), fresh_array(n, np.int64),
+                           np.zeros(n_counts, np.int64), fresh_array(n, np.float64) if selection else None)
     if threads <= 1 or n_img < 4 * threads:
         stats = np.zeros(N_STATS, np.int64)
         work(0, n_img, out, stats, True)
@@ -72,6 +76,23 @@ def run_kernel(packed: PackedTable, work: Work, threads: int, rule: str, reuse: 
         stats = all_stats.sum(axis=0)
     check_repairs(stats, rule)
     return out
+
+
+def fresh_array(shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
+    """``np.empty(shape, dtype)`` whose memory the OS backs in small pages, each when it is first written: the
+    kernels' output slots (of which a rule writes a third or less) and the dense rows copied out of them. numpy asks
+    for transparent huge pages above 4 MB, and where the system grants them on request (``madvise``, Ubuntu's
+    default) a first write faults in and zeroes 2 MB, after a compaction when memory is fragmented: a whole-table
+    gaussian soft-NMS of 12 M rows (672 MB of slots) then spent 0.7-2.4 s of system time a call on this project's
+    2-core machine, against 0.2-0.3 s in small pages (benchmarks/README.md). ``np.empty`` where the platform has
+    no such advice, and for small arrays."""
+    count = int(np.prod(shape))
+    n_bytes = count * np.dtype(dtype).itemsize
+    if n_bytes < SMALL_PAGES_MIN or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return np.empty(shape, dtype)
+    buffer = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero pages until written
+    buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buffer, dtype, count).reshape(shape)  # the array keeps the mapping alive
 
 
 def level_output(out: KernelOutput, level: int, packed: PackedTable) -> KernelOutput:
@@ -202,8 +223,8 @@ def dense_rows(packed: PackedTable, out: KernelOutput, threads: int, by_score: b
     if reuse:
         rows = thread_rows_pool().rows(m, out.selection is not None)
     else:
-        rows = DenseRows(np.empty(m, np.int64), np.empty((5, m)), np.empty(m, np.int64),
-                         None if out.selection is None else np.empty(m))
+        rows = DenseRows(fresh_array(m, np.int64), fresh_array((5, m), np.float64), fresh_array(m, np.int64),
+                         None if out.selection is None else fresh_array(m, np.float64))
 
     def work(lo: int, hi: int) -> None:
         if by_score:
