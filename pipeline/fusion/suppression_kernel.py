@@ -24,8 +24,8 @@ packed with their library positions: :mod:`pipeline.fusion.vector_hits`), then i
 at the library's positions, eight at a time, each (gaussian) with an ``exp`` computed in the same registers
 (:mod:`pipeline.fusion.vector_exp`) -- every overlapping pair is decayed once, as in the library, which computes the
 same products for all remaining boxes at every step; finding each step's maximum scans a few dozen bounds and
-scores, and again for each stale block bound it meets (about 1.6 a step, agreeing 40 x 100). Tens of thousands of overlapping pairs per image at 40 sets x 100 boxes keep gaussian soft-NMS
-the slowest rule.
+scores, and again for each stale block bound it meets (about 1.6 a step, agreeing 40 x 100). Tens of thousands of
+overlapping pairs per image at 40 sets x 100 boxes keep gaussian soft-NMS the slowest rule.
 
 Work arrays are laid out in :class:`Scratch` (one allocation per thread, rows named by :class:`BoxRow`,
 :class:`FloatRow`, :class:`IntRow`), passed as separate arguments like the WBF kernel's.
