@@ -114,8 +114,9 @@ def thread_output(n: int, n_img: int) -> KernelOutput:
     if cached is None or len(cached.score) < n or len(cached.count) < n_img:
         cap = max(n, int(len(cached.score) * 1.5) if cached is not None else 0, 1)
         cap_img = max(n_img, len(cached.count) if cached is not None else 0, 1)
-        cached = KernelOutput(np.empty((cap, 4)), np.empty(cap), np.empty(cap, np.int64), np.empty(cap_img, np.int64),
-                              np.empty(cap))
+        cached = KernelOutput(fresh_array((cap, 4), np.float64), fresh_array(cap, np.float64),  # only the slots
+                              fresh_array(cap, np.int64), np.empty(cap_img, np.int64),  # written are ever backed
+                              fresh_array(cap, np.float64))
         _THREAD_LOCAL.output = cached
     cached.count[:n_img] = 0
     return KernelOutput(cached.boxes, cached.score, cached.label, cached.count[:n_img], cached.selection)
