@@ -74,3 +74,18 @@ def test_fresh_arrays_are_writable_arrays_of_the_shape_and_dtype_asked_for(shape
         assert isinstance(owner, mmap.mmap)  # pages), kept alive by the array
     else:
         assert owner is a  # numpy's own allocation
+
+
+def test_fresh_arrays_without_the_huge_page_advice_still_come(monkeypatch) -> None:
+    """A kernel built without transparent huge pages refuses ``MADV_NOHUGEPAGE`` (EINVAL): the mapping serves."""
+    if not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        pytest.skip("no madvise advice on this platform: np.empty serves")
+
+    class Refusing(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(mmap, "mmap", Refusing)
+    a = fresh_array(SMALL_PAGES_MIN // 8, np.float64)
+    a[:] = 1.5
+    assert a.sum() == 1.5 * len(a)

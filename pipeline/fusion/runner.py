@@ -8,6 +8,7 @@ kernels release the GIL) and reports the repairs once per call.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import sys
 import threading
@@ -91,7 +92,8 @@ def fresh_array(shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
     if n_bytes < SMALL_PAGES_MIN or not hasattr(mmap, "MADV_NOHUGEPAGE"):
         return np.empty(shape, dtype)
     buffer = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero pages until written
-    buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    with contextlib.suppress(OSError):  # a kernel without transparent huge pages refuses the advice: none to avoid
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(buffer, dtype, count).reshape(shape)  # the array keeps the mapping alive
 
 
